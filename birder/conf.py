@@ -1,0 +1,23 @@
+"""Settings read from the environment, in one place."""
+
+import os
+from pathlib import Path
+
+# Where Birder itself puts downloaded models: relative to the working directory. We never write there, but a
+# file a user already has in it is used (SPEC section 7).
+LEGACY_MODELS_DIR = Path("models")
+
+
+def models_dir() -> Path:
+    """The download cache for pretrained models: ``$BIRDER_MODELS_DIR``, else ``~/.cache/birder/models``.
+
+    ``$XDG_CACHE_HOME`` is honoured for the per-user default. Read at call time so tests and users can change
+    the environment after import.
+    """
+    env_dir = os.environ.get("BIRDER_MODELS_DIR")
+    if env_dir:
+        return Path(env_dir).expanduser()
+
+    cache_home = os.environ.get("XDG_CACHE_HOME")
+    base = Path(cache_home).expanduser() if cache_home else Path.home() / ".cache"
+    return base / "birder" / "models"

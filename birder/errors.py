@@ -1,0 +1,32 @@
+"""Exceptions raised by birder.
+
+Every error a user can cause (a bad file, a bad name, no network) is a ``BirderError`` with a one-line message
+that names the input and says what to do, so command-line tools can print it without a traceback.
+"""
+
+
+class BirderError(Exception):
+    """Base class of every error birder raises on purpose."""
+
+
+class UnknownModelError(BirderError, KeyError):
+    """A network or pretrained model name that is not registered."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class CheckpointError(BirderError):
+    """A model file that cannot be read, or that does not fit the network."""
+
+
+class DownloadError(BirderError):
+    """A download that failed (offline, HTTP error, interrupted transfer)."""
+
+
+class ChecksumMismatchError(DownloadError):
+    """A file whose sha256 differs from the manifest's."""
+
+
+class ImageDecodeError(BirderError):
+    """An image file that cannot be decoded (missing, empty, truncated, not an image)."""

@@ -1,0 +1,160 @@
+"""Reading and writing model files: ``.pt`` (SPEC section 3) and ``.safetensors`` (same metadata).
+
+Only file formats live here; building networks from files is :mod:`birder.loading`. Reads never unpickle code
+(``weights_only=True``) and memory-map the tensors, so a 1.2 GB checkpoint is not copied into memory a second
+time when it is assigned to a network built on the meta device.
+"""
+
+import json
+import pickle
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from birder.errors import CheckpointError
+from birder.io.atomic import atomic_write_path
+
+CHECKPOINT_FORMATS = ("pt", "safetensors")
+# Metadata keys stored as JSON strings in .safetensors (plain values in .pt).
+_JSON_METADATA_KEYS = ("class_to_idx", "signature", "rgb_stats", "config")
+_REQUIRED_METADATA_KEYS = ("signature", "class_to_idx", "rgb_stats")
+
+
+class ModelInfo(NamedTuple):
+    """What a checkpoint says about its model (the card's ``model_info``)."""
+
+    class_to_idx: dict[str, int]
+    signature: dict[str, Any]
+    rgb_stats: dict[str, Any]
+    custom_config: dict[str, Any] | None = None
+
+
+def checkpoint_format(path: str | Path) -> str:
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in CHECKPOINT_FORMATS:
+        raise CheckpointError(
+            f"{path}: unsupported model file extension '.{suffix}' (expected one of: "
+            + ", ".join(f".{fmt}" for fmt in CHECKPOINT_FORMATS)
+            + ")"
+        )
+
+    return suffix
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a model file into ``(state_dict, metadata)``; tensors are memory-mapped, on the CPU."""
+    path = Path(path)
+    file_format = checkpoint_format(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such model file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file (0 bytes); delete it and download or copy it again")
+
+    if file_format == "safetensors":
+        (state, metadata) = _read_safetensors(path)
+    else:
+        (state, metadata) = _read_pt(path)
+
+    missing = [key for key in _REQUIRED_METADATA_KEYS if key not in metadata]
+    if missing:
+        raise CheckpointError(f"{path}: not a birder model file (no {', '.join(missing)} metadata)")
+
+    return (state, metadata)
+
+
+def _read_pt(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        if "weights only" in str(err).lower() or "weights_only" in str(err):
+            raise CheckpointError(
+                f"{path}: refusing to load: the file contains pickled Python objects, not just tensors and "
+                "plain values (re-save it with birder.save_model)"
+            ) from None
+        raise CheckpointError(f"{path}: truncated or not a PyTorch checkpoint ({first_line})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: truncated or not a PyTorch checkpoint ({reason})") from None
+
+    if not isinstance(content, Mapping) or "state" not in content:
+        raise CheckpointError(f"{path}: not a birder checkpoint (expected a dict with a 'state' entry)")
+
+    state = content["state"]
+    metadata = {key: value for key, value in content.items() if key != "state"}
+    return (dict(state), metadata)
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            raw_metadata = handle.metadata() or {}
+            state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: truncated or not a safetensors file ({err})") from None
+
+    metadata: dict[str, Any] = {}
+    for key, value in raw_metadata.items():
+        if key in _JSON_METADATA_KEYS:
+            try:
+                metadata[key] = json.loads(value)
+            except json.JSONDecodeError:
+                raise CheckpointError(f"{path}: metadata '{key}' is not valid JSON") from None
+        else:
+            metadata[key] = value
+
+    return (state, metadata)
+
+
+def write_checkpoint(path: str | Path, state: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> Path:
+    """Write ``state`` and ``metadata`` atomically; the format follows the extension."""
+    path = Path(path)
+    file_format = checkpoint_format(path)
+    # Tensors stay where they are when already contiguous on the CPU: no second copy of the weights.
+    tensors = {key: value.detach().to("cpu").contiguous() for key, value in state.items()}
+    with atomic_write_path(path) as tmp_path:
+        if file_format == "safetensors":
+            string_metadata = {
+                key: json.dumps(value) if key in _JSON_METADATA_KEYS else str(value)
+                for key, value in metadata.items()
+                if value is not None
+            }
+            save_file(tensors, str(tmp_path), metadata=string_metadata)
+        else:
+            torch.save({"state": tensors, **metadata}, tmp_path)
+
+    return path
+
+
+def model_info_from_metadata(metadata: Mapping[str, Any]) -> ModelInfo:
+    return ModelInfo(
+        class_to_idx=dict(metadata["class_to_idx"]),
+        signature=metadata["signature"],
+        rgb_stats=metadata["rgb_stats"],
+        custom_config=metadata.get("config"),
+    )
+
+
+def make_signature(input_channels: int, size: tuple[int, int], num_classes: int) -> dict[str, Any]:
+    return {
+        "inputs": [{"data_shape": [0, input_channels, int(size[0]), int(size[1])]}],
+        "outputs": [{"data_shape": [0, num_classes]}],
+    }
+
+
+def get_size_from_signature(signature: Mapping[str, Any]) -> tuple[int, int]:
+    """Input ``(height, width)`` of a model signature."""
+    return tuple(signature["inputs"][0]["data_shape"][2:4])  # type: ignore[return-value]
+
+
+def get_channels_from_signature(signature: Mapping[str, Any]) -> int:
+    return int(signature["inputs"][0]["data_shape"][1])
+
+
+def get_num_classes_from_signature(signature: Mapping[str, Any]) -> int:
+    return int(signature["outputs"][0]["data_shape"][1])

@@ -1,0 +1,203 @@
+"""Models from files and from names: the one checkpoint path every loader (API, CLI, server) goes through.
+
+Networks are built on the meta device (no memory, no random init) and receive the memory-mapped checkpoint
+tensors with ``load_state_dict(assign=True)``, so loading a 1.2 GB file costs about 1.2 GB, not twice that.
+"""
+
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+import birder.net  # noqa: F401 (registers the network families)
+from birder.data.transforms import classification_transform
+from birder.errors import CheckpointError
+from birder.io.checkpoint import (
+    ModelInfo,
+    get_channels_from_signature,
+    get_num_classes_from_signature,
+    get_size_from_signature,
+    make_signature,
+    model_info_from_metadata,
+    read_checkpoint,
+    write_checkpoint,
+)
+from birder.io.download import fetch_pretrained_file
+from birder.model_registry.registry import DEFAULT_TASK, registry
+from birder.net.base import BaseNet
+from birder.version import __version__
+
+logger = logging.getLogger(__name__)
+
+# How many names of each kind a "does not fit" error lists before it summarises.
+_MAX_KEYS_IN_ERROR = 5
+
+
+def save_model(
+    net: BaseNet,
+    path: str | Path,
+    model_info: ModelInfo,
+    *,
+    task: str = DEFAULT_TASK,
+) -> Path:
+    """Write ``net`` with its metadata to ``path`` (``.pt`` or ``.safetensors``, by extension), atomically.
+
+    The file carries the network name and the config override the network was built with, so
+    :func:`load_model` can rebuild it without being told; Birder ignores those extra keys.
+    """
+    signature = model_info.signature
+    if signature is None:
+        signature = make_signature(net.input_channels, net.size, net.num_classes)
+
+    metadata: dict[str, Any] = {
+        "birder_version": f"v{__version__}",
+        "task": task,
+        "signature": signature,
+        "class_to_idx": dict(model_info.class_to_idx),
+        "rgb_stats": {key: list(value) for key, value in model_info.rgb_stats.items()},
+    }
+    config = net.config_override if net.config_override else model_info.custom_config
+    if config:
+        metadata["config"] = dict(config)
+    if net.network_name is not None:
+        metadata["network"] = net.network_name
+
+    return write_checkpoint(path, net.state_dict(), metadata)
+
+
+def _describe_mismatch(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor]) -> list[str]:
+    def listing(keys: list[str]) -> str:
+        shown = ", ".join(keys[:_MAX_KEYS_IN_ERROR])
+        more = f" and {len(keys) - _MAX_KEYS_IN_ERROR} more" if len(keys) > _MAX_KEYS_IN_ERROR else ""
+        return f"{shown}{more}"
+
+    missing = [key for key in expected if key not in found]
+    unexpected = [key for key in found if key not in expected]
+    mismatched = [
+        f"{key} (file {tuple(found[key].shape)}, network {tuple(expected[key].shape)})"
+        for key in expected
+        if key in found and found[key].shape != expected[key].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {listing(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatches: {listing(mismatched)}")
+
+    return problems
+
+
+def load_state_into(net: BaseNet, state: dict[str, torch.Tensor], source: str) -> None:
+    """Assign ``state`` to ``net`` (legacy layouts renamed first), or raise naming every mismatch."""
+    state = net.upgrade_state_dict(state)
+    problems = _describe_mismatch(net.state_dict(), state)
+    if problems:
+        raise CheckpointError(
+            f"{source} does not fit network '{net.network_name}': {'; '.join(problems)} "
+            "(a checkpoint of another network or config? pass the right network / custom_config)"
+        )
+
+    net.load_state_dict(state, strict=True, assign=True)
+
+
+def _finalize(
+    net: BaseNet, *, inference: bool, device: torch.device | str | None, dtype: torch.dtype | None
+) -> BaseNet:
+    if device is not None or dtype is not None:
+        net = net.to(device=device, dtype=dtype)
+
+    if inference:
+        net.eval()
+        net.requires_grad_(False)
+
+    return net
+
+
+def load_model(
+    path: str | Path,
+    *,
+    network: str | None = None,
+    custom_config: Mapping[str, Any] | None = None,
+    inference: bool = False,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    new_size: tuple[int, int] | None = None,
+) -> tuple[BaseNet, ModelInfo]:
+    """Load a local model file (``.pt`` or ``.safetensors``) into its network.
+
+    ``network`` is needed when the file does not name it (files written by Birder itself). ``custom_config``
+    updates the config stored in the file (Birder 0.2 did not store it). ``new_size`` resizes the position
+    embedding after loading (e.g. a 224 px MIM encoder used at 256 px).
+    """
+    (state, metadata) = read_checkpoint(path)
+    network = network or metadata.get("network")
+    if network is None:
+        raise CheckpointError(f"{path}: the file does not name its network; pass network=... (e.g. 'vit_l16')")
+
+    config = {**(metadata.get("config") or {}), **(custom_config or {})} or None
+    signature = metadata["signature"]
+    with torch.device("meta"):
+        net = registry.net_factory(
+            network,
+            get_num_classes_from_signature(signature),
+            get_channels_from_signature(signature),
+            config=config,
+            size=get_size_from_signature(signature),
+        )
+
+    load_state_into(net, state, str(path))
+    del state
+    if new_size is not None:
+        net.adjust_size(new_size)
+
+    net = _finalize(net, inference=inference, device=device, dtype=dtype)
+    info = model_info_from_metadata(metadata)
+    if config is not None and info.custom_config != config:
+        info = info._replace(custom_config=config)
+
+    return (net, info)
+
+
+def load_pretrained_model(
+    name: str,
+    *,
+    dst: str | Path | None = None,
+    file_format: str = "pt",
+    inference: bool = False,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    custom_config: Mapping[str, Any] | None = None,
+    progress_bar: bool = True,
+) -> tuple[BaseNet, ModelInfo]:
+    """Load a pretrained model by name, downloading (and verifying) it on first use."""
+    metadata = registry.get_pretrained_metadata(name)
+    path = fetch_pretrained_file(
+        name, metadata, file_format, dst=Path(dst) if dst is not None else None, progress_bar=progress_bar
+    )
+    return load_model(
+        path,
+        network=metadata["net"]["network"],
+        custom_config=custom_config,
+        inference=inference,
+        device=device,
+        dtype=dtype,
+    )
+
+
+def load_pretrained_model_and_transform(
+    name: str,
+    *,
+    center_crop: float = 1.0,
+    simple_crop: bool = False,
+    **kwargs: Any,
+) -> tuple[BaseNet, ModelInfo, Callable[[Image.Image], torch.Tensor]]:
+    """:func:`load_pretrained_model` plus the model's inference transform."""
+    (net, model_info) = load_pretrained_model(name, **kwargs)
+    size = get_size_from_signature(model_info.signature)
+    transform = classification_transform(size, model_info.rgb_stats, center_crop=center_crop, simple_crop=simple_crop)
+    return (net, model_info, transform)
