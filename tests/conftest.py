@@ -1,5 +1,6 @@
 """Shared test fixtures: an isolated model cache, a loopback file server, seeded tiny networks."""
 
+import shutil
 import socket
 import threading
 from collections import Counter
@@ -36,7 +37,8 @@ def isolated_models_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path
 
 @dataclass
 class Payload:
-    body: bytes
+    # Bytes, or a file streamed from disk (a full-size checkpoint need not sit in memory).
+    body: bytes | Path
     # Content-Length announced; more than len(body) simulates a transfer cut off midway.
     declared_length: int | None = None
 
@@ -50,7 +52,7 @@ class LoopbackServer:
     requests: Counter = field(default_factory=Counter)
     user_agents: list[str] = field(default_factory=list)
 
-    def add(self, path: str, body: bytes, declared_length: int | None = None) -> str:
+    def add(self, path: str, body: bytes | Path, declared_length: int | None = None) -> str:
         self.payloads[path] = Payload(body, declared_length)
         return self.url(path)
 
@@ -72,11 +74,17 @@ def _handler_for(server: LoopbackServer) -> type[BaseHTTPRequestHandler]:
                 self.send_error(404, "Not Found")
                 return
 
+            body = payload.body
+            length = body.stat().st_size if isinstance(body, Path) else len(body)
             self.send_response(200)
             self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Length", str(payload.declared_length or len(payload.body)))
+            self.send_header("Content-Length", str(payload.declared_length or length))
             self.end_headers()
-            self.wfile.write(payload.body)
+            if isinstance(body, Path):
+                with open(body, "rb") as handle:
+                    shutil.copyfileobj(handle, self.wfile, 1 << 20)
+            else:
+                self.wfile.write(body)
             if payload.declared_length is not None:
                 self.close_connection = True
 

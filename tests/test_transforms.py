@@ -79,10 +79,10 @@ def test_presets_have_three_channel_stats() -> None:
     assert RGB_STATS["imagenet"]["mean"] == (0.485, 0.456, 0.406)
 
 
-def test_transform_rejects_non_rgb_and_paths(tmp_path: Path) -> None:
+def test_transform_converts_other_modes_and_rejects_paths(tmp_path: Path) -> None:
     transform = classification_transform((16, 16), RGB_STATS["centered"])
-    with pytest.raises(ValueError, match="RGB"):
-        transform(Image.new("L", (20, 20)))
+    gray = transform(Image.new("L", (20, 20), 255))
+    torch.testing.assert_close(gray, torch.ones(3, 16, 16))
     with pytest.raises(TypeError, match="load_image"):
         transform(tmp_path / "photo.jpg")
 

@@ -1,8 +1,9 @@
 """Inference preprocessing: the resize/crop/normalize pipeline Birder models were trained to expect.
 
 The arithmetic follows the published Birder package exactly (SPEC section 5), so a checkpoint gives the same
-predictions here as there. Images must already be 8-bit RGB PIL images (see :func:`birder.io.images.load_image`);
-the transform never reads files itself.
+predictions here as there. The transform takes PIL images; any mode other than RGB (grayscale, RGBA, CMYK,
+16-bit) goes through :func:`birder.io.images.load_image`, the one decoder, so the card's
+``transform(image)`` works on whatever photo a user opened. It never reads files itself.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
+
+from birder.io.images import load_image
 
 RGBStats = dict[str, tuple[float, float, float]]
 
@@ -61,7 +64,9 @@ class ClassificationTransform:
         )
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        _check_rgb_image(image)
+        _check_pil_image(image)
+        if image.mode != "RGB":
+            image = load_image(image)
         return self._pipeline(image)
 
     def __repr__(self) -> str:
@@ -133,15 +138,11 @@ def _as_rgb_stats(rgb_stats: Mapping[str, Sequence[float]]) -> RGBStats:
     return stats
 
 
-def _check_rgb_image(image: Any) -> None:
-    # Catch the common slip (a path, a tensor, a grayscale image) before torchvision fails somewhere obscure
+def _check_pil_image(image: Any) -> None:
+    # Catch the common slip (a path, a tensor) before torchvision fails somewhere obscure
     if not isinstance(image, Image.Image):
         raise TypeError(
             f"classification transform expects a PIL image, got {type(image).__name__}; "
             "decode files with birder.io.images.load_image"
         )
-    if image.mode != "RGB":
-        raise ValueError(
-            f"classification transform expects an RGB image, got mode {image.mode!r}; "
-            "decode with birder.io.images.load_image"
-        )
+

@@ -1,0 +1,26 @@
+"""The code base stays ruff-clean (the linter is part of the test extra)."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_ruff_check_passes() -> None:
+    if shutil.which("ruff") is None:
+        pytest.skip("ruff is not installed (pip install -e '.[test]')")
+
+    result = subprocess.run(
+        ["ruff", "check", "birder", "tests", "benchmarks"], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_package_imports_without_optional_extras() -> None:
+    # The public API must import with only the runtime dependencies (no fastapi, pyarrow, matplotlib...).
+    code = "import birder, sys; bad = {'fastapi', 'pyarrow', 'matplotlib', 'onnx'} & set(sys.modules); assert not bad"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
