@@ -35,6 +35,15 @@ def isolated_models_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path
     return cache
 
 
+@pytest.fixture
+def restore_manifest() -> Iterator[None]:
+    """Undo the test's ``register_weights`` calls."""
+    saved = dict(registry._pretrained)
+    yield
+    registry._pretrained.clear()
+    registry._pretrained.update(saved)
+
+
 @dataclass
 class Payload:
     # Bytes, or a file streamed from disk (a full-size checkpoint need not sit in memory).

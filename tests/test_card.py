@@ -37,14 +37,6 @@ features = net.detection_features(transform(image).unsqueeze(0))     # {"neck": 
 """
 
 
-@pytest.fixture
-def restore_manifest():
-    saved = dict(registry._pretrained)
-    yield
-    registry._pretrained.clear()
-    registry._pretrained.update(saved)
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -9,14 +9,6 @@ from birder.errors import BirderError, UnknownModelError
 from birder.model_registry.registry import registry
 
 
-@pytest.fixture
-def restore_manifest():
-    saved = dict(registry._pretrained)
-    yield
-    registry._pretrained.clear()
-    registry._pretrained.update(saved)
-
-
 def test_card_model_manifest_entry() -> None:
     entry = registry.get_pretrained_metadata("vit_l16_mim-eu-common")
     assert entry["net"] == {"network": "vit_l16", "tag": "mim-eu-common"}

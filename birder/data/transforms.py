@@ -145,4 +145,3 @@ def _check_pil_image(image: Any) -> None:
             f"classification transform expects a PIL image, got {type(image).__name__}; "
             "decode files with birder.io.images.load_image"
         )
-

@@ -7,6 +7,19 @@ from typing import Any
 
 _VIT_L16_MIM_URL = "https://huggingface.co/birder-project/vit_l16_mim/resolve/main"
 
+
+def _mim_encoder_entry(epochs: int, sha256: str) -> dict[str, Any]:
+    """The MAE-pretrained vit_l16 encoders (no head, 224 px) that the card's model was fine-tuned from."""
+    return {
+        "url": _VIT_L16_MIM_URL,
+        "description": f"ViT L/16 encoder, {epochs} epochs of masked image modelling (MAE), no classification head",
+        "resolution": (224, 224),
+        "formats": {"pt": {"file_size": 1157.1, "sha256": sha256}},
+        "net": {"network": "vit_l16", "tag": "mim"},
+        "task": "masked_image_modeling",
+    }
+
+
 PRETRAINED_MODELS: dict[str, dict[str, Any]] = {
     "vit_l16_mim-eu-common": {
         "url": "https://huggingface.co/birder-project/vit_l16_mim-eu-common/resolve/main",
@@ -21,30 +34,6 @@ PRETRAINED_MODELS: dict[str, dict[str, Any]] = {
         "net": {"network": "vit_l16", "tag": "mim-eu-common"},
         "task": "image_classification",
     },
-    "vit_l16_mim_200": {
-        "url": _VIT_L16_MIM_URL,
-        "description": "ViT L/16 encoder after 200 epochs of masked image modelling (MAE), no classification head",
-        "resolution": (224, 224),
-        "formats": {
-            "pt": {
-                "file_size": 1157.1,
-                "sha256": "7fc5b342347d8349aaf5f069a47efd441b646f8542821ed2e30b47a7da72917a",
-            },
-        },
-        "net": {"network": "vit_l16", "tag": "mim"},
-        "task": "masked_image_modeling",
-    },
-    "vit_l16_mim_400": {
-        "url": _VIT_L16_MIM_URL,
-        "description": "ViT L/16 encoder after 400 epochs of masked image modelling (MAE), no classification head",
-        "resolution": (224, 224),
-        "formats": {
-            "pt": {
-                "file_size": 1157.1,
-                "sha256": "9b5c4e2538ea40edd60d8831d3807b543290dc2db44d537e60e44a341b47e54e",
-            },
-        },
-        "net": {"network": "vit_l16", "tag": "mim"},
-        "task": "masked_image_modeling",
-    },
+    "vit_l16_mim_200": _mim_encoder_entry(200, "7fc5b342347d8349aaf5f069a47efd441b646f8542821ed2e30b47a7da72917a"),
+    "vit_l16_mim_400": _mim_encoder_entry(400, "9b5c4e2538ea40edd60d8831d3807b543290dc2db44d537e60e44a341b47e54e"),
 }

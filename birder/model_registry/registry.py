@@ -9,7 +9,7 @@ import copy
 import difflib
 import fnmatch
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from birder.errors import BirderError, UnknownModelError
@@ -20,6 +20,11 @@ logger = logging.getLogger(__name__)
 
 # Tasks of networks whose name does not say otherwise.
 DEFAULT_TASK = "image_classification"
+
+
+def _sorted_matching(names: Iterable[str], pattern: str | None) -> list[str]:
+    names = sorted(names)
+    return names if pattern is None else fnmatch.filter(names, pattern)
 
 
 def _unknown_name_error(kind: str, name: str, known: list[str]) -> UnknownModelError:

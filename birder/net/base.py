@@ -14,6 +14,9 @@ from torch import nn
 
 from birder.errors import BirderError
 
+# A per-call override of a network's registered config (``{"hidden_dim": 64, ...}``), or None.
+ConfigOverride = Mapping[str, Any] | None
+
 
 class BaseNet(nn.Module):
     """Base class of classification networks.
@@ -31,7 +34,7 @@ class BaseNet(nn.Module):
         input_channels: int,
         num_classes: int,
         *,
-        config: Mapping[str, Any] | None = None,
+        config: ConfigOverride = None,
         size: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
@@ -45,7 +48,7 @@ class BaseNet(nn.Module):
         self.config_override: dict[str, Any] | None = None
 
     @classmethod
-    def resolve_config(cls, config: Mapping[str, Any] | None) -> dict[str, Any]:
+    def resolve_config(cls, config: ConfigOverride) -> dict[str, Any]:
         """The network's defaults updated with ``config``; unknown keys are an error, not silently ignored."""
         resolved = dict(cls.default_config)
         if config:

@@ -18,7 +18,7 @@ from torch import nn
 
 from birder.errors import BirderError
 from birder.model_registry.registry import registry
-from birder.net.base import BaseNet
+from birder.net.base import BaseNet, ConfigOverride
 
 
 class StochasticDepth(nn.Module):
@@ -204,7 +204,7 @@ class ViT(BaseNet):
         input_channels: int,
         num_classes: int,
         *,
-        config: Mapping[str, Any] | None = None,
+        config: ConfigOverride = None,
         size: tuple[int, int] | None = None,
     ) -> None:
         super().__init__(input_channels, num_classes, config=config, size=size)
