@@ -31,6 +31,16 @@ def test_vit_l16_card_parameter_count_and_keys() -> None:
     assert net.embedding_size == 1024
 
 
+def test_flop_count_of_the_card_network() -> None:
+    net = _build_on_meta("vit_l16", 707, (256, 256))
+    assert round(net.count_flops() / 1e9, 1) == 162.1
+    # Matmul FLOPs of one block at 257 tokens, counted by hand: qkv, QK^T, AV, proj, two MLP layers.
+    t, d, m = 257, 1024, 4096
+    block = 2 * (t * d * 3 * d + t * t * d + t * t * d + t * d * d + t * d * m + t * m * d)
+    stem_and_head = 2 * (256 * 1024 * 3 * 16 * 16 + 1024 * 707)
+    assert net.count_flops() == 24 * block + stem_and_head
+
+
 def test_legacy_layout_renames_to_current() -> None:
     legacy = json.loads((FIXTURES / "vit_l16_707_256px_legacy_state_dict_shapes.json").read_text())
     current = json.loads((FIXTURES / "vit_l16_707_256px_current_state_dict_shapes.json").read_text())

@@ -1,0 +1,49 @@
+"""Fast inference modes stay close to the float32 reference."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny_vit
+
+from birder.errors import BirderError
+from birder.inference.classification import infer_batch
+from birder.inference.optimize import optimize_for_inference
+
+
+@pytest.fixture
+def batch() -> torch.Tensor:
+    return torch.randn(16, 3, 32, 48, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize(
+    ("mode", "tolerance"), [("float32", 0.0), ("bfloat16", 0.03), ("float16", 0.01), ("int8", 0.03)]
+)
+def test_mode_agrees_with_float32(batch: torch.Tensor, mode: str, tolerance: float) -> None:
+    reference = make_tiny_vit(num_classes=10)
+    (expected, expected_embedding) = infer_batch(reference, batch, return_embedding=True)
+    fast = optimize_for_inference(make_tiny_vit(num_classes=10), mode)
+    (probs, embedding) = infer_batch(fast, batch, return_embedding=True)
+    assert probs.dtype == np.float32 and probs.shape == expected.shape
+    assert np.abs(probs - expected).max() <= tolerance
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-3)
+    assert embedding.shape == expected_embedding.shape
+    if mode == "float32":
+        np.testing.assert_array_equal(probs, expected)
+
+
+def test_float_modes_convert_weights_once() -> None:
+    net = optimize_for_inference(make_tiny_vit(), "bfloat16")
+    assert all(p.dtype == torch.bfloat16 for p in net.parameters())
+    assert not net.training and not any(p.requires_grad for p in net.parameters())
+
+
+def test_int8_quantizes_every_linear_layer() -> None:
+    quantized = optimize_for_inference(make_tiny_vit(), "int8")
+    names = {type(m).__name__ for m in quantized.modules()}
+    assert "Linear" in names  # the dynamically quantized class keeps the name
+    assert not any(isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.float32 for m in quantized.modules())
+
+
+def test_unknown_mode_is_a_clear_error() -> None:
+    with pytest.raises(BirderError, match="int4"):
+        optimize_for_inference(make_tiny_vit(), "int4")
