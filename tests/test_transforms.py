@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -89,9 +90,44 @@ def test_transform_converts_other_modes_and_rejects_paths(tmp_path: Path) -> Non
 
 def test_transform_repr_is_readable() -> None:
     text = repr(classification_transform((48, 80), RGB_STATS["birder"], center_crop=0.875))
-    assert text.startswith("ClassificationTransform(size=(48, 80)")
-    assert "Resize(size=[54, 91]" in text
-    assert "CenterCrop" in text and "Normalize" in text
+    assert text.startswith("ClassificationTransform(size=(48, 80), center_crop=0.875")
+    assert "bicubic" in text and "0.5191" in text
+
+
+@pytest.mark.parametrize("simple_crop", [False, True])
+@pytest.mark.parametrize("center_crop", [1.0, 0.875, 1.25])
+@pytest.mark.parametrize("image_size", [(101, 55), (40, 130), (64, 64), (17, 300)])
+def test_same_arithmetic_as_torchvision(image_size: tuple[int, int], center_crop: float, simple_crop: bool) -> None:
+    # torchvision is the reference's preprocessing; ours avoids importing it. Zero padding (crop larger than the
+    # resized image: center_crop > 1, or simple_crop on an extreme aspect ratio) included.
+    from torchvision.transforms import v2
+
+    size = (48, 80)
+    stats = RGB_STATS["birder"]
+    target = int(min(size) / center_crop) if simple_crop else (int(size[0] / center_crop), int(size[1] / center_crop))
+    reference = v2.Compose(
+        [
+            v2.Resize(target, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.CenterCrop(size),
+            v2.PILToTensor(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=list(stats["mean"]), std=list(stats["std"])),
+        ]
+    )
+    pixels = np.random.default_rng(sum(image_size)).integers(0, 256, (image_size[1], image_size[0], 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    ours = classification_transform(size, stats, center_crop=center_crop, simple_crop=simple_crop)(image)
+    assert (ours - reference(image)).abs().max().item() <= TOLERANCE
+
+
+def test_tta_crops_match_torchvision() -> None:
+    from torchvision.transforms import v2
+    from torchvision.transforms.v2 import functional as tvf
+
+    batch = torch.randn(2, 3, 48, 80, generator=torch.Generator().manual_seed(0))
+    crops = torch.stack(tvf.five_crop(batch, [38, 64]), dim=1).flatten(0, 1)
+    expected = tvf.resize(crops, [48, 80], interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+    torch.testing.assert_close(tta_crops(batch), expected)
 
 
 def test_invalid_center_crop() -> None:
