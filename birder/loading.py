@@ -32,6 +32,8 @@ from birder.version import __version__
 
 logger = logging.getLogger(__name__)
 
+# Deployment formats, handled by birder.io.export (imported lazily: onnx and onnxruntime are optional).
+EXPORT_SUFFIXES = (".pts", ".pt2", ".onnx")
 # How many names of each kind a "does not fit" error lists before it summarises.
 _MAX_KEYS_IN_ERROR = 5
 
@@ -45,9 +47,15 @@ def save_model(
 ) -> Path:
     """Write ``net`` with its metadata to ``path`` (``.pt`` or ``.safetensors``, by extension), atomically.
 
-    The file carries the network name and the config override the network was built with, so
+    ``.pts`` (TorchScript), ``.pt2`` (torch.export) and ``.onnx`` write an export for deployment instead
+    (:mod:`birder.io.export`). The file carries the network name and the config override the network was built with, so
     :func:`load_model` can rebuild it without being told; Birder ignores those extra keys.
     """
+    if Path(path).suffix.lower() in EXPORT_SUFFIXES:
+        from birder.io.export import export_model
+
+        return export_model(net, path, model_info, task=task)
+
     signature = model_info.signature
     if signature is None:
         signature = make_signature(net.input_channels, net.size, net.num_classes)
@@ -134,6 +142,17 @@ def load_model(
     updates the config stored in the file (Birder 0.2 did not store it). ``new_size`` resizes the position
     embedding after loading (e.g. a 224 px MIM encoder used at 256 px).
     """
+    if Path(path).suffix.lower() in EXPORT_SUFFIXES:
+        # TorchScript, torch.export and ONNX files; imported here so `import birder` never loads onnxruntime.
+        from birder.io.export import load_exported
+
+        if custom_config is not None or new_size is not None or dtype is not None:
+            raise CheckpointError(
+                f"{path}: an export is fixed at its input size, config and dtype; custom_config, new_size and "
+                "dtype apply to .pt and .safetensors files (export again from a converted network)"
+            )
+        return load_exported(path, device=device)  # always ready for inference; `network` is not needed
+
     (state, metadata) = read_checkpoint(path)
     network = network or metadata.get("network")
     if network is None:

@@ -1,0 +1,130 @@
+"""``birder-serve``: an HTTP service (and web page) classifying photos with one model.
+
+Examples::
+
+    birder-serve -n vit_l16_mim-eu-common
+    birder-serve --weights my_model.safetensors --port 8080
+    birder-serve --weights vit_l16.pt --network vit_l16 --max-batch-size 16
+    birder-serve --weights my_model.onnx          # exports (.pts, .pt2, .onnx) load too
+
+Binds to 127.0.0.1 unless ``--host`` says otherwise: put a reverse proxy with authentication in front of it
+before opening it to a network.
+"""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from birder.errors import BirderError
+
+logger = logging.getLogger("birder.serve")
+
+_EXPORT_SUFFIXES = (".pts", ".pt2", ".onnx")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="birder-serve",
+        description="Serve a birder model over HTTP: POST /v1/classify, POST /v1/embed, GET /v1/models, "
+        "GET /healthz, and a web page at /.",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("-n", "--name", help="pretrained model name (downloaded on first use)")
+    source.add_argument("--weights", type=Path, help="model file: .pt, .safetensors, .pts, .pt2 or .onnx")
+    parser.add_argument("--network", help="network name, for checkpoints that do not store it (e.g. vit_l16)")
+    parser.add_argument("--model-name", help="name reported by the API (default: the model's name or file stem)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--max-batch-size", type=int, default=32, help="images per batch (default: %(default)s)")
+    parser.add_argument(
+        "--batch-window-ms",
+        type=float,
+        default=5.0,
+        help="longest a request waits for others to share its batch (default: %(default)s ms)",
+    )
+    parser.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body (default: %(default)s)")
+    parser.add_argument(
+        "--max-pixels", type=int, default=50_000_000, help="largest image, in pixels (default: %(default)s)"
+    )
+    parser.add_argument("--timeout", type=float, default=30.0, help="request timeout in seconds (default: %(default)s)")
+    parser.add_argument("--top-k", type=int, default=5, help="species returned by default (default: %(default)s)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    positive = {
+        "--max-batch-size": args.max_batch_size,
+        "--max-upload-mb": args.max_upload_mb,
+        "--max-pixels": args.max_pixels,
+        "--timeout": args.timeout,
+        "--top-k": args.top_k,
+    }
+    for option, value in positive.items():
+        if value <= 0:
+            parser.error(f"{option} must be positive, got {value}")
+    if args.batch_window_ms < 0:
+        parser.error(f"--batch-window-ms cannot be negative, got {args.batch_window_ms}")
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be between 0 and 65535, got {args.port}")
+
+
+def load_for_serving(args: argparse.Namespace) -> tuple[object, object, str]:
+    """``(net, model_info, name)`` from ``-n`` or ``--weights``, ready for inference on the chosen device."""
+    import torch
+
+    import birder
+    from birder.io.export import load_exported
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.name is not None:
+        (net, model_info) = birder.load_pretrained_model(args.name, inference=True, device=device)
+        return (net, model_info, args.model_name or args.name)
+
+    path: Path = args.weights
+    if path.suffix.lower() in _EXPORT_SUFFIXES:
+        (net, model_info) = load_exported(path, device=device)
+    else:
+        (net, model_info) = birder.load_model(path, network=args.network, inference=True, device=device)
+    return (net, model_info, args.model_name or path.stem)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    try:
+        import uvicorn
+
+        from birder.serve.app import ServeSettings, create_app
+    except ImportError as err:
+        print(f"birder-serve: {err}; install the extra: pip install 'birder[serve]'", file=sys.stderr)
+        return 2
+
+    try:
+        (net, model_info, name) = load_for_serving(args)
+    except BirderError as err:
+        print(f"birder-serve: {err}", file=sys.stderr)
+        return 2
+
+    settings = ServeSettings(
+        max_batch_size=args.max_batch_size,
+        batch_window_ms=args.batch_window_ms,
+        max_upload_bytes=int(args.max_upload_mb * 2**20),
+        max_pixels=args.max_pixels,
+        timeout_s=args.timeout,
+        default_top_k=args.top_k,
+    )
+    app = create_app(net, model_info, name=name, settings=settings)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("listening on %s: anyone who can reach this address can use the service", args.host)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,288 @@
+"""The HTTP API and web page of ``birder-serve``.
+
+``create_app(net, model_info)`` builds a FastAPI app around one loaded model:
+
+- ``POST /v1/classify``: top-k species with probabilities, the model name and timings
+- ``POST /v1/embed``: the embedding vector
+- ``GET /v1/models``: what the model is (classes, input size, normalisation)
+- ``GET /healthz``: status and batching figures (mean batch size served)
+- ``GET /``: a page to drop a photo on and see its species as a bar chart (assets served from ``/static``)
+
+An image can be sent as multipart form data (a file field, ``image`` by preference), as JSON
+``{"image": "<base64>"}`` or as the raw bytes of the request body. Every image goes through the library's one
+path: :func:`~birder.io.images.load_image` (after a size check on the header), the model's
+:func:`~birder.data.transforms.classification_transform`, and
+:func:`~birder.inference.classification.infer_batch` run by a :class:`~birder.serve.batcher.DynamicBatcher`.
+
+Every refused request gets a JSON body ``{"error": "<one line>"}``: 413 for an upload or an image (in pixels)
+over the limits, 422 for an image that cannot be decoded, 400 for a malformed request, 415 for an unknown
+content type, 503 when overloaded and 504 when the request timed out.
+"""
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from birder.data.transforms import classification_transform
+from birder.inference.classification import infer_batch
+from birder.io.checkpoint import ModelInfo, get_size_from_signature
+from birder.serve.batcher import BatchInfo, DynamicBatcher, QueueFullError
+from birder.serve.uploads import ApiError, BodySizeLimit, decode_upload, error_response, parse_top_k, read_image_request
+
+try:
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import FileResponse, JSONResponse
+    from fastapi.staticfiles import StaticFiles
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+except ImportError as err:  # pragma: no cover - depends on the environment
+    raise ImportError(f"birder-serve needs the 'serve' extra: pip install 'birder[serve]' ({err})") from err
+
+logger = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).parent / "static"
+# The page loads nothing from anywhere else; the browser enforces it.
+_PAGE_CSP = "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'"
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Limits and batching of the service (the command line's options)."""
+
+    max_batch_size: int = 32
+    batch_window_ms: float = 5.0
+    max_upload_bytes: int = 20 * 1024 * 1024
+    # A 50 MP camera frame fits; PIL's own decompression-bomb guard (about 89 MP) stays behind this one.
+    max_pixels: int = 50_000_000
+    timeout_s: float = 30.0
+    default_top_k: int = 5
+    # Images waiting for a batch beyond this are refused with 503 instead of queueing without bound.
+    max_queue: int = 1024
+    decode_workers: int = max(2, min(8, os.cpu_count() or 2))
+
+
+class ModelService:
+    """One loaded model behind the API: preprocessing, the batcher and the figures /healthz reports."""
+
+    def __init__(self, net: torch.nn.Module, model_info: ModelInfo, name: str, settings: ServeSettings) -> None:
+        self.net = net
+        self.model_info = model_info
+        self.name = name
+        self.settings = settings
+        self.size = get_size_from_signature(model_info.signature)
+        self.transform = classification_transform(self.size, model_info.rgb_stats)
+        self.class_names = _class_names(model_info.class_to_idx)
+        self.batcher: DynamicBatcher[tuple[np.ndarray, np.ndarray]] = DynamicBatcher(
+            self._run_batch,
+            max_batch_size=settings.max_batch_size,
+            window_s=settings.batch_window_ms / 1000.0,
+            max_queue=settings.max_queue,
+        )
+        self.decode_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self.started_at = time.time()
+        self.requests_ok = 0
+        self.requests_refused = 0
+
+    def _run_batch(self, inputs: torch.Tensor) -> list[tuple[np.ndarray, np.ndarray]]:
+        # The embedding is computed anyway (forward = classify(embedding)), so every batch returns both and
+        # /v1/classify and /v1/embed requests share batches.
+        (probs, embedding) = infer_batch(self.net, inputs, return_embedding=True)
+        assert embedding is not None
+        return list(zip(probs, embedding, strict=True))
+
+    async def start(self) -> None:
+        self.decode_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=self.settings.decode_workers, thread_name_prefix="birder-decode"
+        )
+        await self.batcher.start()
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
+        if self.decode_pool is not None:
+            self.decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    def _preprocess(self, data: bytes, name: str) -> tuple[torch.Tensor, tuple[int, int]]:
+        image = decode_upload(data, name, self.settings.max_pixels)
+        return (self.transform(image), image.size)
+
+    async def infer(self, data: bytes, name: str) -> tuple[tuple[np.ndarray, np.ndarray], dict[str, Any]]:
+        """Decode and run one uploaded image; returns its ``(probs, embedding)`` and facts for the response."""
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        (inputs, (width, height)) = await loop.run_in_executor(self.decode_pool, self._preprocess, data, name)
+        decoded = time.perf_counter()
+        try:
+            (result, info) = await self.batcher.submit(inputs)
+        except QueueFullError as err:
+            raise ApiError(503, f"server overloaded ({err}); retry later") from None
+
+        facts = {
+            "image": {"width": width, "height": height},
+            "batch_size": info.batch_size,
+            "timing_ms": _timings(started, decoded, info),
+        }
+        return (result, facts)
+
+    def health(self) -> dict[str, Any]:
+        stats = self.batcher.stats
+        return {
+            "status": "ok" if self.batcher.alive else "stopped",
+            "model": self.name,
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "requests_ok": self.requests_ok,
+            "requests_refused": self.requests_refused,
+            "batches": stats.batches,
+            "images": stats.images,
+            "mean_batch_size": round(stats.mean_batch_size, 3),
+            "largest_batch": stats.largest_batch,
+            "max_batch_size": self.settings.max_batch_size,
+            "queue_depth": self.batcher.queue_depth,
+        }
+
+    def describe(self) -> dict[str, Any]:
+        embedding_size = getattr(self.net, "embedding_size", None)
+        return {
+            "name": self.name,
+            "network": getattr(self.net, "network_name", None),
+            "num_classes": len(self.class_names),
+            "input_size": list(self.size),
+            "embedding_size": embedding_size if isinstance(embedding_size, int) else None,
+            "rgb_stats": {key: list(value) for key, value in self.model_info.rgb_stats.items()},
+            "classes": self.class_names,
+        }
+
+
+def _class_names(class_to_idx: dict[str, int]) -> list[str]:
+    names = [f"class_{index}" for index in range(len(class_to_idx))]
+    for name, index in class_to_idx.items():
+        if 0 <= index < len(names):
+            names[index] = name
+    return names
+
+
+def _timings(started: float, decoded: float, info: BatchInfo) -> dict[str, float]:
+    total = time.perf_counter() - started
+    return {
+        "decode": round((decoded - started) * 1000, 3),
+        "queue": round(info.queue_s * 1000, 3),
+        "inference": round(info.inference_s * 1000, 3),
+        "total": round(total * 1000, 3),
+    }
+
+
+def create_app(
+    net: torch.nn.Module,
+    model_info: ModelInfo,
+    *,
+    name: str | None = None,
+    settings: ServeSettings | None = None,
+) -> FastAPI:
+    """A FastAPI app serving ``net`` (a birder network or a loaded export) under the model name ``name``.
+
+    ``net`` needs ``embedding`` and ``classify`` (what :func:`infer_batch` calls); it is put in eval mode.
+    """
+    settings = settings or ServeSettings()
+    name = name or getattr(net, "network_name", None) or "model"
+    if hasattr(net, "eval"):
+        net.eval()
+    service = ModelService(net, model_info, name, settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await service.start()
+        logger.info("serving model '%s' (batches of up to %d)", name, settings.max_batch_size)
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    app = FastAPI(title="birder", summary="Bird species from photos", lifespan=lifespan)
+    app.state.service = service
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    _add_error_handlers(app, service)
+
+    async def with_timeout(handler: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+        try:
+            async with asyncio.timeout(settings.timeout_s):
+                response = await handler()
+        except TimeoutError:
+            raise ApiError(504, f"request timed out after {settings.timeout_s:g} s (server busy?)") from None
+        service.requests_ok += 1
+        return response
+
+    @app.post("/v1/classify")
+    async def classify(request: Request) -> dict[str, Any]:
+        if not service.class_names:
+            raise ApiError(409, f"model '{name}' has no classes (a headless encoder): use /v1/embed")
+
+        async def handle() -> dict[str, Any]:
+            (data, file_name, fields) = await read_image_request(request)
+            raw_top_k = request.query_params.get("top_k", fields.get("top_k"))
+            top_k = parse_top_k(raw_top_k, settings.default_top_k, len(service.class_names))
+            ((probs, _), facts) = await service.infer(data, file_name)
+            order = np.argsort(-probs, kind="stable")[:top_k]
+            predictions = [
+                {"species": service.class_names[index], "index": int(index), "probability": float(probs[index])}
+                for index in order
+            ]
+            return {"model": name, "predictions": predictions, **facts}
+
+        return await with_timeout(handle)
+
+    @app.post("/v1/embed")
+    async def embed(request: Request) -> dict[str, Any]:
+        async def handle() -> dict[str, Any]:
+            (data, file_name, _) = await read_image_request(request)
+            ((_, embedding), facts) = await service.infer(data, file_name)
+            return {"model": name, "dim": int(embedding.shape[0]), "embedding": embedding.tolist(), **facts}
+
+        return await with_timeout(handle)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"models": [service.describe()]}
+
+    @app.get("/healthz")
+    async def healthz() -> JSONResponse:
+        health = service.health()
+        return JSONResponse(health, status_code=200 if health["status"] == "ok" else 503)
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", headers={"Content-Security-Policy": _PAGE_CSP})
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
+
+
+def _add_error_handlers(app: FastAPI, service: ModelService) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, err: ApiError) -> JSONResponse:
+        service.requests_refused += 1
+        return error_response(err.status, err.message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, err: StarletteHTTPException) -> JSONResponse:
+        service.requests_refused += 1
+        return error_response(err.status_code, str(err.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, err: RequestValidationError) -> JSONResponse:
+        service.requests_refused += 1
+        first = err.errors()[0] if err.errors() else {}
+        return error_response(400, f"invalid request: {first.get('msg', 'bad parameters')}")
+
+    @app.exception_handler(Exception)
+    async def internal_error(_request: Request, err: Exception) -> JSONResponse:
+        logger.exception("internal error while serving a request")
+        return error_response(500, f"internal error: {type(err).__name__}")

@@ -1,0 +1,145 @@
+// The birder page: pick or drop a photo, post it to /v1/classify, draw the top species as bars.
+// Plain browser JavaScript with no dependencies: the page must work without any CDN.
+"use strict";
+
+const TOP_K = 5;
+
+const elements = {
+  dropZone: document.getElementById("drop-zone"),
+  input: document.getElementById("file-input"),
+  error: document.getElementById("error"),
+  result: document.getElementById("result"),
+  preview: document.getElementById("preview"),
+  fileName: document.getElementById("file-name"),
+  predictions: document.getElementById("predictions"),
+  timing: document.getElementById("timing"),
+  modelName: document.getElementById("model-name"),
+  modelClasses: document.getElementById("model-classes"),
+};
+
+let previewUrl = null;
+
+function showError(message) {
+  elements.error.textContent = message;
+  elements.error.hidden = false;
+}
+
+function clearError() {
+  elements.error.textContent = "";
+  elements.error.hidden = true;
+}
+
+async function loadModelInfo() {
+  try {
+    const response = await fetch("/v1/models");
+    const body = await response.json();
+    const model = body.models[0];
+    elements.modelName.textContent = model.name;
+    elements.modelClasses.textContent = `(${model.num_classes} species)`;
+  } catch (err) {
+    elements.modelName.textContent = "unavailable";
+    showError(`Cannot reach the server: ${err.message}`);
+  }
+}
+
+function renderPredictions(body) {
+  elements.predictions.replaceChildren();
+  for (const prediction of body.predictions) {
+    const percent = (prediction.probability * 100).toFixed(1);
+
+    const item = document.createElement("li");
+    item.className = "prediction";
+
+    const label = document.createElement("div");
+    label.className = "label";
+    const species = document.createElement("span");
+    species.className = "species";
+    species.textContent = prediction.species; // textContent: class names are never parsed as HTML
+    const probability = document.createElement("span");
+    probability.className = "probability";
+    probability.textContent = `${percent}%`;
+    label.append(species, probability);
+
+    const bar = document.createElement("div");
+    bar.className = "bar";
+    bar.setAttribute("role", "img");
+    bar.setAttribute("aria-label", `${prediction.species}: ${percent}%`);
+    const fill = document.createElement("div");
+    fill.className = "bar-fill";
+    fill.style.width = `${Math.max(0.5, prediction.probability * 100)}%`;
+    bar.append(fill);
+
+    item.append(label, bar);
+    elements.predictions.append(item);
+  }
+  const timing = body.timing_ms;
+  elements.timing.textContent =
+    `${body.model} · ${timing.total.toFixed(0)} ms (inference ${timing.inference.toFixed(0)} ms, ` +
+    `batch of ${body.batch_size}) · image ${body.image.width}×${body.image.height}`;
+}
+
+async function classify(file) {
+  if (!file) {
+    return;
+  }
+  clearError();
+  if (previewUrl) {
+    URL.revokeObjectURL(previewUrl);
+  }
+  previewUrl = URL.createObjectURL(file);
+  elements.preview.src = previewUrl;
+  elements.fileName.textContent = file.name;
+  elements.predictions.replaceChildren();
+  elements.timing.textContent = "Classifying…";
+  elements.result.hidden = false;
+  elements.dropZone.classList.add("busy");
+
+  const form = new FormData();
+  form.append("image", file, file.name);
+  try {
+    const response = await fetch(`/v1/classify?top_k=${TOP_K}`, { method: "POST", body: form });
+    let body;
+    try {
+      body = await response.json();
+    } catch {
+      body = { error: `the server answered ${response.status} ${response.statusText}` };
+    }
+    if (!response.ok) {
+      elements.timing.textContent = "";
+      showError(body.error || `the server answered ${response.status}`);
+      return;
+    }
+    renderPredictions(body);
+  } catch (err) {
+    elements.timing.textContent = "";
+    showError(`Request failed: ${err.message}`);
+  } finally {
+    elements.dropZone.classList.remove("busy");
+  }
+}
+
+elements.input.addEventListener("change", () => {
+  classify(elements.input.files[0]);
+  elements.input.value = ""; // choosing the same file again classifies it again
+});
+
+for (const type of ["dragenter", "dragover"]) {
+  elements.dropZone.addEventListener(type, (event) => {
+    event.preventDefault();
+    elements.dropZone.classList.add("dragging");
+  });
+}
+for (const type of ["dragleave", "drop"]) {
+  elements.dropZone.addEventListener(type, (event) => {
+    event.preventDefault();
+    elements.dropZone.classList.remove("dragging");
+  });
+}
+elements.dropZone.addEventListener("drop", (event) => {
+  const file = event.dataTransfer && event.dataTransfer.files[0];
+  if (file) {
+    classify(file);
+  }
+});
+
+loadModelInfo();

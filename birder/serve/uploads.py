@@ -1,0 +1,189 @@
+"""Requests to images: reading an upload in any encoding, refusing oversized bodies, decoding untrusted bytes.
+
+Everything here turns a client's mistake into an :class:`ApiError` (status and one-line message), which the app
+renders as ``{"error": "..."}``. Decoding itself is the library's :func:`~birder.io.images.load_image`.
+"""
+
+import base64
+import binascii
+import io
+import json
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from birder.errors import ImageDecodeError
+from birder.io.images import load_image
+
+try:
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
+except ImportError as err:  # pragma: no cover - depends on the environment
+    raise ImportError(f"birder-serve needs the 'serve' extra: pip install 'birder[serve]' ({err})") from err
+
+# Field names looked for first in a multipart form (any file field is taken otherwise).
+_IMAGE_FIELDS = ("image", "file", "photo")
+_MAX_NAME_CHARS = 100
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+class ApiError(Exception):
+    """A refused request: becomes ``{"error": message}`` with ``status``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def error_response(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+class BodySizeLimit:
+    """ASGI middleware: refuses request bodies over ``max_bytes`` with 413, before they are read into memory.
+
+    A declared ``Content-Length`` over the limit is refused at once; a body without one (chunked) is counted
+    as it arrives and refused when it crosses the limit.
+    """
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _message(self) -> str:
+        return f"upload too large: the limit is {self.max_bytes} bytes ({self.max_bytes / 2**20:.1f} MiB)"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await error_response(413, self._message())(scope, receive, send)
+            return
+
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise ApiError(413, self._message())
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+
+def _short(text: str) -> str:
+    """One short line of user-supplied text (a file name) fit to quote in an error message."""
+    text = "".join(char if char.isprintable() else "?" for char in text)
+    return text if len(text) <= _MAX_NAME_CHARS else text[: _MAX_NAME_CHARS - 3] + "..."
+
+
+def decode_upload(data: bytes, name: str, max_pixels: int) -> Image.Image:
+    """Bytes of an uploaded file -> 8-bit RGB image through :func:`load_image`, or an :class:`ApiError`.
+
+    The pixel count is checked on the header, before anything is decompressed.
+    """
+    shown = _short(name)
+    if not data:
+        raise ApiError(422, f"cannot read image '{shown}': empty file (0 bytes)")
+    try:
+        opened = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ApiError(422, f"cannot read image '{shown}': not a recognised image format") from None
+    except Image.DecompressionBombError:
+        raise ApiError(413, f"image '{shown}' has too many pixels (a decompression bomb?)") from None
+    except Exception as err:  # any parser failure on untrusted bytes is the client's bad file
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ApiError(422, f"cannot read image '{shown}': truncated or corrupt image: {_short(reason)}") from None
+
+    (width, height) = opened.size
+    if width * height > max_pixels:
+        raise ApiError(
+            413, f"image '{shown}' is {width}x{height} = {width * height} pixels; the server's limit is {max_pixels}"
+        )
+    try:
+        return load_image(opened)
+    except ImageDecodeError as err:
+        # load_image names an in-memory image generically; the client knows it by its file name
+        raise ApiError(422, str(err).replace("'<in-memory image>'", f"'{shown}'", 1)) from None
+
+
+async def read_image_request(request: Request) -> tuple[bytes, str, dict[str, str]]:
+    """The image bytes, its name and the other (string) fields of a request, whatever its encoding."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":
+        return await _read_multipart(request)
+    if content_type == "application/json":
+        return await _read_json(request)
+    if content_type.startswith("image/") or content_type == "application/octet-stream":
+        return (await request.body(), "upload", {})
+
+    raise ApiError(
+        415,
+        f"unsupported content type '{_short(content_type) or 'none'}': send multipart/form-data with a file field "
+        '\'image\', JSON {"image": "<base64>"}, or the image bytes with an image/* content type',
+    )
+
+
+async def _read_multipart(request: Request) -> tuple[bytes, str, dict[str, str]]:
+    try:
+        form = await request.form(max_files=4, max_fields=32)
+    except ApiError:
+        raise
+    except Exception as err:  # python-multipart's and Starlette's parser errors
+        detail = getattr(err, "detail", None) or str(err) or type(err).__name__
+        raise ApiError(400, f"malformed multipart form: {_short(str(detail))}") from None
+
+    files = {key: value for key, value in form.multi_items() if hasattr(value, "read")}
+    fields = {key: value for key, value in form.multi_items() if isinstance(value, str)}
+    upload = next((files[key] for key in _IMAGE_FIELDS if key in files), None)
+    if upload is None and files:
+        upload = next(iter(files.values()))
+    if upload is None:
+        raise ApiError(400, "no image in the form: send the photo as a file field named 'image'")
+    data = await upload.read()
+    await form.close()
+    return (data, upload.filename or "upload", fields)
+
+
+async def _read_json(request: Request) -> tuple[bytes, str, dict[str, str]]:
+    try:
+        body = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ApiError(400, f"request body is not valid JSON: {_short(str(err))}") from None
+    if not isinstance(body, dict) or not isinstance(body.get("image"), str):
+        raise ApiError(400, 'JSON requests need a string field "image" holding the base64-encoded photo')
+
+    encoded = body["image"]
+    if encoded.startswith("data:") and "," in encoded:  # a data URL, as browsers make them
+        encoded = encoded.split(",", 1)[1]
+    try:
+        data = base64.b64decode("".join(encoded.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, 'field "image" is not valid base64') from None
+
+    fields = {key: str(value) for key, value in body.items() if key != "image" and isinstance(value, str | int)}
+    return (data, str(body.get("filename") or "upload"), fields)
+
+
+def parse_top_k(raw: str | None, default: int, num_classes: int) -> int:
+    if raw is None or raw == "":
+        return min(default, num_classes)
+    try:
+        top_k = int(raw)
+    except ValueError:
+        raise ApiError(400, f"top_k must be a whole number, got '{_short(raw)}'") from None
+    if top_k < 1:
+        raise ApiError(400, f"top_k must be at least 1, got {top_k}")
+    return min(top_k, num_classes)  # asking for more than there are is not an error
