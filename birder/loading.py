@@ -154,6 +154,12 @@ def load_model(
         return load_exported(path, device=device)  # always ready for inference; `network` is not needed
 
     (state, metadata) = read_checkpoint(path)
+    if metadata.get("task") == "masked_image_modeling" and "encoder" in metadata:
+        raise CheckpointError(
+            f"{path}: a whole MIM model (encoder + decoder); load the encoder file <network>_mim_<epoch>.pt, "
+            "or use birder.training.mim.load_mim_model"
+        )
+
     network = network or metadata.get("network")
     if network is None:
         raise CheckpointError(f"{path}: the file does not name its network; pass network=... (e.g. 'vit_l16')")

@@ -275,8 +275,11 @@ def fetch_pretrained_file(
     *,
     dst: Path | None = None,
     progress_bar: bool = True,
+    force: bool = False,
 ) -> Path:
     """The local path of pretrained model ``name`` in ``file_format``, downloading it only when needed.
+
+    ``force`` downloads anew even when a verified copy exists (the old file is replaced only by a verified one).
 
     With ``dst`` only that path is considered. Otherwise the cache (``models_dir()``) is tried first, then Birder's
     ``./models`` (read, never written). A file found with the manifest's sha256 is returned without any network
@@ -287,7 +290,7 @@ def fetch_pretrained_file(
     target = Path(dst) if dst is not None else models_dir() / filename
     candidates = [target] if dst is not None else [target, LEGACY_MODELS_DIR / filename]
 
-    found, mismatch = _find_verified(candidates, expected)
+    (found, mismatch) = (None, None) if force else _find_verified(candidates, expected)
     if found is not None:
         logger.info("Using %s for pretrained model %s", found, name)
         return found

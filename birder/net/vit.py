@@ -233,7 +233,7 @@ class ViT(BaseNet):
             self.reg_tokens = nn.Parameter(torch.zeros(1, self.num_reg_tokens, self.hidden_dim))
 
         num_tokens = self.num_special_tokens + self.grid_size[0] * self.grid_size[1]
-        self.pos_embedding = nn.Parameter(torch.empty(1, num_tokens, self.hidden_dim).normal_(std=0.02))
+        self.pos_embedding = nn.Parameter(torch.empty(1, num_tokens, self.hidden_dim))
         self.pre_norm = nn.LayerNorm(self.hidden_dim, eps=norm_eps) if cfg["pre_norm"] else nn.Identity()
 
         # Stochastic depth rate grows linearly over the blocks (plain floats: the net may be built on "meta").
@@ -272,8 +272,11 @@ class ViT(BaseNet):
 
     def _init_weights(self) -> None:
         if self.pos_embedding.is_meta:
-            return  # built on the meta device to receive a checkpoint: nothing to initialise
+            # Built on the meta device to receive a checkpoint: nothing to initialise (and random init on
+            # "meta" would pull in torch._dynamo, 1.5 s of start-up).
+            return
 
+        nn.init.normal_(self.pos_embedding, std=0.02)
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=0.02)

@@ -1,0 +1,268 @@
+"""Photos on disk -> model inputs, for batch prediction.
+
+Two jobs:
+
+- :func:`discover_images` turns a mix of files and folders into one list of photos, in an order that does not
+  depend on the file system (so a resumed or distributed run sees the same list as the first one).
+- :class:`ImageFileDataset` decodes each photo with :func:`~birder.io.images.load_image` and the model's
+  transform (the one preprocessing path shared with ``infer_image``). A photo that cannot be read becomes a
+  :class:`Sample` carrying the one-line reason instead of an exception, because in a ``DataLoader`` an exception
+  in a worker ends the whole run, and one bad file among a million must not.
+
+:func:`read_photo_metadata` reads the EXIF capture date and GPS position that field workers rely on.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from birder.errors import BirderError, ImageDecodeError
+from birder.io.images import IMAGE_EXTENSIONS, is_image_file, load_image
+
+# EXIF tags (numbers from the EXIF 2.3 standard); PIL exposes them by number only.
+_EXIF_IFD = 0x8769
+_GPS_IFD = 0x8825
+_DATETIME_ORIGINAL = 0x9003
+_GPS_LATITUDE_REF = 1
+_GPS_LATITUDE = 2
+_GPS_LONGITUDE_REF = 3
+_GPS_LONGITUDE = 4
+
+METADATA_FIELDS = ("exif_datetime", "gps_latitude", "gps_longitude")
+
+
+class PhotoMetadata(NamedTuple):
+    """What a photo's EXIF block says about when and where it was taken (``None`` when absent)."""
+
+    exif_datetime: str | None = None  # ISO 8601, e.g. "2023-05-14T07:32:10"
+    gps_latitude: float | None = None  # decimal degrees, south negative
+    gps_longitude: float | None = None  # decimal degrees, west negative
+
+
+class Sample(NamedTuple):
+    """One item of :class:`ImageFileDataset`: the input tensor, or ``error`` with the reason it failed."""
+
+    index: int
+    tensor: torch.Tensor | None
+    error: str | None
+    metadata: PhotoMetadata
+
+
+class Batch(NamedTuple):
+    """A collated batch: the good photos stacked, the failures listed beside them."""
+
+    indices: list[int]  # dataset indices of the rows of ``inputs``
+    inputs: torch.Tensor | None  # [B, C, H, W], None when every photo of the batch failed
+    metadata: list[PhotoMetadata]  # one per row of ``inputs``
+    failures: list[tuple[int, str]]  # (dataset index, one-line reason)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Finding the photos
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _is_hidden(name: str) -> bool:
+    # macOS leaves "._IMG_0001.jpg" resource forks beside every photo copied to a FAT/exFAT card; they are not
+    # images, and neither is anything inside ".thumbnails" or ".git".
+    return name.startswith(".")
+
+
+def _scan_folder(folder: Path) -> list[Path]:
+    found = []
+    for root, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [name for name in dirnames if not _is_hidden(name)]
+        found.extend(Path(root, name) for name in filenames if not _is_hidden(name) and is_image_file(name))
+
+    # Sorting by path components (not by the full string) keeps "a/b.jpg" before "a-b.jpg", the order people
+    # expect, and makes the order independent of what os.walk happens to return on this file system.
+    return sorted(found, key=lambda path: path.relative_to(folder).parts)
+
+
+def discover_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    """Every photo named by ``inputs``: files as given, folders scanned recursively.
+
+    In a folder, files with an image extension (case-insensitive, :data:`~birder.io.images.IMAGE_EXTENSIONS`) are
+    taken; hidden files and folders are skipped. A file named directly is taken whatever its extension (if it is
+    not an image, the run reports it as a failure). The order is the order of ``inputs``, each folder sorted by
+    path; a photo reached twice is listed once.
+
+    Raises:
+        BirderError: an input does not exist, or no photo was found at all.
+    """
+    photos: list[Path] = []
+    seen: set[Path] = set()
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            candidates = _scan_folder(path)
+        elif path.exists():
+            candidates = [path]
+        else:
+            raise BirderError(f"input '{path}' does not exist")
+
+        for candidate in candidates:
+            key = Path(os.path.abspath(candidate))
+            if key not in seen:
+                seen.add(key)
+                photos.append(candidate)
+
+    if not photos:
+        shown = ", ".join(f"'{item}'" for item in inputs)
+        raise BirderError(f"no images found in {shown or 'the inputs'} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+
+    return photos
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# EXIF date and position
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _to_degrees(value: Any, ref: Any) -> float | None:
+    """(degrees, minutes, seconds) rationals and an N/S/E/W reference -> signed decimal degrees."""
+    try:
+        (degrees, minutes, seconds) = (float(part) for part in value)
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
+
+    decimal = degrees + minutes / 60.0 + seconds / 3600.0
+    if not math.isfinite(decimal):
+        return None
+
+    if isinstance(ref, bytes):
+        ref = ref.decode("ascii", "ignore")
+    if str(ref).strip().upper() in ("S", "W"):
+        decimal = -decimal
+
+    return decimal
+
+
+def _to_iso_datetime(value: Any) -> str | None:
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "ignore")
+    text = str(value).strip("\x00 ")
+    if not text:
+        return None
+
+    try:
+        return datetime.strptime(text, "%Y:%m:%d %H:%M:%S").isoformat()
+    except ValueError:
+        return text  # an unusual format is still worth keeping as the camera wrote it
+
+
+def read_photo_metadata(source: str | os.PathLike | Image.Image) -> PhotoMetadata:
+    """The EXIF ``DateTimeOriginal`` (as ISO 8601) and GPS latitude/longitude (decimal degrees) of a photo.
+
+    Reads only the file's header, not its pixels. Missing or damaged tags give ``None``; this never raises for
+    a bad file (decoding errors are :func:`~birder.io.images.load_image`'s to report).
+    """
+    try:
+        if isinstance(source, Image.Image):
+            exif = source.getexif()
+        else:
+            with Image.open(source) as image:
+                exif = image.getexif()
+
+        taken = _to_iso_datetime(exif.get_ifd(_EXIF_IFD).get(_DATETIME_ORIGINAL, ""))
+        gps = exif.get_ifd(_GPS_IFD)
+        latitude = longitude = None
+        if _GPS_LATITUDE in gps and _GPS_LONGITUDE in gps:
+            latitude = _to_degrees(gps[_GPS_LATITUDE], gps.get(_GPS_LATITUDE_REF, "N"))
+            longitude = _to_degrees(gps[_GPS_LONGITUDE], gps.get(_GPS_LONGITUDE_REF, "E"))
+    except Exception:  # metadata is optional: any damage just means "no metadata"
+        return PhotoMetadata()
+
+    return PhotoMetadata(taken, latitude, longitude)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The dataset
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _one_line_reason(path: Path, exc: BaseException) -> str:
+    """The reason a photo failed, on one line and without repeating the path (the failures file has a column)."""
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    prefix = f"cannot read image '{os.fsdecode(path)}': "
+    if isinstance(exc, ImageDecodeError) and message.startswith(prefix):
+        return message[len(prefix) :]
+    if not isinstance(exc, ImageDecodeError):
+        message = f"{type(exc).__name__}: {message}"
+
+    return message
+
+
+class PackedPaths:
+    """A read-only list of paths stored as one bytes blob plus offsets.
+
+    ``DataLoader`` workers are forked copies of the main process; touching a million ``Path`` objects there
+    updates their reference counts, which copies every memory page they sit on into each worker. Two flat
+    buffers have no per-item objects to touch.
+    """
+
+    def __init__(self, paths: Iterable[str | os.PathLike]) -> None:
+        encoded = [os.fsencode(path) for path in paths]
+        self._blob = b"".join(encoded)
+        self._offsets = np.cumsum([0, *(len(item) for item in encoded)], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, index: int) -> Path:
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        index %= len(self)
+        return Path(os.fsdecode(self._blob[self._offsets[index] : self._offsets[index + 1]]))
+
+
+class ImageFileDataset(Dataset):
+    """Decoded, transformed photos; a photo that cannot be read gives a :class:`Sample` with ``error`` set.
+
+    ``indices`` selects which entries of ``paths`` this dataset serves (a shard under ``torchrun``, or the photos
+    a resumed run still has to do); a sample's ``index`` is always the position in ``paths``.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str | os.PathLike] | PackedPaths,
+        transform: Callable[[Image.Image], torch.Tensor],
+        indices: Sequence[int] | None = None,
+        read_metadata: bool = True,
+    ) -> None:
+        self.paths = paths if isinstance(paths, PackedPaths) else PackedPaths(paths)
+        self.transform = transform
+        self.indices = np.arange(len(paths)) if indices is None else np.asarray(indices, dtype=np.int64)
+        self.read_metadata = read_metadata
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> Sample:
+        index = int(self.indices[position])
+        path = self.paths[index]
+        try:
+            tensor = self.transform(load_image(path))
+        except Exception as exc:  # a failure on one photo is that photo's failure, never the run's
+            return Sample(index, None, _one_line_reason(path, exc), PhotoMetadata())
+
+        metadata = read_photo_metadata(path) if self.read_metadata else PhotoMetadata()
+        return Sample(index, tensor, None, metadata)
+
+
+def collate_samples(samples: Sequence[Sample]) -> Batch:
+    """``DataLoader`` collate function for :class:`ImageFileDataset`: stack the good, list the failed."""
+    good = [sample for sample in samples if sample.tensor is not None]
+    failures = [(sample.index, sample.error or "unknown error") for sample in samples if sample.tensor is None]
+    inputs = torch.stack([sample.tensor for sample in good]) if good else None
+    return Batch([sample.index for sample in good], inputs, [sample.metadata for sample in good], failures)

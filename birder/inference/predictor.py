@@ -1,0 +1,504 @@
+"""The batch-prediction loop behind ``birder-predict`` (and the server's throughput benchmark).
+
+:class:`Predictor` streams photos through a ``DataLoader`` whose worker processes decode and transform the next
+batches while the network runs on the current one, and yields :class:`PredictionBatch` objects. Preprocessing
+and inference are :func:`~birder.io.images.load_image`, the model's ``classification_transform`` and
+:func:`~birder.inference.classification.infer_batch`: exactly what ``infer_image`` does, so a photo gets the
+same probabilities from the library, the command line and the server.
+
+Also here: choosing the device, ``torchrun`` sharding (:class:`DistributedContext`), restricting the answer to
+a regional species list (:class:`ClassSelection`) and the end-of-run summary (:class:`RunSummary`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from birder.errors import BirderError
+from birder.inference.classification import infer_batch
+from birder.inference.dataset import Batch, ImageFileDataset, PhotoMetadata, collate_samples
+from birder.io.checkpoint import ModelInfo
+from birder.io.images import load_image
+from birder.loading import load_model, load_pretrained_model
+from birder.model_registry.registry import registry
+from birder.net.base import BaseNet
+
+logger = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+T = TypeVar("T")
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model and device
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """``auto`` picks CUDA, then Apple's MPS, then the CPU; under ``torchrun`` each rank takes its own GPU."""
+    if name not in DEVICES:
+        raise BirderError(f"unknown device '{name}'; choose one of: {', '.join(DEVICES)}")
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise BirderError("--device cuda: no CUDA GPU is available on this machine (try --device auto)")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise BirderError("--device mps: Apple's MPS backend is not available on this machine (try --device auto)")
+
+    return torch.device(name)
+
+
+def load_inference_model(
+    model: str | None = None,
+    weights: str | os.PathLike | None = None,
+    network: str | None = None,
+    *,
+    progress_bar: bool = True,
+) -> tuple[BaseNet, ModelInfo]:
+    """The model the command line asks for, in eval mode without gradients, on the CPU.
+
+    ``model`` is a pretrained name (downloaded on first use, or found in the models directory) unless
+    ``weights`` names a local file; then ``model`` may instead give the network (a network name, or a pretrained
+    name whose manifest entry names it), as may ``network``.
+    """
+    if weights is not None:
+        if network is None and model is not None:
+            if registry.exists(model):
+                network = model
+            elif registry.pretrained_exists(model):
+                network = registry.get_pretrained_metadata(model)["net"]["network"]
+            else:
+                registry.network_config(model)  # raises UnknownModelError, with close names
+
+        return load_model(weights, network=network, inference=True)
+
+    if model is None:
+        raise BirderError("no model given: pass a pretrained name (-n vit_l16_mim-eu-common) or --weights FILE")
+    if not registry.pretrained_exists(model) and registry.exists(model):
+        raise BirderError(f"'{model}' is a network, not a pretrained model: pass its weights with --weights FILE")
+
+    return load_pretrained_model(model, inference=True, progress_bar=progress_bar)
+
+
+def compile_for_inference(net: BaseNet) -> BaseNet:
+    """Compile the parts ``infer_batch`` calls (``embedding`` and ``classify``) with ``torch.compile``.
+
+    ``torch.compile(net)`` alone would only compile ``forward``, which the inference path does not call.
+    """
+    net.embedding = torch.compile(net.embedding)  # type: ignore[method-assign]
+    net.classify = torch.compile(net.classify)  # type: ignore[method-assign]
+    return net
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The batch loop
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PredictionBatch:
+    """The outputs for one batch of photos; row ``i`` of every array is photo ``indices[i]``."""
+
+    indices: list[int]
+    probabilities: npt.NDArray[np.float32]  # [B, num_classes], softmax (averaged over the TTA views)
+    embeddings: npt.NDArray[np.float32] | None  # [B, D]
+    logits: npt.NDArray[np.float32] | None  # [B, num_classes]
+    features: dict[str, npt.NDArray[np.float32]] | None  # name -> [B, D, h, w] detection feature maps
+    metadata: list[PhotoMetadata]
+    failures: list[tuple[int, str]]  # (index, one-line reason) of the photos of this batch that failed
+
+    @property
+    def num_photos(self) -> int:
+        return len(self.indices) + len(self.failures)
+
+
+class Predictor:
+    """Runs a classification network over photo files in batches.
+
+    Args:
+        net: the network, already on its device and in its dtype (see ``optimize_for_inference``).
+        transform: the model's inference transform (``classification_transform``).
+        batch_size: photos per forward pass.
+        num_workers: ``DataLoader`` worker processes that decode the next batches meanwhile (0: decode in this
+            process, which is simplest to debug but leaves the network idle while it decodes).
+        tta: average five crops per photo (5x the compute).
+        amp: run under ``torch.autocast`` in ``amp_dtype`` (default float16 on GPUs, bfloat16 on the CPU).
+        return_embedding / return_logits / return_features: also produce those outputs.
+        read_metadata: read the EXIF date and GPS position of each photo.
+    """
+
+    def __init__(
+        self,
+        net: BaseNet,
+        transform: Any,
+        *,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        tta: bool = False,
+        amp: bool = False,
+        amp_dtype: torch.dtype | None = None,
+        return_embedding: bool = False,
+        return_logits: bool = False,
+        return_features: bool = False,
+        read_metadata: bool = True,
+    ) -> None:
+        if batch_size < 1:
+            raise BirderError(f"batch size must be at least 1, got {batch_size}")
+        if num_workers < 0:
+            raise BirderError(f"number of workers cannot be negative, got {num_workers}")
+
+        self.net = net
+        self.transform = transform
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.tta = tta
+        self.device = next(net.parameters()).device
+        self.amp = amp
+        self.amp_dtype = amp_dtype or (torch.bfloat16 if self.device.type == "cpu" else torch.float16)
+        self.return_embedding = return_embedding
+        self.return_logits = return_logits
+        self.return_features = return_features
+        self.read_metadata = read_metadata
+
+    def _autocast(self) -> Any:
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.amp)
+
+    def predict_tensor(
+        self, inputs: torch.Tensor
+    ) -> tuple[
+        npt.NDArray[np.float32],
+        npt.NDArray[np.float32] | None,
+        npt.NDArray[np.float32] | None,
+        dict[str, npt.NDArray[np.float32]] | None,
+    ]:
+        """``(probabilities, embeddings, logits, features)`` of transformed images ``[B, C, H, W]``."""
+        with self._autocast():
+            (probabilities, embeddings) = infer_batch(self.net, inputs, return_embedding=True, tta=self.tta)
+            logits = None
+            if self.return_logits:
+                # The head is linear, so classify(mean of the TTA embeddings) is the mean of the TTA logits: no
+                # second forward pass. Without TTA it is simply the network's logits.
+                with torch.inference_mode():
+                    param = next(self.net.parameters())
+                    embedding_tensor = torch.from_numpy(embeddings).to(device=param.device, dtype=param.dtype)
+                    logits = self.net.classify(embedding_tensor).float().cpu().numpy()
+
+            features = None
+            if self.return_features:
+                # A separate pass: detection features are the patch tokens, which infer_batch does not return
+                with torch.inference_mode():
+                    param = next(self.net.parameters())
+                    maps = self.net.detection_features(inputs.to(device=param.device, dtype=param.dtype))
+                    features = {name: value.float().cpu().numpy() for (name, value) in maps.items()}
+
+        return (probabilities, embeddings if self.return_embedding else None, logits, features)
+
+    def loader(self, paths: Sequence[str | os.PathLike], indices: Sequence[int] | None = None) -> DataLoader:
+        dataset = ImageFileDataset(paths, self.transform, indices=indices, read_metadata=self.read_metadata)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=False,  # the writers rely on photo order
+            num_workers=self.num_workers,
+            collate_fn=collate_samples,
+            pin_memory=self.device.type == "cuda",
+            # Two batches in flight per worker keep the network fed without holding many decoded images
+            prefetch_factor=2 if self.num_workers > 0 else None,
+        )
+
+    def predict_files(
+        self, paths: Sequence[str | os.PathLike], indices: Sequence[int] | None = None
+    ) -> Iterator[PredictionBatch]:
+        """Predict ``paths`` (or only ``paths[i]`` for ``i`` in ``indices``), in order, one batch at a time.
+
+        A photo that cannot be read is reported in its batch's ``failures``; it never stops the loop.
+        """
+        batch: Batch
+        for batch in self.loader(paths, indices):
+            if batch.inputs is None:
+                yield PredictionBatch([], np.zeros((0, 0), np.float32), None, None, None, [], batch.failures)
+                continue
+
+            (probabilities, embeddings, logits, features) = self.predict_tensor(batch.inputs)
+            yield PredictionBatch(
+                batch.indices, probabilities, embeddings, logits, features, batch.metadata, batch.failures
+            )
+
+    def predict_images(self, images: Sequence[Image.Image]) -> npt.NDArray[np.float32]:
+        """Probabilities of in-memory images (decoded with ``load_image`` first): the server's path."""
+        inputs = torch.stack([self.transform(load_image(image)) for image in images])
+        return self.predict_tensor(inputs)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Species lists, top-k
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def read_species_file(path: str | os.PathLike) -> list[str]:
+    """Class names from a text file, one per line; blank lines and ``#`` comments are skipped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise BirderError(f"species file '{path}' does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BirderError(f"cannot read species file '{path}': {' '.join(str(exc).split())}") from None
+
+    names = []
+    for line in text.splitlines():
+        name = line.split("#", 1)[0].strip()
+        if name and name not in names:
+            names.append(name)
+
+    if not names:
+        raise BirderError(f"species file '{path}' lists no class names (one per line expected)")
+
+    return names
+
+
+class ClassSelection:
+    """The classes an answer may use: all of the model's, or those of a regional species list.
+
+    With a list, probabilities are renormalized over the listed classes (the model's belief given that the bird
+    is one of them). ``unknown`` holds the listed names the model does not know.
+    """
+
+    def __init__(self, class_to_idx: Mapping[str, int], species: Sequence[str] | None = None) -> None:
+        all_names = sorted(class_to_idx, key=lambda name: class_to_idx[name])
+        self.all_names = all_names
+        self.unknown: list[str] = []
+        if species is None:
+            self.names = all_names
+            self.indices: npt.NDArray[np.int64] | None = None
+            return
+
+        known = [name for name in species if name in class_to_idx]
+        self.unknown = [name for name in species if name not in class_to_idx]
+        if not known:
+            raise BirderError(
+                f"none of the {len(species)} species listed is a class of this model "
+                f"(e.g. '{species[0]}'); class names look like '{all_names[0]}'"
+            )
+
+        self.names = known
+        self.indices = np.array([class_to_idx[name] for name in known], dtype=np.int64)
+
+    def apply(self, probabilities: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """``[B, num_classes]`` -> ``[B, len(names)]`` probabilities over the selected classes, summing to 1."""
+        if self.indices is None:
+            return probabilities
+
+        selected = probabilities[:, self.indices].astype(np.float64)
+        total = selected.sum(axis=1, keepdims=True)
+        # All mass outside the list (underflow to 0): no basis to prefer one listed class, so spread it evenly
+        uniform = np.full_like(selected, 1.0 / selected.shape[1])
+        normalized = np.divide(selected, total, out=uniform, where=total > 0)
+        return normalized.astype(np.float32)
+
+
+def top_k(probabilities: npt.NDArray[np.float32], k: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+    """The ``k`` most probable classes of each row, most probable first (ties: the lower class index first)."""
+    k = min(k, probabilities.shape[1])
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    return (order, np.take_along_axis(probabilities, order, axis=1))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Summary
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class RunSummary:
+    """Counts per predicted species and, for photos in folders named after a class, top-1 / top-k accuracy."""
+
+    def __init__(self, class_names: Iterable[str], top_k: int) -> None:
+        self.class_names = frozenset(class_names)
+        self.top_k = top_k
+        self.predictions: Counter[str] = Counter()
+        self.labelled = 0
+        self.correct_top1 = 0
+        self.correct_top_k = 0
+        self.failures = 0
+
+    def add(self, path: str, prediction: str, top_classes: Sequence[str]) -> None:
+        self.predictions[prediction] += 1
+        label = Path(path).parent.name
+        if label in self.class_names:
+            self.labelled += 1
+            self.correct_top1 += bool(top_classes) and top_classes[0] == label
+            self.correct_top_k += label in top_classes[: self.top_k]
+
+    @property
+    def classified(self) -> int:
+        return sum(self.predictions.values())
+
+    def format(self, max_species: int = 25) -> str:
+        lines = [f"Classified {self.classified} photos, {self.failures} could not be read."]
+        if self.predictions:
+            lines.append("Predicted species:")
+            width = max(len(name) for (name, _) in self.predictions.most_common(max_species))
+            for name, count in self.predictions.most_common(max_species):
+                lines.append(f"  {name:<{width}}  {count:>7}  {100.0 * count / self.classified:5.1f}%")
+            if len(self.predictions) > max_species:
+                lines.append(f"  ... and {len(self.predictions) - max_species} more species")
+        if self.labelled:
+            lines.append(
+                f"Accuracy on the {self.labelled} photos in folders named after a class: "
+                f"top-1 {100.0 * self.correct_top1 / self.labelled:.1f}%, "
+                f"top-{self.top_k} {100.0 * self.correct_top_k / self.labelled:.1f}%"
+            )
+
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict[str, Any]:
+        result: dict[str, Any] = {
+            "classified": self.classified,
+            "failures": self.failures,
+            "predictions": dict(self.predictions.most_common()),
+        }
+        if self.labelled:
+            result["labelled"] = self.labelled
+            result["top1_accuracy"] = self.correct_top1 / self.labelled
+            result[f"top{self.top_k}_accuracy"] = self.correct_top_k / self.labelled
+
+        return result
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# torchrun
+# ---------------------------------------------------------------------------------------------------------------------
+
+# Ranks meet at the end of a run; on millions of photos one may finish well before the slowest.
+_COLLECTIVE_TIMEOUT = timedelta(hours=6)
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """Where this process sits in a ``torchrun`` job (rank 0 of 1 when run on its own)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_name: str = "auto") -> tuple[DistributedContext, torch.device]:
+    """Join the ``torchrun`` job described by the environment, if any, and pick this rank's device.
+
+    GPUs talk over NCCL, CPUs over gloo.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return (DistributedContext(), resolve_device(device_name))
+
+    context = DistributedContext(
+        rank=int(os.environ["RANK"]), world_size=world_size, local_rank=int(os.environ.get("LOCAL_RANK", "0"))
+    )
+    device = resolve_device(device_name, context.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend=backend, timeout=_COLLECTIVE_TIMEOUT)
+
+    return (context, device)
+
+
+def shard_indices(indices: Sequence[int], rank: int, world_size: int) -> list[int]:
+    """Rank ``rank``'s share of ``indices``: every ``world_size``-th one. Shards are disjoint and cover all of them.
+
+    Unlike ``DistributedSampler`` nothing is padded, so no photo is predicted (and written) twice.
+    """
+    return list(indices[rank::world_size])
+
+
+def broadcast_from_main(context: DistributedContext, value: T | None) -> T:
+    """Rank 0's ``value``, on every rank (others pass ``None``)."""
+    if not context.enabled:
+        return value  # type: ignore[return-value]
+
+    holder = [value]
+    torch.distributed.broadcast_object_list(holder, src=0)
+    return holder[0]  # type: ignore[return-value]
+
+
+def main_first(context: DistributedContext, function: Callable[[], T]) -> T:
+    """Run ``function`` on rank 0, then on the others: a download or a check happens once, not once per rank.
+
+    A :class:`BirderError` on rank 0 is raised on every rank (no rank waits forever for one that gave up).
+    """
+    if not context.enabled:
+        return function()
+
+    error = None
+    result = None
+    if context.is_main:
+        try:
+            result = function()
+        except BirderError as exc:
+            error = str(exc)
+    error = broadcast_from_main(context, error if context.is_main else None)
+    if error is not None:
+        raise BirderError(error)
+
+    return result if context.is_main else function()
+
+
+def compute_on_main(context: DistributedContext, function: Callable[[], T]) -> T:
+    """``function()`` computed on rank 0 only and shared with every rank (or its :class:`BirderError` raised on all).
+
+    For work that must be done once and agreed on, like listing the photos and deciding what is left to do.
+    """
+    if not context.enabled:
+        return function()
+
+    payload: tuple[bool, Any] | None = None
+    if context.is_main:
+        try:
+            payload = (True, function())
+        except BirderError as exc:
+            payload = (False, str(exc))
+    (ok, value) = broadcast_from_main(context, payload)
+    if not ok:
+        raise BirderError(value)
+
+    return value
+
+
+def barrier(context: DistributedContext) -> None:
+    if context.enabled:
+        torch.distributed.barrier()
+
+
+def shutdown_distributed(context: DistributedContext) -> None:
+    if context.enabled and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

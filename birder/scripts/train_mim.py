@@ -1,0 +1,82 @@
+"""``birder-train-mim``: masked-image-modelling (MAE) pretraining on folders of unlabeled images.
+
+    birder-train-mim --network vit_b16 --data-dir photos/ more_photos/ --output-dir runs/mim --size 224 \\
+        --epochs 400 --warmup-epochs 40 --batch-size 128 --amp bf16
+
+Multi-GPU: ``torchrun --nproc_per_node 8 -m birder.scripts.train_mim ...`` (the same options).
+"""
+
+import argparse
+
+from birder.net.mim import mim_registry
+from birder.training.cli import add_training_args, json_object, run_cli
+from birder.training.mim import MIMTrainConfig, train_mim
+
+PROG = "birder-train-mim"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Pretrain a ViT encoder with a masked autoencoder on unlabeled images.",
+        epilog="Outputs: <network>_mim_<epoch>.pt (the encoder, for birder-train --init), the whole MAE model, "
+        "*_states.pt (for --resume), mim_metrics.csv and mim_reconstruction_<epoch>.png.",
+    )
+    parser.add_argument("--network", default="vit_b16", help="encoder network (default: %(default)s)")
+    parser.add_argument(
+        "--mim-network",
+        default="mae_vit",
+        choices=mim_registry.list_models(),
+        metavar="NAME",
+        help="mae_vit (decoder of 8 blocks), mae_vit_dec{4,2,1}, each with _npl (normalized pixel targets)",
+    )
+    parser.add_argument("--data-dir", nargs="+", required=True, help="folders of images (searched recursively)")
+    parser.add_argument("--model-config", type=json_object, help="encoder config override (JSON object)")
+    parser.add_argument("--mim-config", type=json_object, help='e.g. \'{"mask_ratio": 0.75, "decoder_depth": 4}\'')
+    parser.add_argument("--min-scale", type=float, default=0.3, help="random resized crop minimum area")
+    parser.add_argument("--visualize", type=int, default=8, help="images in the per-epoch reconstruction PNG")
+    add_training_args(parser, lr=1.5e-4, weight_decay=0.05, epochs=100)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> MIMTrainConfig:
+    return MIMTrainConfig(
+        data_dirs=args.data_dir,
+        output_dir=args.output_dir,
+        network=args.network,
+        mim_network=args.mim_network,
+        model_config=args.model_config,
+        mim_config=args.mim_config,
+        size=args.size if args.size is not None else 224,
+        rgb_stats=args.rgb_stats or "birder",
+        epochs=args.epochs,
+        stop_epoch=args.stop_epoch,
+        batch_size=args.batch_size,
+        accumulation_steps=args.accumulation_steps,
+        lr=args.lr,
+        min_lr=args.min_lr,
+        weight_decay=args.wd,
+        warmup_epochs=args.warmup_epochs,
+        clip_grad_norm=args.clip_grad_norm,
+        amp=args.amp,
+        compile=args.compile,
+        min_scale=args.min_scale,
+        drop_path=args.drop_path if args.drop_path is not None else 0.0,
+        workers=args.workers,
+        seed=args.seed,
+        save_every=args.save_every,
+        save_every_steps=args.save_every_steps,
+        resume=args.resume,
+        device=args.device,
+        progress_bar=not args.no_progress,
+        visualize=args.visualize,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_cli(PROG, lambda: train_mim(config_from_args(args)))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

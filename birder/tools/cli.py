@@ -1,0 +1,37 @@
+"""The ``birder.tools`` command line: one subcommand per module, each with ``add_parser`` and ``run``.
+
+A mistake the user can fix (an unknown name, a missing file) ends with one line on stderr and exit code 2.
+"""
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from birder.errors import BirderError
+from birder.tools import convert_model, download_model, list_models, model_info
+
+PROG = "python -m birder.tools"
+EXIT_USAGE = 2
+COMMANDS = {
+    "list-models": list_models,
+    "download-model": download_model,
+    "model-info": model_info,
+    "convert-model": convert_model,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="birder model tools")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module in COMMANDS.items():
+        module.add_parser(subparsers, name)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command].run(args)
+    except BirderError as exc:
+        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE

@@ -1,0 +1,72 @@
+"""``convert-model``: rewrite a model file in another format (``.pt`` <-> ``.safetensors``; with the exporter
+installed, also TorchScript ``.pts``, ``torch.export`` ``.pt2`` and ``.onnx``).
+
+The model is loaded through the one checkpoint path (:func:`birder.load_model`), so a file in Birder's older
+key layout comes out in the current one, with its metadata (signature, classes, rgb stats, config) kept.
+"""
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from birder.errors import BirderError
+from birder.io.checkpoint import CHECKPOINT_FORMATS, read_checkpoint
+from birder.io.download import fetch_pretrained_file
+from birder.loading import load_model, save_model
+from birder.model_registry.registry import DEFAULT_TASK, registry
+from birder.net.base import BaseNet
+
+# Targets written by birder.io.export.export_model(net, path, model_info, task=...) rather than save_model.
+EXPORT_SUFFIXES = (".pts", ".pt2", ".onnx")
+
+
+def add_parser(subparsers: Any, name: str) -> None:
+    parser = subparsers.add_parser(name, help="convert a model file to another format", description=__doc__)
+    parser.add_argument("src", metavar="SRC", help="a model file, or a pretrained model name")
+    parser.add_argument("dst", metavar="DST", type=Path, help="the new file; its extension picks the format")
+    parser.add_argument("--network", help="network of SRC when the file does not name it (e.g. vit_l16)")
+    parser.add_argument("--force", action="store_true", help="overwrite DST if it exists")
+
+
+def _resolve_source(src: str, network: str | None) -> tuple[Path, str | None]:
+    if Path(src).is_file():
+        return (Path(src), network)
+    if registry.pretrained_exists(src):
+        metadata = registry.get_pretrained_metadata(src)
+        return (fetch_pretrained_file(src, metadata, "pt"), network or metadata["net"]["network"])
+    raise BirderError(f"'{src}' is neither a model file nor a pretrained model name")
+
+
+def _export(net: BaseNet, dst: Path, model_info: Any, task: str) -> Path:
+    try:
+        from birder.io.export import export_model
+    except ImportError:
+        raise BirderError(f"cannot write {dst.suffix} files: this installation has no exporter") from None
+    return Path(export_model(net, dst, model_info, task=task))
+
+
+def convert_model(src: str, dst: str | Path, network: str | None = None, *, force: bool = False) -> Path:
+    """Convert model ``src`` (a file or a pretrained name) to ``dst``, the format following its extension."""
+    dst = Path(dst)
+    suffix = dst.suffix.lower()
+    supported = [f".{fmt}" for fmt in CHECKPOINT_FORMATS] + list(EXPORT_SUFFIXES)
+    if suffix not in supported:
+        raise BirderError(f"cannot convert to '{dst.name}': the extension must be one of {', '.join(supported)}")
+    if dst.exists() and not force:
+        raise BirderError(f"'{dst}' already exists (pass --force to overwrite it)")
+
+    (path, network) = _resolve_source(src, network)
+    # The task is not part of ModelInfo; read it so a MIM encoder stays a MIM encoder
+    (state, metadata) = read_checkpoint(path)
+    del state
+    task = metadata.get("task") or DEFAULT_TASK
+    (net, model_info) = load_model(path, network=network, inference=True)
+    if suffix in EXPORT_SUFFIXES:
+        return _export(net, dst, model_info, task)
+    return save_model(net, dst, model_info, task=task)
+
+
+def run(args: argparse.Namespace) -> int:
+    path = convert_model(args.src, args.dst, args.network, force=args.force)
+    print(path)
+    return 0

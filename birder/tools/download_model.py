@@ -1,0 +1,33 @@
+"""``download-model``: fetch a pretrained model file into the models directory, verified by sha256."""
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from birder.io.download import fetch_pretrained_file
+from birder.model_registry.registry import registry
+
+
+def add_parser(subparsers: Any, name: str) -> None:
+    parser = subparsers.add_parser(name, help="download a pretrained model", description=__doc__)
+    parser.add_argument("name", help="pretrained model name (see list-models --pretrained)")
+    parser.add_argument("--format", default="pt", help="file format to fetch (pt, safetensors, ...)")
+    parser.add_argument("--force", action="store_true", help="download again even if a verified file is present")
+    parser.add_argument("--dst", type=Path, help="save to this path instead of the models directory")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def download_pretrained(
+    name: str, file_format: str = "pt", *, force: bool = False, dst: Path | None = None, progress_bar: bool = True
+) -> Path:
+    """The path of pretrained ``name`` after making sure a verified copy is there (``force``: fetch anew)."""
+    metadata = registry.get_pretrained_metadata(name)
+    return fetch_pretrained_file(name, metadata, file_format, dst=dst, progress_bar=progress_bar, force=force)
+
+
+def run(args: argparse.Namespace) -> int:
+    path = download_pretrained(
+        args.name, args.format, force=args.force, dst=args.dst, progress_bar=not args.no_progress
+    )
+    print(path)
+    return 0

@@ -1,0 +1,385 @@
+"""Supervised training of a classifier: the library behind ``birder-train``.
+
+Starts from scratch, from an MIM encoder (``<network>_mim_<epoch>.pt``: its position embedding is resized to the
+training size and a new head is made for the data set's classes) or from a classifier checkpoint (its head is kept
+when the classes are the same). Outputs in ``output_dir`` (``<stem>`` is ``<network>`` or ``<network>_<tag>``):
+
+- ``<stem>_<epoch>.pt``: the classifier (EMA weights when EMA is on) with ``class_to_idx``, ``signature`` and
+  ``rgb_stats``: ``birder.load_model(path)`` and ``birder-predict`` use it as it is;
+- ``<stem>_<epoch>_states.pt`` (and ``<stem>_step_states.pt`` every N steps): the training state to resume;
+- ``metrics.csv`` (one row per epoch), ``per_class_metrics.csv`` (precision / recall per epoch and class),
+  ``confusion_matrix.csv`` and ``confusion_matrix.png`` (the last epoch's validation).
+"""
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from birder.data.training import (
+    Batch,
+    EpochSampler,
+    ImageDataset,
+    LabeledFiles,
+    class_balanced_weights,
+    csv_files,
+    image_folder_files,
+    training_transform,
+)
+from birder.data.transforms import classification_transform
+from birder.errors import BirderError
+from birder.io.checkpoint import ModelInfo
+from birder.loading import load_model, save_model
+from birder.model_registry.registry import DEFAULT_TASK, registry
+from birder.net.base import BaseNet
+from birder.training.amp import amp_dtype, grad_scaler
+from birder.training.distributed import DistInfo, cleanup_distributed, init_distributed
+from birder.training.ema import ModelEMA
+from birder.training.evaluation import EvalResult, evaluate, write_eval_outputs
+from birder.training.loop import BatchEvent, EpochProgress, EpochSummary, Trainer
+from birder.training.metrics import MetricsCSV
+from birder.training.mixup import MixupCutmix, soft_target_cross_entropy
+from birder.training.optim import build_optimizer, param_groups
+from birder.training.schedule import epoch_cosine_schedule
+from birder.training.setup import (
+    make_loader,
+    resolve_resume,
+    resolve_rgb_stats,
+    resolve_size,
+    seed_everything,
+    set_drop_path_rate,
+)
+from birder.training.state import save_training_state
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.csv"
+PER_CLASS_FILE = "per_class_metrics.csv"
+
+
+@dataclass
+class TrainConfig:
+    """Settings of a supervised run. Data: ``data_dir`` with ``train/`` and ``val/`` ImageFolder layouts, or
+    explicit ``train_dir`` / ``val_dir``, or ``train_csv`` / ``val_csv`` files of ``path,label`` rows."""
+
+    output_dir: str | Path
+    data_dir: str | Path | None = None
+    train_dir: str | Path | None = None
+    val_dir: str | Path | None = None
+    train_csv: str | Path | None = None
+    val_csv: str | Path | None = None
+    network: str | None = None  # needed from scratch, or for a file that does not name its network
+    model_config: Mapping[str, Any] | None = None
+    init: str | Path | None = None  # an MIM encoder or classifier checkpoint
+    reset_head: bool = False  # a new head even when the init checkpoint has the same classes
+    tag: str | None = None
+    size: int | tuple[int, int] | None = None  # default: the init checkpoint's size, else 224
+    rgb_stats: str | Mapping[str, Sequence[float]] | None = None  # default: the init checkpoint's, else "birder"
+    epochs: int = 50
+    stop_epoch: int | None = None
+    batch_size: int = 64
+    accumulation_steps: int = 1
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_epochs: float = 0.0
+    layer_decay: float | None = None
+    label_smoothing: float = 0.0
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    ema_decay: float | None = None
+    clip_grad_norm: float | None = None
+    amp: str | None = None
+    compile: bool = False
+    aug_level: int = 2
+    class_balanced: bool = False
+    freeze_body: bool = False  # linear probe: only the head trains
+    drop_path: float | None = None  # default: the network's own rate
+    top_k: int = 5
+    workers: int = 4
+    seed: int = 0
+    save_every: int = 10
+    save_every_steps: int | None = None
+    resume: str | Path | None = None
+    device: str | None = None
+    progress_bar: bool = True
+
+
+@dataclass
+class TrainResult:
+    class_to_idx: dict[str, int] = field(default_factory=dict)
+    epoch_losses: dict[int, float] = field(default_factory=dict)  # epochs trained by this call
+    validation: dict[int, EvalResult] = field(default_factory=dict)
+    model_path: Path | None = None  # the last classifier written
+    states_path: Path | None = None
+    metrics_path: Path | None = None
+    confusion_matrix_path: Path | None = None
+
+
+def _labeled_files(config: TrainConfig) -> tuple[LabeledFiles, LabeledFiles]:
+    if config.train_csv is not None:
+        if config.val_csv is None:
+            raise BirderError("--train-csv needs a --val-csv (a held-out split to evaluate on every epoch)")
+        train = csv_files(config.train_csv)
+        return (train, csv_files(config.val_csv, train.class_to_idx))
+
+    data_dir = Path(config.data_dir) if config.data_dir is not None else None
+    train_dir = config.train_dir or (data_dir / "train" if data_dir is not None else None)
+    val_dir = config.val_dir or (data_dir / "val" if data_dir is not None else None)
+    if train_dir is None or val_dir is None:
+        raise BirderError("no data: pass a data folder with train/ and val/ sub-folders, or CSV label files")
+    if not Path(val_dir).is_dir():
+        raise BirderError(f"{val_dir}: no validation folder (expected {val_dir}/<class name>/<images>)")
+
+    train = image_folder_files(train_dir)
+    return (train, image_folder_files(val_dir, train.class_to_idx))
+
+
+def build_classifier(config: TrainConfig, class_to_idx: Mapping[str, int]) -> tuple[BaseNet, dict[str, Any]]:
+    """The network to train and its ``rgb_stats``: from scratch, or from ``config.init`` (new head if needed)."""
+    num_classes = len(class_to_idx)
+    size = resolve_size(config.size) if config.size is not None else None
+    if config.init is None:
+        if config.network is None:
+            raise BirderError("pass a network to train from scratch (e.g. vit_b16), or a checkpoint to start from")
+        net = registry.net_factory(config.network, num_classes, config=config.model_config, size=size or (224, 224))
+        return (net, resolve_rgb_stats(config.rgb_stats or "birder"))
+
+    (net, info) = load_model(config.init, network=config.network, custom_config=config.model_config, new_size=size)
+    same_classes = net.num_classes == num_classes and dict(info.class_to_idx) == dict(class_to_idx)
+    if config.reset_head or not same_classes:
+        net.reset_classifier(num_classes)
+        logger.info("%s: new %d-class head on the %s body", config.init, num_classes, net.network_name)
+
+    rgb_stats = resolve_rgb_stats(config.rgb_stats if config.rgb_stats is not None else info.rgb_stats)
+    return (net, rgb_stats)
+
+
+def train_classifier(config: TrainConfig, *, on_batch: Callable[[BatchEvent], None] | None = None) -> TrainResult:
+    """Train a classifier as ``config`` says, in one process or as one rank of a ``torchrun`` job (DDP)."""
+    dist = init_distributed(config.device)
+    try:
+        return _train(config, dist, on_batch)
+    finally:
+        cleanup_distributed(dist)
+
+
+@dataclass
+class _Data:
+    class_names: list[str]
+    train_set: ImageDataset
+    sampler: EpochSampler
+    val_loader: torch.utils.data.DataLoader
+
+
+def _data(config: TrainConfig, files: tuple[LabeledFiles, LabeledFiles], size, rgb_stats, dist: DistInfo) -> _Data:
+    """Training set (augmented, sharded, optionally class-balanced) and validation loader (inference transform)."""
+    (train_files, val_files) = files
+    class_to_idx = train_files.class_to_idx
+    transform = training_transform(size, rgb_stats, config.aug_level)
+    train_set = ImageDataset(train_files.paths, transform, train_files.targets, seed=config.seed)
+    weights = class_balanced_weights(train_files.targets) if config.class_balanced else None
+    sampler = EpochSampler(
+        len(train_set), seed=config.seed, rank=dist.rank, world_size=dist.world_size, weights=weights
+    )
+
+    transform = classification_transform(size, rgb_stats)
+    val_set = ImageDataset(val_files.paths, transform, val_files.targets, replace_unreadable=False)
+    val_sampler = EpochSampler(len(val_set), shuffle=False, rank=dist.rank, world_size=dist.world_size, pad=False)
+    val_loader = make_loader(val_set, val_sampler, config.batch_size, config.workers, dist.device)
+    return _Data(sorted(class_to_idx, key=class_to_idx.__getitem__), train_set, sampler, val_loader)
+
+
+def _loss_fn(config: TrainConfig, num_classes: int) -> Callable[[nn.Module, Batch], torch.Tensor]:
+    mixing = MixupCutmix(num_classes, config.mixup_alpha, config.cutmix_alpha, config.label_smoothing)
+
+    def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
+        if mixing.enabled:
+            (images, soft_targets) = mixing(batch.images, batch.targets)
+            return soft_target_cross_entropy(model(images), soft_targets)
+
+        return F.cross_entropy(model(batch.images), batch.targets, label_smoothing=config.label_smoothing)
+
+    return loss_fn
+
+
+def _train(config: TrainConfig, dist: DistInfo, on_batch: Callable[[BatchEvent], None] | None) -> TrainResult:
+    output_dir = Path(config.output_dir)
+    seed_everything(config.seed)  # the same on every rank: identical initial weights (and EMA copies)
+    files = _labeled_files(config)
+    class_to_idx = files[0].class_to_idx
+    logger.info(
+        "%d training, %d validation images, %d classes", *map(len, (files[0].paths, files[1].paths, class_to_idx))
+    )
+
+    (net, rgb_stats) = build_classifier(config, class_to_idx)
+    if config.drop_path is not None:
+        set_drop_path_rate(net, config.drop_path)
+    if config.freeze_body:
+        set_drop_path_rate(net, 0.0)  # a frozen body is a fixed feature extractor
+        net.freeze(freeze_classifier=False)
+    net = net.to(dist.device)
+    stem = net.network_name + (f"_{config.tag}" if config.tag else "")
+    data = _data(config, files, tuple(net.size), rgb_stats, dist)
+
+    groups = param_groups(net, config.lr, config.weight_decay, config.layer_decay)
+    optimizer = build_optimizer(config.optimizer, groups, momentum=config.momentum, betas=tuple(config.betas))
+    scheduler = epoch_cosine_schedule(
+        optimizer,
+        epochs=config.epochs,
+        batches_per_epoch=math.ceil(data.sampler.samples_per_rank / config.batch_size),
+        accumulation_steps=config.accumulation_steps,
+        warmup_epochs=config.warmup_epochs,
+        min_lr=config.min_lr,
+    )
+    dtype = amp_dtype(config.amp)
+    ema = ModelEMA(net, config.ema_decay) if config.ema_decay is not None else None
+    identity = {"kind": "classification", "network": net.network_name, "class_to_idx": dict(class_to_idx)}
+
+    def save_step_states(trainer: Trainer, progress: EpochProgress) -> None:
+        state = {**trainer.state_dict(progress, epoch_complete=False), **identity}
+        if dist.is_main:
+            save_training_state(output_dir / f"{stem}_step_states.pt", state)
+
+    trainer = Trainer(
+        net,
+        dist=dist,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=grad_scaler(dist.device, dtype),
+        loss_fn=_loss_fn(config, len(class_to_idx)),
+        amp_dtype=dtype,
+        accumulation_steps=config.accumulation_steps,
+        clip_grad_norm=config.clip_grad_norm,
+        ema=ema,
+        compile=config.compile,
+        progress_bar=config.progress_bar,
+        save_every_steps=config.save_every_steps,
+        step_checkpoint=save_step_states,
+        on_batch=on_batch,
+    )
+
+    # From here on ranks draw different masks, drop-path and mixup samples.
+    seed_everything(config.seed, dist.rank)
+    (start_epoch, progress) = (1, None)
+    resume_path = resolve_resume(config.resume, output_dir, stem)
+    if resume_path is not None:
+        (start_epoch, progress) = trainer.resume(resume_path, identity)
+    elif config.resume is not None:
+        logger.info("nothing to resume in %s: starting from scratch", output_dir)
+
+    metrics = MetricsCSV(output_dir / METRICS_FILE, _metric_fields(config.top_k, len(class_to_idx)))
+    per_class = MetricsCSV(output_dir / PER_CLASS_FILE, ["epoch", "class", "precision", "recall", "support"])
+    if dist.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        metrics.truncate_after(start_epoch - 1)
+        per_class.truncate_after(start_epoch - 1)
+
+    result = TrainResult(class_to_idx=dict(class_to_idx), metrics_path=metrics.path)
+    last_epoch = min(config.epochs, config.stop_epoch or config.epochs)
+    if start_epoch > last_epoch:
+        logger.info("nothing to do: epoch %d of %d is already done", start_epoch - 1, config.epochs)
+    validation: EvalResult | None = None
+    for epoch in range(start_epoch, last_epoch + 1):
+        if progress is None or progress.epoch != epoch:
+            progress = EpochProgress(epoch)
+        summary = trainer.run_epoch(
+            data.train_set, data.sampler, progress, batch_size=config.batch_size, workers=config.workers
+        )
+        result.epoch_losses[epoch] = summary.loss
+
+        evaluated = ema.module if ema is not None else net  # the weights that get saved
+        (validation, val_unreadable) = evaluate(
+            evaluated,
+            data.val_loader,
+            dist=dist,
+            class_names=data.class_names,
+            amp_dtype=dtype,
+            top_k=config.top_k,
+            progress_bar=config.progress_bar,
+        )
+        result.validation[epoch] = validation
+        _log_epoch(epoch, config.epochs, summary, validation)
+        if dist.is_main:
+            metrics.append(_metrics_row(epoch, trainer.global_step, summary, validation, val_unreadable))
+            per_class.append(*_per_class_rows(epoch, validation))
+
+        if epoch % config.save_every == 0 or epoch == last_epoch:
+            state = {**trainer.state_dict(progress, epoch_complete=True), **identity}
+            if dist.is_main:
+                info = ModelInfo(dict(class_to_idx), None, rgb_stats)
+                result.model_path = save_model(evaluated, output_dir / f"{stem}_{epoch}.pt", info, task=DEFAULT_TASK)
+                result.states_path = save_training_state(output_dir / f"{stem}_{epoch}_states.pt", state)
+                logger.info("saved %s", result.model_path)
+
+        progress = None
+
+    if dist.is_main and validation is not None:
+        result.confusion_matrix_path = write_eval_outputs(validation, output_dir, per_class_csv=False)
+
+    return result
+
+
+def _log_epoch(epoch: int, epochs: int, summary: EpochSummary, validation: EvalResult) -> None:
+    logger.info(
+        "epoch %d/%d: train loss %.4f, val loss %.4f, top-1 %.4f, top-%d %.4f, ECE %.4f, lr %.3g, "
+        "%.1f images/s per process%s",
+        epoch,
+        epochs,
+        summary.loss,
+        validation.loss,
+        validation.top1,
+        validation.k,
+        validation.top_k,
+        validation.ece,
+        summary.lr,
+        summary.images_per_s,
+        f", {summary.unreadable} unreadable training images replaced" if summary.unreadable else "",
+    )
+
+
+def _metrics_row(
+    epoch: int, step: int, summary: EpochSummary, validation: EvalResult, val_unreadable: int
+) -> dict[str, Any]:
+    return {
+        "epoch": epoch,
+        "step": step,
+        "lr": summary.lr,
+        "train_loss": summary.loss,
+        "val_loss": validation.loss,
+        "val_top1": validation.top1,
+        f"val_top{validation.k}": validation.top_k,
+        "val_ece": validation.ece,
+        "unreadable_images": summary.unreadable + val_unreadable,
+    }
+
+
+def _per_class_rows(epoch: int, validation: EvalResult) -> list[dict[str, Any]]:
+    return [
+        {"epoch": epoch, "class": c.name, "precision": c.precision, "recall": c.recall, "support": c.support}
+        for c in validation.per_class
+    ]
+
+
+def _metric_fields(top_k: int, num_classes: int) -> list[str]:
+    k = max(1, min(top_k, num_classes))
+    return [
+        "epoch",
+        "step",
+        "lr",
+        "train_loss",
+        "val_loss",
+        "val_top1",
+        f"val_top{k}",
+        "val_ece",
+        "unreadable_images",
+    ]

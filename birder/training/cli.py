@@ -1,0 +1,101 @@
+"""What the training command lines share: common options, JSON options, and turning user errors into one line.
+
+The console scripts in :mod:`birder.scripts` stay thin: parse, build a config, call the library.
+"""
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from birder.data.transforms import RGB_STATS
+from birder.errors import BirderError
+from birder.training.amp import AMP_DTYPES
+from birder.training.distributed import setup_logging
+from birder.training.setup import RESUME_LATEST
+
+# Exit status of errors a user can cause (as argparse uses for bad arguments).
+USER_ERROR = 2
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """argparse type: a JSON object, e.g. ``'{"hidden_dim": 64, "num_layers": 2}'``."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object, e.g. '{\"hidden_dim\": 64}'")
+
+    return value
+
+
+def size_arg(text: str) -> int | tuple[int, int]:
+    """argparse type: ``224`` or ``256x192`` (height x width)."""
+    try:
+        parts = [int(part) for part in text.lower().split("x")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size like 224 or 256x192, got '{text}'") from None
+    if len(parts) == 1:
+        return parts[0]
+    if len(parts) == 2:
+        return (parts[0], parts[1])
+
+    raise argparse.ArgumentTypeError(f"expected a size like 224 or 256x192, got '{text}'")
+
+
+def add_training_args(parser: argparse.ArgumentParser, *, lr: float, weight_decay: float, epochs: int) -> None:
+    """Options both trainers take (schedule, precision, checkpoints, resume, devices)."""
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--epochs", type=int, default=epochs, help="length of the schedule (default: %(default)s)")
+    group.add_argument("--stop-epoch", type=int, help="stop after this epoch (with a checkpoint); resume later")
+    group.add_argument("--batch-size", type=int, default=64, help="per process (default: %(default)s)")
+    group.add_argument("--accumulation-steps", type=int, default=1, help="batches per optimizer step")
+    group.add_argument("--lr", type=float, default=lr, help="peak learning rate (default: %(default)s)")
+    group.add_argument("--min-lr", type=float, default=0.0, help="end of the cosine decay (default: %(default)s)")
+    group.add_argument("--wd", type=float, default=weight_decay, help="weight decay (default: %(default)s)")
+    group.add_argument("--warmup-epochs", type=float, default=0.0, help="linear lr warm-up (default: %(default)s)")
+    group.add_argument("--clip-grad-norm", type=float, help="clip the gradient norm to this value")
+    group.add_argument("--drop-path", type=float, help="stochastic depth rate of the last block")
+    group.add_argument("--amp", choices=sorted(AMP_DTYPES), help="mixed precision (bf16 needs no loss scaling)")
+    group.add_argument("--compile", action="store_true", help="torch.compile the model")
+
+    group = parser.add_argument_group("input")
+    group.add_argument(
+        "--size", type=size_arg, help="input size: 224 or HxW (default: the --init checkpoint's, else 224)"
+    )
+    group.add_argument(
+        "--rgb-stats", choices=sorted(RGB_STATS), help="normalization (default: the --init checkpoint's, else birder)"
+    )
+    group.add_argument("--workers", type=int, default=4, help="data-loading processes (default: %(default)s)")
+    group.add_argument("--seed", type=int, default=0)
+
+    group = parser.add_argument_group("checkpoints")
+    group.add_argument("--output-dir", required=True, help="where checkpoints, metrics and images go")
+    group.add_argument("--save-every", type=int, default=10, help="epochs between checkpoints (last always saved)")
+    group.add_argument("--save-every-steps", type=int, help="also save a resumable state every N optimizer steps")
+    group.add_argument(
+        "--resume",
+        nargs="?",
+        const=RESUME_LATEST,
+        help="continue from a *_states.pt file, or (no value) from the latest one in --output-dir",
+    )
+    group.add_argument("--device", help="cpu, cuda, cuda:N (default: a GPU when there is one)")
+    group.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run_cli(prog: str, train: Callable[[], Any]) -> int:
+    """Run ``train`` with logging set up; a user error (bad path, bad checkpoint, ...) is one line, exit 2."""
+    setup_logging()
+    try:
+        train()
+    except (BirderError, OSError) as err:  # OSError: an unwritable output folder, a full disk
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return USER_ERROR
+    except KeyboardInterrupt:
+        logging.getLogger(prog).warning("interrupted: resume with --resume")
+        return 130
+
+    return 0

@@ -1,0 +1,283 @@
+"""The optimisation loop both trainers share: one epoch of forward/backward with gradient accumulation, AMP,
+clipping, EMA and step checkpoints, plus the state needed to resume it exactly.
+
+The trainer supplies a loss function ``loss_fn(model, batch) -> scalar`` (MAE reconstruction, cross-entropy with
+mixup, ...); everything else is the same for every task.
+"""
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from birder.data.training import Batch, EpochSampler, ImageDataset
+from birder.errors import BirderError, CheckpointError
+from birder.training.amp import autocast
+from birder.training.distributed import DistInfo, all_gather_objects, all_reduce_sum, wrap_ddp
+from birder.training.ema import ModelEMA
+from birder.training.setup import make_loader
+from birder.training.state import capture_rng_state, load_training_state, restore_rng_state
+
+logger = logging.getLogger(__name__)
+
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+# How often (in batches) the progress bar shows the running loss: reading it waits for the device.
+_LOSS_DISPLAY_INTERVAL = 10
+
+
+@dataclass
+class EpochProgress:
+    """Where an epoch stands on this rank: enough to resume it mid-way with the same running loss."""
+
+    epoch: int
+    batches: int = 0  # micro-batches done
+    loss_sum: float = 0.0  # sum over samples of the training loss
+    samples: int = 0
+    unreadable: int = 0  # images that failed to decode (and were replaced)
+
+
+@dataclass(frozen=True)
+class BatchEvent:
+    """Passed to ``on_batch`` after every batch (tests use it to check that no sample is seen twice or missed)."""
+
+    epoch: int
+    batch: int  # 1-based within the epoch
+    step: int  # optimizer steps done so far
+    indices: list[int]
+
+
+@dataclass(frozen=True)
+class EpochSummary:
+    epoch: int
+    loss: float  # mean training loss over all ranks
+    samples: int
+    unreadable: int
+    lr: float  # the largest group's lr at the end of the epoch
+    images_per_s: float = math.nan  # this process's training throughput (data loading included)
+
+
+class Trainer:
+    """Owns the model as trained (compiled and/or wrapped in DDP), the optimizer and their schedule."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        dist: DistInfo,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        scaler: torch.amp.GradScaler,
+        loss_fn: LossFn,
+        amp_dtype: torch.dtype | None = None,
+        accumulation_steps: int = 1,
+        clip_grad_norm: float | None = None,
+        ema: ModelEMA | None = None,
+        compile: bool = False,
+        progress_bar: bool = True,
+        save_every_steps: int | None = None,
+        step_checkpoint: Callable[["Trainer", EpochProgress], None] | None = None,
+        on_batch: Callable[[BatchEvent], None] | None = None,
+    ) -> None:
+        if accumulation_steps < 1:
+            raise BirderError(f"gradient accumulation steps must be at least 1, got {accumulation_steps}")
+
+        self.model = model  # the plain module: what is saved and what EMA follows
+        self.dist = dist
+        self.ddp = wrap_ddp(model, dist)
+        self.train_model = torch.compile(self.ddp) if compile else self.ddp
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.scaler = scaler
+        self.loss_fn = loss_fn
+        self.amp_dtype = amp_dtype
+        self.accumulation_steps = accumulation_steps
+        self.clip_grad_norm = clip_grad_norm
+        self.ema = ema
+        self.progress_bar = progress_bar
+        self.save_every_steps = save_every_steps
+        self.step_checkpoint = step_checkpoint
+        self.on_batch = on_batch
+        self.global_step = 0
+        self._reported_unreadable: set[str] = set()
+
+    # One epoch
+
+    def run_epoch(
+        self, dataset: ImageDataset, sampler: EpochSampler, progress: EpochProgress, *, batch_size: int, workers: int
+    ) -> EpochSummary:
+        """Train on what is left of epoch ``progress.epoch`` (all of it, or the rest of a resumed one)."""
+        sampler.set_epoch(progress.epoch, start=progress.batches * batch_size)
+        loader = make_loader(dataset, sampler, batch_size, workers, self.dist.device)
+        (started, seen_before) = (time.perf_counter(), progress.samples)
+        self.train_epoch(loader, progress, total_batches=math.ceil(sampler.samples_per_rank / batch_size))
+        rate = (progress.samples - seen_before) / max(time.perf_counter() - started, 1e-9)
+        return self.summarize(progress, rate)
+
+    def train_epoch(self, loader: torch.utils.data.DataLoader, progress: EpochProgress, total_batches: int) -> None:
+        """Train on ``loader`` (which yields the batches left of the epoch), updating ``progress`` in place."""
+        self.model.train()
+        device = self.dist.device
+        loss_sum = torch.tensor(progress.loss_sum, dtype=torch.float64, device=device)
+        self.optimizer.zero_grad(set_to_none=True)
+        bar = tqdm(
+            total=total_batches,
+            initial=progress.batches,
+            desc=f"epoch {progress.epoch}",
+            unit="batch",
+            leave=False,
+            disable=not (self.dist.is_main and self.progress_bar),
+        )
+        for batch in loader:
+            progress.batches += 1
+            progress.unreadable += self._report_unreadable(batch.unreadable)
+            group_start = (progress.batches - 1) // self.accumulation_steps * self.accumulation_steps
+            group_size = min(self.accumulation_steps, total_batches - group_start)
+            step_now = progress.batches - group_start == group_size
+
+            batch = Batch(batch.indices, batch.images.to(device, non_blocking=True), batch.targets.to(device), [])
+            # Between optimizer steps DDP need not all-reduce the gradients: they are only accumulated.
+            sync = contextlib.nullcontext() if step_now or not self.dist.distributed else self.ddp.no_sync()
+            with sync:
+                with autocast(device, self.amp_dtype):
+                    loss = self.loss_fn(self.train_model, batch)
+                self.scaler.scale(loss / group_size).backward()
+
+            count = batch.images.shape[0]
+            loss_sum += loss.detach().double() * count
+            progress.samples += count
+            if step_now:
+                self._optimizer_step()
+                if self.step_checkpoint is not None and self._checkpoint_due():
+                    progress.loss_sum = float(loss_sum)
+                    self.step_checkpoint(self, progress)
+
+            if self.on_batch is not None:
+                self.on_batch(BatchEvent(progress.epoch, progress.batches, self.global_step, batch.indices.tolist()))
+
+            bar.update()
+            if progress.batches % _LOSS_DISPLAY_INTERVAL == 0:
+                self._check_finite(loss)
+                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{self.current_lr():.2e}")
+
+        bar.close()
+        progress.loss_sum = float(loss_sum)
+
+    def _checkpoint_due(self) -> bool:
+        return bool(self.save_every_steps) and self.global_step % self.save_every_steps == 0
+
+    def _optimizer_step(self) -> None:
+        if self.clip_grad_norm is not None:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
+
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.global_step += 1
+        if self.ema is not None:
+            self.ema.update(self.model)
+
+    def _report_unreadable(self, messages: list[str]) -> int:
+        for message in messages:
+            if message not in self._reported_unreadable:
+                self._reported_unreadable.add(message)
+                logger.warning("skipped (unreadable): %s", message)
+
+        return len(messages)
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        if torch.isfinite(loss):
+            return
+        if self.scaler.is_enabled():
+            # fp16: an overflow now and then is expected; the scaler skips that step and lowers its scale.
+            logger.warning("non-finite fp16 loss at step %d (the gradient scaler skips such steps)", self.global_step)
+            return
+
+        raise BirderError(
+            f"training loss is {loss.item()} at step {self.global_step}: lower the learning rate, add warm-up or "
+            "gradient clipping (--clip-grad-norm), or use --amp bf16 instead of fp16"
+        )
+
+    def current_lr(self) -> float:
+        return max(group["lr"] for group in self.optimizer.param_groups)
+
+    def summarize(self, progress: EpochProgress, images_per_s: float = math.nan) -> EpochSummary:
+        """The epoch's mean loss and counts over every rank (a collective call: every rank must make it)."""
+        totals = torch.tensor(
+            [progress.loss_sum, progress.samples, progress.unreadable], dtype=torch.float64, device=self.dist.device
+        )
+        all_reduce_sum(totals, self.dist)
+        (loss_sum, samples, unreadable) = totals.tolist()
+        loss = loss_sum / samples if samples else math.nan
+        return EpochSummary(progress.epoch, loss, int(samples), int(unreadable), self.current_lr(), images_per_s)
+
+    # Resume
+
+    def state_dict(self, progress: EpochProgress, epoch_complete: bool) -> dict[str, Any]:
+        """Everything needed to continue exactly (a collective call: every rank's RNG state is gathered)."""
+        return {
+            "epoch": progress.epoch,
+            "epoch_complete": epoch_complete,
+            "global_step": self.global_step,
+            "progress": asdict(progress),
+            "world_size": self.dist.world_size,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": all_gather_objects(capture_rng_state(), self.dist),
+        }
+
+    def resume(self, path: Path, identity: Mapping[str, Any]) -> tuple[int, EpochProgress | None]:
+        """Restore a state file of a run like this one (``identity``: the state keys that must match, e.g. the
+        network). Returns the epoch to continue with and, for an unfinished epoch, how far it went."""
+        state = load_training_state(path)
+        found = {key: state.get(key) for key in identity}
+        if found != dict(identity):
+            raise CheckpointError(f"{path}: the state of another run ({found}), not of this one ({dict(identity)})")
+
+        progress = self.load_state_dict(state)
+        start_epoch = state["epoch"] + (0 if progress is not None else 1)
+        logger.info("resuming from %s: epoch %d, step %d", path, start_epoch, self.global_step)
+        return (start_epoch, progress)
+
+    def load_state_dict(self, state: dict[str, Any]) -> EpochProgress | None:
+        """Restore a :meth:`state_dict`; returns the progress of an unfinished epoch, None after a whole one.
+
+        Call it last, once everything that draws random numbers while being built exists, so that the
+        restored generators continue exactly where the interrupted run was.
+        """
+        self.model.load_state_dict(state["model"])
+        if self.ema is not None:
+            if state["ema"] is None:
+                logger.warning("the checkpoint has no EMA weights: EMA starts from the current weights")
+            else:
+                self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.global_step = state["global_step"]
+        if state["world_size"] == self.dist.world_size:
+            restore_rng_state(state["rng"][self.dist.rank])
+        else:
+            logger.warning(
+                "resuming on %d processes a run saved on %d: the data order and random draws will differ",
+                self.dist.world_size,
+                state["world_size"],
+            )
+
+        if state["epoch_complete"]:
+            return None
+
+        return EpochProgress(**state["progress"])

@@ -1,0 +1,318 @@
+"""Masked-image-modelling pretraining (MAE) on unlabeled images: the library behind ``birder-train-mim``.
+
+Outputs in ``output_dir`` (``<mim>`` is e.g. ``mae_vit``, ``<network>`` e.g. ``vit_l16``):
+
+- ``<network>_mim_<epoch>.pt``: the encoder alone (no head: ``class_to_idx {}``, outputs ``[0, 0]``), ready for
+  ``birder.load_model(path, new_size=...)`` and fine-tuning;
+- ``<mim>_<network>_<epoch>.pt``: the whole MAE model (encoder and decoder), read back by :func:`load_mim_model`;
+- ``<mim>_<network>_<epoch>_states.pt`` (and ``..._step_states.pt`` every N steps): the training state to resume;
+- ``mim_metrics.csv``: one row per epoch (loss, lr, unreadable images); ``mim_reconstruction_<epoch>.png``: a grid
+  of original / masked / reconstructed images.
+"""
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from birder.data.training import EpochSampler, ImageDataset, list_images, mim_transform
+from birder.data.transforms import classification_transform
+from birder.errors import BirderError, CheckpointError, ImageDecodeError
+from birder.io.checkpoint import ModelInfo, make_signature, read_checkpoint, write_checkpoint
+from birder.io.images import load_image
+from birder.loading import load_state_into, save_model
+from birder.model_registry.registry import registry
+from birder.net.mim import mim_registry
+from birder.training.amp import amp_dtype, autocast, grad_scaler
+from birder.training.distributed import DistInfo, cleanup_distributed, init_distributed
+from birder.training.loop import BatchEvent, EpochProgress, Trainer
+from birder.training.metrics import MetricsCSV
+from birder.training.optim import build_optimizer, param_groups
+from birder.training.plots import save_image_rows
+from birder.training.schedule import epoch_cosine_schedule
+from birder.training.setup import (
+    resolve_resume,
+    resolve_rgb_stats,
+    resolve_size,
+    seed_everything,
+    set_drop_path_rate,
+)
+from birder.training.state import save_training_state
+from birder.version import __version__
+
+logger = logging.getLogger(__name__)
+
+MIM_TASK = "masked_image_modeling"
+METRICS_FILE = "mim_metrics.csv"
+METRICS_FIELDS = ["epoch", "step", "loss", "lr", "unreadable_images"]
+
+
+@dataclass
+class MIMTrainConfig:
+    """Settings of a pretraining run (defaults follow the published recipe, SPEC section 6, where one exists)."""
+
+    data_dirs: Sequence[str | Path]
+    output_dir: str | Path
+    network: str = "vit_b16"
+    mim_network: str = "mae_vit"
+    model_config: Mapping[str, Any] | None = None  # encoder config override, e.g. {"hidden_dim": 64}
+    mim_config: Mapping[str, Any] | None = None  # e.g. {"mask_ratio": 0.6, "decoder_depth": 4}
+    size: int | tuple[int, int] = 224
+    rgb_stats: str | Mapping[str, Sequence[float]] = "birder"
+    epochs: int = 100
+    stop_epoch: int | None = None  # stop (with a checkpoint) after this epoch, schedule still planned for `epochs`
+    batch_size: int = 64
+    accumulation_steps: int = 1
+    lr: float = 1.5e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_epochs: float = 0.0
+    clip_grad_norm: float | None = None
+    amp: str | None = None  # "bf16" or "fp16"
+    compile: bool = False
+    min_scale: float = 0.3  # random resized crop area range
+    drop_path: float = 0.0
+    workers: int = 4
+    seed: int = 0
+    save_every: int = 10  # epochs (the last epoch is always saved)
+    save_every_steps: int | None = None  # optimizer steps (a rolling *_step_states.pt)
+    resume: str | Path | None = None  # a *_states.pt file, or "latest"
+    device: str | None = None
+    progress_bar: bool = True
+    visualize: int = 8  # images in the per-epoch reconstruction grid (0: none)
+
+
+@dataclass
+class MIMTrainResult:
+    epoch_losses: dict[int, float] = field(default_factory=dict)  # epochs trained by this call
+    encoder_path: Path | None = None  # the last encoder written
+    model_path: Path | None = None
+    states_path: Path | None = None
+    metrics_path: Path | None = None
+
+
+def _stem(config: MIMTrainConfig) -> str:
+    """File-name stem of the whole model and its states: ``mae_vit_vit_l16``."""
+    return f"{config.mim_network}_{config.network}"
+
+
+def save_mim_model(mae: nn.Module, path: str | Path, rgb_stats: Mapping[str, Sequence[float]]) -> Path:
+    """The whole MIM model with the metadata needed to rebuild it (encoder network and both config overrides)."""
+    encoder = mae.encoder
+    metadata = {
+        "birder_version": f"v{__version__}",
+        "task": MIM_TASK,
+        "signature": make_signature(encoder.input_channels, encoder.size, 0),
+        "class_to_idx": {},
+        "rgb_stats": {key: list(value) for key, value in rgb_stats.items()},
+        "network": mae.network_name,
+        "encoder": encoder.network_name,
+        "encoder_config": dict(encoder.config_override or {}),
+        "config": dict(mae.config_override or {}),
+    }
+    return write_checkpoint(path, mae.state_dict(), metadata)
+
+
+def load_mim_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """A whole MIM model written by :func:`save_mim_model` (or Birder's, given its networks); returns the model
+    and the file's metadata."""
+    (state, metadata) = read_checkpoint(path)
+    if metadata.get("task") != MIM_TASK or "encoder" not in metadata:
+        raise CheckpointError(f"{path}: not a whole MIM model file (an encoder alone loads with birder.load_model)")
+
+    signature = metadata["signature"]
+    with torch.device("meta"):
+        encoder = registry.net_factory(
+            metadata["encoder"],
+            0,
+            signature["inputs"][0]["data_shape"][1],
+            config=metadata.get("encoder_config") or None,
+            size=tuple(signature["inputs"][0]["data_shape"][2:4]),
+        )
+        mae = mim_registry.net_factory(metadata["network"], encoder, config=metadata.get("config") or None)
+
+    load_state_into(mae, state, str(path))  # duck-typed: MAE renames legacy keys and names itself like a BaseNet
+    return (mae, metadata)
+
+
+def _visual_batch(paths: Sequence[Path], config: MIMTrainConfig, size: tuple[int, int], rgb_stats) -> torch.Tensor:
+    """Readable images spread over the data set, resized as for inference: the same ones every epoch."""
+    transform = classification_transform(size, rgb_stats)
+    stride = max(1, len(paths) // max(config.visualize, 1))
+    images = []
+    for path in [*paths[::stride], *paths]:  # then any others, should some of the spread ones be unreadable
+        if len(images) == config.visualize:
+            break
+        try:
+            images.append(transform(load_image(path)))
+        except ImageDecodeError:
+            continue
+
+    return torch.stack(images) if images else torch.empty(0)
+
+
+def _save_reconstruction(
+    mae: nn.Module, images: torch.Tensor, config: MIMTrainConfig, dist: DistInfo, rgb_stats, path: Path
+) -> None:
+    devices = [dist.device.index or 0] if dist.device.type == "cuda" else []
+    # A fixed mask, drawn from a forked generator: the training random stream must not notice this.
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), autocast(dist.device, amp_dtype(config.amp)):
+        torch.manual_seed(config.seed)
+        was_training = mae.training
+        mae.eval()
+        images = images.to(dist.device)
+        output = mae(images)
+        recon = mae.reconstruct(images, output.pred, output.mask)
+        mae.train(was_training)
+
+    save_image_rows([images, recon.masked, recon.pasted], rgb_stats, path)
+
+
+def train_mim(config: MIMTrainConfig, *, on_batch: Callable[[BatchEvent], None] | None = None) -> MIMTrainResult:
+    """Pretrain ``config.network`` with ``config.mim_network`` on the images under ``config.data_dirs``.
+
+    Runs as one process, or as one rank of a ``torchrun`` job (DDP). ``on_batch`` is called after every batch.
+    """
+    dist = init_distributed(config.device)
+    try:
+        return _train(config, dist, on_batch)
+    finally:
+        cleanup_distributed(dist)
+
+
+def _train(config: MIMTrainConfig, dist: DistInfo, on_batch: Callable[[BatchEvent], None] | None) -> MIMTrainResult:
+    if not mim_registry.exists(config.mim_network):
+        raise BirderError(f"unknown MIM network '{config.mim_network}' ({', '.join(mim_registry.list_models())})")
+
+    output_dir = Path(config.output_dir)
+    seed_everything(config.seed)  # the same on every rank: identical initial weights (and EMA copies)
+    size = resolve_size(config.size)
+    rgb_stats = resolve_rgb_stats(config.rgb_stats)
+    registry.network_config(config.network)  # an unknown name fails here, before any slow step
+    paths = list_images(config.data_dirs)
+    logger.info("%d unlabeled images in %s", len(paths), ", ".join(map(str, config.data_dirs)))
+    dataset = ImageDataset(paths, mim_transform(size, rgb_stats, config.min_scale), seed=config.seed)
+    sampler = EpochSampler(len(dataset), seed=config.seed, rank=dist.rank, world_size=dist.world_size)
+
+    encoder = registry.net_factory(config.network, 0, config=config.model_config, size=size)
+    set_drop_path_rate(encoder, config.drop_path)
+    mae = mim_registry.net_factory(config.mim_network, encoder, config=config.mim_config).to(dist.device)
+    optimizer = build_optimizer("adamw", param_groups(mae, config.lr, config.weight_decay), betas=tuple(config.betas))
+    scheduler = epoch_cosine_schedule(
+        optimizer,
+        epochs=config.epochs,
+        batches_per_epoch=math.ceil(sampler.samples_per_rank / config.batch_size),
+        accumulation_steps=config.accumulation_steps,
+        warmup_epochs=config.warmup_epochs,
+        min_lr=config.min_lr,
+    )
+    dtype = amp_dtype(config.amp)
+
+    def save_step_states(trainer: Trainer, progress: EpochProgress) -> None:
+        state = {**trainer.state_dict(progress, epoch_complete=False), **_identity(config)}
+        if dist.is_main:
+            save_training_state(output_dir / f"{_stem(config)}_step_states.pt", state)
+
+    trainer = Trainer(
+        mae,
+        dist=dist,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=grad_scaler(dist.device, dtype),
+        loss_fn=lambda model, batch: model(batch.images).loss,
+        amp_dtype=dtype,
+        accumulation_steps=config.accumulation_steps,
+        clip_grad_norm=config.clip_grad_norm,
+        compile=config.compile,
+        progress_bar=config.progress_bar,
+        save_every_steps=config.save_every_steps,
+        step_checkpoint=save_step_states,
+        on_batch=on_batch,
+    )
+
+    # From here on ranks draw different masks, drop-path and mixup samples.
+    seed_everything(config.seed, dist.rank)
+    (start_epoch, progress) = (1, None)
+    resume_path = resolve_resume(config.resume, output_dir, _stem(config))
+    if resume_path is not None:
+        (start_epoch, progress) = trainer.resume(resume_path, _identity(config))
+    elif config.resume is not None:
+        logger.info("nothing to resume in %s: starting from scratch", output_dir)
+
+    metrics = MetricsCSV(output_dir / METRICS_FILE, METRICS_FIELDS)
+    visual = torch.empty(0)
+    if dist.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        metrics.truncate_after(start_epoch - 1)
+        if config.visualize > 0:
+            visual = _visual_batch(paths, config, size, rgb_stats)
+
+    result = MIMTrainResult(metrics_path=metrics.path)
+    last_epoch = min(config.epochs, config.stop_epoch or config.epochs)
+    if start_epoch > last_epoch:
+        logger.info("nothing to do: epoch %d of %d is already done", start_epoch - 1, config.epochs)
+    for epoch in range(start_epoch, last_epoch + 1):
+        if progress is None or progress.epoch != epoch:
+            progress = EpochProgress(epoch)
+        summary = trainer.run_epoch(dataset, sampler, progress, batch_size=config.batch_size, workers=config.workers)
+        result.epoch_losses[epoch] = summary.loss
+        logger.info(
+            "epoch %d/%d: loss %.4f, lr %.3g, %.1f images/s per process%s",
+            epoch,
+            config.epochs,
+            summary.loss,
+            summary.lr,
+            summary.images_per_s,
+            f", {summary.unreadable} unreadable images skipped" if summary.unreadable else "",
+        )
+
+        if dist.is_main:
+            if visual.numel():
+                png = output_dir / f"mim_reconstruction_{epoch}.png"
+                _save_reconstruction(mae, visual, config, dist, rgb_stats, png)
+            metrics.append(
+                {
+                    "epoch": epoch,
+                    "step": trainer.global_step,
+                    "loss": summary.loss,
+                    "lr": summary.lr,
+                    "unreadable_images": summary.unreadable,
+                }
+            )
+
+        if epoch % config.save_every == 0 or epoch == last_epoch:
+            state = {**trainer.state_dict(progress, epoch_complete=True), **_identity(config)}
+            if dist.is_main:
+                _save_epoch(mae, state, config, output_dir, epoch, rgb_stats, result)
+
+        progress = None
+
+    return result
+
+
+def _identity(config: MIMTrainConfig) -> dict[str, Any]:
+    """What a state file must match to be resumed by this run."""
+    return {"kind": "mim", "network": config.network, "mim_network": config.mim_network}
+
+
+def _save_epoch(
+    mae: nn.Module,
+    state: dict[str, Any],
+    config: MIMTrainConfig,
+    output_dir: Path,
+    epoch: int,
+    rgb_stats,
+    result: MIMTrainResult,
+) -> None:
+    encoder = mae.encoder
+    info = ModelInfo({}, make_signature(encoder.input_channels, encoder.size, 0), rgb_stats)
+    result.encoder_path = save_model(encoder, output_dir / f"{config.network}_mim_{epoch}.pt", info, task=MIM_TASK)
+    result.model_path = save_mim_model(mae, output_dir / f"{_stem(config)}_{epoch}.pt", rgb_stats)
+    result.states_path = save_training_state(output_dir / f"{_stem(config)}_{epoch}_states.pt", state)
+    logger.info("saved %s and %s", result.encoder_path, result.model_path)

@@ -1,0 +1,197 @@
+"""Output tables: journals that survive a kill, resumable runs, atomic merged files in CSV and Parquet."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from birder.errors import BirderError
+from birder.inference import writers as W
+
+SPEC = W.TableSpec("results", (W.Column("path"), W.Column("prediction"), W.Column("prob", "float32", ".6f")))
+FAILURES = W.TableSpec("failures", W.string_columns("path", "error"))
+SETTINGS = {"model": "tiny", "top_k": 1}
+PATHS = [f"photos/{i:02d}.jpg" for i in range(10)]
+ORDER = {path: index for index, path in enumerate(PATHS)}
+
+
+def _row(index: int, prob: float = 0.5) -> list[str]:
+    return SPEC.format_row([PATHS[index], f"class{index % 3}", prob])
+
+
+def _journal(output_dir: Path, indices: list[int], rank: int = 0, attempt: int = 0, spec=SPEC) -> Path:
+    writer = W.JournalWriter(output_dir / W.JOURNAL_DIR / f"{spec.name}.r{rank}.a{attempt}.csv", spec)
+    writer.add(_row(i) if spec is SPEC else [PATHS[i], "bad"] for i in indices)
+    writer.close()
+    return writer.path
+
+
+def test_columns_format_and_parse() -> None:
+    prob = W.Column("p", "float32", ".6f")
+    assert prob.format(0.1234567) == "0.123457" and prob.format(None) == ""
+    assert prob.parse("") is None and prob.parse("0.5") == 0.5
+    embedding = W.Column("e0", "float32")
+    value = np.float32(0.123456789)
+    assert np.float32(float(embedding.format(value))) == value  # 9 significant digits round-trip float32
+    with pytest.raises(ValueError, match="first column"):
+        W.TableSpec("x", (W.Column("name"),))
+
+
+def test_journal_commits_in_chunks_and_torn_lines_are_dropped(tmp_path: Path) -> None:
+    journals = W.JournalSet(tmp_path, [FAILURES, SPEC], rank=0, attempt=0, chunk_size=3)
+    journals.add({"results": [_row(0), _row(1)]}, num_photos=2)
+    path = journals.writers["results"].path
+    assert W.read_csv_table(path)[0] == SPEC.header
+    assert list(W.read_csv_table(path)[1]) == []  # buffered: under one chunk
+    journals.add({"results": [_row(2)], "failures": [[PATHS[3], "bad"]]}, num_photos=2)
+    assert [r[0] for r in W.read_csv_table(path)[1]] == PATHS[:3]  # chunk reached: committed
+
+    with open(path, "a") as handle:  # a kill in the middle of a write
+        handle.write('photos/04.jpg,"class')
+    assert [r[0] for r in W.read_csv_table(path)[1]] == PATHS[:3]
+    journals.writers["results"]._file.close()
+    journals.writers["failures"].close()
+
+
+def test_fresh_run_discards_old_journals_resume_keeps_them(tmp_path: Path) -> None:
+    _journal(tmp_path, [0, 1, 2])
+    assert W.prepare_run(tmp_path, [FAILURES, SPEC], "csv", SETTINGS, resume=False) == W.ResumeState(frozenset(), 0)
+    assert W.list_journals(tmp_path) == []
+
+    _journal(tmp_path, [0, 2])
+    _journal(tmp_path, [1], rank=1)
+    _journal(tmp_path, [5], spec=FAILURES)
+    state = W.prepare_run(tmp_path, [FAILURES, SPEC], "csv", SETTINGS, resume=True)
+    assert state.done == {PATHS[0], PATHS[1], PATHS[2], PATHS[5]}
+    assert state.attempt == 1
+
+
+def test_resume_refuses_other_settings_or_columns(tmp_path: Path) -> None:
+    W.prepare_run(tmp_path, [FAILURES, SPEC], "csv", SETTINGS, resume=False)
+    _journal(tmp_path, [0])
+    with pytest.raises(BirderError, match=r"other settings \(top_k\)"):
+        W.prepare_run(tmp_path, [FAILURES, SPEC], "csv", {**SETTINGS, "top_k": 3}, resume=True)
+
+    wider = W.TableSpec("results", (*SPEC.columns, W.Column("extra")))
+    with pytest.raises(BirderError, match="other columns"):
+        W.prepare_run(tmp_path, [FAILURES, wider], "csv", SETTINGS, resume=True)
+
+
+def test_merge_orders_deduplicates_and_drops_unknown_paths(tmp_path: Path) -> None:
+    W.prepare_run(tmp_path, [FAILURES, SPEC], "csv", SETTINGS, resume=False)
+    _journal(tmp_path, [1, 4, 7], rank=0)
+    _journal(tmp_path, [0, 3, 6, 9], rank=1)
+    _journal(tmp_path, [2, 4, 5], rank=0, attempt=1)  # 4 again: a chunk redone after a crash
+    stale = W.JournalWriter(tmp_path / W.JOURNAL_DIR / "results.r2.a0.csv", SPEC)
+    stale.add([["photos/gone.jpg", "x", "0.1"]])
+    stale.close()
+
+    seen = []
+    written = W.finalize_run(
+        tmp_path,
+        [FAILURES, SPEC],
+        "csv",
+        ORDER,
+        include_final=False,
+        on_row={"results": seen.append},
+        run_info=lambda: {"summary": {"classified": len(seen)}},
+    )
+    (header, rows) = W.read_csv_table(written["results"])
+    paths = [row[0] for row in rows]
+    assert header == SPEC.header and paths == [*PATHS[:8], PATHS[9]]
+    assert [row[0] for row in seen] == paths
+    assert W.list_journals(tmp_path) == [] and not (tmp_path / W.JOURNAL_DIR).exists()
+    info = json.loads((tmp_path / W.RUN_INFO_FILE).read_text())
+    assert info["settings"] == SETTINGS and info["summary"] == {"classified": 9}
+    assert oct(written["results"].stat().st_mode & 0o777) != oct(0o600)  # an ordinary file, not mkstemp's
+
+
+@pytest.mark.parametrize("file_format", ["csv", "parquet"])
+def test_resume_extends_a_finished_run(tmp_path: Path, file_format: str) -> None:
+    W.prepare_run(tmp_path, [FAILURES, SPEC], file_format, SETTINGS, resume=False)
+    _journal(tmp_path, [0, 2, 4])
+    W.finalize_run(tmp_path, [FAILURES, SPEC], file_format, ORDER, include_final=False)
+    assert W.final_path(tmp_path, SPEC, file_format).suffix == f".{file_format}"
+    assert W.final_path(tmp_path, FAILURES, file_format).suffix == ".csv"  # failures are for people: CSV
+
+    state = W.prepare_run(tmp_path, [FAILURES, SPEC], file_format, SETTINGS, resume=True)
+    assert state.done == {PATHS[0], PATHS[2], PATHS[4]} and state.include_final
+    _journal(tmp_path, [1, 3], attempt=state.attempt)
+    written = W.finalize_run(tmp_path, [FAILURES, SPEC], file_format, ORDER, include_final=True)
+    rows = list(W._final_table_rows(written["results"], SPEC))
+    assert rows == [_row(i) for i in range(5)]  # the same text whatever the storage format
+
+
+def test_final_tables_of_other_settings_never_count(tmp_path: Path) -> None:
+    # A finished run with model X, then a fresh run with model Y interrupted, then resumed
+    W.prepare_run(tmp_path, [FAILURES, SPEC], "csv", {"model": "X"}, resume=False)
+    _journal(tmp_path, [0, 1])
+    W.finalize_run(tmp_path, [FAILURES, SPEC], "csv", ORDER, include_final=False)
+    W.prepare_run(tmp_path, [FAILURES, SPEC], "csv", SETTINGS, resume=False)
+    _journal(tmp_path, [2])
+    state = W.prepare_run(tmp_path, [FAILURES, SPEC], "csv", SETTINGS, resume=True)
+    assert state.done == {PATHS[2]} and not state.include_final
+
+
+def test_previous_final_table_in_another_order_is_sorted(tmp_path: Path) -> None:
+    W.write_table(tmp_path / "results.csv", SPEC, [_row(5), _row(1)])
+    (tmp_path / W.RUN_INFO_FILE).write_text(json.dumps({"settings": SETTINGS}))
+    assert W.prepare_run(tmp_path, [FAILURES, SPEC], "csv", SETTINGS, resume=True).include_final
+    _journal(tmp_path, [0, 3])
+    W.finalize_run(tmp_path, [FAILURES, SPEC], "csv", ORDER, include_final=True)
+    assert [r[0] for r in W.read_csv_table(tmp_path / "results.csv")[1]] == [PATHS[i] for i in (0, 1, 3, 5)]
+
+
+def test_parquet_types_and_missing_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyarrow.parquet as pq
+
+    spec = W.TableSpec("t", (W.Column("path"), W.Column("p", "float32"), W.Column("lat", "float64", ".7f")))
+    W.write_table(tmp_path / "t.parquet", spec, [["a", "0.25", ""], ["b", "1", "-52.5200000"]])
+    table = pq.read_table(tmp_path / "t.parquet")
+    assert [str(t) for t in table.schema.types] == ["string", "float", "double"]
+    assert table.to_pydict() == {"path": ["a", "b"], "p": [0.25, 1.0], "lat": [None, -52.52]}
+    assert W.write_table(tmp_path / "empty.parquet", spec, []) == 0
+    assert pq.read_table(tmp_path / "empty.parquet").num_rows == 0
+
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    with pytest.raises(BirderError, match=r"birder\[parquet\]"):
+        W.write_table(tmp_path / "u.parquet", spec, [])
+    assert not (tmp_path / "u.parquet").exists()
+
+
+def test_prediction_tables_rows() -> None:
+    tables = W.PredictionTables(["owl", "tit", "jay"], top_k=2, probabilities=True, logits=True, embedding_dim=2)
+    assert tables.names == ["probabilities", "logits", "embeddings", "failures", "results"]
+    assert tables.results.header[:6] == ["path", "prediction", "top1_class", "top1_prob", "top2_class", "top2_prob"]
+    probs = np.array([[0.7, 0.2, 0.1], [0.4, 0.35, 0.25]], dtype=np.float32)
+    rows = tables.rows(
+        ["a.jpg", "b.jpg"],
+        probs,
+        [[0, 1], [0, 1]],
+        [[0.7, 0.2], [0.4, 0.35]],
+        [("2023-05-14T07:32:10", -52.5, 13.25), (None, None, None)],
+        min_prob=0.5,
+        logits=np.zeros((2, 3)),
+        embeddings=np.ones((2, 2)),
+    )
+    top = ["owl", "0.700000", "tit", "0.200000"]
+    assert rows["results"][0] == ["a.jpg", "owl", *top, "2023-05-14T07:32:10", "-52.5000000", "13.2500000"]
+    assert rows["results"][1][:3] == ["b.jpg", W.UNCERTAIN, "owl"]  # below --min-prob, top-k kept
+    assert rows["results"][1][-3:] == ["", "", ""]
+    assert rows["embeddings"][1] == ["b.jpg", "1", "1"]
+    assert tables.parse_result(rows["results"][1]) == ("b.jpg", W.UNCERTAIN, [("owl", 0.4), ("tit", 0.35)])
+    assert W.PredictionTables(["owl"], top_k=5).top_k == 1
+
+
+def test_feature_files(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    name = W.feature_file_name("photos/a b/IMG 1.jpg")
+    assert name.startswith("IMG_1-") and name.endswith(".safetensors")
+    assert name == W.feature_file_name("photos/a b/IMG 1.jpg") != W.feature_file_name("other/IMG 1.jpg")
+    W.write_feature_file(tmp_path / name, {"neck": np.ones((4, 2, 3), np.float32)}, "photos/a b/IMG 1.jpg")
+    with safe_open(str(tmp_path / name), "pt") as handle:
+        assert handle.get_tensor("neck").shape == (4, 2, 3)
+        assert handle.metadata() == {"path": "photos/a b/IMG 1.jpg"}
