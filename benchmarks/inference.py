@@ -18,7 +18,9 @@ import argparse
 import copy
 import json
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -26,8 +28,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
+from benchmarks import load_memory, quantization, training
 from birder.inference.optimize import optimize_for_inference
 from birder.model_registry.registry import registry
 from birder.net.vit import ViT
@@ -151,6 +155,54 @@ def measure(
     return results
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: without either, bf16 matmuls are emulated and slower than float32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def emulated_bf16_peak(network: str, size: tuple[int, int], repeats: int, config: dict | None) -> dict:
+    """The bf16 GEMM rate at one image's token count, recorded when bf16 inference is skipped as hopeless."""
+    with torch.device("meta"):
+        net = registry.net_factory(network, 1, config=config, size=size)
+    tokens = net.num_special_tokens + net.grid_size[0] * net.grid_size[1]
+    cpu = torch.device("cpu")
+    times = {}
+    for mode in ("float32", "bfloat16"):
+        real = registry.net_factory(network, 1, config={**(config or {}), "num_layers": 1}, size=size)
+        (gemm, flops) = block_gemms(real, tokens, mode, cpu)
+        gemm()
+        times[mode] = flops / statistics.median(_time_call(gemm, cpu) for _ in range(repeats)) / 1e9
+    return {"gemm_gflops_float32": times["float32"], "gemm_gflops_bfloat16": times["bfloat16"]}
+
+
+def time_to_first_prediction(weights: Path, workdir: Path, repeats: int) -> dict:
+    """Wall time of ``birder-predict`` on one photo, from process start to exit (import, load, predict, write)."""
+    photo = workdir / "first_prediction" / "photo.jpg"
+    photo.parent.mkdir(parents=True, exist_ok=True)
+    pixels = torch.randint(0, 256, (480, 640, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    Image.fromarray(pixels.numpy()).save(photo)
+    command = [sys.executable, "-m", "birder.scripts.predict", str(photo), "--weights", str(weights), "-j", "0",
+               "--no-progress", "--device", "cpu", "--output-dir", str(photo.parent / "results")]  # fmt: skip
+    times = []
+    for _ in range(repeats):
+        shutil.rmtree(photo.parent / "results", ignore_errors=True)
+        start = time.perf_counter()
+        subprocess.run(command, check=True, capture_output=True)
+        times.append(time.perf_counter() - start)
+    return {"seconds": statistics.median(times), "runs": times, "weights": str(weights)}
+
+
+def _run_json(main_fn: Callable[[list[str]], int], argv: list[str], output: Path) -> dict:
+    """Run another benchmark module's ``main`` with ``--output`` and read its JSON back."""
+    if main_fn([*argv, "--output", str(output)]) != 0:
+        raise RuntimeError(f"benchmark {main_fn.__module__} failed")
+    return json.loads(output.read_text())
+
+
 def machine_description(device: torch.device) -> dict:
     info = {
         "platform": platform.platform(),
@@ -158,6 +210,7 @@ def machine_description(device: torch.device) -> dict:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_native_bf16": cpu_has_native_bf16(),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -173,15 +226,22 @@ def print_table(results: list[dict]) -> None:
         )
 
 
+SECTIONS = ("throughput", "load", "first-prediction", "training", "quantization")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--network", default="vit_l16")
     parser.add_argument("--size", type=int, nargs=2, default=(256, 256), metavar=("H", "W"))
     parser.add_argument("--num-classes", type=int, default=707)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--modes", nargs="+", default=None, help="default: cpu float32 bfloat16 int8; cuda bfloat16")
+    parser.add_argument(
+        "--modes", nargs="+", default=None, help="default: cpu float32 int8 (+ bfloat16 with native bf16); cuda bf16"
+    )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default: cpu 1 4 16; cuda up to 256")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per case (median reported), at least 5")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="what to measure")
+    parser.add_argument("--workdir", type=Path, default=Path("benchmarks/results"), help="checkpoints, data")
     parser.add_argument("--tiny", action="store_true", help="a tiny network, for a smoke run of the benchmark itself")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/inference.json"))
     args = parser.parse_args(argv)
@@ -189,24 +249,60 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--repeats must be at least 5 (figures are medians of at least 5 interleaved runs)")
 
     device = torch.device(args.device)
-    modes = args.modes or (["float32", "bfloat16", "int8"] if device.type == "cpu" else ["float32", "bfloat16"])
-    batch_sizes = args.batch_sizes or ([1, 4, 16] if device.type == "cpu" else [1, 16, 64, 256])
     config = TINY_CONFIG if args.tiny else None
     size = (32, 32) if args.tiny else tuple(args.size)
-
+    native_bf16 = device.type == "cuda" or cpu_has_native_bf16()
+    modes = args.modes or (["float32", "int8"] + (["bfloat16"] if native_bf16 else []) if device.type == "cpu"
+                           else ["float32", "bfloat16"])  # fmt: skip
+    batch_sizes = args.batch_sizes or ([1, 4, 16] if device.type == "cpu" else [1, 16, 64, 256])
+    args.workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    results = measure(args.network, size, args.num_classes, modes, batch_sizes, args.repeats, device, config)
-    report = {
+    report: dict = {
         "network": args.network,
         "size": list(size),
         "tiny": args.tiny,
         "machine": machine_description(device),
-        "results": results,
-        "seconds": time.perf_counter() - started,
     }
-    print(f"{args.network} at {size[0]}x{size[1]} on {device} ({report['machine']['cpu_capability']}, "
-          f"{report['machine']['threads']} threads)")  # fmt: skip
-    print_table(results)
+
+    if "throughput" in args.sections:
+        report["throughput"] = measure(
+            args.network, size, args.num_classes, modes, batch_sizes, args.repeats, device, config
+        )
+        if device.type == "cpu" and not native_bf16 and "bfloat16" not in modes:
+            report["bfloat16_skipped"] = {
+                "reason": "no native bf16 on this CPU: bf16 matmuls are emulated, far below float32",
+                **emulated_bf16_peak(args.network, size, args.repeats, config),
+            }
+        print(f"{args.network} at {size[0]}x{size[1]} on {device} ({report['machine']['cpu_capability']}, "
+              f"{report['machine']['threads']} threads)")  # fmt: skip
+        print_table(report["throughput"])
+        if "bfloat16_skipped" in report:
+            skipped = report["bfloat16_skipped"]
+            print(f"bfloat16 skipped: {skipped['reason']} (GEMM {skipped['gemm_gflops_bfloat16']:.1f} vs "
+                  f"{skipped['gemm_gflops_float32']:.1f} GFLOP/s)")  # fmt: skip
+
+    tiny_flag = ["--tiny"] if args.tiny else []
+    if "load" in args.sections:
+        report["load"] = _run_json(
+            load_memory.main,
+            ["--workdir", str(args.workdir), "--formats", "pt", *tiny_flag],
+            args.workdir / "load.json",
+        )
+    if "first-prediction" in args.sections:
+        weights = load_memory.ensure_checkpoint(args.workdir, "pt", tiny=args.tiny)
+        report["first_prediction"] = time_to_first_prediction(weights, args.workdir, args.repeats)
+        print(f"time to first prediction (birder-predict, one photo): {report['first_prediction']['seconds']:.2f} s")
+    if "training" in args.sections:
+        training_args = tiny_flag or ["--network", args.network, "--size", str(size[0]), "--batch-size", "2",
+                                      "--steps", "3", "--warmup", "1", "--device", str(device)]  # fmt: skip
+        report["training"] = _run_json(training.main, training_args, args.workdir / "training.json")
+    if "quantization" in args.sections:
+        quantization_args = ["--workdir", str(args.workdir / "quantization")]
+        if args.tiny:
+            quantization_args += ["--epochs", "1", "--train-per-class", "4", "--images", "20", "--skip-vit-l16"]
+        report["quantization"] = _run_json(quantization.main, quantization_args, args.workdir / "quantization.json")
+
+    report["seconds"] = time.perf_counter() - started
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.output} ({report['seconds']:.0f} s)")

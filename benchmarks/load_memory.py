@@ -9,6 +9,7 @@ baseline is the same interpreter after ``import birder`` (torch and torchvision 
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -44,9 +45,13 @@ def _run_child(path: str) -> dict:
     return json.loads(output.strip().splitlines()[-1])
 
 
-def ensure_checkpoint(workdir: Path, file_format: str) -> Path:
+# A tiny stand-in for smoke runs of the benchmark itself.
+TINY_CONFIG = {"hidden_dim": 64, "num_layers": 2, "num_heads": 4, "mlp_dim": 256}
+
+
+def ensure_checkpoint(workdir: Path, file_format: str, tiny: bool = False) -> Path:
     """A seeded, randomly initialised vit_l16 (707 classes, 256 px) written once and reused."""
-    path = workdir / f"vit_l16_random_707_256px.{file_format}"
+    path = workdir / f"vit_l16{'_tiny' if tiny else ''}_random_707_256px.{file_format}"
     if path.is_file():
         return path
 
@@ -58,7 +63,7 @@ def ensure_checkpoint(workdir: Path, file_format: str) -> Path:
 
     print(f"writing {path} (once)...", flush=True)
     torch.manual_seed(0)
-    net = registry.net_factory("vit_l16", 707, size=(256, 256))
+    net = registry.net_factory("vit_l16", 707, size=(256, 256), config=TINY_CONFIG if tiny else None)
     info = birder.ModelInfo({f"species_{i:03d}": i for i in range(707)}, make_signature(3, (256, 256), 707),
                             {"mean": (0.5248, 0.5372, 0.5086), "std": (0.2135, 0.2103, 0.2622)})  # fmt: skip
     birder.save_model(net, path, info)
@@ -69,21 +74,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("benchmarks/results"), help="where checkpoints go")
     parser.add_argument("--formats", nargs="+", default=["pt", "safetensors"], choices=["pt", "safetensors"])
-    parser.add_argument("--repeats", type=int, default=3, help="runs per measurement; the median is reported")
+    parser.add_argument("--repeats", type=int, default=5, help="runs per measurement; the median is reported")
+    parser.add_argument("--tiny", action="store_true", help="a tiny network, for a smoke run of the benchmark itself")
     parser.add_argument("--output", type=Path, default=None, help="JSON file for the figures")
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
 
-    baselines = sorted(_run_child("-")["peak_rss_bytes"] for _ in range(args.repeats))
-    baseline = baselines[len(baselines) // 2]
+    baselines = [_run_child("-")["peak_rss_bytes"] for _ in range(args.repeats)]
+    baseline = int(statistics.median(baselines))
     report: dict = {"baseline_rss_bytes": baseline, "formats": {}}
     print(f"baseline (python + import birder): {baseline / 2**20:.0f} MiB")
     print(f"{'format':<12} {'file MiB':>9} {'peak MiB':>9} {'over base':>10} {'x file':>7} {'load s':>7} {'pred s':>7}")
     for file_format in args.formats:
-        path = ensure_checkpoint(args.workdir, file_format)
+        path = ensure_checkpoint(args.workdir, file_format, tiny=args.tiny)
         file_size = path.stat().st_size
-        runs = sorted((_run_child(str(path)) for _ in range(args.repeats)), key=lambda run: run["peak_rss_bytes"])
-        median = runs[len(runs) // 2]
+        runs = [_run_child(str(path)) for _ in range(args.repeats)]
+        median = {key: statistics.median(run[key] for run in runs) for key in ("peak_rss_bytes", "load_s", "predict_s")}
         ratio = (median["peak_rss_bytes"] - baseline) / file_size
         report["formats"][file_format] = {"file_bytes": file_size, **median, "ratio_over_baseline": ratio}
         print(

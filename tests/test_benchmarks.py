@@ -1,18 +1,38 @@
-"""The benchmarks run end to end (in a tiny mode) and write their JSON."""
+"""The benchmarks run end to end (in a tiny mode) and write their JSON; the figures themselves are not judged."""
 
 import json
 from pathlib import Path
 
+import pytest
+
 from benchmarks import inference
 
 
-def test_inference_benchmark_tiny(tmp_path: Path) -> None:
+def test_throughput_section_tiny(tmp_path: Path) -> None:
     output = tmp_path / "inference.json"
-    assert inference.main(["--tiny", "--batch-sizes", "1", "4", "--output", str(output)]) == 0
+    argv = ["--tiny", "--sections", "throughput", "--modes", "float32", "bfloat16", "int8", "--batch-sizes", "1", "4"]
+    assert inference.main([*argv, "--workdir", str(tmp_path), "--output", str(output)]) == 0
     report = json.loads(output.read_text())
-    cases = {(r["mode"], r["batch_size"]) for r in report["results"]}
+    cases = {(r["mode"], r["batch_size"]) for r in report["throughput"]}
     assert cases == {(m, b) for m in ("float32", "bfloat16", "int8") for b in (1, 4)}
-    for result in report["results"]:
-        assert len(result["model_s_runs"]) >= 5
-        assert result["images_per_s"] > 0 and result["gemm_peak_gflops"] > 0
-        assert result["ratio_to_peak"] > 0
+    for result in report["throughput"]:
+        assert len(result["model_s_runs"]) >= 5 and len(result["gemm_s_runs"]) >= 5
+        assert result["images_per_s"] > 0 and result["gemm_peak_gflops"] > 0 and result["ratio_to_peak"] > 0
+    assert report["machine"]["threads"] >= 1
+
+
+def test_repeats_below_five_refused(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        inference.main(["--tiny", "--repeats", "3", "--output", str(tmp_path / "x.json")])
+
+
+@pytest.mark.slow
+def test_every_section_tiny(tmp_path: Path) -> None:
+    # About 40 s: subprocesses for peak memory and time to first prediction, a short training run.
+    output = tmp_path / "inference.json"
+    assert inference.main(["--tiny", "--workdir", str(tmp_path), "--output", str(output)]) == 0
+    report = json.loads(output.read_text())
+    assert {"throughput", "load", "first_prediction", "training", "quantization"} <= set(report)
+    assert report["load"]["formats"]["pt"]["peak_rss_bytes"] > 0
+    assert report["first_prediction"]["seconds"] > 0 and len(report["first_prediction"]["runs"]) >= 5
+    assert report["quantization"]["trained_model"]["agreement"]["int8"]["top1_agreement"] >= 0.0
