@@ -35,7 +35,13 @@ if path != "-":
     (probs, _) = infer_image(net, photo, transform)
     result["predict_s"] = time.perf_counter() - start
     result["top1"] = int(probs.argmax())
-result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM is this process's own peak; ru_maxrss would carry the parent's peak across fork + exec on Linux.
+try:
+    with open("/proc/self/status") as status:
+        hwm_kb = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+except (OSError, StopIteration):
+    hwm_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+result["peak_rss_bytes"] = hwm_kb * 1024
 print(json.dumps(result))
 """
 
