@@ -16,19 +16,19 @@ import birder.net  # noqa: F401 (registers the network families)
 from birder.data.transforms import classification_transform
 from birder.errors import CheckpointError
 from birder.io.checkpoint import (
+    DEFAULT_TASK,
     ModelInfo,
+    build_metadata,
     get_channels_from_signature,
     get_num_classes_from_signature,
     get_size_from_signature,
-    make_signature,
     model_info_from_metadata,
     read_checkpoint,
     write_checkpoint,
 )
 from birder.io.download import fetch_pretrained_file
-from birder.model_registry.registry import DEFAULT_TASK, registry
+from birder.model_registry.registry import registry
 from birder.net.base import BaseNet
-from birder.version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -56,23 +56,7 @@ def save_model(
 
         return export_model(net, path, model_info, task=task)
 
-    signature = model_info.signature
-    if signature is None:
-        signature = make_signature(net.input_channels, net.size, net.num_classes)
-
-    metadata: dict[str, Any] = {
-        "birder_version": f"v{__version__}",
-        "task": task,
-        "signature": signature,
-        "class_to_idx": dict(model_info.class_to_idx),
-        "rgb_stats": {key: list(value) for key, value in model_info.rgb_stats.items()},
-    }
-    config = net.config_override if net.config_override else model_info.custom_config
-    if config:
-        metadata["config"] = dict(config)
-    if net.network_name is not None:
-        metadata["network"] = net.network_name
-
+    metadata = build_metadata(net, model_info, task=task)
     return write_checkpoint(path, net.state_dict(), metadata)
 
 

@@ -18,8 +18,10 @@ from safetensors.torch import save_file
 
 from birder.errors import CheckpointError
 from birder.io.atomic import atomic_write_path
+from birder.version import __version__
 
 CHECKPOINT_FORMATS = ("pt", "safetensors")
+DEFAULT_TASK = "image_classification"
 # Metadata keys stored as JSON strings in .safetensors (plain values in .pt).
 _JSON_METADATA_KEYS = ("class_to_idx", "signature", "rgb_stats", "config")
 _REQUIRED_METADATA_KEYS = ("signature", "class_to_idx", "rgb_stats")
@@ -98,17 +100,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path}: truncated or not a safetensors file ({err})") from None
 
-    metadata: dict[str, Any] = {}
-    for key, value in raw_metadata.items():
-        if key in _JSON_METADATA_KEYS:
-            try:
-                metadata[key] = json.loads(value)
-            except json.JSONDecodeError:
-                raise CheckpointError(f"{path}: metadata '{key}' is not valid JSON") from None
-        else:
-            metadata[key] = value
-
-    return (state, metadata)
+    return (state, metadata_from_strings(path, raw_metadata))
 
 
 def write_checkpoint(path: str | Path, state: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> Path:
@@ -119,16 +111,65 @@ def write_checkpoint(path: str | Path, state: Mapping[str, torch.Tensor], metada
     tensors = {key: value.detach().to("cpu").contiguous() for key, value in state.items()}
     with atomic_write_path(path) as tmp_path:
         if file_format == "safetensors":
-            string_metadata = {
-                key: json.dumps(value) if key in _JSON_METADATA_KEYS else str(value)
-                for key, value in metadata.items()
-                if value is not None
-            }
-            save_file(tensors, str(tmp_path), metadata=string_metadata)
+            save_file(tensors, str(tmp_path), metadata=metadata_to_strings(metadata))
         else:
             torch.save({"state": tensors, **metadata}, tmp_path)
 
     return path
+
+
+def build_metadata(net: Any, model_info: ModelInfo, *, task: str = DEFAULT_TASK) -> dict[str, Any]:
+    """The SPEC section 3 metadata of ``net`` (plain values), plus the network name and its config override.
+
+    Every writer (``.pt``, ``.safetensors``, exports) stores exactly this, so a file always knows how to rebuild
+    its network; Birder ignores the extra keys.
+    """
+    signature = model_info.signature
+    if signature is None:
+        signature = make_signature(net.input_channels, net.size, net.num_classes)
+
+    metadata: dict[str, Any] = {
+        "birder_version": f"v{__version__}",
+        "task": task,
+        "signature": signature,
+        "class_to_idx": dict(model_info.class_to_idx),
+        "rgb_stats": {key: list(value) for key, value in model_info.rgb_stats.items()},
+    }
+    config = getattr(net, "config_override", None) or model_info.custom_config
+    if config:
+        metadata["config"] = dict(config)
+    network = getattr(net, "network_name", None)
+    if network is not None:
+        metadata["network"] = network
+
+    return metadata
+
+
+def metadata_to_strings(metadata: Mapping[str, Any]) -> dict[str, str]:
+    """Metadata as the string map of safetensors headers and export extra files (structured values as JSON)."""
+    return {
+        key: json.dumps(value) if key in _JSON_METADATA_KEYS else str(value)
+        for key, value in metadata.items()
+        if value is not None
+    }
+
+
+def metadata_from_strings(path: str | Path, raw: Mapping[str, str | bytes]) -> dict[str, Any]:
+    """The inverse of :func:`metadata_to_strings`; empty values (a key an export loader did not find) are left out."""
+    metadata: dict[str, Any] = {}
+    for key, raw_value in raw.items():
+        value = raw_value.decode("utf-8") if isinstance(raw_value, bytes) else raw_value
+        if value == "":
+            continue
+        if key in _JSON_METADATA_KEYS:
+            try:
+                metadata[key] = json.loads(value)
+            except json.JSONDecodeError:
+                raise CheckpointError(f"{path}: metadata '{key}' is not valid JSON") from None
+        else:
+            metadata[key] = value
+
+    return metadata
 
 
 def model_info_from_metadata(metadata: Mapping[str, Any]) -> ModelInfo:

@@ -30,20 +30,19 @@ from torch import nn
 from birder.errors import BirderError, CheckpointError
 from birder.io.atomic import fsync_path
 from birder.io.checkpoint import (
+    DEFAULT_TASK,
     ModelInfo,
+    build_metadata,
     get_channels_from_signature,
     get_size_from_signature,
-    make_signature,
+    metadata_from_strings,
+    metadata_to_strings,
     model_info_from_metadata,
 )
-from birder.version import __version__
 
 EXPORT_FORMATS = ("pts", "pt2", "onnx")
 ONNX_METADATA_SUFFIX = ".onnx_metadata.json"
-DEFAULT_TASK = "image_classification"
 
-# Metadata keys whose values are JSON documents; the others (birder_version, task, network) are plain strings.
-_JSON_KEYS = ("class_to_idx", "signature", "rgb_stats", "config")
 _METADATA_KEYS = ("birder_version", "task", "class_to_idx", "signature", "rgb_stats", "network", "config")
 _REQUIRED_KEYS = ("class_to_idx", "signature", "rgb_stats")
 # torch.export specialises a dimension of size 1, so the example batch has two images.
@@ -67,27 +66,8 @@ def onnx_metadata_path(path: str | os.PathLike) -> Path:
     return Path(path).with_suffix(ONNX_METADATA_SUFFIX)
 
 
-def export_metadata(net: nn.Module, model_info: ModelInfo, *, task: str = DEFAULT_TASK) -> dict[str, Any]:
-    """The SPEC section 3 metadata of ``net`` (plain Python values), as :func:`birder.save_model` writes it."""
-    signature = model_info.signature
-    if signature is None:
-        signature = make_signature(net.input_channels, net.size, net.num_classes)
-
-    metadata: dict[str, Any] = {
-        "birder_version": f"v{__version__}",
-        "task": task,
-        "class_to_idx": dict(model_info.class_to_idx),
-        "signature": signature,
-        "rgb_stats": {key: list(value) for key, value in model_info.rgb_stats.items()},
-    }
-    config = getattr(net, "config_override", None) or model_info.custom_config
-    if config:
-        metadata["config"] = dict(config)
-    network = getattr(net, "network_name", None)
-    if network is not None:
-        metadata["network"] = network
-
-    return metadata
+# The metadata every writer stores (kept under this name for callers of the export module).
+export_metadata = build_metadata
 
 
 def export_model(net: nn.Module, path: str | os.PathLike, model_info: ModelInfo, *, task: str = DEFAULT_TASK) -> Path:
@@ -151,27 +131,6 @@ def _atomic_export_path(path: Path) -> Iterator[Path]:
             os.replace(produced, path.parent / produced.name)
 
 
-def _as_extra_files(metadata: Mapping[str, Any]) -> dict[str, str]:
-    return {key: json.dumps(value) if key in _JSON_KEYS else str(value) for key, value in metadata.items()}
-
-
-def _parse_extra_files(path: Path, extra: Mapping[str, str | bytes]) -> dict[str, Any]:
-    metadata: dict[str, Any] = {}
-    for key, raw in extra.items():
-        value = raw.decode("utf-8") if isinstance(raw, bytes) else raw
-        if value == "":  # the loaders leave a key they did not find as it was given
-            continue
-        if key in _JSON_KEYS:
-            try:
-                metadata[key] = json.loads(value)
-            except json.JSONDecodeError:
-                raise CheckpointError(f"{path}: metadata '{key}' is not valid JSON") from None
-        else:
-            metadata[key] = value
-
-    return metadata
-
-
 def _check_zip(path: Path, kind: str) -> None:
     # Both archive kinds are zip files; checking first gives one clear line instead of torch's logged traceback.
     if not zipfile.is_zipfile(path):
@@ -195,7 +154,7 @@ def _export_torchscript(net: nn.Module, path: Path, example: torch.Tensor, metad
             net, {"forward": example, "embedding": example, "classify": embedding}, check_trace=False
         )
     with _atomic_export_path(path) as tmp_path:
-        torch.jit.save(scripted, str(tmp_path), _extra_files=_as_extra_files(metadata))
+        torch.jit.save(scripted, str(tmp_path), _extra_files=metadata_to_strings(metadata))
 
 
 def _load_torchscript(path: Path, device: torch.device | str) -> tuple[nn.Module, dict[str, Any]]:
@@ -211,7 +170,7 @@ def _load_torchscript(path: Path, device: torch.device | str) -> tuple[nn.Module
     model.eval()
     for param in model.parameters():  # ScriptModules have no requires_grad_()
         param.requires_grad_(False)
-    return (model, _parse_extra_files(path, extra))
+    return (model, metadata_from_strings(path, extra))
 
 
 # torch.export
@@ -222,7 +181,7 @@ def _export_program(net: nn.Module, path: Path, example: torch.Tensor, metadata:
     with torch.no_grad():
         program = torch.export.export(net, (example,), dynamic_shapes=({0: batch},), strict=False)
     with _atomic_export_path(path) as tmp_path:
-        torch.export.save(program, str(tmp_path), extra_files=_as_extra_files(metadata))
+        torch.export.save(program, str(tmp_path), extra_files=metadata_to_strings(metadata))
 
 
 def _load_program(path: Path, device: torch.device | str) -> tuple[nn.Module, dict[str, Any]]:
@@ -235,7 +194,7 @@ def _load_program(path: Path, device: torch.device | str) -> tuple[nn.Module, di
 
     model = ExportedProgramModel(program.module()).to(device)
     model.requires_grad_(False)
-    return (model, _parse_extra_files(path, extra))
+    return (model, metadata_from_strings(path, extra))
 
 
 def _module_path(node: torch.fx.Node) -> str:
@@ -345,7 +304,7 @@ def _export_onnx(net: nn.Module, path: Path, example: torch.Tensor, metadata: Ma
             dynamo=True,
             verbose=False,
         )
-    program.model.metadata_props.update(_as_extra_files(metadata))
+    program.model.metadata_props.update(metadata_to_strings(metadata))
 
     with _atomic_export_path(path) as tmp_path:
         program.save(str(tmp_path))
@@ -376,7 +335,7 @@ def _load_onnx(path: Path, device: torch.device | str) -> tuple[nn.Module, dict[
             return (model, metadata)
 
     # No sidecar: the copy inside the model itself
-    return (model, _parse_extra_files(path, model.session.get_modelmeta().custom_metadata_map))
+    return (model, metadata_from_strings(path, model.session.get_modelmeta().custom_metadata_map))
 
 
 class OnnxModel(nn.Module):
@@ -480,7 +439,7 @@ def read_export_metadata(path: str | os.PathLike) -> dict[str, Any]:
         sidecar = onnx_metadata_path(path)
         if sidecar.is_file():
             return json.loads(sidecar.read_text(encoding="utf-8"))
-        return _parse_extra_files(path, OnnxModel(path).session.get_modelmeta().custom_metadata_map)
+        return metadata_from_strings(path, OnnxModel(path).session.get_modelmeta().custom_metadata_map)
 
     # Both archive kinds are zip files with the extra files stored under an "extra"/"extra_files" folder.
     try:
@@ -492,7 +451,7 @@ def read_export_metadata(path: str | os.PathLike) -> dict[str, Any]:
                     extra[key] = archive.read(name).decode("utf-8")
     except (zipfile.BadZipFile, OSError) as err:
         raise CheckpointError(f"{path}: truncated or not a {file_format} archive ({_first_line(err)})") from None
-    metadata = _parse_extra_files(path, extra)
+    metadata = metadata_from_strings(path, extra)
     _check_metadata(path, metadata)
     return metadata
 

@@ -13,13 +13,11 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from birder.errors import BirderError, UnknownModelError
+from birder.io.checkpoint import DEFAULT_TASK
 from birder.model_registry.manifest import PRETRAINED_MODELS
 from birder.net.base import BaseNet
 
 logger = logging.getLogger(__name__)
-
-# Tasks of networks whose name does not say otherwise.
-DEFAULT_TASK = "image_classification"
 
 
 def _sorted_matching(names: Iterable[str], pattern: str | None) -> list[str]:
