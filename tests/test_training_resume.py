@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_training_classification import TINY
+from test_training_classification import tiny_config
 from test_training_data import make_image_folder, make_split_dataset, single_thread  # noqa: F401 (autouse)
 from test_training_mim import tiny_config as tiny_mim_config
 
@@ -37,33 +37,25 @@ def recorder(events: list[tuple], stop_at: tuple[int, int] | None = None):
     return on_batch
 
 
+# On top of the small supervised run: every stateful part at once, and a checkpoint every epoch.
+RESUME_RECIPE = {
+    "epochs": 2,
+    "accumulation_steps": 2,
+    "warmup_epochs": 1,
+    "layer_decay": 0.8,
+    "label_smoothing": 0.1,
+    "mixup_alpha": 0.8,
+    "cutmix_alpha": 1.0,
+    "ema_decay": 0.9,
+    "class_balanced": True,
+    "aug_level": 3,
+    "clip_grad_norm": 1.0,
+    "save_every": 1,
+}
+
+
 def classifier_config(data: Path, output: Path, **overrides) -> TrainConfig:
-    settings = {
-        "output_dir": output,
-        "data_dir": data,
-        "network": "vit_b16",
-        "model_config": TINY,
-        "size": 32,
-        "rgb_stats": "neutral",
-        "epochs": 2,
-        "batch_size": 8,
-        "accumulation_steps": 2,
-        "lr": 2e-3,
-        "warmup_epochs": 1,
-        "layer_decay": 0.8,
-        "label_smoothing": 0.1,
-        "mixup_alpha": 0.8,
-        "cutmix_alpha": 1.0,
-        "ema_decay": 0.9,
-        "class_balanced": True,
-        "aug_level": 3,
-        "clip_grad_norm": 1.0,
-        "workers": 0,
-        "save_every": 1,
-        "progress_bar": False,
-        **overrides,
-    }
-    return TrainConfig(**settings)
+    return tiny_config(data, output, **{**RESUME_RECIPE, **overrides})
 
 
 def assert_same_states(a: Path, b: Path) -> None:

@@ -15,7 +15,7 @@ import argparse
 
 from birder.data.training import AUG_LEVELS
 from birder.training.classification import TrainConfig, train_classifier
-from birder.training.cli import add_training_args, json_object, run_cli
+from birder.training.cli import add_training_args, json_object, run_cli, training_config_args
 from birder.training.optim import OPTIMIZERS
 
 PROG = "birder-train"
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
-        output_dir=args.output_dir,
+        **training_config_args(args),
         data_dir=args.data_dir,
         train_dir=args.train_dir,
         val_dir=args.val_dir,
@@ -73,36 +73,18 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         tag=args.tag,
         size=args.size,
         rgb_stats=args.rgb_stats,
-        epochs=args.epochs,
-        stop_epoch=args.stop_epoch,
-        batch_size=args.batch_size,
-        accumulation_steps=args.accumulation_steps,
         optimizer=args.optimizer,
-        lr=args.lr,
-        min_lr=args.min_lr,
-        weight_decay=args.wd,
         momentum=args.momentum,
-        warmup_epochs=args.warmup_epochs,
         layer_decay=args.layer_decay,
         label_smoothing=args.label_smoothing,
         mixup_alpha=args.mixup,
         cutmix_alpha=args.cutmix,
         ema_decay=args.ema_decay,
-        clip_grad_norm=args.clip_grad_norm,
-        amp=args.amp,
-        compile=args.compile,
         aug_level=args.aug_level,
         class_balanced=args.class_balanced,
         freeze_body=args.freeze_body,
         drop_path=args.drop_path,
         top_k=args.top_k,
-        workers=args.workers,
-        seed=args.seed,
-        save_every=args.save_every,
-        save_every_steps=args.save_every_steps,
-        resume=args.resume,
-        device=args.device,
-        progress_bar=not args.no_progress,
     )
 
 

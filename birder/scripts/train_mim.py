@@ -9,7 +9,7 @@ Multi-GPU: ``torchrun --nproc_per_node 8 -m birder.scripts.train_mim ...`` (the 
 import argparse
 
 from birder.net.mim import mim_registry
-from birder.training.cli import add_training_args, json_object, run_cli
+from birder.training.cli import add_training_args, json_object, run_cli, training_config_args
 from birder.training.mim import MIMTrainConfig, train_mim
 
 PROG = "birder-train-mim"
@@ -41,34 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> MIMTrainConfig:
     return MIMTrainConfig(
+        **training_config_args(args),
         data_dirs=args.data_dir,
-        output_dir=args.output_dir,
         network=args.network,
         mim_network=args.mim_network,
         model_config=args.model_config,
         mim_config=args.mim_config,
         size=args.size if args.size is not None else 224,
         rgb_stats=args.rgb_stats or "birder",
-        epochs=args.epochs,
-        stop_epoch=args.stop_epoch,
-        batch_size=args.batch_size,
-        accumulation_steps=args.accumulation_steps,
-        lr=args.lr,
-        min_lr=args.min_lr,
-        weight_decay=args.wd,
-        warmup_epochs=args.warmup_epochs,
-        clip_grad_norm=args.clip_grad_norm,
-        amp=args.amp,
-        compile=args.compile,
         min_scale=args.min_scale,
         drop_path=args.drop_path if args.drop_path is not None else 0.0,
-        workers=args.workers,
-        seed=args.seed,
-        save_every=args.save_every,
-        save_every_steps=args.save_every_steps,
-        resume=args.resume,
-        device=args.device,
-        progress_bar=not args.no_progress,
         visualize=args.visualize,
     )
 

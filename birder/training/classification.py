@@ -12,7 +12,6 @@ when the classes are the same). Outputs in ``output_dir`` (``<stem>`` is ``<netw
 """
 
 import logging
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,23 +37,14 @@ from birder.io.checkpoint import ModelInfo
 from birder.loading import load_model, save_model
 from birder.model_registry.registry import DEFAULT_TASK, registry
 from birder.net.base import BaseNet
-from birder.training.amp import amp_dtype, grad_scaler
-from birder.training.distributed import DistInfo, cleanup_distributed, init_distributed
+from birder.training.distributed import DistInfo, distributed_session
 from birder.training.ema import ModelEMA
 from birder.training.evaluation import EvalResult, evaluate, write_eval_outputs
-from birder.training.loop import BatchEvent, EpochProgress, EpochSummary, Trainer
+from birder.training.loop import BatchEvent, EpochProgress, EpochSummary, build_trainer, start_run
 from birder.training.metrics import MetricsCSV
 from birder.training.mixup import MixupCutmix, soft_target_cross_entropy
 from birder.training.optim import build_optimizer, param_groups
-from birder.training.schedule import epoch_cosine_schedule
-from birder.training.setup import (
-    make_loader,
-    resolve_resume,
-    resolve_rgb_stats,
-    resolve_size,
-    seed_everything,
-    set_drop_path_rate,
-)
+from birder.training.setup import make_loader, resolve_rgb_stats, resolve_size, seed_everything, set_drop_path_rate
 from birder.training.state import save_training_state
 
 logger = logging.getLogger(__name__)
@@ -166,11 +156,8 @@ def build_classifier(config: TrainConfig, class_to_idx: Mapping[str, int]) -> tu
 
 def train_classifier(config: TrainConfig, *, on_batch: Callable[[BatchEvent], None] | None = None) -> TrainResult:
     """Train a classifier as ``config`` says, in one process or as one rank of a ``torchrun`` job (DDP)."""
-    dist = init_distributed(config.device)
-    try:
+    with distributed_session(config.device) as dist:
         return _train(config, dist, on_batch)
-    finally:
-        cleanup_distributed(dist)
 
 
 @dataclass
@@ -233,49 +220,21 @@ def _train(config: TrainConfig, dist: DistInfo, on_batch: Callable[[BatchEvent],
 
     groups = param_groups(net, config.lr, config.weight_decay, config.layer_decay)
     optimizer = build_optimizer(config.optimizer, groups, momentum=config.momentum, betas=tuple(config.betas))
-    scheduler = epoch_cosine_schedule(
-        optimizer,
-        epochs=config.epochs,
-        batches_per_epoch=math.ceil(data.sampler.samples_per_rank / config.batch_size),
-        accumulation_steps=config.accumulation_steps,
-        warmup_epochs=config.warmup_epochs,
-        min_lr=config.min_lr,
-    )
-    dtype = amp_dtype(config.amp)
     ema = ModelEMA(net, config.ema_decay) if config.ema_decay is not None else None
     identity = {"kind": "classification", "network": net.network_name, "class_to_idx": dict(class_to_idx)}
-
-    def save_step_states(trainer: Trainer, progress: EpochProgress) -> None:
-        state = {**trainer.state_dict(progress, epoch_complete=False), **identity}
-        if dist.is_main:
-            save_training_state(output_dir / f"{stem}_step_states.pt", state)
-
-    trainer = Trainer(
+    trainer = build_trainer(
         net,
+        config,
         dist=dist,
         optimizer=optimizer,
-        scheduler=scheduler,
-        scaler=grad_scaler(dist.device, dtype),
+        sampler=data.sampler,
         loss_fn=_loss_fn(config, len(class_to_idx)),
-        amp_dtype=dtype,
-        accumulation_steps=config.accumulation_steps,
-        clip_grad_norm=config.clip_grad_norm,
+        stem=stem,
+        identity=identity,
         ema=ema,
-        compile=config.compile,
-        progress_bar=config.progress_bar,
-        save_every_steps=config.save_every_steps,
-        step_checkpoint=save_step_states,
         on_batch=on_batch,
     )
-
-    # From here on ranks draw different masks, drop-path and mixup samples.
-    seed_everything(config.seed, dist.rank)
-    (start_epoch, progress) = (1, None)
-    resume_path = resolve_resume(config.resume, output_dir, stem)
-    if resume_path is not None:
-        (start_epoch, progress) = trainer.resume(resume_path, identity)
-    elif config.resume is not None:
-        logger.info("nothing to resume in %s: starting from scratch", output_dir)
+    (start_epoch, progress) = start_run(trainer, config, stem=stem, identity=identity)
 
     metrics = MetricsCSV(output_dir / METRICS_FILE, _metric_fields(config.top_k, len(class_to_idx)))
     per_class = MetricsCSV(output_dir / PER_CLASS_FILE, ["epoch", "class", "precision", "recall", "support"])
@@ -303,7 +262,7 @@ def _train(config: TrainConfig, dist: DistInfo, on_batch: Callable[[BatchEvent],
             data.val_loader,
             dist=dist,
             class_names=data.class_names,
-            amp_dtype=dtype,
+            amp_dtype=trainer.amp_dtype,
             top_k=config.top_k,
             progress_bar=config.progress_bar,
         )

@@ -86,6 +86,32 @@ def add_training_args(parser: argparse.ArgumentParser, *, lr: float, weight_deca
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def training_config_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Config fields from the options of :func:`add_training_args` that both trainers' configs take as they are
+    (``--size``, ``--rgb-stats`` and ``--drop-path`` default differently, so each script maps those itself)."""
+    return {
+        "output_dir": args.output_dir,
+        "epochs": args.epochs,
+        "stop_epoch": args.stop_epoch,
+        "batch_size": args.batch_size,
+        "accumulation_steps": args.accumulation_steps,
+        "lr": args.lr,
+        "min_lr": args.min_lr,
+        "weight_decay": args.wd,
+        "warmup_epochs": args.warmup_epochs,
+        "clip_grad_norm": args.clip_grad_norm,
+        "amp": args.amp,
+        "compile": args.compile,
+        "workers": args.workers,
+        "seed": args.seed,
+        "save_every": args.save_every,
+        "save_every_steps": args.save_every_steps,
+        "resume": args.resume,
+        "device": args.device,
+        "progress_bar": not args.no_progress,
+    }
+
+
 def run_cli(prog: str, train: Callable[[], Any]) -> int:
     """Run ``train`` with logging set up; a user error (bad path, bad checkpoint, ...) is one line, exit 2."""
     setup_logging()

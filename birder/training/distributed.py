@@ -4,8 +4,10 @@
 NCCL is used on GPUs, gloo on the CPU.
 """
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +69,16 @@ def cleanup_distributed(info: DistInfo) -> None:
     """Leave the process group if :func:`init_distributed` joined it (not one the caller set up)."""
     if info.owns_process_group and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def distributed_session(device: str | None = None) -> Iterator[DistInfo]:
+    """:func:`init_distributed` for the ``with`` block, then :func:`cleanup_distributed`, also after an error."""
+    info = init_distributed(device)
+    try:
+        yield info
+    finally:
+        cleanup_distributed(info)
 
 
 def setup_logging(level: int = logging.INFO) -> None:

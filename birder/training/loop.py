@@ -3,6 +3,9 @@ clipping, EMA and step checkpoints, plus the state needed to resume it exactly.
 
 The trainer supplies a loss function ``loss_fn(model, batch) -> scalar`` (MAE reconstruction, cross-entropy with
 mixup, ...); everything else is the same for every task.
+
+:func:`build_trainer` and :func:`start_run` are the start-up both trainers share: a :class:`Trainer` set up as the
+run's config says, then per-rank seeding and resume.
 """
 
 import contextlib
@@ -12,7 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -20,11 +23,12 @@ from tqdm import tqdm
 
 from birder.data.training import Batch, EpochSampler, ImageDataset
 from birder.errors import BirderError, CheckpointError
-from birder.training.amp import autocast
+from birder.training.amp import amp_dtype, autocast, grad_scaler
 from birder.training.distributed import DistInfo, all_gather_objects, all_reduce_sum, wrap_ddp
 from birder.training.ema import ModelEMA
-from birder.training.setup import make_loader
-from birder.training.state import capture_rng_state, load_training_state, restore_rng_state
+from birder.training.schedule import epoch_cosine_schedule
+from birder.training.setup import make_loader, resolve_resume, seed_everything
+from birder.training.state import capture_rng_state, load_training_state, restore_rng_state, save_training_state
 
 logger = logging.getLogger(__name__)
 
@@ -281,3 +285,98 @@ class Trainer:
             return None
 
         return EpochProgress(**state["progress"])
+
+
+# Start-up both trainers share
+
+
+class RunConfig(Protocol):
+    """What :func:`build_trainer` and :func:`start_run` read of a trainer's config (both configs have it)."""
+
+    output_dir: str | Path
+    epochs: int
+    batch_size: int
+    accumulation_steps: int
+    warmup_epochs: float
+    min_lr: float
+    clip_grad_norm: float | None
+    amp: str | None
+    compile: bool
+    seed: int
+    save_every_steps: int | None
+    resume: str | Path | None
+    progress_bar: bool
+
+
+def build_trainer(
+    model: nn.Module,
+    config: RunConfig,
+    *,
+    dist: DistInfo,
+    optimizer: torch.optim.Optimizer,
+    sampler: EpochSampler,
+    loss_fn: LossFn,
+    stem: str,
+    identity: Mapping[str, Any],
+    ema: ModelEMA | None = None,
+    on_batch: Callable[[BatchEvent], None] | None = None,
+) -> Trainer:
+    """A :class:`Trainer` with the schedule, precision, clipping and step checkpoints ``config`` asks for.
+
+    The cosine schedule is planned for ``config.epochs`` passes over this rank's share of ``sampler``. Step
+    checkpoints go to ``<output_dir>/<stem>_step_states.pt``, with ``identity`` (what a resume must match).
+    """
+    scheduler = epoch_cosine_schedule(
+        optimizer,
+        epochs=config.epochs,
+        batches_per_epoch=math.ceil(sampler.samples_per_rank / config.batch_size),
+        accumulation_steps=config.accumulation_steps,
+        warmup_epochs=config.warmup_epochs,
+        min_lr=config.min_lr,
+    )
+    dtype = amp_dtype(config.amp)
+    step_states_path = Path(config.output_dir) / f"{stem}_step_states.pt"
+
+    def save_step_states(trainer: Trainer, progress: EpochProgress) -> None:
+        state = {**trainer.state_dict(progress, epoch_complete=False), **identity}
+        if dist.is_main:
+            save_training_state(step_states_path, state)
+
+    return Trainer(
+        model,
+        dist=dist,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=grad_scaler(dist.device, dtype),
+        loss_fn=loss_fn,
+        amp_dtype=dtype,
+        accumulation_steps=config.accumulation_steps,
+        clip_grad_norm=config.clip_grad_norm,
+        ema=ema,
+        compile=config.compile,
+        progress_bar=config.progress_bar,
+        save_every_steps=config.save_every_steps,
+        step_checkpoint=save_step_states,
+        on_batch=on_batch,
+    )
+
+
+def start_run(
+    trainer: Trainer, config: RunConfig, *, stem: str, identity: Mapping[str, Any]
+) -> tuple[int, EpochProgress | None]:
+    """Seed every rank its own way, then resume ``config.resume`` (a state file, or ``latest`` of ``stem`` in the
+    output folder) when there is one. Returns the epoch to continue with and, for an unfinished epoch, how far
+    it went.
+
+    Call it once everything that draws random numbers while being built exists (see :meth:`Trainer.load_state_dict`).
+    """
+    # From here on ranks draw different masks, drop-path and mixup samples.
+    seed_everything(config.seed, trainer.dist.rank)
+    output_dir = Path(config.output_dir)
+    resume_path = resolve_resume(config.resume, output_dir, stem)
+    if resume_path is not None:
+        return trainer.resume(resume_path, identity)
+    if config.resume is not None:
+        logger.info("nothing to resume in %s: starting from scratch", output_dir)
+
+    return (1, None)

@@ -11,7 +11,6 @@ Outputs in ``output_dir`` (``<mim>`` is e.g. ``mae_vit``, ``<network>`` e.g. ``v
 """
 
 import logging
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,20 +27,13 @@ from birder.io.images import load_image
 from birder.loading import load_state_into, save_model
 from birder.model_registry.registry import registry
 from birder.net.mim import mim_registry
-from birder.training.amp import amp_dtype, autocast, grad_scaler
-from birder.training.distributed import DistInfo, cleanup_distributed, init_distributed
-from birder.training.loop import BatchEvent, EpochProgress, Trainer
+from birder.training.amp import amp_dtype, autocast
+from birder.training.distributed import DistInfo, distributed_session
+from birder.training.loop import BatchEvent, EpochProgress, build_trainer, start_run
 from birder.training.metrics import MetricsCSV
 from birder.training.optim import build_optimizer, param_groups
 from birder.training.plots import save_image_rows
-from birder.training.schedule import epoch_cosine_schedule
-from birder.training.setup import (
-    resolve_resume,
-    resolve_rgb_stats,
-    resolve_size,
-    seed_everything,
-    set_drop_path_rate,
-)
+from birder.training.setup import resolve_rgb_stats, resolve_size, seed_everything, set_drop_path_rate
 from birder.training.state import save_training_state
 from birder.version import __version__
 
@@ -179,11 +171,8 @@ def train_mim(config: MIMTrainConfig, *, on_batch: Callable[[BatchEvent], None] 
 
     Runs as one process, or as one rank of a ``torchrun`` job (DDP). ``on_batch`` is called after every batch.
     """
-    dist = init_distributed(config.device)
-    try:
+    with distributed_session(config.device) as dist:
         return _train(config, dist, on_batch)
-    finally:
-        cleanup_distributed(dist)
 
 
 def _train(config: MIMTrainConfig, dist: DistInfo, on_batch: Callable[[BatchEvent], None] | None) -> MIMTrainResult:
@@ -204,46 +193,18 @@ def _train(config: MIMTrainConfig, dist: DistInfo, on_batch: Callable[[BatchEven
     set_drop_path_rate(encoder, config.drop_path)
     mae = mim_registry.net_factory(config.mim_network, encoder, config=config.mim_config).to(dist.device)
     optimizer = build_optimizer("adamw", param_groups(mae, config.lr, config.weight_decay), betas=tuple(config.betas))
-    scheduler = epoch_cosine_schedule(
-        optimizer,
-        epochs=config.epochs,
-        batches_per_epoch=math.ceil(sampler.samples_per_rank / config.batch_size),
-        accumulation_steps=config.accumulation_steps,
-        warmup_epochs=config.warmup_epochs,
-        min_lr=config.min_lr,
-    )
-    dtype = amp_dtype(config.amp)
-
-    def save_step_states(trainer: Trainer, progress: EpochProgress) -> None:
-        state = {**trainer.state_dict(progress, epoch_complete=False), **_identity(config)}
-        if dist.is_main:
-            save_training_state(output_dir / f"{_stem(config)}_step_states.pt", state)
-
-    trainer = Trainer(
+    trainer = build_trainer(
         mae,
+        config,
         dist=dist,
         optimizer=optimizer,
-        scheduler=scheduler,
-        scaler=grad_scaler(dist.device, dtype),
+        sampler=sampler,
         loss_fn=lambda model, batch: model(batch.images).loss,
-        amp_dtype=dtype,
-        accumulation_steps=config.accumulation_steps,
-        clip_grad_norm=config.clip_grad_norm,
-        compile=config.compile,
-        progress_bar=config.progress_bar,
-        save_every_steps=config.save_every_steps,
-        step_checkpoint=save_step_states,
+        stem=_stem(config),
+        identity=_identity(config),
         on_batch=on_batch,
     )
-
-    # From here on ranks draw different masks, drop-path and mixup samples.
-    seed_everything(config.seed, dist.rank)
-    (start_epoch, progress) = (1, None)
-    resume_path = resolve_resume(config.resume, output_dir, _stem(config))
-    if resume_path is not None:
-        (start_epoch, progress) = trainer.resume(resume_path, _identity(config))
-    elif config.resume is not None:
-        logger.info("nothing to resume in %s: starting from scratch", output_dir)
+    (start_epoch, progress) = start_run(trainer, config, stem=_stem(config), identity=_identity(config))
 
     metrics = MetricsCSV(output_dir / METRICS_FILE, METRICS_FIELDS)
     visual = torch.empty(0)
