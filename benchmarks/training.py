@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from birder.data.training import Batch
+from birder.distributed import DistInfo
 from birder.model_registry.registry import registry
 from birder.net.mim import mim_registry
 from birder.training.amp import AMP_DTYPES, amp_dtype, grad_scaler
-from birder.training.distributed import DistInfo
 from birder.training.ema import ModelEMA
 from birder.training.loop import EpochProgress, Trainer
 from birder.training.optim import build_optimizer, param_groups

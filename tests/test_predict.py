@@ -14,6 +14,7 @@ from conftest import make_tiny_vit
 from PIL import Image
 
 import birder
+from birder.distributed import resolve_device
 from birder.errors import BirderError, UnknownModelError
 from birder.inference import predictor as P
 from birder.inference.classification import infer_image
@@ -283,14 +284,14 @@ def test_top_k_and_summary() -> None:
 def test_resolve_device(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    assert P.resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cpu")
     with pytest.raises(BirderError, match="no CUDA GPU"):
-        P.resolve_device("cuda")
+        resolve_device("cuda")
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
-    assert P.resolve_device("auto") == torch.device("mps")
+    assert resolve_device("auto") == torch.device("mps")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert P.resolve_device("auto", local_rank=3) == torch.device("cuda", 1)
+    assert resolve_device("auto", local_rank=3) == torch.device("cuda", 1)
 
 
 def test_shards_are_disjoint_and_complete() -> None:

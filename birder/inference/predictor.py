@@ -6,7 +6,7 @@ and inference are :func:`~birder.io.images.load_image`, the model's ``classifica
 :func:`~birder.inference.classification.infer_batch`: exactly what ``infer_image`` does, so a photo gets the
 same probabilities from the library, the command line and the server.
 
-Also here: choosing the device, ``torchrun`` sharding (:class:`DistributedContext`), restricting the answer to
+Also here: ``torchrun`` sharding (devices and process groups: :mod:`birder.distributed`), restricting the answer to
 a regional species list (:class:`ClassSelection`) and the end-of-run summary (:class:`RunSummary`).
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -38,35 +38,11 @@ from birder.net.base import BaseNet
 
 logger = logging.getLogger(__name__)
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
 T = TypeVar("T")
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Model and device
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """``auto`` picks CUDA, then Apple's MPS, then the CPU; under ``torchrun`` each rank takes its own GPU."""
-    if name not in DEVICES:
-        raise BirderError(f"unknown device '{name}'; choose one of: {', '.join(DEVICES)}")
-
-    if name == "auto":
-        if torch.cuda.is_available():
-            name = "cuda"
-        elif torch.backends.mps.is_available():
-            name = "mps"
-        else:
-            name = "cpu"
-
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise BirderError("--device cuda: no CUDA GPU is available on this machine (try --device auto)")
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise BirderError("--device mps: Apple's MPS backend is not available on this machine (try --device auto)")
-
-    return torch.device(name)
 
 
 def load_inference_model(
@@ -390,47 +366,7 @@ class RunSummary:
 # ---------------------------------------------------------------------------------------------------------------------
 
 # Ranks meet at the end of a run; on millions of photos one may finish well before the slowest.
-_COLLECTIVE_TIMEOUT = timedelta(hours=6)
-
-
-@dataclass(frozen=True)
-class DistributedContext:
-    """Where this process sits in a ``torchrun`` job (rank 0 of 1 when run on its own)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device_name: str = "auto") -> tuple[DistributedContext, torch.device]:
-    """Join the ``torchrun`` job described by the environment, if any, and pick this rank's device.
-
-    GPUs talk over NCCL, CPUs over gloo.
-    """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return (DistributedContext(), resolve_device(device_name))
-
-    context = DistributedContext(
-        rank=int(os.environ["RANK"]), world_size=world_size, local_rank=int(os.environ.get("LOCAL_RANK", "0"))
-    )
-    device = resolve_device(device_name, context.local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-
-    if not torch.distributed.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend=backend, timeout=_COLLECTIVE_TIMEOUT)
-
-    return (context, device)
+COLLECTIVE_TIMEOUT = timedelta(hours=6)
 
 
 def shard_indices(indices: Sequence[int], rank: int, world_size: int) -> list[int]:
@@ -439,66 +375,3 @@ def shard_indices(indices: Sequence[int], rank: int, world_size: int) -> list[in
     Unlike ``DistributedSampler`` nothing is padded, so no photo is predicted (and written) twice.
     """
     return list(indices[rank::world_size])
-
-
-def broadcast_from_main(context: DistributedContext, value: T | None) -> T:
-    """Rank 0's ``value``, on every rank (others pass ``None``)."""
-    if not context.enabled:
-        return value  # type: ignore[return-value]
-
-    holder = [value]
-    torch.distributed.broadcast_object_list(holder, src=0)
-    return holder[0]  # type: ignore[return-value]
-
-
-def main_first(context: DistributedContext, function: Callable[[], T]) -> T:
-    """Run ``function`` on rank 0, then on the others: a download or a check happens once, not once per rank.
-
-    A :class:`BirderError` on rank 0 is raised on every rank (no rank waits forever for one that gave up).
-    """
-    if not context.enabled:
-        return function()
-
-    error = None
-    result = None
-    if context.is_main:
-        try:
-            result = function()
-        except BirderError as exc:
-            error = str(exc)
-    error = broadcast_from_main(context, error if context.is_main else None)
-    if error is not None:
-        raise BirderError(error)
-
-    return result if context.is_main else function()
-
-
-def compute_on_main(context: DistributedContext, function: Callable[[], T]) -> T:
-    """``function()`` computed on rank 0 only and shared with every rank (or its :class:`BirderError` raised on all).
-
-    For work that must be done once and agreed on, like listing the photos and deciding what is left to do.
-    """
-    if not context.enabled:
-        return function()
-
-    payload: tuple[bool, Any] | None = None
-    if context.is_main:
-        try:
-            payload = (True, function())
-        except BirderError as exc:
-            payload = (False, str(exc))
-    (ok, value) = broadcast_from_main(context, payload)
-    if not ok:
-        raise BirderError(value)
-
-    return value
-
-
-def barrier(context: DistributedContext) -> None:
-    if context.enabled:
-        torch.distributed.barrier()
-
-
-def shutdown_distributed(context: DistributedContext) -> None:
-    if context.enabled and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()

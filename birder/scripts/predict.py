@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from birder.data.transforms import classification_transform
+from birder.distributed import DistInfo, barrier, compute_on_main, distributed_session, main_first
 from birder.errors import BirderError, ImageDecodeError
 from birder.inference import predictor as P
 from birder.inference.dataset import discover_images
@@ -172,11 +173,11 @@ def _settings(args: argparse.Namespace, size: tuple[int, int], tables: list[str]
     }
 
 
-def _prepare(args: argparse.Namespace, context: P.DistributedContext, device: torch.device) -> _Job:
+def _prepare(args: argparse.Namespace, context: DistInfo, device: torch.device) -> _Job:
     """Load the model (rank 0 first: a download happens once), convert it, and set up classes and tables."""
     species = P.read_species_file(args.species) if args.species is not None else None
     progress_bar = context.is_main and not args.no_progress
-    (net, model_info) = P.main_first(
+    (net, model_info) = main_first(
         context, lambda: P.load_inference_model(args.model, args.weights, args.network, progress_bar=progress_bar)
     )
     if not model_info.class_to_idx or get_num_classes_from_signature(model_info.signature) == 0:
@@ -255,7 +256,7 @@ def _batch_rows(job: _Job, batch: P.PredictionBatch, paths: list[str]) -> dict[s
     return rows
 
 
-def _predict(job: _Job, context: P.DistributedContext, paths: list[str], mine: list[int], attempt: int) -> float:
+def _predict(job: _Job, context: DistInfo, paths: list[str], mine: list[int], attempt: int) -> float:
     """Classify this rank's photos into its journals; returns the seconds it took."""
     args = job.args
     predictor = P.Predictor(
@@ -274,7 +275,7 @@ def _predict(job: _Job, context: P.DistributedContext, paths: list[str], mine: l
     progress = tqdm(
         total=len(mine),
         unit="img",
-        desc="Classifying" if not context.enabled else f"Classifying (rank 0 of {context.world_size})",
+        desc="Classifying" if not context.distributed else f"Classifying (rank 0 of {context.world_size})",
         disable=args.no_progress or not context.is_main,
         dynamic_ncols=True,
     )
@@ -326,15 +327,16 @@ def _finish(
 def run(args: argparse.Namespace) -> int:
     """Classify ``args.inputs`` as the parsed command line says; raises :class:`BirderError` on user mistakes."""
     _check_arguments(args)
-    (context, device) = P.init_distributed("cpu" if args.quantize else args.device)
-    try:
+    device_name = "cpu" if args.quantize else args.device
+    with distributed_session(device_name, timeout=P.COLLECTIVE_TIMEOUT) as context:
+        device = context.device
         job = _prepare(args, context, device)
         # Rank 0 finds the photos and what is left to do; every rank gets the same plan, then its own share
-        (paths, remaining, attempt, include_final) = P.compute_on_main(context, lambda: _plan(job))
+        (paths, remaining, attempt, include_final) = compute_on_main(context, lambda: _plan(job))
         mine = P.shard_indices(remaining, context.rank, context.world_size)
         elapsed = _predict(job, context, paths, mine, attempt)
 
-        P.barrier(context)  # every rank's journals are complete and on disk
+        barrier(context)  # every rank's journals are complete and on disk
         if context.is_main:
             run_info = {
                 "photos_this_run": len(remaining),
@@ -344,8 +346,6 @@ def run(args: argparse.Namespace) -> int:
             }
             _finish(job, paths, include_final, len(remaining), elapsed, run_info)
         return 0
-    finally:
-        P.shutdown_distributed(context)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -32,12 +32,12 @@ from birder.data.training import (
     training_transform,
 )
 from birder.data.transforms import classification_transform
+from birder.distributed import DistInfo, distributed_session
 from birder.errors import BirderError
 from birder.io.checkpoint import ModelInfo
 from birder.loading import load_model, save_model
 from birder.model_registry.registry import DEFAULT_TASK, registry
 from birder.net.base import BaseNet
-from birder.training.distributed import DistInfo, distributed_session
 from birder.training.ema import ModelEMA
 from birder.training.evaluation import EvalResult, evaluate, write_eval_outputs
 from birder.training.loop import BatchEvent, EpochProgress, EpochSummary, build_trainer, start_run

@@ -18,12 +18,12 @@ from tqdm import tqdm
 
 from birder.data.training import EpochSampler, ImageDataset, csv_files, image_folder_files
 from birder.data.transforms import classification_transform
+from birder.distributed import DistInfo, all_reduce_sum
 from birder.errors import CheckpointError
 from birder.io.atomic import atomic_write_path
 from birder.io.checkpoint import get_size_from_signature
 from birder.loading import load_model
 from birder.training.amp import amp_dtype, autocast
-from birder.training.distributed import DistInfo, all_reduce_sum
 from birder.training.metrics import format_value
 from birder.training.plots import save_confusion_matrix_png
 from birder.training.setup import make_loader

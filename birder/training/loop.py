@@ -22,9 +22,10 @@ from torch import nn
 from tqdm import tqdm
 
 from birder.data.training import Batch, EpochSampler, ImageDataset
+from birder.distributed import DistInfo, all_gather_objects, all_reduce_sum
 from birder.errors import BirderError, CheckpointError
 from birder.training.amp import amp_dtype, autocast, grad_scaler
-from birder.training.distributed import DistInfo, all_gather_objects, all_reduce_sum, wrap_ddp
+from birder.training.distributed import wrap_ddp
 from birder.training.ema import ModelEMA
 from birder.training.schedule import epoch_cosine_schedule
 from birder.training.setup import make_loader, resolve_resume, seed_everything

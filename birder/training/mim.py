@@ -21,6 +21,7 @@ from torch import nn
 
 from birder.data.training import EpochSampler, ImageDataset, list_images, mim_transform
 from birder.data.transforms import classification_transform
+from birder.distributed import DistInfo, distributed_session
 from birder.errors import BirderError, CheckpointError, ImageDecodeError
 from birder.io.checkpoint import ModelInfo, make_signature, read_checkpoint, write_checkpoint
 from birder.io.images import load_image
@@ -28,7 +29,6 @@ from birder.loading import load_state_into, save_model
 from birder.model_registry.registry import registry
 from birder.net.mim import mim_registry
 from birder.training.amp import amp_dtype, autocast
-from birder.training.distributed import DistInfo, distributed_session
 from birder.training.loop import BatchEvent, EpochProgress, build_trainer, start_run
 from birder.training.metrics import MetricsCSV
 from birder.training.optim import build_optimizer, param_groups
