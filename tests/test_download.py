@@ -10,7 +10,7 @@ import pytest
 from conftest import LoopbackServer
 
 from birder.errors import ChecksumMismatchError, DownloadError
-from birder.io import download
+from birder.io import atomic, download
 from birder.io.download import download_file, fetch_pretrained_file, sha256_file, verified_sha256
 from birder.version import __version__
 
@@ -211,7 +211,7 @@ def test_unwritable_stamp_is_ignored(tmp_path: Path, monkeypatch: pytest.MonkeyP
     def read_only(*args: object, **kwargs: object) -> tuple[int, str]:
         raise PermissionError("read-only file system")
 
-    monkeypatch.setattr(download.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", read_only)  # no temporary file can be made beside the model
     path = tmp_path / "model.pt"
     path.write_bytes(OTHER)
 

@@ -25,7 +25,6 @@ never holds a whole table in memory.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import heapq
@@ -39,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from birder.errors import BirderError
-from birder.io.atomic import atomic_write_path
+from birder.io.atomic import atomic_write_path, fsync_directory
 
 OUTPUT_FORMATS = ("csv", "parquet")
 JOURNAL_DIR = ".partial"
@@ -128,31 +127,6 @@ def _open_text(path: Path, mode: str):
     return open(path, mode, newline="", encoding="utf-8", errors="surrogateescape")
 
 
-def _umask_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-@contextlib.contextmanager
-def atomic_output(path: Path) -> Iterator[Path]:
-    """:func:`atomic_write_path` with the permissions of an ordinary new file (its temporary file is 0600)."""
-    with atomic_write_path(path) as tmp:
-        yield tmp
-        with contextlib.suppress(OSError):
-            os.chmod(tmp, _umask_mode())
-
-
-def _fsync_dir(path: Path) -> None:
-    # Makes a newly created file's directory entry durable too (POSIX); not possible (or needed) on Windows
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 class JournalWriter:
     """Append rows to one journal file; :meth:`commit` writes the buffered rows and makes them durable."""
 
@@ -165,7 +139,7 @@ class JournalWriter:
         self._writer = csv.writer(self._file, lineterminator="\n")
         self._writer.writerow(spec.header)
         self._sync()
-        _fsync_dir(path.parent)
+        fsync_directory(path.parent)
 
     def add(self, rows: Iterable[Row]) -> None:
         self._pending.extend(rows)
@@ -292,7 +266,7 @@ def _read_run_info(path: Path) -> dict[str, Any] | None:
 
 
 def _write_json_atomic(path: Path, content: Mapping[str, Any]) -> None:
-    with atomic_output(path) as tmp:
+    with atomic_write_path(path) as tmp:
         tmp.write_text(json.dumps(content, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
 
 
@@ -463,7 +437,7 @@ def merged_rows(
 def write_table(path: Path, spec: TableSpec, rows: Iterable[Row]) -> int:
     """Write ``rows`` to ``path`` (CSV or Parquet, by suffix) atomically; returns the number of rows."""
     count = 0
-    with atomic_output(path) as tmp:
+    with atomic_write_path(path) as tmp:
         if path.suffix == ".parquet":
             count = _write_parquet(tmp, spec, rows)
         else:
@@ -666,7 +640,7 @@ def write_feature_file(path: Path, features: Mapping[str, Any], photo: str) -> N
     from safetensors.torch import save_file
 
     tensors = {name: torch.as_tensor(value).contiguous() for (name, value) in features.items()}
-    with atomic_output(path) as tmp:
+    with atomic_write_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"path": photo})
 
 

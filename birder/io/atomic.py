@@ -34,7 +34,7 @@ def atomic_write_path(dst: str | os.PathLike) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
         raise
 
-    _fsync_directory(dst.parent)
+    fsync_directory(dst.parent)
 
 
 def _current_umask() -> int:
@@ -43,8 +43,8 @@ def _current_umask() -> int:
     return mask
 
 
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened (Windows)."""
+def fsync_directory(directory: Path) -> None:
+    """Make a rename or a new directory entry durable (POSIX); a no-op where directories cannot be opened (Windows)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:

@@ -12,7 +12,6 @@ import http.client
 import json
 import logging
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -22,6 +21,7 @@ from tqdm import tqdm
 
 from birder.conf import LEGACY_MODELS_DIR, models_dir
 from birder.errors import BirderError, ChecksumMismatchError, DownloadError
+from birder.io.atomic import atomic_write_path
 from birder.version import __version__
 
 logger = logging.getLogger("birder.download")
@@ -76,25 +76,19 @@ def _stamped_sha256(path: Path, stat: os.stat_result) -> str | None:
 def _write_stamp(path: Path, sha256: str, stat: os.stat_result | None = None) -> None:
     """Record ``sha256`` for ``path`` as it is (or was, at ``stat``); best effort, failures are only logged.
 
-    The stamp is written to a temporary file and renamed, so a reader never sees half a stamp.
+    Written atomically, so a reader never sees half a stamp.
     """
     stamp_path = _stamp_path(path)
-    tmp_name: str | None = None
     try:
         if stat is None:
             stat = path.stat()
 
         stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256}
-        fd, tmp_name = tempfile.mkstemp(dir=stamp_path.parent, prefix=stamp_path.name + ".", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(stamp, f)
-
-        os.replace(tmp_name, stamp_path)
+        with atomic_write_path(stamp_path) as tmp_path:
+            tmp_path.write_text(json.dumps(stamp), encoding="utf-8")
     except OSError as exc:
         # A read-only directory (e.g. a shared ./models) is fine: we just hash again next time
         logger.debug("Could not write hash stamp %s: %s", stamp_path, exc)
-        if tmp_name is not None:
-            _remove_quietly(Path(tmp_name))
 
 
 def verified_sha256(path: Path) -> str:

@@ -35,12 +35,12 @@ from birder.inference.optimize import optimize_for_inference
 from birder.inference.writers import (
     JournalSet,
     PredictionTables,
-    atomic_output,
     feature_file_name,
     finalize_run,
     prepare_run,
     write_feature_file,
 )
+from birder.io.atomic import atomic_write_path
 from birder.io.checkpoint import ModelInfo, get_num_classes_from_signature, get_size_from_signature
 from birder.io.images import load_image
 from birder.net.base import BaseNet
@@ -393,7 +393,7 @@ def plot_predictions(
     if output is not None:
         output = Path(output)
         output.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_output(output) as tmp:
+        with atomic_write_path(output) as tmp:
             figure.savefig(tmp, format=output.suffix.lstrip(".").lower() or "png", dpi=100)
     if show:
         plt.show()
