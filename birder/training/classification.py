@@ -34,9 +34,9 @@ from birder.data.training import (
 from birder.data.transforms import classification_transform
 from birder.distributed import DistInfo, distributed_session
 from birder.errors import BirderError
-from birder.io.checkpoint import ModelInfo
+from birder.io.checkpoint import DEFAULT_TASK, ModelInfo
 from birder.loading import load_model, save_model
-from birder.model_registry.registry import DEFAULT_TASK, registry
+from birder.model_registry.registry import registry
 from birder.net.base import BaseNet
 from birder.training.ema import ModelEMA
 from birder.training.evaluation import EvalResult, evaluate, write_eval_outputs
