@@ -46,6 +46,11 @@ class Served:
     expected: dict[str, tuple[np.ndarray, np.ndarray]]
 
 
+# httpx waits 5 s by default: too little for a loaded 2-core CI machine serving a batch, so every plain request
+# gets this much (the server's own timeout behaviour is tested separately).
+CLIENT_TIMEOUT = 60
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     directory = tmp_path_factory.mktemp("serve")
@@ -142,7 +147,7 @@ async def send_all(url: str, cases: list[Case]) -> list[Any]:
 
 
 def test_200_concurrent_requests_good_and_bad(served: Served) -> None:
-    before = httpx.get(f"{served.url}/healthz").json()
+    before = httpx.get(f"{served.url}/healthz", timeout=CLIENT_TIMEOUT).json()
     good = good_cases(served.photos)
     bad = bad_cases(served.photos)
     cases = [good[i % len(good)] for i in range(150)] + [bad[i % len(bad)] for i in range(50)]
@@ -152,7 +157,7 @@ def test_200_concurrent_requests_good_and_bad(served: Served) -> None:
 
     for case, response in zip(cases, responses, strict=True):
         check_answer(served, case, response)
-    health = httpx.get(f"{served.url}/healthz")
+    health = httpx.get(f"{served.url}/healthz", timeout=CLIENT_TIMEOUT)
     assert health.status_code == 200
     after = health.json()
     assert after["status"] == "ok"
@@ -167,7 +172,7 @@ def test_200_concurrent_requests_good_and_bad(served: Served) -> None:
 
 
 def test_every_bad_request_gets_its_error_and_the_server_keeps_serving(served: Served) -> None:
-    with httpx.Client(base_url=served.url) as client:
+    with httpx.Client(base_url=served.url, timeout=CLIENT_TIMEOUT) as client:
         for case in bad_cases(served.photos):
             check_answer(served, case, client.post(case.path, **case.kwargs))
         for case in good_cases(served.photos)[:4]:
@@ -176,7 +181,7 @@ def test_every_bad_request_gets_its_error_and_the_server_keeps_serving(served: S
 
 
 def test_unknown_routes_and_methods_answer_json(served: Served) -> None:
-    with httpx.Client(base_url=served.url) as client:
+    with httpx.Client(base_url=served.url, timeout=CLIENT_TIMEOUT) as client:
         missing = client.get("/v2/nothing")
         wrong_method = client.get("/v1/classify")
     assert missing.status_code == 404 and "error" in missing.json()
@@ -197,30 +202,35 @@ def test_chunked_upload_over_the_limit_is_refused(served: Served) -> None:
 
 def test_top_k_larger_than_the_classes_gives_them_all(served: Served) -> None:
     data = served.photos["wren.png"].read_bytes()
-    response = httpx.post(f"{served.url}/v1/classify?top_k=50", content=data, headers={"content-type": "image/png"})
+    response = httpx.post(
+        f"{served.url}/v1/classify?top_k=50",
+        content=data,
+        headers={"content-type": "image/png"},
+        timeout=CLIENT_TIMEOUT,
+    )
     assert response.status_code == 200
     assert len(response.json()["predictions"]) == len(SPECIES)
 
 
 def test_models_and_health_describe_the_service(served: Served) -> None:
-    models = httpx.get(f"{served.url}/v1/models").json()["models"]
+    models = httpx.get(f"{served.url}/v1/models", timeout=CLIENT_TIMEOUT).json()["models"]
     assert len(models) == 1
     assert models[0]["name"] == "tiny-birds"
     assert models[0]["network"] == "vit_b16"
     assert models[0]["classes"] == SPECIES
     assert models[0]["input_size"] == [32, 48]
     assert models[0]["embedding_size"] == 32
-    health = httpx.get(f"{served.url}/healthz").json()
+    health = httpx.get(f"{served.url}/healthz", timeout=CLIENT_TIMEOUT).json()
     assert {"status", "model", "mean_batch_size", "batches", "images", "queue_depth"} <= set(health)
 
 
 def test_page_and_assets_are_served_locally(served: Served) -> None:
-    page = httpx.get(served.url)
+    page = httpx.get(served.url, timeout=CLIENT_TIMEOUT)
     assert page.status_code == 200
     assert "default-src 'self'" in page.headers["content-security-policy"]
     assert "http://" not in page.text and "https://" not in page.text  # no CDN
     for asset in ("/static/app.js", "/static/style.css"):
-        response = httpx.get(served.url + asset)
+        response = httpx.get(served.url + asset, timeout=CLIENT_TIMEOUT)
         assert response.status_code == 200
         assert "https://" not in response.text
 
@@ -254,7 +264,7 @@ def test_request_timeout_answers_504_and_the_server_recovers(tmp_path: Path) -> 
         slow_net.slow.clear()
         time.sleep(1.0)  # the stalled batch finishes
         recovered = httpx.post(f"{url}/v1/classify", content=photo, headers=headers, timeout=30)
-        health = httpx.get(f"{url}/healthz")
+        health = httpx.get(f"{url}/healthz", timeout=CLIENT_TIMEOUT)
 
     assert timed_out.status_code == 504
     assert "timed out" in timed_out.json()["error"]
@@ -268,8 +278,12 @@ def test_headless_encoder_embeds_but_does_not_classify(tmp_path: Path) -> None:
     net = make_tiny_vit(num_classes=0, size=(32, 48))
     photo = make_photos(tmp_path / "photos")["wren.png"].read_bytes()
     with running_server(create_app(net, tiny_model_info(num_classes=0), name="encoder")) as url:
-        classify = httpx.post(f"{url}/v1/classify", content=photo, headers={"content-type": "image/png"})
-        embed = httpx.post(f"{url}/v1/embed", content=photo, headers={"content-type": "image/png"})
+        classify = httpx.post(
+            f"{url}/v1/classify", content=photo, headers={"content-type": "image/png"}, timeout=CLIENT_TIMEOUT
+        )
+        embed = httpx.post(
+            f"{url}/v1/embed", content=photo, headers={"content-type": "image/png"}, timeout=CLIENT_TIMEOUT
+        )
     assert classify.status_code == 409
     assert "/v1/embed" in classify.json()["error"]
     assert embed.status_code == 200
@@ -284,7 +298,9 @@ def test_serves_an_exported_model(tmp_path: Path) -> None:
     (exported, exported_info) = load_exported(export_model(net, tmp_path / "tiny.pts", model_info))
     (probs, _) = expected_outputs(net, model_info, photos["tit.png"])
     with running_server(create_app(exported, exported_info, name="exported")) as url:
-        response = httpx.post(f"{url}/v1/classify", files={"image": ("tit.png", photos["tit.png"].read_bytes())})
+        response = httpx.post(
+            f"{url}/v1/classify", files={"image": ("tit.png", photos["tit.png"].read_bytes())}, timeout=CLIENT_TIMEOUT
+        )
     assert response.status_code == 200
     top = response.json()["predictions"][0]
     assert top["index"] == int(np.argmax(probs))
@@ -430,7 +446,9 @@ def test_birder_serve_command_serves_a_saved_model(tmp_path: Path) -> None:
                 pass
             assert time.monotonic() < deadline, "birder-serve did not start"
             time.sleep(0.2)
-        response = httpx.post(f"{url}/v1/classify", files={"image": ("robin.jpg", photo.read_bytes())})
+        response = httpx.post(
+            f"{url}/v1/classify", files={"image": ("robin.jpg", photo.read_bytes())}, timeout=CLIENT_TIMEOUT
+        )
     finally:
         process.terminate()
         process.wait(timeout=20)
