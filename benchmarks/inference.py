@@ -34,7 +34,7 @@ from torch import nn
 from benchmarks import load_memory, quantization, training
 from birder.inference.optimize import optimize_for_inference
 from birder.inference.predictor import compile_for_inference
-from birder.model_registry.registry import registry
+from birder.model_registry import registry
 from birder.net.vit import ViT
 
 # A tiny network for the test suite's smoke run: same code paths, milliseconds per call.

@@ -65,7 +65,7 @@ def ensure_checkpoint(workdir: Path, file_format: str, tiny: bool = False) -> Pa
 
     import birder
     from birder.io.checkpoint import make_signature
-    from birder.model_registry.registry import registry
+    from birder.model_registry import registry
 
     print(f"writing {path} (once)...", flush=True)
     torch.manual_seed(0)

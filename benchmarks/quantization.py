@@ -23,7 +23,7 @@ import birder
 from birder.inference.classification import infer_batch
 from birder.inference.optimize import optimize_for_inference
 from birder.io.images import load_image
-from birder.model_registry.registry import registry
+from birder.model_registry import registry
 from birder.training.classification import TrainConfig, train_classifier
 
 SMALL_VIT = {"hidden_dim": 96, "num_layers": 4, "num_heads": 4, "mlp_dim": 384, "patch_size": 8}

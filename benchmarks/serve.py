@@ -33,7 +33,7 @@ from PIL import Image
 
 import birder
 from birder.io.checkpoint import ModelInfo, make_signature
-from birder.model_registry.registry import registry
+from birder.model_registry import registry
 
 # A tiny network for a smoke run: same code paths, milliseconds per image.
 TINY_CONFIG = {"hidden_dim": 64, "num_layers": 2, "num_heads": 4, "mlp_dim": 256}

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from birder.data.training import Batch
 from birder.distributed import DistInfo
-from birder.model_registry.registry import registry
+from birder.model_registry import registry
 from birder.net.mim import mim_registry
 from birder.training.amp import AMP_DTYPES, amp_dtype, grad_scaler
 from birder.training.ema import ModelEMA

@@ -14,7 +14,7 @@ The model card's code runs as written::
 from birder.data.transforms import classification_transform
 from birder.io.checkpoint import ModelInfo, get_channels_from_signature, get_size_from_signature
 from birder.loading import load_model, load_pretrained_model, load_pretrained_model_and_transform, save_model
-from birder.model_registry.registry import registry
+from birder.model_registry import registry
 from birder.version import __version__
 
 list_models = registry.list_models

@@ -27,7 +27,7 @@ from birder.io.checkpoint import (
     write_checkpoint,
 )
 from birder.io.download import fetch_pretrained_file
-from birder.model_registry.registry import registry
+from birder.model_registry import registry
 from birder.net.base import BaseNet
 
 logger = logging.getLogger(__name__)

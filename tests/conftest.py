@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from birder.model_registry.registry import registry
+from birder.model_registry import registry
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SHARED_SPEC = Path(__file__).resolve().parents[2] / "shared" / "SPEC.md"

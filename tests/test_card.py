@@ -19,7 +19,7 @@ from PIL import Image
 
 import birder
 from birder.io.checkpoint import make_signature
-from birder.model_registry.registry import registry
+from birder.model_registry import registry
 
 CARD_NAME = "vit_l16_mim-eu-common"
 

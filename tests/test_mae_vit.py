@@ -7,7 +7,7 @@ import torch
 from conftest import FIXTURES, TINY_VIT_CONFIG
 
 from birder.errors import BirderError, UnknownModelError
-from birder.model_registry.registry import registry
+from birder.model_registry import registry
 from birder.net.mim import MAE_ViT, mim_registry
 from birder.net.mim.mae_vit import random_masking, sincos_pos_embed_2d
 

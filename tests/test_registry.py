@@ -6,7 +6,7 @@ import pytest
 
 import birder
 from birder.errors import BirderError, UnknownModelError
-from birder.model_registry.registry import registry
+from birder.model_registry import registry
 
 
 def test_card_model_manifest_entry() -> None:

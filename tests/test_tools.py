@@ -17,7 +17,7 @@ import birder
 from birder.inference.classification import infer_image
 from birder.io.checkpoint import read_checkpoint
 from birder.io.download import sha256_file
-from birder.model_registry.registry import registry
+from birder.model_registry import registry
 from birder.tools.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ from test_training_data import make_image_folder, make_split_dataset, single_thr
 
 import birder
 from birder.io.checkpoint import make_signature
-from birder.model_registry.registry import registry
+from birder.model_registry import registry
 from birder.scripts import evaluate as evaluate_script
 from birder.scripts import train as train_script
 from birder.training.classification import TrainConfig, train_classifier

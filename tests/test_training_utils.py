@@ -11,7 +11,7 @@ from conftest import TINY_VIT_CONFIG
 from test_training_data import single_thread  # noqa: F401 (autouse fixture)
 
 from birder.errors import BirderError, CheckpointError
-from birder.model_registry.registry import registry
+from birder.model_registry import registry
 from birder.training.ema import ModelEMA
 from birder.training.evaluation import ClassificationMeter
 from birder.training.metrics import MetricsCSV

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import FIXTURES, TINY_VIT_CONFIG, make_tiny_vit
 
 from birder.errors import BirderError
-from birder.model_registry.registry import registry
+from birder.model_registry import registry
 from birder.net.vit import rename_legacy_vit_keys
 
 

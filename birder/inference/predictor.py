@@ -33,7 +33,7 @@ from birder.inference.dataset import Batch, ImageFileDataset, PhotoMetadata, col
 from birder.io.checkpoint import ModelInfo
 from birder.io.images import load_image
 from birder.loading import load_model, load_pretrained_model
-from birder.model_registry.registry import registry
+from birder.model_registry import registry
 from birder.net.base import BaseNet
 
 logger = logging.getLogger(__name__)

@@ -18,10 +18,10 @@ from safetensors.torch import save_file
 
 from birder.errors import CheckpointError
 from birder.io.atomic import atomic_write_path
+from birder.tasks import DEFAULT_TASK
 from birder.version import __version__
 
 CHECKPOINT_FORMATS = ("pt", "safetensors")
-DEFAULT_TASK = "image_classification"
 # Metadata keys stored as JSON strings in .safetensors (plain values in .pt).
 _JSON_METADATA_KEYS = ("class_to_idx", "signature", "rgb_stats", "config")
 _REQUIRED_METADATA_KEYS = ("signature", "class_to_idx", "rgb_stats")

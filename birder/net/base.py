@@ -2,7 +2,7 @@
 
 ``forward(x) == classify(embedding(x))``: the embedding is the representation users search and cluster with,
 the classifier a plain linear head on top of it, so both can be swapped independently (linear probes, new
-species lists). Networks are built by :func:`birder.model_registry.registry.net_factory` from a registered
+species lists). Networks are built by ``birder.model_registry.registry.net_factory`` from a registered
 config plus an optional per-call override.
 """
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from birder.errors import BirderError
-from birder.model_registry.registry import registry
+from birder.model_registry import registry
 from birder.net.base import BaseNet, ConfigOverride
 
 

@@ -13,7 +13,7 @@ from birder.errors import BirderError
 from birder.io.checkpoint import CHECKPOINT_FORMATS, DEFAULT_TASK, read_checkpoint
 from birder.io.download import fetch_pretrained_file
 from birder.loading import load_model, save_model
-from birder.model_registry.registry import registry
+from birder.model_registry import registry
 from birder.net.base import BaseNet
 
 # Targets written by birder.io.export.export_model(net, path, model_info, task=...) rather than save_model.

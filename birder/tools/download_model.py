@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Any
 
 from birder.io.download import fetch_pretrained_file
-from birder.model_registry.registry import registry
+from birder.model_registry import registry
 
 
 def add_parser(subparsers: Any, name: str) -> None:

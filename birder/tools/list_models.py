@@ -6,7 +6,7 @@ from typing import Any
 import torch
 
 from birder.conf import LEGACY_MODELS_DIR, models_dir
-from birder.model_registry.registry import registry
+from birder.model_registry import registry
 
 
 def add_parser(subparsers: Any, name: str) -> None:

@@ -15,7 +15,7 @@ from birder.io.checkpoint import (
     read_checkpoint,
 )
 from birder.loading import EXPORT_SUFFIXES
-from birder.model_registry.registry import registry
+from birder.model_registry import registry
 from birder.tools.list_models import cached_file
 
 # Class names shown without --classes: enough to see what the names look like.

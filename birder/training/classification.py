@@ -36,7 +36,7 @@ from birder.distributed import DistInfo, distributed_session
 from birder.errors import BirderError
 from birder.io.checkpoint import DEFAULT_TASK, ModelInfo
 from birder.loading import load_model, save_model
-from birder.model_registry.registry import registry
+from birder.model_registry import registry
 from birder.net.base import BaseNet
 from birder.training.ema import ModelEMA
 from birder.training.evaluation import EvalResult, evaluate, write_eval_outputs

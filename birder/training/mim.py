@@ -26,7 +26,7 @@ from birder.errors import BirderError, CheckpointError, ImageDecodeError
 from birder.io.checkpoint import ModelInfo, make_signature, read_checkpoint, write_checkpoint
 from birder.io.images import load_image
 from birder.loading import load_state_into, save_model
-from birder.model_registry.registry import registry
+from birder.model_registry import registry
 from birder.net.mim import mim_registry
 from birder.training.amp import amp_dtype, autocast
 from birder.training.loop import BatchEvent, EpochProgress, build_trainer, start_run

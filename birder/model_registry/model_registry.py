@@ -1,28 +1,32 @@
-"""Names -> networks, and names -> pretrained weights.
+"""The registry: names -> networks, and names -> pretrained weights.
 
 Network families register their named configs at the bottom of their module (``birder/net/vit.py``); the
 pretrained manifest (``manifest.py``) is plain data. Users extend both at run time: ``register_weights`` points a
 name at a mirror or a private model zoo.
+
+This module does not import the networks (they import it to register themselves): the built-in families are
+imported on the first look-up, so ``from birder.model_registry import registry`` alone is enough to use it.
 """
 
 import copy
 import difflib
 import fnmatch
+import importlib
 import logging
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from birder.errors import BirderError, UnknownModelError
-from birder.io.checkpoint import DEFAULT_TASK
 from birder.model_registry.manifest import PRETRAINED_MODELS
-from birder.net.base import BaseNet
+from birder.tasks import DEFAULT_TASK
+
+if TYPE_CHECKING:
+    from birder.net.base import BaseNet
+
+# Importing these registers the built-in network families.
+_BUILTIN_NETWORK_MODULES = ("birder.net",)
 
 logger = logging.getLogger(__name__)
-
-
-def _sorted_matching(names: Iterable[str], pattern: str | None) -> list[str]:
-    names = sorted(names)
-    return names if pattern is None else fnmatch.filter(names, pattern)
 
 
 def _unknown_name_error(kind: str, name: str, known: list[str]) -> UnknownModelError:
@@ -33,12 +37,19 @@ def _unknown_name_error(kind: str, name: str, known: list[str]) -> UnknownModelE
 
 class ModelRegistry:
     def __init__(self) -> None:
-        self._networks: dict[str, tuple[type[BaseNet], dict[str, Any]]] = {}
+        self._networks: dict[str, tuple[type["BaseNet"], dict[str, Any]]] = {}
         self._pretrained: dict[str, dict[str, Any]] = {}
+        self._builtins_loaded = False
+
+    def _load_builtin_networks(self) -> None:
+        if not self._builtins_loaded:
+            self._builtins_loaded = True
+            for module in _BUILTIN_NETWORK_MODULES:
+                importlib.import_module(module)
 
     # Networks
 
-    def register_model(self, name: str, net_class: type[BaseNet], config: Mapping[str, Any] | None = None) -> None:
+    def register_model(self, name: str, net_class: type["BaseNet"], config: Mapping[str, Any] | None = None) -> None:
         if name in self._networks:
             raise BirderError(f"network '{name}' is already registered")
 
@@ -46,6 +57,7 @@ class ModelRegistry:
 
     def list_models(self, filter: str | None = None) -> list[str]:
         """Registered network names, optionally matching a shell-style pattern (``"vit_reg4_*"``)."""
+        self._load_builtin_networks()
         names = sorted(self._networks)
         if filter is not None:
             names = fnmatch.filter(names, filter)
@@ -53,13 +65,15 @@ class ModelRegistry:
         return names
 
     def exists(self, name: str) -> bool:
+        self._load_builtin_networks()
         return name in self._networks
 
     def network_config(self, name: str) -> dict[str, Any]:
         """The registered config of ``name`` (a copy)."""
         return dict(self._lookup_network(name)[1])
 
-    def _lookup_network(self, name: str) -> tuple[type[BaseNet], dict[str, Any]]:
+    def _lookup_network(self, name: str) -> tuple[type["BaseNet"], dict[str, Any]]:
+        self._load_builtin_networks()
         try:
             return self._networks[name]
         except KeyError:
@@ -73,7 +87,7 @@ class ModelRegistry:
         *,
         config: Mapping[str, Any] | None = None,
         size: tuple[int, int] | None = None,
-    ) -> BaseNet:
+    ) -> "BaseNet":
         """Build network ``name``; ``config`` overrides keys of its registered config for this call only."""
         (net_class, registered) = self._lookup_network(name)
         merged = {**registered, **(config or {})}
