@@ -22,6 +22,7 @@ from birder.io.checkpoint import (
     get_channels_from_signature,
     get_num_classes_from_signature,
     get_size_from_signature,
+    make_signature,
     model_info_from_metadata,
     read_checkpoint,
     write_checkpoint,
@@ -168,6 +169,8 @@ def load_model(
     info = model_info_from_metadata(metadata)
     if config is not None and info.custom_config != config:
         info = info._replace(custom_config=config)
+    if new_size is not None:
+        info = info._replace(signature=make_signature(net.input_channels, net.size, net.num_classes))
 
     return (net, info)
 

@@ -256,6 +256,23 @@ def test_fetch_uses_legacy_models_dir(server: LoopbackServer, tmp_path: Path) ->
     assert not (tmp_path / "models-cache" / "good.pt").exists()
 
 
+def test_damaged_legacy_file_is_ignored_not_touched(
+    server: LoopbackServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As the README says: a ./models file with a wrong hash is left as it is; a good copy goes to the cache."""
+    legacy = tmp_path / "models" / "good.pt"
+    legacy.parent.mkdir()
+    legacy.write_bytes(OTHER)
+
+    with caplog.at_level(logging.WARNING, logger="birder.download"):
+        path = fetch_pretrained_file("good", _metadata(server.url("/models")), progress_bar=False)
+
+    assert path == tmp_path / "models-cache" / "good.pt"
+    assert path.read_bytes() == GOOD
+    assert legacy.read_bytes() == OTHER
+    assert "ignoring it" in caplog.text
+
+
 def test_fetch_legacy_without_url(tmp_path: Path) -> None:
     legacy = tmp_path / "models" / "good.pt"
     legacy.parent.mkdir()

@@ -152,3 +152,17 @@ def test_torchscript_without_birder_metadata_is_refused(tmp_path: Path) -> None:
     torch.jit.save(torch.jit.trace(net, torch.randn(2, 3, *SIZE), check_trace=False), str(path))
     with pytest.raises(CheckpointError, match="not a birder export"):
         load_exported(path)
+
+
+@pytest.mark.parametrize("file_format", EXPORT_FORMATS)
+def test_model_info_describes_an_export(
+    exported: dict[tuple[str, int], Path], file_format: str, capsys: pytest.CaptureFixture
+) -> None:
+    """``model-info`` (plain text, no --json) on an export: its metadata, no crash on the uncounted parameters."""
+    from birder.tools.cli import main
+
+    assert main(["model-info", str(exported[(file_format, 5)])]) == 0
+    out = capsys.readouterr().out
+    assert "input:           3 x 32 x 48" in out
+    assert "Eurasian Wren" in out
+    assert "parameters:      not counted for exports" in out

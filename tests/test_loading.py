@@ -19,6 +19,7 @@ REFERENCE_MODELS = {
     "legacy_vit_small": {"custom_config": {"hidden_dim": 64, "num_layers": 2, "num_heads": 4, "mlp_dim": 128}},
     "current_vit_small": {},
     "current_vit_reg4_small": {},
+    "current_vit_pn_small": {},  # vit_b16_pn: Birder stores its pre-norm as encoder.pre_block.0.*
 }
 TENSOR_TOLERANCE = 1e-4  # logits, embeddings, features, probabilities (fixtures README)
 
@@ -129,6 +130,42 @@ def test_new_size_on_load(tmp_path: Path) -> None:
     (loaded, _) = birder.load_model(path, new_size=(48, 48))
     assert loaded.size == (48, 48)
     assert loaded.pos_embedding.shape == (1, 1 + 9, 32)
+
+
+def test_new_size_on_load_gives_the_new_signature(tmp_path: Path) -> None:
+    """The signature returned (and saved again) must describe the resized network, not the file's old size."""
+    net = make_tiny_vit(num_classes=2, size=(32, 32))
+    info = birder.ModelInfo({"a": 0, "b": 1}, make_signature(3, (32, 32), 2), {"mean": (0, 0, 0), "std": (1, 1, 1)})
+    path = birder.save_model(net, tmp_path / "m.pt", info)
+    (loaded, loaded_info) = birder.load_model(path, new_size=(48, 64))
+    assert birder.get_size_from_signature(loaded_info.signature) == (48, 64)
+    assert loaded_info.signature["outputs"] == info.signature["outputs"]
+
+    resaved = birder.save_model(loaded, tmp_path / "resized.pt", loaded_info)
+    (reloaded, reloaded_info) = birder.load_model(resaved)
+    assert birder.get_size_from_signature(reloaded_info.signature) == (48, 64)
+    assert reloaded.size == (48, 64)
+
+
+def test_pn_network_saves_birder_key_names(tmp_path: Path) -> None:
+    """A _pn file we write has Birder's encoder.pre_block.0.* keys, so it loads back in the published Birder."""
+    (net, model_info, _) = _load_reference("current_vit_pn_small")
+    path = birder.save_model(net, tmp_path / "vit_b16_pn.pt", model_info)
+    state = torch.load(path, weights_only=True)["state"]
+    (reference_state, _) = read_checkpoint(FIXTURES / "current_vit_pn_small.pt")
+    assert {k: tuple(v.shape) for k, v in state.items()} == {k: tuple(v.shape) for k, v in reference_state.items()}
+
+
+def test_pn_file_with_old_pre_norm_keys_loads(tmp_path: Path) -> None:
+    """Files birder wrote before the pre-norm took Birder's name (``pre_norm.*``) still load, same outputs."""
+    (net, _, reference) = _load_reference("current_vit_pn_small")
+    state = {k.replace("encoder.pre_block.0.", "pre_norm."): v for k, v in net.state_dict().items()}
+    assert "pre_norm.weight" in state
+    path = tmp_path / "old_pn.pt"
+    torch.save({"state": state, **_info("current_vit_pn_small")["checkpoint_metadata"]}, path)
+    (loaded, _) = birder.load_model(path, network="vit_b16_pn", inference=True)
+    with torch.inference_mode():
+        assert _max_diff(loaded(reference["input"]), reference["logits"]) <= TENSOR_TOLERANCE
 
 
 def test_checkpoint_of_another_network_names_the_mismatch(tmp_path: Path) -> None:

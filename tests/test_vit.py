@@ -80,7 +80,7 @@ def test_variant_structure() -> None:
 
     pn = _build_on_meta("vit_b16_pn", 3, (32, 32), config=TINY_VIT_CONFIG)
     assert pn.conv_proj.bias is None
-    assert pn.pre_norm.eps == 1e-5 and pn.norm.eps == 1e-5
+    assert pn.encoder.pre_block[0].eps == 1e-5 and pn.norm.eps == 1e-5
 
 
 def test_drop_path_defaults() -> None:

@@ -124,9 +124,11 @@ def build_metadata(net: Any, model_info: ModelInfo, *, task: str = DEFAULT_TASK)
     Every writer (``.pt``, ``.safetensors``, exports) stores exactly this, so a file always knows how to rebuild
     its network; Birder ignores the extra keys.
     """
-    signature = model_info.signature
-    if signature is None:
+    # The network is the truth about its shapes: a model resized after loading must not be saved with its old size.
+    if all(hasattr(net, attr) for attr in ("input_channels", "size", "num_classes")):
         signature = make_signature(net.input_channels, net.size, net.num_classes)
+    else:
+        signature = model_info.signature
 
     metadata: dict[str, Any] = {
         "birder_version": f"v{__version__}",

@@ -115,11 +115,21 @@ class EncoderBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, num_layers: int, dpr: list[float], **block_kwargs: Any) -> None:
+    """The blocks, preceded by ``pre_block``: the pre-norm LayerNorm of ``_pn`` variants, else nothing.
+
+    The pre-norm lives here (not on the ViT) so that its keys are Birder's, ``encoder.pre_block.0.{weight,bias}``.
+    """
+
+    def __init__(
+        self, num_layers: int, dpr: list[float], *, pre_norm_eps: float | None = None, **block_kwargs: Any
+    ) -> None:
         super().__init__()
+        dim = block_kwargs["dim"]
+        self.pre_block = nn.Sequential(nn.LayerNorm(dim, eps=pre_norm_eps)) if pre_norm_eps else nn.Identity()
         self.block = nn.ModuleList([EncoderBlock(drop_path=dpr[i], **block_kwargs) for i in range(num_layers)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pre_block(x)
         for block in self.block:
             x = block(x)
 
@@ -160,15 +170,19 @@ _LEGACY_BLOCK_RENAMES = [
 ]
 
 
+# Files written by birder before the pre-norm moved into the encoder (Birder's own name for it).
+_OLD_PRE_NORM_KEY = re.compile(r"^pre_norm\.(weight|bias)$")
+
+
 def rename_legacy_vit_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map legacy ViT block keys (``ln1``, ``self_attention.in_proj_*``, ...) to the current layout.
+    """Map legacy ViT keys (``ln1``, ``self_attention.in_proj_*``, ``pre_norm.*``, ...) to the current layout.
 
     Works on any prefix (``encoder.block.3.``, ``decoder.5.``), so MAE checkpoints use it too. Tensors are not
     copied: the result shares storage with the input.
     """
     renamed = {}
     for key, value in state_dict.items():
-        for pattern, replacement in _LEGACY_BLOCK_RENAMES:
+        for pattern, replacement in [*_LEGACY_BLOCK_RENAMES, (_OLD_PRE_NORM_KEY, r"encoder.pre_block.0.\1")]:
             (key, count) = pattern.subn(replacement, key)
             if count:
                 break
@@ -234,7 +248,6 @@ class ViT(BaseNet):
 
         num_tokens = self.num_special_tokens + self.grid_size[0] * self.grid_size[1]
         self.pos_embedding = nn.Parameter(torch.empty(1, num_tokens, self.hidden_dim))
-        self.pre_norm = nn.LayerNorm(self.hidden_dim, eps=norm_eps) if cfg["pre_norm"] else nn.Identity()
 
         # Stochastic depth rate grows linearly over the blocks (plain floats: the net may be built on "meta").
         rate = cfg["drop_path_rate"]
@@ -249,6 +262,7 @@ class ViT(BaseNet):
             attn_dropout=cfg["attention_dropout"],
             layer_scale_init_value=cfg["layer_scale_init_value"],
             norm_eps=norm_eps,
+            pre_norm_eps=norm_eps if cfg["pre_norm"] else None,
         )
         self.norm = nn.LayerNorm(self.hidden_dim, eps=norm_eps)
         self.classifier = self.create_classifier()
@@ -322,7 +336,7 @@ class ViT(BaseNet):
         (patches, grid) = self.patch_embed(x)
         x = torch.cat([*self.special_tokens(patches.shape[0]), patches], dim=1)
         x = x + self.pos_embedding_for(grid)
-        return (self.pre_norm(x), grid)
+        return (x, grid)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """All tokens after the final norm, ``[B, special + h*w, D]``."""
@@ -355,6 +369,7 @@ class ViT(BaseNet):
 
         stages = {}
         wanted = {idx: pos for pos, idx in enumerate(self.out_indices)}
+        x = self.encoder.pre_block(x)
         for idx, block in enumerate(self.encoder.block):
             x = block(x)
             if idx in wanted:
@@ -399,7 +414,7 @@ class ViT(BaseNet):
 
     def freeze_stages(self, up_to_block: int) -> None:
         """Freeze the stem, special tokens, position embedding and the first ``up_to_block`` blocks."""
-        stem_params = [self.pos_embedding, *self.conv_proj.parameters(), *self.pre_norm.parameters()]
+        stem_params = [self.pos_embedding, *self.conv_proj.parameters(), *self.encoder.pre_block.parameters()]
         stem_params += [getattr(self, name) for name in ("class_token", "reg_tokens") if hasattr(self, name)]
         block_params = [p for block in self.encoder.block[:up_to_block] for p in block.parameters()]
         for param in stem_params + block_params:

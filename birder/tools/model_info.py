@@ -84,6 +84,11 @@ def model_info(name_or_path: str, network: str | None = None) -> dict[str, Any]:
     return info
 
 
+def _format_parameters(parameters: int | None) -> str:
+    # Exports (.pts, .pt2, .onnx) are read for their metadata only; their weights are not counted.
+    return f"{parameters:,}" if parameters is not None else "not counted for exports (see the source .pt file)"
+
+
 def _format_checkpoint(info: dict[str, Any], all_classes: bool) -> list[str]:
     stats = info["rgb_stats"]
     classes = info["classes"]
@@ -94,7 +99,7 @@ def _format_checkpoint(info: dict[str, Any], all_classes: bool) -> list[str]:
         f"network:         {info['network'] or '(not in the file; pass --network when loading)'}",
         f"task:            {info['task']}",
         f"birder version:  {info['birder_version']}",
-        f"parameters:      {info['parameters']:,}",
+        f"parameters:      {_format_parameters(info['parameters'])}",
         f"input:           {info['input_channels']} x {info['input_size'][0]} x {info['input_size'][1]}",
         f"signature:       {json.dumps(info['signature'])}",
         f"rgb stats:       mean {tuple(stats['mean'])}, std {tuple(stats['std'])}",

@@ -174,7 +174,7 @@ class MAE_ViT(nn.Module):
             special_tokens = torch.cat(special, dim=1) + pos[:, :special_count]
             kept = torch.cat([special_tokens.to(kept.dtype), kept], dim=1)
 
-        x = enc.norm(enc.encoder(enc.pre_norm(kept)))
+        x = enc.norm(enc.encoder(kept))
         return (x, mask, ids_restore, grid)
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
