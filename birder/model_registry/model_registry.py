@@ -37,7 +37,7 @@ def _unknown_name_error(kind: str, name: str, known: list[str]) -> UnknownModelE
 
 class ModelRegistry:
     def __init__(self) -> None:
-        self._networks: dict[str, tuple[type["BaseNet"], dict[str, Any]]] = {}
+        self._networks: dict[str, tuple[type[BaseNet], dict[str, Any]]] = {}
         self._pretrained: dict[str, dict[str, Any]] = {}
         self._builtins_loaded = False
 
