@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from birder.data.training import Batch
 from birder.distributed import DistInfo
 from birder.model_registry import registry
-from birder.net.mim import mim_registry
 from birder.training.amp import AMP_DTYPES, amp_dtype, grad_scaler
 from birder.training.ema import ModelEMA
 from birder.training.loop import EpochProgress, Trainer
@@ -81,7 +80,7 @@ def make_trainer(model: torch.nn.Module, groups: list[dict], loss_fn, args, dist
 def bench_mim(args: argparse.Namespace, dist: DistInfo) -> dict:
     model_config = TINY_ENCODER if args.tiny else None
     encoder = registry.net_factory(args.network, 0, config=model_config, size=(args.size, args.size))
-    mae = mim_registry.net_factory("mae_vit", encoder, config=TINY_DECODER if args.tiny else None).to(dist.device)
+    mae = registry.mim_net_factory("mae_vit", encoder, config=TINY_DECODER if args.tiny else None).to(dist.device)
     trainer = make_trainer(mae, param_groups(mae, 1.5e-4, 0.05), lambda m, b: m(b.images).loss, args, dist)
     return measure(trainer, args, num_classes=1)
 

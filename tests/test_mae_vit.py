@@ -7,8 +7,8 @@ import torch
 from conftest import FIXTURES, TINY_VIT_CONFIG
 
 from birder.errors import BirderError, UnknownModelError
-from birder.model_registry import registry
-from birder.net.mim import MAE_ViT, mim_registry
+from birder.model_registry import Task, registry
+from birder.net.mim import MAE_ViT
 from birder.net.mim.mae_vit import random_masking, sincos_pos_embed_2d
 
 TINY_DECODER = {"decoder_dim": 32, "decoder_depth": 1, "decoder_num_heads": 4, "decoder_mlp_dim": 64}
@@ -17,7 +17,7 @@ TINY_DECODER = {"decoder_dim": 32, "decoder_depth": 1, "decoder_num_heads": 4, "
 def tiny_mae(network: str = "vit_b16", size=(32, 48), patch_size: int = 8, seed: int = 0, **mim_config) -> MAE_ViT:
     torch.manual_seed(seed)
     encoder = registry.net_factory(network, 0, config={**TINY_VIT_CONFIG, "patch_size": patch_size}, size=size)
-    return mim_registry.net_factory("mae_vit", encoder, config={**TINY_DECODER, **mim_config})
+    return registry.mim_net_factory("mae_vit", encoder, config={**TINY_DECODER, **mim_config})
 
 
 def _fixture_shapes(layout: str) -> dict[str, list[int]]:
@@ -27,7 +27,7 @@ def _fixture_shapes(layout: str) -> dict[str, list[int]]:
 def test_vit_l16_keys_and_shapes_match_the_published_layout() -> None:
     with torch.device("meta"):
         encoder = registry.net_factory("vit_l16", 0, size=(224, 224))
-        mae = mim_registry.net_factory("mae_vit", encoder)
+        mae = registry.mim_net_factory("mae_vit", encoder)
 
     shapes = {key: list(value.shape) for key, value in mae.state_dict().items()}
     expected = _fixture_shapes("current")
@@ -38,7 +38,7 @@ def test_vit_l16_keys_and_shapes_match_the_published_layout() -> None:
 def test_legacy_layout_is_renamed_to_the_current_one() -> None:
     legacy = {key: torch.empty(shape, device="meta") for key, shape in _fixture_shapes("legacy").items()}
     with torch.device("meta"):
-        mae = mim_registry.net_factory("mae_vit", registry.net_factory("vit_l16", 0, size=(224, 224)))
+        mae = registry.mim_net_factory("mae_vit", registry.net_factory("vit_l16", 0, size=(224, 224)))
 
     upgraded = mae.upgrade_state_dict(legacy)
     assert {key: list(value.shape) for key, value in upgraded.items()} == _fixture_shapes("current")
@@ -144,18 +144,20 @@ def test_sincos_embedding() -> None:
 
 
 def test_registry_variants_and_errors() -> None:
-    assert {"mae_vit", "mae_vit_npl", "mae_vit_dec4", "mae_vit_dec1_npl"} <= set(mim_registry.list_models())
+    assert {"mae_vit", "mae_vit_npl", "mae_vit_dec4", "mae_vit_dec1_npl"} <= set(
+        registry.list_models(task=Task.MASKED_IMAGE_MODELING)
+    )
     encoder = registry.net_factory("vit_b16", 0, config=TINY_VIT_CONFIG, size=(32, 32))
-    variant = mim_registry.net_factory("mae_vit_dec2_npl", encoder, config={"decoder_dim": 32, "decoder_num_heads": 4})
+    variant = registry.mim_net_factory("mae_vit_dec2_npl", encoder, config={"decoder_dim": 32, "decoder_num_heads": 4})
     assert len(variant.decoder) == 2 + 2 and variant.norm_pix_loss
     assert variant.network_name == "mae_vit_dec2_npl"
 
     with pytest.raises(UnknownModelError, match="mae_vit"):
-        mim_registry.net_factory("mae_vitt", encoder)
+        registry.mim_net_factory("mae_vitt", encoder)
     with pytest.raises(BirderError, match="headless"):
-        mim_registry.net_factory("mae_vit", registry.net_factory("vit_b16", 5, config=TINY_VIT_CONFIG, size=(32, 32)))
+        registry.mim_net_factory("mae_vit", registry.net_factory("vit_b16", 5, config=TINY_VIT_CONFIG, size=(32, 32)))
     with pytest.raises(BirderError, match="unknown config"):
-        mim_registry.net_factory("mae_vit", encoder, config={"decoder_width": 3})
+        registry.mim_net_factory("mae_vit", encoder, config={"decoder_width": 3})
 
 
 def test_encoder_state_is_the_plain_vit_state() -> None:

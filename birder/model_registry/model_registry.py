@@ -14,13 +14,16 @@ import fnmatch
 import importlib
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from birder.errors import BirderError, UnknownModelError
 from birder.model_registry.manifest import PRETRAINED_MODELS
-from birder.tasks import DEFAULT_TASK
+from birder.tasks import DEFAULT_TASK, Task
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from birder.net.base import BaseNet
 
 # Importing these registers the built-in network families.
@@ -35,9 +38,20 @@ def _unknown_name_error(kind: str, name: str, known: list[str]) -> UnknownModelE
     return UnknownModelError(f"unknown {kind} '{name}'{hint} (list them with birder.list_models / list-models)")
 
 
+@dataclass(frozen=True)
+class RegisteredNetwork:
+    """One registry entry: the class that builds the network, its named config and what it is for."""
+
+    net_class: type
+    config: dict[str, Any]
+    task: str
+
+
 class ModelRegistry:
+    """One registry for every task: classifiers, masked-image-modelling wrappers (and detectors next)."""
+
     def __init__(self) -> None:
-        self._networks: dict[str, tuple[type[BaseNet], dict[str, Any]]] = {}
+        self._networks: dict[str, RegisteredNetwork] = {}
         self._pretrained: dict[str, dict[str, Any]] = {}
         self._builtins_loaded = False
 
@@ -49,35 +63,52 @@ class ModelRegistry:
 
     # Networks
 
-    def register_model(self, name: str, net_class: type["BaseNet"], config: Mapping[str, Any] | None = None) -> None:
+    def register_model(
+        self, name: str, net_class: type, config: Mapping[str, Any] | None = None, *, task: str | None = None
+    ) -> None:
+        """Register ``name`` -> ``net_class`` built with ``config``; ``task`` defaults to the class's ``task``."""
         if name in self._networks:
             raise BirderError(f"network '{name}' is already registered")
 
-        self._networks[name] = (net_class, dict(config or {}))
+        task = Task(task or getattr(net_class, "task", DEFAULT_TASK)).value
+        self._networks[name] = RegisteredNetwork(net_class, dict(config or {}), task)
 
-    def list_models(self, filter: str | None = None) -> list[str]:
-        """Registered network names, optionally matching a shell-style pattern (``"vit_reg4_*"``)."""
+    def list_models(self, filter: str | None = None, *, task: str | None = None) -> list[str]:
+        """Registered network names, optionally matching a shell-style pattern (``"vit_reg4_*"``) and a task."""
         self._load_builtin_networks()
-        names = sorted(self._networks)
+        names = sorted(name for (name, entry) in self._networks.items() if task is None or entry.task == task)
         if filter is not None:
             names = fnmatch.filter(names, filter)
 
         return names
 
-    def exists(self, name: str) -> bool:
+    def exists(self, name: str, *, task: str | None = None) -> bool:
         self._load_builtin_networks()
-        return name in self._networks
+        entry = self._networks.get(name)
+        return entry is not None and (task is None or entry.task == task)
 
     def network_config(self, name: str) -> dict[str, Any]:
         """The registered config of ``name`` (a copy)."""
-        return dict(self._lookup_network(name)[1])
+        return dict(self._lookup_network(name, None).config)
 
-    def _lookup_network(self, name: str) -> tuple[type["BaseNet"], dict[str, Any]]:
+    def network_task(self, name: str) -> str:
+        return self._lookup_network(name, None).task
+
+    def _lookup_network(self, name: str, task: str | None) -> RegisteredNetwork:
         self._load_builtin_networks()
-        try:
-            return self._networks[name]
-        except KeyError:
-            raise _unknown_name_error("network", name, list(self._networks)) from None
+        entry = self._networks.get(name)
+        if entry is None:
+            raise _unknown_name_error("network", name, list(self._networks))
+        if task is not None and entry.task != task:
+            raise BirderError(f"network '{name}' is a {entry.task} network, not {task}")
+
+        return entry
+
+    def _build(self, name: str, entry: RegisteredNetwork, config: Mapping[str, Any] | None, *args: Any, **kwargs: Any):
+        net = entry.net_class(*args, config={**entry.config, **(config or {})}, **kwargs)
+        net.network_name = name
+        net.config_override = dict(config) if config else None
+        return net
 
     def net_factory(
         self,
@@ -88,13 +119,14 @@ class ModelRegistry:
         config: Mapping[str, Any] | None = None,
         size: tuple[int, int] | None = None,
     ) -> "BaseNet":
-        """Build network ``name``; ``config`` overrides keys of its registered config for this call only."""
-        (net_class, registered) = self._lookup_network(name)
-        merged = {**registered, **(config or {})}
-        net = net_class(input_channels, num_classes, config=merged, size=size)
-        net.network_name = name
-        net.config_override = dict(config) if config else None
-        return net
+        """Build classification network ``name``; ``config`` overrides its registered config for this call only."""
+        entry = self._lookup_network(name, Task.IMAGE_CLASSIFICATION)
+        return self._build(name, entry, config, input_channels, num_classes, size=size)
+
+    def mim_net_factory(self, name: str, encoder: "BaseNet", *, config: Mapping[str, Any] | None = None) -> "nn.Module":
+        """Wrap ``encoder`` (a headless classification network) in masked-image-modelling network ``name``."""
+        entry = self._lookup_network(name, Task.MASKED_IMAGE_MODELING)
+        return self._build(name, entry, config, encoder)
 
     # Pretrained weights
 

@@ -13,9 +13,22 @@ import torch
 from torch import nn
 
 from birder.errors import BirderError
+from birder.tasks import DEFAULT_TASK
 
 # A per-call override of a network's registered config (``{"hidden_dim": 64, ...}``), or None.
 ConfigOverride = Mapping[str, Any] | None
+
+
+def resolve_config(owner: str, defaults: Mapping[str, Any], config: ConfigOverride) -> dict[str, Any]:
+    """``defaults`` updated with ``config``; unknown keys are an error naming the valid ones, never ignored."""
+    resolved = dict(defaults)
+    if config:
+        unknown = sorted(set(config) - set(resolved))
+        if unknown:
+            raise BirderError(f"unknown config key(s) {unknown} for {owner}; valid keys: {sorted(resolved)}")
+        resolved.update(config)
+
+    return resolved
 
 
 class BaseNet(nn.Module):
@@ -28,6 +41,8 @@ class BaseNet(nn.Module):
 
     default_config: Mapping[str, Any] = {}
     default_size: tuple[int, int] = (224, 224)
+    # What the network is for; a loaded model gets the task its file records (a MIM encoder stays one).
+    task: str = DEFAULT_TASK
 
     def __init__(
         self,
@@ -49,14 +64,7 @@ class BaseNet(nn.Module):
 
     @classmethod
     def resolve_config(cls, config: ConfigOverride) -> dict[str, Any]:
-        """The network's defaults updated with ``config``; unknown keys are an error, not silently ignored."""
-        resolved = dict(cls.default_config)
-        if config:
-            unknown = sorted(set(config) - set(resolved))
-            if unknown:
-                raise BirderError(f"unknown config key(s) {unknown} for {cls.__name__}; valid keys: {sorted(resolved)}")
-            resolved.update(config)
-        return resolved
+        return resolve_config(cls.__name__, cls.default_config, config)
 
     # The network contract
 
@@ -115,6 +123,25 @@ class BaseNet(nn.Module):
     def unfreeze(self) -> None:
         for param in self.parameters():
             param.requires_grad_(True)
+
+    # Training hooks: trainers call these and know nothing of a family's parameter names or modules.
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names never weight-decayed besides biases and norms (learned tokens, position embeddings)."""
+        return set()
+
+    @property
+    def num_layer_ids(self) -> int:
+        """How many layers :meth:`layer_id` distinguishes (layer-wise lr decay); 0 when the family has none."""
+        return 0
+
+    def layer_id(self, param_name: str) -> int:
+        """The layer of parameter ``param_name`` for layer-wise lr decay: 0 (stem) to ``num_layer_ids - 1`` (head)."""
+        raise BirderError(f"layer-wise lr decay is not supported by {type(self).__name__}")
+
+    def set_drop_path_rate(self, rate: float) -> None:
+        """Stochastic depth growing linearly from 0 (first block) to ``rate`` (last block)."""
+        raise BirderError(f"stochastic depth is not supported by {type(self).__name__}")
 
     # Checkpoint compatibility
 

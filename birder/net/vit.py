@@ -170,6 +170,10 @@ _LEGACY_BLOCK_RENAMES = [
 ]
 
 
+# Parameter names by layer, for layer-wise lr decay (ViT.layer_id).
+_BLOCK_PARAM = re.compile(r"encoder\.block\.(\d+)\.")
+_STEM_PARAMS = ("conv_proj.", "pos_embedding", "class_token", "reg_tokens", "encoder.pre_block.")
+
 # Files written by birder before the pre-norm moved into the encoder (Birder's own name for it).
 _OLD_PRE_NORM_KEY = re.compile(r"^pre_norm\.(weight|bias)$")
 
@@ -411,6 +415,27 @@ class ViT(BaseNet):
 
     def upgrade_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return rename_legacy_vit_keys(state_dict)
+
+    def no_weight_decay(self) -> set[str]:
+        return {name for name in ("pos_embedding", "class_token", "reg_tokens") if hasattr(self, name)}
+
+    @property
+    def num_layer_ids(self) -> int:
+        return self.num_layers + 2
+
+    def layer_id(self, param_name: str) -> int:
+        """0: stem, position embedding, special tokens and pre-norm; 1..N: blocks; N + 1: final norm and head."""
+        block = _BLOCK_PARAM.match(param_name)
+        if block is not None:
+            return int(block.group(1)) + 1
+        if param_name.startswith(_STEM_PARAMS):
+            return 0
+
+        return self.num_layers + 1
+
+    def set_drop_path_rate(self, rate: float) -> None:
+        for index, block in enumerate(self.encoder.block):
+            block.drop_path.p = rate * index / max(self.num_layers - 1, 1)
 
     def freeze_stages(self, up_to_block: int) -> None:
         """Freeze the stem, special tokens, position embedding and the first ``up_to_block`` blocks."""

@@ -8,7 +8,7 @@ Multi-GPU: ``torchrun --nproc_per_node 8 -m birder.scripts.train_mim ...`` (the 
 
 import argparse
 
-from birder.net.mim import mim_registry
+from birder.model_registry import Task, registry
 from birder.training.cli import add_training_args, json_object, run_cli, training_config_args
 from birder.training.mim import MIMTrainConfig, train_mim
 
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--mim-network",
         default="mae_vit",
-        choices=mim_registry.list_models(),
+        choices=registry.list_models(task=Task.MASKED_IMAGE_MODELING),
         metavar="NAME",
         help="mae_vit (decoder of 8 blocks), mae_vit_dec{4,2,1}, each with _npl (normalized pixel targets)",
     )

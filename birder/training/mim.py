@@ -26,8 +26,7 @@ from birder.errors import BirderError, CheckpointError, ImageDecodeError
 from birder.io.checkpoint import ModelInfo, make_signature, read_checkpoint, write_checkpoint
 from birder.io.images import load_image
 from birder.loading import load_state_into, save_model
-from birder.model_registry import registry
-from birder.net.mim import mim_registry
+from birder.model_registry import Task, registry
 from birder.training.amp import amp_dtype, autocast
 from birder.training.loop import BatchEvent, EpochProgress, build_trainer, start_run
 from birder.training.metrics import MetricsCSV
@@ -127,7 +126,7 @@ def load_mim_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
             config=metadata.get("encoder_config") or None,
             size=tuple(signature["inputs"][0]["data_shape"][2:4]),
         )
-        mae = mim_registry.net_factory(metadata["network"], encoder, config=metadata.get("config") or None)
+        mae = registry.mim_net_factory(metadata["network"], encoder, config=metadata.get("config") or None)
 
     load_state_into(mae, state, str(path))  # duck-typed: MAE renames legacy keys and names itself like a BaseNet
     return (mae, metadata)
@@ -176,8 +175,9 @@ def train_mim(config: MIMTrainConfig, *, on_batch: Callable[[BatchEvent], None] 
 
 
 def _train(config: MIMTrainConfig, dist: DistInfo, on_batch: Callable[[BatchEvent], None] | None) -> MIMTrainResult:
-    if not mim_registry.exists(config.mim_network):
-        raise BirderError(f"unknown MIM network '{config.mim_network}' ({', '.join(mim_registry.list_models())})")
+    if not registry.exists(config.mim_network, task=Task.MASKED_IMAGE_MODELING):
+        known = ", ".join(registry.list_models(task=Task.MASKED_IMAGE_MODELING))
+        raise BirderError(f"unknown MIM network '{config.mim_network}' (known: {known})")
 
     output_dir = Path(config.output_dir)
     seed_everything(config.seed)  # the same on every rank: identical initial weights (and EMA copies)
@@ -191,7 +191,7 @@ def _train(config: MIMTrainConfig, dist: DistInfo, on_batch: Callable[[BatchEven
 
     encoder = registry.net_factory(config.network, 0, config=config.model_config, size=size)
     set_drop_path_rate(encoder, config.drop_path)
-    mae = mim_registry.net_factory(config.mim_network, encoder, config=config.mim_config).to(dist.device)
+    mae = registry.mim_net_factory(config.mim_network, encoder, config=config.mim_config).to(dist.device)
     optimizer = build_optimizer("adamw", param_groups(mae, config.lr, config.weight_decay), betas=tuple(config.betas))
     trainer = build_trainer(
         mae,

@@ -1,7 +1,7 @@
-"""Masked-image-modelling networks. Importing this package registers them in :data:`mim_registry`."""
+"""Masked-image-modelling networks. Importing this package registers them (task ``masked_image_modeling``)."""
 
 from birder.net.mim import mae_vit
-from birder.net.mim.base import MIMRegistry, mim_registry
+from birder.net.mim.base import MIMBaseNet
 from birder.net.mim.mae_vit import MAE_ViT, MAEOutput, Reconstruction
 
-__all__ = ["MAEOutput", "MAE_ViT", "MIMRegistry", "Reconstruction", "mae_vit", "mim_registry"]
+__all__ = ["MAEOutput", "MAE_ViT", "MIMBaseNet", "Reconstruction", "mae_vit"]

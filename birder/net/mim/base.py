@@ -1,54 +1,43 @@
-"""A small registry for masked-image-modelling (MIM) networks.
+"""The contract of masked-image-modelling (MIM) networks.
 
-MIM networks wrap an encoder (a registered classification network built with ``num_classes=0``) and train it
-without labels, so they do not fit :func:`registry.net_factory` (which builds a network from an input size and a
-class count). They register here instead, the same way: a name, a class and a config.
+A MIM network wraps an encoder (a registered classification network built with ``num_classes=0``) and trains it
+without labels. MIM networks register in the one registry with ``task=masked_image_modeling`` and are built with
+``registry.mim_net_factory(name, encoder, config=...)``; only the encoder is kept after pretraining.
 """
 
-import fnmatch
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any
 
 from torch import nn
 
-from birder.errors import BirderError, UnknownModelError
+from birder.net.base import BaseNet, ConfigOverride, resolve_config
+from birder.tasks import Task
 
 
-class MIMNetClass(Protocol):
-    default_config: Mapping[str, Any]
+class MIMBaseNet(nn.Module):
+    """Base class of MIM networks: config resolution, the registry's bookkeeping and the training hooks.
 
-    def __call__(self, encoder: nn.Module, *, config: Mapping[str, Any] | None = None) -> nn.Module: ...
+    Subclasses set ``default_config``, assign ``self.encoder`` in the order their state dict needs, and
+    implement ``forward``.
+    """
 
+    default_config: Mapping[str, Any] = {}
+    task: str = Task.MASKED_IMAGE_MODELING.value
+    encoder: BaseNet
 
-class MIMRegistry:
-    def __init__(self) -> None:
-        self._networks: dict[str, tuple[MIMNetClass, dict[str, Any]]] = {}
+    def __init__(self, *, config: ConfigOverride = None) -> None:
+        super().__init__()
+        self.config = resolve_config(type(self).__name__, self.default_config, config)
+        # Set by the registry, written into checkpoints (as for classifiers).
+        self.network_name: str | None = None
+        self.config_override: dict[str, Any] | None = None
 
-    def register(self, name: str, net_class: MIMNetClass, config: Mapping[str, Any] | None = None) -> None:
-        if name in self._networks:
-            raise BirderError(f"MIM network '{name}' is already registered")
+    def no_weight_decay(self) -> set[str]:
+        """The encoder's undecayed parameters (under ``encoder.``), plus the wrapper's own learned tokens."""
+        return {f"encoder.{name}" for name in self.encoder.no_weight_decay()} | self.own_no_weight_decay()
 
-        self._networks[name] = (net_class, dict(config or {}))
+    def own_no_weight_decay(self) -> set[str]:
+        return set()
 
-    def list_models(self, filter: str | None = None) -> list[str]:
-        names = sorted(self._networks)
-        return names if filter is None else fnmatch.filter(names, filter)
-
-    def exists(self, name: str) -> bool:
-        return name in self._networks
-
-    def net_factory(self, name: str, encoder: nn.Module, *, config: Mapping[str, Any] | None = None) -> nn.Module:
-        """Wrap ``encoder`` in MIM network ``name``; ``config`` overrides its registered config for this call."""
-        try:
-            (net_class, registered) = self._networks[name]
-        except KeyError:
-            known = ", ".join(self.list_models())
-            raise UnknownModelError(f"unknown MIM network '{name}' (known: {known})") from None
-
-        net = net_class(encoder, config={**registered, **(config or {})})
-        net.network_name = name
-        net.config_override = dict(config) if config else None
-        return net
-
-
-mim_registry = MIMRegistry()
+    def set_drop_path_rate(self, rate: float) -> None:
+        self.encoder.set_drop_path_rate(rate)

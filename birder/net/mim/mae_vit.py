@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from birder.errors import BirderError
-from birder.net.mim.base import mim_registry
+from birder.model_registry import registry
+from birder.net.mim.base import MIMBaseNet
 from birder.net.vit import EncoderBlock, ViT, rename_legacy_vit_keys
 
 
@@ -74,7 +75,7 @@ def random_masking(tokens: torch.Tensor, mask_ratio: float) -> tuple[torch.Tenso
     return (kept, torch.gather(mask, 1, ids_restore), ids_restore)
 
 
-class MAE_ViT(nn.Module):
+class MAE_ViT(MIMBaseNet):
     default_config: Mapping[str, Any] = {
         "mask_ratio": 0.75,
         "decoder_dim": 512,
@@ -85,19 +86,12 @@ class MAE_ViT(nn.Module):
     }
 
     def __init__(self, encoder: ViT, *, config: Mapping[str, Any] | None = None) -> None:
-        super().__init__()
         if not isinstance(encoder, ViT):
             raise BirderError(f"mae_vit needs a ViT encoder, got {type(encoder).__name__}")
         if encoder.num_classes != 0:
             raise BirderError("mae_vit needs a headless encoder: build it with num_classes=0")
 
-        unknown = sorted(set(config or {}) - set(self.default_config))
-        if unknown:
-            raise BirderError(f"unknown config key(s) {unknown} for mae_vit; valid keys: {sorted(self.default_config)}")
-
-        self.config = {**self.default_config, **(config or {})}
-        self.network_name: str | None = None
-        self.config_override: dict[str, Any] | None = None
+        super().__init__(config=config)
         self.mask_ratio: float = self.config["mask_ratio"]
         self.norm_pix_loss: bool = self.config["norm_pix_loss"]
         self.patch_size = encoder.patch_size
@@ -237,6 +231,9 @@ class MAE_ViT(nn.Module):
             pasted=self.unpatchify(target * (1 - hidden) + pred * hidden, grid),
         )
 
+    def own_no_weight_decay(self) -> set[str]:
+        return {"mask_token"}
+
     def upgrade_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Legacy (Birder <= 0.3) block names, in the encoder and the decoder alike."""
         return rename_legacy_vit_keys(state_dict)
@@ -244,5 +241,5 @@ class MAE_ViT(nn.Module):
 
 # The published network and its lighter-decoder / normalized-pixel-target variants.
 for _depth_suffix, _depth in (("", 8), ("_dec4", 4), ("_dec2", 2), ("_dec1", 1)):
-    mim_registry.register(f"mae_vit{_depth_suffix}", MAE_ViT, {"decoder_depth": _depth})
-    mim_registry.register(f"mae_vit{_depth_suffix}_npl", MAE_ViT, {"decoder_depth": _depth, "norm_pix_loss": True})
+    registry.register_model(f"mae_vit{_depth_suffix}", MAE_ViT, {"decoder_depth": _depth})
+    registry.register_model(f"mae_vit{_depth_suffix}_npl", MAE_ViT, {"decoder_depth": _depth, "norm_pix_loss": True})
