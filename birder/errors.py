@@ -30,3 +30,16 @@ class ChecksumMismatchError(DownloadError):
 
 class ImageDecodeError(BirderError):
     """An image file that cannot be decoded (missing, empty, truncated, not an image)."""
+
+
+def one_line(exc: BaseException | str, limit: int = 300) -> str:
+    """``exc``'s message on one line (white space folded, at most ``limit`` characters), else its type's name.
+
+    The one way birder turns a library's exception into the reason it prints or records (failures tables, CLI
+    errors): library messages can span lines (torch.load's run to paragraphs), which would break a table row.
+    """
+    text = " ".join(str(exc).split())
+    if not text:
+        return type(exc).__name__
+
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -22,6 +22,7 @@ from birder.io.checkpoint import (
     get_channels_from_signature,
     get_num_classes_from_signature,
     get_size_from_signature,
+    is_export_file,
     make_signature,
     model_info_from_metadata,
     read_checkpoint,
@@ -33,8 +34,6 @@ from birder.net.base import BaseNet
 
 logger = logging.getLogger(__name__)
 
-# Deployment formats, handled by birder.io.export (imported lazily: onnx and onnxruntime are optional).
-EXPORT_SUFFIXES = (".pts", ".pt2", ".onnx")
 # How many names of each kind a "does not fit" error lists before it summarises.
 _MAX_KEYS_IN_ERROR = 5
 
@@ -44,15 +43,16 @@ def save_model(
     path: str | Path,
     model_info: ModelInfo,
     *,
-    task: str = DEFAULT_TASK,
+    task: str | None = None,
 ) -> Path:
     """Write ``net`` with its metadata to ``path`` (``.pt`` or ``.safetensors``, by extension), atomically.
 
     ``.pts`` (TorchScript), ``.pt2`` (torch.export) and ``.onnx`` write an export for deployment instead
     (:mod:`birder.io.export`). The file carries the network name and the config override the network was built with, so
-    :func:`load_model` can rebuild it without being told; Birder ignores those extra keys.
+    :func:`load_model` can rebuild it without being told; Birder ignores those extra keys. ``task`` defaults to the
+    network's (``net.task``).
     """
-    if Path(path).suffix.lower() in EXPORT_SUFFIXES:
+    if is_export_file(path):
         from birder.io.export import export_model
 
         return export_model(net, path, model_info, task=task)
@@ -127,7 +127,7 @@ def load_model(
     updates the config stored in the file (Birder 0.2 did not store it). ``new_size`` resizes the position
     embedding after loading (e.g. a 224 px MIM encoder used at 256 px).
     """
-    if Path(path).suffix.lower() in EXPORT_SUFFIXES:
+    if is_export_file(path):
         # TorchScript, torch.export and ONNX files; imported here so `import birder` never loads onnxruntime.
         from birder.io.export import load_exported
 
@@ -162,6 +162,7 @@ def load_model(
 
     load_state_into(net, state, str(path))
     del state
+    net.task = str(metadata.get("task") or DEFAULT_TASK)  # a MIM encoder saved again stays one
     if new_size is not None:
         net.adjust_size(new_size)
 

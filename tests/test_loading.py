@@ -223,3 +223,17 @@ def test_file_without_network_name_needs_one(tmp_path: Path) -> None:
     shutil.copy(FIXTURES / "current_vit_small.pt", tmp_path / "birder_file.pt")
     with pytest.raises(CheckpointError, match="pass network="):
         birder.load_model(tmp_path / "birder_file.pt")
+
+
+def test_task_travels_with_the_loaded_network(tmp_path: Path) -> None:
+    """A MIM encoder loaded and saved again (or converted) stays a MIM encoder: the task is on the network."""
+    net = make_tiny_vit(num_classes=0)
+    info = birder.ModelInfo({}, make_signature(3, net.size, 0), {"mean": (0, 0, 0), "std": (1, 1, 1)})
+    path = birder.save_model(net, tmp_path / "vit_b16_mim_1.pt", info, task="masked_image_modeling")
+    (loaded, loaded_info) = birder.load_model(path)
+    assert loaded.network_name == "vit_b16"
+    assert loaded.task == "masked_image_modeling"
+
+    resaved = birder.save_model(loaded, tmp_path / "again.safetensors", loaded_info)
+    assert read_checkpoint(resaved)[1]["task"] == "masked_image_modeling"
+    assert make_tiny_vit(num_classes=2).task == "image_classification"

@@ -16,12 +16,15 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from birder.errors import CheckpointError
+from birder.errors import CheckpointError, one_line
 from birder.io.atomic import atomic_write_path
 from birder.tasks import DEFAULT_TASK
 from birder.version import __version__
 
 CHECKPOINT_FORMATS = ("pt", "safetensors")
+# Deployment formats, written and read by birder.io.export (imported lazily there: onnx is optional).
+EXPORT_FORMATS = ("pts", "pt2", "onnx")
+EXPORT_SUFFIXES = tuple(f".{fmt}" for fmt in EXPORT_FORMATS)
 # Metadata keys stored as JSON strings in .safetensors (plain values in .pt).
 _JSON_METADATA_KEYS = ("class_to_idx", "signature", "rgb_stats", "config")
 _REQUIRED_METADATA_KEYS = ("signature", "class_to_idx", "rgb_stats")
@@ -46,6 +49,11 @@ def checkpoint_format(path: str | Path) -> str:
         )
 
     return suffix
+
+
+def is_export_file(path: str | Path) -> bool:
+    """Whether ``path`` names an export (TorchScript, torch.export, ONNX) rather than a checkpoint."""
+    return Path(path).suffix.lower() in EXPORT_SUFFIXES
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -73,16 +81,14 @@ def _read_pt(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     try:
         content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
         if "weights only" in str(err).lower() or "weights_only" in str(err):
             raise CheckpointError(
                 f"{path}: refusing to load: the file contains pickled Python objects, not just tensors and "
                 "plain values (re-save it with birder.save_model)"
             ) from None
-        raise CheckpointError(f"{path}: truncated or not a PyTorch checkpoint ({first_line})") from None
+        raise CheckpointError(f"{path}: truncated or not a PyTorch checkpoint ({one_line(err)})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: truncated or not a PyTorch checkpoint ({reason})") from None
+        raise CheckpointError(f"{path}: truncated or not a PyTorch checkpoint ({one_line(err)})") from None
 
     if not isinstance(content, Mapping) or "state" not in content:
         raise CheckpointError(f"{path}: not a birder checkpoint (expected a dict with a 'state' entry)")
@@ -118,12 +124,14 @@ def write_checkpoint(path: str | Path, state: Mapping[str, torch.Tensor], metada
     return path
 
 
-def build_metadata(net: Any, model_info: ModelInfo, *, task: str = DEFAULT_TASK) -> dict[str, Any]:
-    """The SPEC section 3 metadata of ``net`` (plain values), plus the network name and its config override.
+def build_metadata(net: Any, model_info: ModelInfo, *, task: str | None = None) -> dict[str, Any]:
+    """The checkpoint metadata of ``net`` (plain values), plus the network name and its config override.
 
-    Every writer (``.pt``, ``.safetensors``, exports) stores exactly this, so a file always knows how to rebuild
-    its network; Birder ignores the extra keys.
+    Every writer (``.pt``, ``.safetensors``, exports, MIM training) stores exactly this, so a file always knows how
+    to rebuild its network; Birder ignores the extra keys. ``task`` defaults to the network's own (a loaded model
+    keeps the task its file recorded).
     """
+    task = str(task or getattr(net, "task", None) or DEFAULT_TASK)
     # The network is the truth about its shapes: a model resized after loading must not be saved with its old size.
     if all(hasattr(net, attr) for attr in ("input_channels", "size", "num_classes")):
         signature = make_signature(net.input_channels, net.size, net.num_classes)

@@ -20,7 +20,7 @@ from typing import Any
 from tqdm import tqdm
 
 from birder.conf import LEGACY_MODELS_DIR, models_dir
-from birder.errors import BirderError, ChecksumMismatchError, DownloadError
+from birder.errors import BirderError, ChecksumMismatchError, DownloadError, one_line
 from birder.io.atomic import atomic_write_path
 from birder.version import __version__
 
@@ -119,11 +119,6 @@ def _remove_quietly(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return " ".join(text.split())
-
-
 def _open(url: str, dst: Path, timeout: float) -> http.client.HTTPResponse:
     """Send the request; turn each way it can fail into a one-line ``DownloadError``."""
     request = urllib.request.Request(url, headers={"User-Agent": f"birder/{__version__}"})
@@ -135,11 +130,11 @@ def _open(url: str, dst: Path, timeout: float) -> http.client.HTTPResponse:
     except (urllib.error.URLError, OSError) as exc:
         reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
         if not isinstance(reason, OSError):  # e.g. "unknown url type": a bad URL, not a network problem
-            raise DownloadError(f"Cannot download {url}: {_one_line(reason)}") from exc
+            raise DownloadError(f"Cannot download {url}: {one_line(reason)}") from exc
 
         # Refused, unresolvable, timed out: the same advice works for all of them
         raise DownloadError(
-            f"Cannot download {url} ({_one_line(reason)}): this machine seems offline. "
+            f"Cannot download {url} ({one_line(reason)}): this machine seems offline. "
             f"Download the file by hand and place it at {dst.absolute()}"
         ) from exc
 
@@ -171,7 +166,7 @@ def _stream_to_file(response: http.client.HTTPResponse, url: str, partial: Path,
                 chunk = response.read(CHUNK_SIZE)
             except (OSError, http.client.HTTPException) as exc:
                 raise DownloadError(
-                    f"Connection to {url} broke after {received} of {total or 'unknown'} bytes: {_one_line(exc)}"
+                    f"Connection to {url} broke after {received} of {total or 'unknown'} bytes: {one_line(exc)}"
                 ) from exc
 
             if not chunk:
@@ -224,7 +219,7 @@ def download_file(
         if isinstance(exc, BirderError) or not isinstance(exc, Exception):
             raise  # our own one-line errors, and KeyboardInterrupt / SystemExit, pass through unchanged
 
-        raise DownloadError(f"Download of {url} to {dst.absolute()} failed: {_one_line(exc)}") from exc
+        raise DownloadError(f"Download of {url} to {dst.absolute()} failed: {one_line(exc)}") from exc
 
     _write_stamp(dst, sha256)
     return dst

@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from birder.errors import BirderError, CheckpointError
+from birder.errors import BirderError, CheckpointError, one_line
 from birder.io.atomic import fsync_path
 from birder.io.checkpoint import (
-    DEFAULT_TASK,
+    EXPORT_FORMATS,
     ModelInfo,
     build_metadata,
     get_channels_from_signature,
@@ -40,7 +40,6 @@ from birder.io.checkpoint import (
     model_info_from_metadata,
 )
 
-EXPORT_FORMATS = ("pts", "pt2", "onnx")
 ONNX_METADATA_SUFFIX = ".onnx_metadata.json"
 
 _METADATA_KEYS = ("birder_version", "task", "class_to_idx", "signature", "rgb_stats", "network", "config")
@@ -66,11 +65,7 @@ def onnx_metadata_path(path: str | os.PathLike) -> Path:
     return Path(path).with_suffix(ONNX_METADATA_SUFFIX)
 
 
-# The metadata every writer stores (kept under this name for callers of the export module).
-export_metadata = build_metadata
-
-
-def export_model(net: nn.Module, path: str | os.PathLike, model_info: ModelInfo, *, task: str = DEFAULT_TASK) -> Path:
+def export_model(net: nn.Module, path: str | os.PathLike, model_info: ModelInfo, *, task: str | None = None) -> Path:
     """Write ``net`` to ``path`` as TorchScript, ``torch.export`` or ONNX (by extension), atomically.
 
     ``.safetensors`` and ``.pt`` are checkpoints, not exports: use :func:`birder.save_model` for them. The
@@ -78,7 +73,7 @@ def export_model(net: nn.Module, path: str | os.PathLike, model_info: ModelInfo,
     """
     path = Path(path)
     file_format = export_format(path)
-    metadata = export_metadata(net, model_info, task=task)
+    metadata = build_metadata(net, model_info, task=task)
     signature = metadata["signature"]
     (height, width) = get_size_from_signature(signature)
     reference = next(net.parameters())
@@ -165,7 +160,7 @@ def _load_torchscript(path: Path, device: torch.device | str) -> tuple[nn.Module
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, its files still load
             model = torch.jit.load(str(path), map_location=device, _extra_files=extra)
     except (RuntimeError, ValueError, OSError) as err:
-        raise CheckpointError(f"{path}: truncated or not a TorchScript file ({_first_line(err)})") from None
+        raise CheckpointError(f"{path}: truncated or not a TorchScript file ({one_line(err)})") from None
 
     model.eval()
     for param in model.parameters():  # ScriptModules have no requires_grad_()
@@ -190,7 +185,7 @@ def _load_program(path: Path, device: torch.device | str) -> tuple[nn.Module, di
     try:
         program = torch.export.load(str(path), extra_files=extra)
     except (RuntimeError, ValueError, OSError, KeyError, AssertionError, zipfile.BadZipFile) as err:
-        raise CheckpointError(f"{path}: truncated or not a torch.export file ({_first_line(err)})") from None
+        raise CheckpointError(f"{path}: truncated or not a torch.export file ({one_line(err)})") from None
 
     model = ExportedProgramModel(program.module()).to(device)
     model.requires_grad_(False)
@@ -358,7 +353,7 @@ class OnnxModel(nn.Module):
         try:
             self.session = ort.InferenceSession(str(self.path), providers=providers)
         except Exception as err:  # onnxruntime raises its own exception types, not exported under stable names
-            raise CheckpointError(f"{path}: truncated or not an ONNX model ({_first_line(err)})") from None
+            raise CheckpointError(f"{path}: truncated or not an ONNX model ({one_line(err)})") from None
 
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [output.name for output in self.session.get_outputs()]
@@ -450,12 +445,7 @@ def read_export_metadata(path: str | os.PathLike) -> dict[str, Any]:
                 if folder.rsplit("/", 1)[-1] in ("extra", "extra_files") and key in _METADATA_KEYS:
                     extra[key] = archive.read(name).decode("utf-8")
     except (zipfile.BadZipFile, OSError) as err:
-        raise CheckpointError(f"{path}: truncated or not a {file_format} archive ({_first_line(err)})") from None
+        raise CheckpointError(f"{path}: truncated or not a {file_format} archive ({one_line(err)})") from None
     metadata = metadata_from_strings(path, extra)
     _check_metadata(path, metadata)
     return metadata
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:300] if text else type(err).__name__

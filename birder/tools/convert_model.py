@@ -10,14 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from birder.errors import BirderError
-from birder.io.checkpoint import CHECKPOINT_FORMATS, DEFAULT_TASK, read_checkpoint
+from birder.io.checkpoint import CHECKPOINT_FORMATS, EXPORT_SUFFIXES
 from birder.io.download import fetch_pretrained_file
 from birder.loading import load_model, save_model
 from birder.model_registry import registry
 from birder.net.base import BaseNet
-
-# Targets written by birder.io.export.export_model(net, path, model_info, task=...) rather than save_model.
-EXPORT_SUFFIXES = (".pts", ".pt2", ".onnx")
 
 
 def add_parser(subparsers: Any, name: str) -> None:
@@ -37,12 +34,12 @@ def _resolve_source(src: str, network: str | None) -> tuple[Path, str | None]:
     raise BirderError(f"'{src}' is neither a model file nor a pretrained model name")
 
 
-def _export(net: BaseNet, dst: Path, model_info: Any, task: str) -> Path:
+def _export(net: BaseNet, dst: Path, model_info: Any) -> Path:
     try:
         from birder.io.export import export_model
     except ImportError:
         raise BirderError(f"cannot write {dst.suffix} files: this installation has no exporter") from None
-    return Path(export_model(net, dst, model_info, task=task))
+    return Path(export_model(net, dst, model_info))
 
 
 def convert_model(src: str, dst: str | Path, network: str | None = None, *, force: bool = False) -> Path:
@@ -56,14 +53,11 @@ def convert_model(src: str, dst: str | Path, network: str | None = None, *, forc
         raise BirderError(f"'{dst}' already exists (pass --force to overwrite it)")
 
     (path, network) = _resolve_source(src, network)
-    # The task is not part of ModelInfo; read it so a MIM encoder stays a MIM encoder
-    (state, metadata) = read_checkpoint(path)
-    del state
-    task = metadata.get("task") or DEFAULT_TASK
+    # Read once; the file's task travels on the loaded network (net.task), so a MIM encoder stays one.
     (net, model_info) = load_model(path, network=network, inference=True)
     if suffix in EXPORT_SUFFIXES:
-        return _export(net, dst, model_info, task)
-    return save_model(net, dst, model_info, task=task)
+        return _export(net, dst, model_info)
+    return save_model(net, dst, model_info)
 
 
 def run(args: argparse.Namespace) -> int:

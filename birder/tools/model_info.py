@@ -9,12 +9,13 @@ from typing import Any
 
 from birder.errors import BirderError, UnknownModelError
 from birder.io.checkpoint import (
+    EXPORT_SUFFIXES,
     get_channels_from_signature,
     get_num_classes_from_signature,
     get_size_from_signature,
+    is_export_file,
     read_checkpoint,
 )
-from birder.loading import EXPORT_SUFFIXES
 from birder.model_registry import registry
 from birder.tools.list_models import cached_file
 
@@ -32,7 +33,7 @@ def add_parser(subparsers: Any, name: str) -> None:
 
 def checkpoint_info(path: str | os.PathLike, network: str | None = None) -> dict[str, Any]:
     """The metadata of a model file and its parameter count (tensors are memory-mapped, not loaded)."""
-    if Path(path).suffix.lower() in EXPORT_SUFFIXES:
+    if is_export_file(path):
         from birder.io.export import read_export_metadata
 
         (metadata, parameters) = (read_export_metadata(path), None)
