@@ -4,7 +4,7 @@ import os
 from pathlib import Path
 
 # Where Birder itself puts downloaded models: relative to the working directory. We never write there, but a
-# file a user already has in it is used (SPEC section 7).
+# file a user already has in it is used (docs/compatibility.md, "Known defects of the reference not copied").
 LEGACY_MODELS_DIR = Path("models")
 
 

@@ -1,8 +1,8 @@
 """Inference preprocessing: the resize/crop/normalize pipeline Birder models were trained to expect.
 
-The arithmetic follows the published Birder package exactly (SPEC section 5), so a checkpoint gives the same
-predictions here as there. The transform takes PIL images; any mode other than RGB (grayscale, RGBA, CMYK,
-16-bit) goes through :func:`birder.io.images.load_image`, the one decoder, so the card's
+The arithmetic follows the published Birder package exactly (docs/compatibility.md, "Inference preprocessing"), so a
+checkpoint gives the same predictions here as there. The transform takes PIL images; any mode other than RGB
+(grayscale, RGBA, CMYK, 16-bit) goes through :func:`birder.io.images.load_image`, the one decoder, so the card's
 ``transform(image)`` works on whatever photo a user opened. It never reads files itself.
 """
 
@@ -86,10 +86,10 @@ def classification_transform(
 ) -> ClassificationTransform:
     """The inference transform of a model with input ``size`` ``(H, W)`` trained with ``rgb_stats``.
 
-    Steps (SPEC section 5): resize bicubic with antialias to ``(int(H / center_crop), int(W / center_crop))``,
-    ignoring the aspect ratio, or with ``simple_crop`` the shorter side to ``int(min(H, W) / center_crop)``
-    keeping it; center crop to ``size``; divide by 255; normalize with ``rgb_stats`` (``mean`` and ``std``,
-    tuples or lists of three numbers).
+    Steps (docs/compatibility.md, "Inference preprocessing"): resize bicubic with antialias to
+    ``(int(H / center_crop), int(W / center_crop))``, ignoring the aspect ratio, or with ``simple_crop`` the shorter
+    side to ``int(min(H, W) / center_crop)`` keeping it; center crop to ``size``; divide by 255; normalize with
+    ``rgb_stats`` (``mean`` and ``std``, tuples or lists of three numbers).
     """
     size = _as_size(size)
     if not center_crop > 0:
@@ -122,7 +122,7 @@ def tta_crops(image_tensor: torch.Tensor) -> torch.Tensor:
 def _resized_size(
     height: int, width: int, size: tuple[int, int], center_crop: float, simple_crop: bool
 ) -> tuple[int, int]:
-    """The resize step's output ``(height, width)`` (SPEC section 5, torchvision's ``Resize`` arithmetic)."""
+    """The resize step's output ``(height, width)``: torchvision's ``Resize`` arithmetic ("Inference preprocessing")."""
     if not simple_crop:
         # Both sides set exactly: the aspect ratio is not kept.
         return (int(size[0] / center_crop), int(size[1] / center_crop))

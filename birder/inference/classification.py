@@ -1,7 +1,8 @@
 """Classification inference: the card's ``infer_image`` and ``infer_batch``.
 
 Always runs under ``torch.inference_mode()`` so it works on a network loaded without ``inference=True`` (the
-reference fails there, SPEC section 7), and moves inputs to the network's device and floating dtype.
+reference fails there: docs/compatibility.md, "Known defects of the reference not copied"), and moves inputs to
+the network's device and floating dtype.
 """
 
 import os

@@ -28,7 +28,7 @@ def atomic_write_path(dst: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         fsync_path(tmp_path)
         # mkstemp creates 0600 files; give the result the permissions a plain open() would have.
-        os.chmod(tmp_path, 0o666 & ~_current_umask())
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, dst)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
@@ -37,10 +37,36 @@ def atomic_write_path(dst: str | os.PathLike) -> Iterator[Path]:
     fsync_directory(dst.parent)
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
+def _umask() -> int:
+    """The process umask, read without changing it (Linux); elsewhere the one read when this module was imported."""
+    mask = _umask_from_proc()
+    return mask if mask is not None else _UMASK_AT_IMPORT
+
+
+def _umask_from_proc() -> int | None:
+    """The umask as Linux (4.7 and later) shows it in /proc; None where it does not."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _umask_by_setting() -> int:
+    # The portable way to read the umask is to set it and set it back: a file another thread creates in between
+    # gets the wrong mode. So it is done once, at import (normally before a program starts threads), and with
+    # the strictest mask, so such a file would be too private rather than world-writable.
+    mask = os.umask(0o077)
     os.umask(mask)
     return mask
+
+
+_UMASK_AT_IMPORT = _umask_from_proc()
+if _UMASK_AT_IMPORT is None:
+    _UMASK_AT_IMPORT = _umask_by_setting()
 
 
 def fsync_directory(directory: Path) -> None:

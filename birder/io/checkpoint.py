@@ -1,4 +1,4 @@
-"""Reading and writing model files: ``.pt`` (SPEC section 3) and ``.safetensors`` (same metadata).
+"""Reading and writing model files: ``.pt`` and ``.safetensors`` (docs/compatibility.md, "Checkpoint files").
 
 Only file formats live here; building networks from files is :mod:`birder.loading`. Reads never unpickle code
 (``weights_only=True``) and memory-map the tensors, so a 1.2 GB checkpoint is not copied into memory a second

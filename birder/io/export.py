@@ -1,9 +1,9 @@
 """Portable model formats: TorchScript (``.pts``), ``torch.export`` (``.pt2``) and ONNX (``.onnx``).
 
-Every export carries the checkpoint metadata of SPEC section 3 (``birder_version``, ``task``, ``class_to_idx``,
-``signature``, ``rgb_stats``, plus the network name and config override, which Birder ignores): as extra files
-inside ``.pts`` and ``.pt2`` archives, and for ONNX in a sidecar ``<name>.onnx_metadata.json`` (also copied into
-the model's own ``metadata_props``, so a lone ``.onnx`` file still loads).
+Every export carries the checkpoint metadata (docs/compatibility.md, "Checkpoint files": ``birder_version``, ``task``,
+``class_to_idx``, ``signature``, ``rgb_stats``, plus the network name and config override, which Birder ignores): as
+extra files inside ``.pts`` and ``.pt2`` archives, and for ONNX in a sidecar ``<name>.onnx_metadata.json`` (also copied
+into the model's own ``metadata_props``, so a lone ``.onnx`` file still loads).
 
 A loaded export behaves like a birder network where inference is concerned: ``forward(x)`` gives logits,
 ``embedding(x)`` the embedding, ``classify(embedding)`` the head, and ``parameters()`` says where it runs, so

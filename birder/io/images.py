@@ -50,6 +50,31 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
+def is_hidden(name: str) -> bool:
+    """Whether a file or folder name is hidden (starts with a dot); such entries are never taken as photos.
+
+    macOS leaves a "._IMG_0001.jpg" AppleDouble file beside every photo copied to a FAT/exFAT card: it has an
+    image extension but is not an image. Nor is anything inside ".thumbnails", ".git" or ".Trashes".
+    """
+    return name.startswith(".")
+
+
+def find_images(folder: str | os.PathLike) -> list[Path]:
+    """Every image file under ``folder``, recursively: the one photo discovery of training and prediction.
+
+    Files with an image extension (:func:`is_image_file`) are taken; hidden files and folders (:func:`is_hidden`)
+    are skipped, and symbolic links to folders are not followed. The order is sorted by path components ("a/b.jpg"
+    before "a-b.jpg"), so it does not depend on what the file system happens to list first.
+    """
+    root = Path(folder)
+    found = []
+    for current, dirnames, filenames in os.walk(root):
+        dirnames[:] = [name for name in dirnames if not is_hidden(name)]
+        found.extend(Path(current, name) for name in filenames if not is_hidden(name) and is_image_file(name))
+
+    return sorted(found, key=lambda path: path.relative_to(root).parts)
+
+
 def load_image(source: str | os.PathLike | Image.Image) -> Image.Image:
     """Decode ``source`` (a path or a PIL image) into an 8-bit RGB image with EXIF orientation applied.
 

@@ -1,4 +1,4 @@
-"""The pretrained models birder knows by name (data only; schema in SPEC section 2).
+"""The pretrained models birder knows by name (data only; schema in docs/compatibility.md, "Pretrained manifest").
 
 ``file_size`` is in MiB, as in Birder's manifest. Files live at ``<url>/<name>.<format>``.
 """

@@ -131,7 +131,7 @@ class ModelRegistry:
     # Pretrained weights
 
     def register_weights(self, name: str, metadata: Mapping[str, Any]) -> None:
-        """Add (or replace, with a warning) a pretrained entry; the schema is SPEC section 2."""
+        """Add (or replace, with a warning) a pretrained entry; docs/compatibility.md, "Pretrained manifest"."""
         entry = copy.deepcopy(dict(metadata))
         _validate_weights_entry(name, entry)
         if name in self._pretrained:

@@ -1,7 +1,7 @@
 """Vision Transformer (ViT) family.
 
-Structure and state-dict keys follow SPEC section 4 (Birder's current layout), so Birder checkpoints load as
-they are; the legacy layout (Birder 0.3.x and earlier, the model card's file) is renamed on load by
+Structure and state-dict keys follow Birder's current layout (docs/compatibility.md, "ViT layouts"), so Birder
+checkpoints load as they are; the legacy layout (Birder 0.3.x and earlier, the model card's file) is renamed on load by
 :meth:`ViT.upgrade_state_dict`.
 
 Token order is ``[registers..., class, patches...]``; the position embedding covers all of them.
@@ -143,7 +143,7 @@ def resize_pos_embedding(
     num_special_tokens: int,
     antialias: bool,
 ) -> torch.Tensor:
-    """Resize the patch part of a ``[1, S + h*w, D]`` position embedding to a new grid (SPEC section 4).
+    """Resize the patch part of a ``[1, S + h*w, D]`` position embedding to a new grid ("ViT layouts").
 
     The special-token rows (registers, class token) are kept as they are. Interpolation runs in float32 whatever
     the embedding's dtype, so bf16 models resize the same way as the reference.
@@ -197,6 +197,28 @@ def rename_legacy_vit_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, tor
 
 
 class ViT(BaseNet):
+    """Vision Transformer: patch stem, pre-norm residual blocks, final LayerNorm, linear head on the pooled token.
+
+    Config keys (``registry.net_factory(name, n, config={...})`` overrides any of them for one build):
+
+    - ``patch_size``: side of the square patches the stem cuts (14, 16 or 32 in the registered names).
+    - ``num_layers``, ``num_heads``, ``hidden_dim``, ``mlp_dim``: depth, attention heads, token width and MLP width.
+    - ``num_reg_tokens``: learned register tokens placed before the class token (0 = none).
+    - ``class_token``: pool with a class token (True) or with the mean of the patch tokens (False).
+    - ``layer_scale_init_value``: initial per-channel scale of each residual branch (None = no layer scale).
+    - ``pre_norm``: a LayerNorm on the tokens before the first block (and no stem bias, which it would cancel).
+    - ``norm_layer_eps``: epsilon of every LayerNorm.
+    - ``drop_path_rate``: stochastic depth of the last block, growing linearly from 0 at the first (training only).
+    - ``dropout``, ``attention_dropout``: dropout in the MLP and on the attention weights (0 in every named config).
+    - ``out_indices``: blocks whose outputs :meth:`detection_features` returns as ``stage1..K``; None gives the
+      card's single ``neck`` map.
+
+    Registered names compose as ``vit_[reg{R}_]{size}{patch}[_ls][_pn][_avg]``: size ``t s m b l h`` sets the
+    depth and widths (and drop-path 0.1 for b, l, h), ``reg1/4/8`` the register tokens, ``_ls`` layer scale 1e-5,
+    ``_pn`` the pre-norm with LayerNorm eps 1e-5, ``_avg`` mean pooling instead of a class token. Suffixes combine
+    in that order (``vit_reg4_b16_ls_pn_avg``).
+    """
+
     default_config: Mapping[str, Any] = {
         "patch_size": 16,
         "num_layers": 12,
@@ -446,7 +468,7 @@ class ViT(BaseNet):
             param.requires_grad_(False)
 
 
-# Named configs (SPEC section 4): size letter -> (layers, heads, width, mlp, default drop-path rate).
+# Named configs (docs/compatibility.md, "ViT layouts"): size letter -> (layers, heads, width, mlp, drop-path rate).
 _VIT_SIZES = {
     "t": (12, 3, 192, 768, 0.0),
     "s": (12, 6, 384, 1536, 0.0),

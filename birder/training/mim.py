@@ -45,7 +45,8 @@ METRICS_FIELDS = ["epoch", "step", "loss", "lr", "unreadable_images"]
 
 @dataclass
 class MIMTrainConfig:
-    """Settings of a pretraining run (defaults follow the published recipe, SPEC section 6, where one exists)."""
+    """Settings of a pretraining run (defaults follow the published recipe where one exists: docs/compatibility.md,
+    "MAE pretraining")."""
 
     data_dirs: Sequence[str | Path]
     output_dir: str | Path

@@ -1,4 +1,4 @@
-"""Masked autoencoder (MAE) pretraining of a ViT encoder (SPEC section 6).
+"""Masked autoencoder (MAE) pretraining of a ViT encoder (docs/compatibility.md, "MAE pretraining").
 
 A random 75 % of the patches of each image is hidden; the encoder sees only the rest (plus its special tokens,
 with their position embeddings) and a light decoder, fed the encoded tokens and a shared mask token at the
