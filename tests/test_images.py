@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from birder.errors import ImageDecodeError
-from birder.io.images import IMAGE_EXTENSIONS, is_image_file, load_image
+from birder.io.images import IMAGE_EXTENSIONS, find_images, is_hidden, is_image_file, load_image
 
 WHITE = (255, 255, 255)
 
@@ -271,3 +271,15 @@ def test_is_image_file_false(name: str) -> None:
 def test_image_extensions_are_lower_case_with_dot() -> None:
     assert all(ext.startswith(".") and ext == ext.lower() for ext in IMAGE_EXTENSIONS)
     assert "a.jpg".endswith(IMAGE_EXTENSIONS)
+
+
+# Discovery
+
+
+def test_find_images_skips_hidden_entries_and_sorts_by_path_components(tmp_path: Path) -> None:
+    for name in ("a-b.jpg", "a/b.JPG", "a/c/d.png", "notes.txt", "._a-b.jpg", ".thumbnails/t.jpg", "a/.git/x.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")  # only names matter: nothing is opened
+    found = find_images(tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["a/b.JPG", "a/c/d.png", "a-b.jpg"]
+    assert is_hidden("._a.jpg") and is_hidden(".thumbnails") and not is_hidden("a.jpg")

@@ -126,7 +126,20 @@ def test_discover_mixes_files_and_folders_once_each(photos: Path) -> None:
     text = photos / "loose/readme.txt"
     found = discover_images([text, photos / "Species A", photos / "Species A/rgb.jpg"])
     # A file named explicitly is taken whatever its extension; a photo reached twice is listed once
-    assert found == [text, photos / "Species A/gray.png", photos / "Species A/rgb.jpg"]
+    assert found == [photos / "Species A/gray.png", photos / "Species A/rgb.jpg", text]
+
+
+def test_discover_order_does_not_depend_on_the_order_of_the_inputs(photos: Path, monkeypatch) -> None:
+    # One canonical order (by absolute path): a run started as "a/ b/" can be resumed as "b/ a/"
+    inputs = [photos / "loose", photos / "Species B", photos / "Species A/rgb.jpg", photos / "Species A"]
+    found = discover_images(inputs)
+    assert discover_images(inputs[::-1]) == found
+    assert found == sorted(found, key=lambda p: p.parts)
+    # The same photo under two spellings is listed once, under the same spelling whichever input comes first
+    monkeypatch.chdir(photos)
+    twice = ["Species A", "Species A/../Species A/gray.png"]
+    assert discover_images(twice) == discover_images(twice[::-1])
+    assert len(discover_images(twice)) == 2
 
 
 def test_discover_errors_are_one_line(tmp_path: Path) -> None:
@@ -333,12 +346,44 @@ def test_plot_needs_the_plot_extra(monkeypatch: pytest.MonkeyPatch) -> None:
         plot_predictions([("a.jpg", "owl", [("owl", 1.0)])], "x.png")
 
 
-def test_dataset_survives_any_exception(tmp_path: Path) -> None:
-    random_photo(0).save(tmp_path / "a.png")
+def broken_transform(image):
+    raise RuntimeError("boom\nsecond line")
 
-    def broken_transform(image):
-        raise RuntimeError("boom\nsecond line")
+
+def broken_embedding(self, x):
+    raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (7x32 and 48x32)")
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_transform_error_stops_the_run(photos: Path, model, num_workers: int) -> None:
+    # A transform that raises is not a bad photo: it would fail on every photo, so it must not read as "unreadable"
+    (net, _) = model
+    paths = discover_images([photos / "Species A"])
+    predictor = P.Predictor(net, broken_transform, num_workers=num_workers)
+    with pytest.raises(P.PredictionError) as excinfo:
+        list(predictor.predict_files(paths))
+    message = str(excinfo.value)
+    assert "RuntimeError: boom second line" in message and "\n" not in message
+    assert os.fspath(paths[0]) in message  # names the photo it was working on
+
+
+def test_model_error_stops_the_run(photos: Path, model, monkeypatch: pytest.MonkeyPatch) -> None:
+    (net, transform) = model
+    monkeypatch.setattr(type(net), "embedding", broken_embedding)
+    paths = discover_images([photos])
+    with pytest.raises(P.PredictionError, match="mat1 and mat2 shapes") as excinfo:
+        list(P.Predictor(net, transform, batch_size=4).predict_files(paths))
+    assert "\n" not in str(excinfo.value) and isinstance(excinfo.value.__cause__, RuntimeError)
+
+
+def test_only_decode_errors_are_a_photos_failure(tmp_path: Path, model) -> None:
+    (_, transform) = model
+    random_photo(0).save(tmp_path / "a.png")
+    (tmp_path / "b.jpg").write_text("not a photo")
+    dataset = ImageFileDataset([tmp_path / "a.png", tmp_path / "b.jpg"], transform)
+    assert dataset[0].error is None and dataset[0].run_error is None
+    assert "not a recognised image" in dataset[1].error and dataset[1].run_error is None
 
     sample = ImageFileDataset([tmp_path / "a.png"], broken_transform)[0]
-    assert sample.tensor is None and sample.error == "RuntimeError: boom second line"
-    assert os.fspath(tmp_path) not in sample.error
+    assert sample.tensor is None and sample.error is None
+    assert "RuntimeError: boom second line" in sample.run_error

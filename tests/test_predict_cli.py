@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_tiny_vit
 from test_predict import (
     BAD_PHOTOS,
     CLASSES,
@@ -22,14 +23,19 @@ from test_predict import (
     EXIF_LONGITUDE,
     GOOD_PHOTOS,
     MODEL_SIZE,
+    broken_embedding,
+    broken_transform,
     make_photo_folder,
     random_photo,
     save_tiny_model,
 )
+from test_writers import resource_warnings
 
 import birder
+from birder.inference import predictor as P
 from birder.inference.classification import infer_image
 from birder.inference.writers import JOURNAL_DIR
+from birder.scripts import predict as predict_script
 from birder.scripts.predict import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -297,3 +303,90 @@ def test_compile_gives_the_same_probabilities(setup, tmp_path: Path) -> None:
     compiled = _read_csv(tmp_path / "compiled" / "probabilities.csv")
     for a, b in zip(eager, compiled, strict=True):
         np.testing.assert_allclose([float(a[c]) for c in CLASSES], [float(b[c]) for c in CLASSES], atol=1e-5)
+
+
+def _interrupt_after(monkeypatch: pytest.MonkeyPatch, batches: int) -> None:
+    """Make the batch loop raise KeyboardInterrupt (a Ctrl-C) once ``batches`` batches have been classified."""
+    original = P.Predictor.predict_tensor
+    calls = {"n": 0}
+
+    def interrupted(self, inputs):
+        calls["n"] += 1
+        if calls["n"] > batches:
+            raise KeyboardInterrupt
+        return original(self, inputs)
+
+    monkeypatch.setattr(P.Predictor, "predict_tensor", interrupted)
+
+
+def _assert_same_tables(got_dir: Path, expected_dir: Path, tables: tuple[str, ...]) -> None:
+    for table in tables:
+        got = _read_csv(got_dir / f"{table}.csv")
+        expected = _read_csv(expected_dir / f"{table}.csv")
+        assert [r["path"] for r in got] == [r["path"] for r in expected], table  # same order, no duplicates
+        for a, b in zip(got, expected, strict=True):
+            for key, value in a.items():
+                if key.endswith("_prob") or key[1:].isdigit():
+                    assert float(value) == pytest.approx(float(b[key]), abs=1e-5)
+                else:
+                    assert value == b[key]
+
+
+def test_resume_with_inputs_in_another_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    model = save_tiny_model(tmp_path / "tiny.pt")
+    (first, second) = (tmp_path / "a", tmp_path / "b")
+    for folder, seed in ((first, 300), (second, 400)):
+        folder.mkdir()
+        for i in range(5):
+            random_photo(seed + i).save(folder / f"{i}.jpg")
+    (second / "broken.jpg").write_text("no")
+    base = ["--weights", str(model), "-j", "0", "--no-progress", "--save-embeddings", "-b", "2", "--chunk-size", "2"]
+    out = tmp_path / "resumed"
+
+    codes = []
+    with monkeypatch.context() as patch:
+        _interrupt_after(patch, batches=4)  # every photo of a/, some of b/
+        # No file left open, by the interrupted run (its journals) or by the resume (the tables it reads)
+        interrupted = [*base, str(first), str(second), "--output-dir", str(out)]
+        assert resource_warnings(lambda: codes.append(main(interrupted))) == []
+    assert codes == [130]
+    assert (out / JOURNAL_DIR).is_dir() and not (out / "results.csv").exists()
+
+    resume = [*base, str(second), str(first), "--output-dir", str(out), "--resume"]
+    assert resource_warnings(lambda: codes.append(main(resume))) == []
+    assert codes[-1] == 0
+    assert "Resuming: 8 of 11 photos already done" in capsys.readouterr().err
+    assert main([*base, str(first), str(second), "--output-dir", str(tmp_path / "straight")]) == 0
+    _assert_same_tables(out, tmp_path / "straight", ("results", "embeddings", "failures"))
+    assert not (out / JOURNAL_DIR).exists()
+
+
+def test_run_errors_stop_with_one_line_and_bad_photos_do_not(
+    setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    (model, photos) = setup
+    base = ["--weights", str(model), str(photos), "--no-progress", "-b", "2"]
+
+    # Corrupt files are the photos' failures: listed, and the run goes on
+    assert main([*base, "-j", "0", "--output-dir", str(tmp_path / "ok")]) == 0
+    capsys.readouterr()
+    assert {_relative(row["path"], photos) for row in _read_csv(tmp_path / "ok" / "failures.csv")} == set(BAD_PHOTOS)
+    assert len(_read_csv(tmp_path / "ok" / "results.csv")) == len(GOOD_PHOTOS)
+
+    # A model that fails, or a transform that fails (in worker processes), is the run's failure
+    with monkeypatch.context() as patch:
+        patch.setattr(type(make_tiny_vit()), "embedding", broken_embedding)
+        assert main([*base, "-j", "0", "--output-dir", str(tmp_path / "model")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("birder-predict: error:") and "mat1 and mat2 shapes" in err
+    assert "\n" not in err and "Traceback" not in err
+    assert not (tmp_path / "model" / "results.csv").exists()
+
+    with monkeypatch.context() as patch:
+        patch.setattr(predict_script, "classification_transform", lambda *args, **kwargs: broken_transform)
+        assert main([*base, "-j", "2", "--output-dir", str(tmp_path / "transform")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("birder-predict: error:") and "RuntimeError: boom second line" in err and "\n" not in err
+    assert not (tmp_path / "transform" / "failures.csv").exists()

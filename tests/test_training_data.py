@@ -187,3 +187,21 @@ def test_class_balanced_sampling() -> None:
     sampler = EpochSampler(len(targets), seed=0, weights=class_balanced_weights(targets))
     drawn = Counter(targets[i] for epoch in range(20) for i in sampler.epoch_order(epoch))
     assert 0.4 < drawn[1] / sum(drawn.values()) < 0.6
+
+
+def test_training_and_prediction_find_the_same_photos(tmp_path: Path) -> None:
+    from birder.inference.dataset import discover_images
+
+    root = make_image_folder(tmp_path / "birds", 2, classes=2)
+    # What a camera card copied from a Mac holds beside the photos: AppleDouble files and thumbnail folders
+    (root / "class_0" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble resource fork")
+    for hidden in (root / "class_1" / ".thumbnails", root / ".thumbnails"):
+        hidden.mkdir()
+        make_image(CLASS_STYLES[0], np.random.default_rng(9)).save(hidden / "x.png")
+
+    expected = ["class_0/0.png", "class_0/1.png", "class_1/0.png", "class_1/1.png"]
+    training = [p.relative_to(root).as_posix() for p in list_images([root])]
+    labeled = image_folder_files(root)
+    prediction = [p.relative_to(root).as_posix() for p in discover_images([root])]
+    assert training == prediction == [p.relative_to(root).as_posix() for p in labeled.paths] == expected
+    assert labeled.class_to_idx == {"class_0": 0, "class_1": 1}  # a hidden folder is no class either

@@ -1,7 +1,9 @@
 """Output tables: journals that survive a kill, resumable runs, atomic merged files in CSV and Parquet."""
 
+import gc
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -195,3 +197,43 @@ def test_feature_files(tmp_path: Path) -> None:
     with safe_open(str(tmp_path / name), "pt") as handle:
         assert handle.get_tensor("neck").shape == (4, 2, 3)
         assert handle.metadata() == {"path": "photos/a b/IMG 1.jpg"}
+
+
+def resource_warnings(action) -> list[str]:
+    """The ResourceWarnings (files never closed) raised while running ``action`` and collecting its garbage.
+
+    Recorded rather than turned into errors: a file object warns from its finalizer, where an exception would be
+    swallowed (printed as "Exception ignored in ...") instead of failing the test.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        action()
+        gc.collect()
+    return [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+
+
+def _embedding_journal(output_dir: Path, spec: W.TableSpec, indices: list[int], attempt: int) -> None:
+    writer = W.JournalWriter(output_dir / W.JOURNAL_DIR / f"{spec.name}.r0.a{attempt}.csv", spec)
+    writer.add([spec.format_row([PATHS[i], 0.5, 0.25]) for i in indices])
+    writer.close()
+
+
+@pytest.mark.parametrize("file_format", ["csv", "parquet"])
+def test_resume_closes_every_table_it_opens(tmp_path: Path, file_format: str) -> None:
+    # Embeddings: a table whose rows the resume does not need (only results and failures say what is done)
+    embeddings = W.TableSpec("embeddings", (W.Column("path"), *W.float_columns(["e0", "e1"])))
+    specs = [embeddings, FAILURES, SPEC]
+    W.prepare_run(tmp_path, specs, file_format, SETTINGS, resume=False)
+    _journal(tmp_path, [0, 1])
+    _journal(tmp_path, [2], spec=FAILURES)
+    _embedding_journal(tmp_path, embeddings, [0, 1], attempt=0)
+    W.finalize_run(tmp_path, specs, file_format, ORDER, include_final=False)
+    _embedding_journal(tmp_path, embeddings, [3], attempt=1)  # an interrupted second run extending the first
+    _journal(tmp_path, [3], attempt=1)
+
+    states = []
+    assert resource_warnings(lambda: states.append(W.prepare_run(tmp_path, specs, file_format, SETTINGS, True))) == []
+    assert states[0].done == {PATHS[0], PATHS[1], PATHS[2], PATHS[3]} and states[0].include_final
+    assert resource_warnings(lambda: W.finalize_run(tmp_path, specs, file_format, ORDER, include_final=True)) == []
+    merged = W._final_table_rows(W.final_path(tmp_path, SPEC, file_format), SPEC)
+    assert [row[0] for row in merged] == [PATHS[0], PATHS[1], PATHS[3]]

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import v2
 
 from birder.errors import BirderError, ImageDecodeError
-from birder.io.images import is_image_file, load_image
+from birder.io.images import find_images, is_hidden, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -43,13 +43,18 @@ class DataError(BirderError):
 
 
 def list_images(roots: Sequence[str | Path]) -> list[Path]:
-    """Every image file under each root, recursively, in a stable (sorted) order."""
+    """Every image file under each root, recursively, in a stable (sorted) order.
+
+    The same discovery as ``birder-predict`` (:func:`~birder.io.images.find_images`): hidden files such as macOS's
+    "._IMG_0001.jpg" and hidden folders such as ".thumbnails" are skipped, so a model is trained on the photos it
+    would be asked to classify.
+    """
     images: list[Path] = []
     for root in map(Path, roots):
         if not root.is_dir():
             raise DataError(f"{root}: no such directory")
 
-        found = sorted(path for path in root.rglob("*") if path.is_file() and is_image_file(path))
+        found = find_images(root)
         if not found:
             raise DataError(f"{root}: no image files found (looked recursively for .jpg, .png, .webp, ...)")
         images += found
@@ -68,15 +73,16 @@ def image_folder_files(root: str | Path, class_to_idx: Mapping[str, int] | None 
     """An ImageFolder layout: ``root/<class name>/**/<image>``.
 
     Classes are the sorted sub-folder names that hold images, unless ``class_to_idx`` is given (a validation
-    folder must use the training classes: one it does not know is an error, a missing one is fine).
+    folder must use the training classes: one it does not know is an error, a missing one is fine). Hidden folders
+    are no classes, and each class's images are found as :func:`list_images` finds them.
     """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: no such directory (expected one sub-folder of images per class)")
 
     per_class: dict[str, list[Path]] = {}
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        images = sorted(path for path in folder.rglob("*") if path.is_file() and is_image_file(path))
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not is_hidden(p.name)):
+        images = find_images(folder)
         if images:
             per_class[folder.name] = images
         else:

@@ -2,12 +2,16 @@
 
 Two jobs:
 
-- :func:`discover_images` turns a mix of files and folders into one list of photos, in an order that does not
-  depend on the file system (so a resumed or distributed run sees the same list as the first one).
+- :func:`discover_images` turns a mix of files and folders into one list of photos, in an order that depends
+  neither on the file system nor on the order of the inputs (so a resumed or distributed run sees the same list
+  as the first one).
 - :class:`ImageFileDataset` decodes each photo with :func:`~birder.io.images.load_image` and the model's
-  transform (the one preprocessing path shared with ``infer_image``). A photo that cannot be read becomes a
-  :class:`Sample` carrying the one-line reason instead of an exception, because in a ``DataLoader`` an exception
-  in a worker ends the whole run, and one bad file among a million must not.
+  transform (the one preprocessing path shared with ``infer_image``). A photo that cannot be decoded becomes a
+  :class:`Sample` carrying the one-line reason instead of an exception: one bad file among a million must not
+  end the run. Any other error (a transform that raises) is not the photo's fault and would hit every photo, so
+  its sample carries ``run_error`` and the batch loop stops the run. Both travel as data rather than as
+  exceptions because an exception raised in a ``DataLoader`` worker reaches the main process wrapped in a
+  multi-line traceback.
 
 :func:`read_photo_metadata` reads the EXIF capture date and GPS position that field workers rely on.
 """
@@ -27,7 +31,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from birder.errors import BirderError, ImageDecodeError
-from birder.io.images import IMAGE_EXTENSIONS, is_image_file, load_image
+from birder.io.images import IMAGE_EXTENSIONS, find_images, load_image
 
 # EXIF tags (numbers from the EXIF 2.3 standard); PIL exposes them by number only.
 _EXIF_IFD = 0x8769
@@ -50,12 +54,17 @@ class PhotoMetadata(NamedTuple):
 
 
 class Sample(NamedTuple):
-    """One item of :class:`ImageFileDataset`: the input tensor, or ``error`` with the reason it failed."""
+    """One item of :class:`ImageFileDataset`: the input tensor, or why there is none.
+
+    ``error``: the photo cannot be decoded (it goes to the failures table). ``run_error``: preprocessing failed for
+    a reason that is not the photo's (a transform that raises), which must stop the run.
+    """
 
     index: int
     tensor: torch.Tensor | None
     error: str | None
     metadata: PhotoMetadata
+    run_error: str | None = None
 
 
 class Batch(NamedTuple):
@@ -65,6 +74,7 @@ class Batch(NamedTuple):
     inputs: torch.Tensor | None  # [B, C, H, W], None when every photo of the batch failed
     metadata: list[PhotoMetadata]  # one per row of ``inputs``
     failures: list[tuple[int, str]]  # (dataset index, one-line reason)
+    run_error: str | None = None  # the first sample's run_error: the batch loop must stop with it
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -72,50 +82,43 @@ class Batch(NamedTuple):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _is_hidden(name: str) -> bool:
-    # macOS leaves "._IMG_0001.jpg" resource forks beside every photo copied to a FAT/exFAT card; they are not
-    # images, and neither is anything inside ".thumbnails" or ".git".
-    return name.startswith(".")
-
-
-def _scan_folder(folder: Path) -> list[Path]:
-    found = []
-    for root, dirnames, filenames in os.walk(folder):
-        dirnames[:] = [name for name in dirnames if not _is_hidden(name)]
-        found.extend(Path(root, name) for name in filenames if not _is_hidden(name) and is_image_file(name))
-
-    # Sorting by path components (not by the full string) keeps "a/b.jpg" before "a-b.jpg", the order people
-    # expect, and makes the order independent of what os.walk happens to return on this file system.
-    return sorted(found, key=lambda path: path.relative_to(folder).parts)
+def _canonical_key(path: Path) -> tuple[str, ...]:
+    return Path(os.path.abspath(path)).parts
 
 
 def discover_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     """Every photo named by ``inputs``: files as given, folders scanned recursively.
 
     In a folder, files with an image extension (case-insensitive, :data:`~birder.io.images.IMAGE_EXTENSIONS`) are
-    taken; hidden files and folders are skipped. A file named directly is taken whatever its extension (if it is
-    not an image, the run reports it as a failure). The order is the order of ``inputs``, each folder sorted by
-    path; a photo reached twice is listed once.
+    taken and hidden files and folders are skipped (:func:`~birder.io.images.find_images`, the discovery training
+    uses too). A file named directly is taken whatever its extension (if it is not an image, the run reports it
+    as a failure). A photo reached twice is listed once.
+
+    The list is sorted by absolute path, whatever the order of ``inputs``: ``a/ b/`` and ``b/ a/`` plan the same
+    run, so one can be resumed with the other (the journals of the first stay in order for the final merge).
 
     Raises:
         BirderError: an input does not exist, or no photo was found at all.
     """
-    photos: list[Path] = []
-    seen: set[Path] = set()
+    candidates: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            candidates = _scan_folder(path)
+            candidates.extend(find_images(path))
         elif path.exists():
-            candidates = [path]
+            candidates.append(path)
         else:
             raise BirderError(f"input '{path}' does not exist")
 
-        for candidate in candidates:
-            key = Path(os.path.abspath(candidate))
-            if key not in seen:
-                seen.add(key)
-                photos.append(candidate)
+    # The spelling as tie-break: the same photo reached as "a/x.jpg" and "./b/../a/x.jpg" is always listed as one
+    candidates.sort(key=lambda path: (_canonical_key(path), os.fspath(path)))
+    photos: list[Path] = []
+    seen: set[tuple[str, ...]] = set()
+    for candidate in candidates:
+        key = _canonical_key(candidate)
+        if key not in seen:
+            seen.add(key)
+            photos.append(candidate)
 
     if not photos:
         shown = ", ".join(f"'{item}'" for item in inputs)
@@ -191,16 +194,20 @@ def read_photo_metadata(source: str | os.PathLike | Image.Image) -> PhotoMetadat
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def one_line_error(exc: BaseException, max_chars: int = 500) -> str:
+    """``Type: message`` of an exception squeezed onto one line (torch's messages can span many) and capped."""
+    message = f"{type(exc).__name__}: {' '.join(str(exc).split())}".rstrip(": ")
+    return message if len(message) <= max_chars else message[: max_chars - 3] + "..."
+
+
 def _one_line_reason(path: Path, exc: BaseException) -> str:
     """The reason a photo failed, on one line and without repeating the path (the failures file has a column)."""
+    if not isinstance(exc, ImageDecodeError):
+        return one_line_error(exc)
+
     message = " ".join(str(exc).split()) or type(exc).__name__
     prefix = f"cannot read image '{os.fsdecode(path)}': "
-    if isinstance(exc, ImageDecodeError) and message.startswith(prefix):
-        return message[len(prefix) :]
-    if not isinstance(exc, ImageDecodeError):
-        message = f"{type(exc).__name__}: {message}"
-
-    return message
+    return message[len(prefix) :] if message.startswith(prefix) else message
 
 
 class PackedPaths:
@@ -252,9 +259,17 @@ class ImageFileDataset(Dataset):
         index = int(self.indices[position])
         path = self.paths[index]
         try:
-            tensor = self.transform(load_image(path))
-        except Exception as exc:  # a failure on one photo is that photo's failure, never the run's
+            image = load_image(path)
+        except ImageDecodeError as exc:  # the photo's own failure, never the run's
             return Sample(index, None, _one_line_reason(path, exc), PhotoMetadata())
+
+        try:
+            tensor = self.transform(image)
+        except Exception as exc:
+            # Not about this photo (it decoded): the same transform would fail on every one, and writing them all
+            # off as unreadable would hide the real problem behind a "successful" run
+            reason = f"cannot preprocess '{os.fsdecode(path)}': {_one_line_reason(path, exc)}"
+            return Sample(index, None, None, PhotoMetadata(), run_error=reason)
 
         metadata = read_photo_metadata(path) if self.read_metadata else PhotoMetadata()
         return Sample(index, tensor, None, metadata)
@@ -262,7 +277,8 @@ class ImageFileDataset(Dataset):
 
 def collate_samples(samples: Sequence[Sample]) -> Batch:
     """``DataLoader`` collate function for :class:`ImageFileDataset`: stack the good, list the failed."""
+    run_error = next((sample.run_error for sample in samples if sample.run_error is not None), None)
     good = [sample for sample in samples if sample.tensor is not None]
-    failures = [(sample.index, sample.error or "unknown error") for sample in samples if sample.tensor is None]
+    failures = [(sample.index, sample.error) for sample in samples if sample.error is not None]
     inputs = torch.stack([sample.tensor for sample in good]) if good else None
-    return Batch([sample.index for sample in good], inputs, [sample.metadata for sample in good], failures)
+    return Batch([sample.index for sample in good], inputs, [sample.metadata for sample in good], failures, run_error)

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from birder.errors import BirderError
 from birder.inference.classification import infer_batch
-from birder.inference.dataset import Batch, ImageFileDataset, PhotoMetadata, collate_samples
+from birder.inference.dataset import Batch, ImageFileDataset, PhotoMetadata, collate_samples, one_line_error
 from birder.io.checkpoint import ModelInfo
 from birder.io.images import load_image
 from birder.loading import load_model, load_pretrained_model
@@ -39,6 +39,11 @@ from birder.net.base import BaseNet
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+class PredictionError(BirderError):
+    """A failure that is not about one photo (the model or the transform raised): the run cannot go on."""
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Model and device
@@ -107,6 +112,12 @@ class PredictionBatch:
     @property
     def num_photos(self) -> int:
         return len(self.indices) + len(self.failures)
+
+
+def _advice(exc: Exception) -> str:
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return "use a smaller batch size"
+    return "check that the model, its weights and the input size fit together"
 
 
 class Predictor:
@@ -208,15 +219,28 @@ class Predictor:
     ) -> Iterator[PredictionBatch]:
         """Predict ``paths`` (or only ``paths[i]`` for ``i`` in ``indices``), in order, one batch at a time.
 
-        A photo that cannot be read is reported in its batch's ``failures``; it never stops the loop.
+        A photo that cannot be decoded is reported in its batch's ``failures``; it never stops the loop.
+
+        Raises:
+            PredictionError: the transform or the model raised. That is no photo's fault and would happen to every
+                photo, so it stops the run (one line; a model's exception is its ``__cause__``, a transform's can
+                only be described, as it may come from a worker process).
         """
         batch: Batch
         for batch in self.loader(paths, indices):
+            if batch.run_error is not None:
+                raise PredictionError(f"{batch.run_error}; check the preprocessing options (size, crop)")
             if batch.inputs is None:
                 yield PredictionBatch([], np.zeros((0, 0), np.float32), None, None, None, [], batch.failures)
                 continue
 
-            (probabilities, embeddings, logits, features) = self.predict_tensor(batch.inputs)
+            try:
+                (probabilities, embeddings, logits, features) = self.predict_tensor(batch.inputs)
+            except Exception as exc:
+                first = os.fsdecode(paths[batch.indices[0]])
+                raise PredictionError(
+                    f"the model failed on the batch starting with '{first}': {one_line_error(exc)}; {_advice(exc)}"
+                ) from exc
             yield PredictionBatch(
                 batch.indices, probabilities, embeddings, logits, features, batch.metadata, batch.failures
             )

@@ -19,7 +19,8 @@ How a run writes, and why this way:
   are ignored.
 
 Journals are always CSV, whatever ``--format``: Parquet files cannot be appended to. Each journal is sorted by
-photo order by construction (a rank handles its photos in order), so the merge streams (``heapq.merge``) and
+photo order by construction (a rank handles its photos in order, and the photo order does not depend on the order
+of the inputs: :func:`~birder.inference.dataset.discover_images`), so the merge streams (``heapq.merge``) and
 never holds a whole table in memory.
 """
 
@@ -169,29 +170,34 @@ def _ends_with_newline(path: Path) -> bool:
 
 
 def read_csv_table(path: Path) -> tuple[list[str], Iterator[Row]]:
-    """The header and rows of a CSV table or journal; a torn last line (killed mid-write) is dropped."""
-    complete = _ends_with_newline(path)
-    handle = _open_text(path, "r")
-    reader = csv.reader(handle)
-    header = next(reader, None)
+    """The header and rows of a CSV table or journal; a torn last line (killed mid-write) is dropped.
+
+    The rows are read lazily: the file is opened when iteration starts and closed when it ends (or when the
+    iterator is dropped), so a caller that only needs the header leaves no file open.
+    """
+    with _open_text(path, "r") as handle:
+        header = next(csv.reader(handle), None)
     if header is None:
-        handle.close()
         return ([], iter(()))
 
-    def rows() -> Iterator[Row]:
-        with handle:
-            previous: Row | None = None
-            try:
-                for row in reader:
-                    if previous is not None and len(previous) == len(header):
-                        yield previous
-                    previous = row
-            except csv.Error:
-                previous = None  # damage can only be at the torn end: everything before it was yielded
-            if previous is not None and complete and len(previous) == len(header):
-                yield previous
+    return (header, _csv_rows(path, len(header)))
 
-    return (header, rows())
+
+def _csv_rows(path: Path, width: int) -> Iterator[Row]:
+    complete = _ends_with_newline(path)
+    with _open_text(path, "r") as handle:
+        reader = csv.reader(handle)
+        next(reader, None)  # the header
+        previous: Row | None = None
+        try:
+            for row in reader:
+                if previous is not None and len(previous) == width:
+                    yield previous
+                previous = row
+        except csv.Error:
+            previous = None  # damage can only be at the torn end: everything before it was yielded
+        if previous is not None and complete and len(previous) == width:
+            yield previous
 
 
 def list_journals(output_dir: Path) -> list[tuple[str, int, int, Path]]:
@@ -273,18 +279,18 @@ def _write_json_atomic(path: Path, content: Mapping[str, Any]) -> None:
 def read_table_header_and_paths(path: Path) -> tuple[list[str], Iterator[str]]:
     """The column names of a final table (CSV or Parquet) and its path column."""
     if path.suffix == ".parquet":
-        pq = _import_parquet()
-        parquet = pq.ParquetFile(path)
-        header = parquet.schema_arrow.names
-
-        def parquet_paths() -> Iterator[str]:
-            for batch in parquet.iter_batches(columns=[PATH_COLUMN], batch_size=_PARQUET_ROWS_PER_GROUP):
-                yield from batch.column(0).to_pylist()
-
-        return (header, parquet_paths())
+        header = _import_parquet().read_schema(path).names
+        return (header, (values[0] for values in _parquet_rows(path, columns=[PATH_COLUMN])))
 
     (header, rows) = read_csv_table(path)
     return (header, (row[0] for row in rows))
+
+
+def _parquet_rows(path: Path, columns: list[str] | None = None) -> Iterator[tuple[Any, ...]]:
+    """The typed values of a Parquet table, row by row, one row group in memory at a time (opened lazily)."""
+    with _import_parquet().ParquetFile(path) as parquet:
+        for batch in parquet.iter_batches(columns=columns, batch_size=_PARQUET_ROWS_PER_GROUP):
+            yield from zip(*(batch.column(i).to_pylist() for i in range(batch.num_columns)), strict=True)
 
 
 def prepare_run(
@@ -385,12 +391,8 @@ class _UnsortedSource(Exception):
 
 def _final_table_rows(path: Path, spec: TableSpec) -> Iterator[Row]:
     if path.suffix == ".parquet":
-        pq = _import_parquet()
-        parquet = pq.ParquetFile(path)
-        for batch in parquet.iter_batches(batch_size=_PARQUET_ROWS_PER_GROUP):
-            columns = [batch.column(i).to_pylist() for i in range(batch.num_columns)]
-            for values in zip(*columns, strict=True):
-                yield spec.format_row(values)
+        for values in _parquet_rows(path):
+            yield spec.format_row(values)
     else:
         (_, rows) = read_csv_table(path)
         yield from rows

@@ -8,12 +8,15 @@ Examples::
 
 The work is done by :mod:`birder.inference.predictor` (the batch loop), :mod:`birder.inference.dataset` (finding
 and decoding photos) and :mod:`birder.inference.writers` (the tables); this module only wires them to arguments.
-A mistake the user can fix (bad path, unknown model, no photos) ends with one line on stderr and exit code 2.
+A mistake the user can fix (bad path, unknown model, no photos) ends with one line on stderr and exit code 2. A
+failure that is no single photo's (the model or the transform raising) ends the run with one line and exit code 1;
+photos that cannot be decoded never do: they are listed in ``failures.csv``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -45,6 +48,7 @@ from birder.io.checkpoint import ModelInfo, get_num_classes_from_signature, get_
 from birder.io.images import load_image
 from birder.net.base import BaseNet
 
+EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 PROG = "birder-predict"
@@ -122,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BirderError as exc:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank hits it: say it once
             print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return EXIT_FAILED if isinstance(exc, P.PredictionError) else EXIT_USAGE
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; run the same command with --resume to continue", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -279,11 +283,11 @@ def _predict(job: _Job, context: DistInfo, paths: list[str], mine: list[int], at
         disable=args.no_progress or not context.is_main,
         dynamic_ncols=True,
     )
-    with progress:
+    # Closed whatever happens: the rows of the batches that finished become durable (a --resume skips them)
+    with progress, contextlib.closing(journals):
         for batch in predictor.predict_files(paths, mine):
             journals.add(_batch_rows(job, batch, paths), batch.num_photos)
             progress.update(batch.num_photos)
-    journals.close()
     return time.perf_counter() - started
 
 
