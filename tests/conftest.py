@@ -15,7 +15,6 @@ import torch
 from birder.model_registry import registry
 
 FIXTURES = Path(__file__).parent / "fixtures"
-SHARED_SPEC = Path(__file__).resolve().parents[2] / "shared" / "SPEC.md"
 
 # A ViT small enough to build, save and run in milliseconds, with every kind of layer of the real one.
 TINY_VIT_CONFIG = {"hidden_dim": 32, "num_layers": 2, "num_heads": 4, "mlp_dim": 64}

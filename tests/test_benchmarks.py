@@ -1,11 +1,14 @@
-"""The benchmarks run end to end (in a tiny mode) and write their JSON; the figures themselves are not judged."""
+"""The benchmarks run end to end (in a tiny mode) and write their JSON.
+
+Speed figures are not judged (they vary with the machine); the int8 top-1 agreement with float32 is.
+"""
 
 import json
 from pathlib import Path
 
 import pytest
 
-from benchmarks import inference
+from benchmarks import inference, quantization
 
 
 def test_throughput_section_tiny(tmp_path: Path) -> None:
@@ -35,4 +38,20 @@ def test_every_section_tiny(tmp_path: Path) -> None:
     assert {"throughput", "load", "first_prediction", "training", "quantization"} <= set(report)
     assert report["load"]["formats"]["pt"]["peak_rss_bytes"] > 0
     assert report["first_prediction"]["seconds"] > 0 and len(report["first_prediction"]["runs"]) >= 5
-    assert report["quantization"]["trained_model"]["agreement"]["int8"]["top1_agreement"] >= 0.0
+    # int8 keeps float32's top-1 on the trained model (README: 1.000; target 99%). Measured on a model that learned
+    # something (chance: 0.1), whose outputs are not near-uniform: there the agreement is meaningful.
+    trained = report["quantization"]["trained_model"]
+    assert trained["held_out_top1"] >= 0.2
+    assert trained["agreement"]["int8"]["top1_agreement"] >= 0.99
+
+
+@pytest.mark.slow
+def test_int8_agreement_on_trained_model(tmp_path: Path) -> None:
+    # The README's figure at the benchmark's own settings (about 40 s): a small ViT trained to ~0.98 held-out
+    # top-1, 200 held-out photos, int8 top-1 agreement with float32 1.000 (target 0.99).
+    output = tmp_path / "quantization.json"
+    assert quantization.main(["--workdir", str(tmp_path), "--skip-vit-l16", "--output", str(output)]) == 0
+    trained = json.loads(output.read_text())["trained_model"]
+    assert trained["images"] == 200 and trained["held_out_top1"] >= 0.9
+    assert trained["agreement"]["int8"]["top1_agreement"] >= 0.99
+    assert trained["agreement"]["bfloat16"]["top1_agreement"] >= 0.99

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_SPEC, LoopbackServer
+from conftest import FIXTURES, LoopbackServer
 from PIL import Image
 
 import birder
@@ -23,18 +23,10 @@ from birder.model_registry import registry
 
 CARD_NAME = "vit_l16_mim-eu-common"
 
-# SPEC section 1, copied verbatim.
-CARD_CODE = """\
-import birder
-from birder.inference.classification import infer_image
-
-(net, model_info) = birder.load_pretrained_model("vit_l16_mim-eu-common", inference=True)
-size = birder.get_size_from_signature(model_info.signature)          # (256, 256)
-transform = birder.classification_transform(size, model_info.rgb_stats)
-(out, _) = infer_image(net, "path/to/image.jpeg", transform)        # numpy (1, 707), softmax probabilities
-(out, embedding) = infer_image(net, image, transform, return_embedding=True)  # embedding numpy (1, 1024)
-features = net.detection_features(transform(image).unsqueeze(0))     # {"neck": Tensor[1, 1024, 16, 16]}
-"""
+# The card's code, verbatim: the code block of SPEC section 1, copied into the fixtures (after one header line).
+CARD_FIXTURE = FIXTURES / "model_card.py.txt"
+CARD_CODE = CARD_FIXTURE.read_text().split("\n", 1)[1]
+CARD_CODE_SHA256 = "1a9554eecacba36358c4af6dab4d24a7194e1a42cba9e9bd8e6226cad8d18950"
 
 
 def _sha256(path: Path) -> str:
@@ -81,11 +73,24 @@ def _check_card_promises(namespace: dict) -> None:
     assert namespace["features"]["neck"].shape == (1, 1024, 16, 16)
 
 
-def test_card_code_is_the_spec_verbatim() -> None:
-    if not SHARED_SPEC.is_file():
-        pytest.skip(f"{SHARED_SPEC} not present (the shared folder sits beside the checkout in development)")
+def test_card_code_fixture_is_the_card() -> None:
+    # The fixture stays the card's code byte for byte (the hash was taken when it was copied from SPEC section 1).
+    (header, _) = CARD_FIXTURE.read_text().split("\n", 1)
+    assert header.startswith("# Verbatim copy of the code block of SPEC.md section 1")
+    assert hashlib.sha256(CARD_CODE.encode()).hexdigest() == CARD_CODE_SHA256
+    assert CARD_CODE.startswith("import birder\n") and CARD_CODE.endswith('{"neck": Tensor[1, 1024, 16, 16]}\n')
 
-    block = re.search(r"## 1\..*?```python\n(.*?)```", SHARED_SPEC.read_text(), re.DOTALL)
+
+DOCUMENTS_QUOTING_THE_CARD = [
+    ("README.md", "## Use the card's model in Python"),
+    ("docs/compatibility.md", "## Model card"),
+]
+
+
+@pytest.mark.parametrize(("document", "heading"), DOCUMENTS_QUOTING_THE_CARD)
+def test_documents_quote_the_card_verbatim(document: str, heading: str) -> None:
+    text = (Path(__file__).resolve().parents[1] / document).read_text()
+    block = re.search(re.escape(heading) + r"\n.*?```python\n(.*?)```", text, re.DOTALL)
     assert block is not None
     assert block.group(1) == CARD_CODE
 

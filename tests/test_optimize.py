@@ -38,10 +38,24 @@ def test_float_modes_convert_weights_once() -> None:
 
 
 def test_int8_quantizes_every_linear_layer() -> None:
-    quantized = optimize_for_inference(make_tiny_vit(), "int8")
-    names = {type(m).__name__ for m in quantized.modules()}
-    assert "Linear" in names  # the dynamically quantized class keeps the name
-    assert not any(isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.float32 for m in quantized.modules())
+    float_net = make_tiny_vit()
+    linears = {name: m for (name, m) in float_net.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert {"encoder.block.0.attn.qkv", "encoder.block.1.mlp.3", "classifier"} <= set(linears)
+    quantized = optimize_for_inference(float_net, "int8")
+    dynamic_linear = torch.ao.nn.quantized.dynamic.Linear
+    # Every float linear layer is replaced, at the same place, by a dynamically quantized one with int8 weights.
+    for name, linear in linears.items():
+        replacement = quantized.get_submodule(name)
+        assert type(replacement) is dynamic_linear, name
+        assert replacement.weight().dtype == torch.qint8, name
+        assert (replacement.in_features, replacement.out_features) == (linear.in_features, linear.out_features)
+    # ... and nothing else: no float linear layer is left, no other layer became a quantized one.
+    assert not [name for (name, m) in quantized.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert {name for (name, m) in quantized.named_modules() if isinstance(m, dynamic_linear)} == set(linears)
+    # Layers that are not linear stay float (the patch embedding is a convolution).
+    assert type(quantized.conv_proj) is torch.nn.Conv2d and quantized.conv_proj.weight.dtype == torch.float32
+    # A new module: the float network is left as it was.
+    assert all(type(float_net.get_submodule(name)) is torch.nn.Linear for name in linears)
 
 
 def test_unknown_mode_is_a_clear_error() -> None:

@@ -12,12 +12,12 @@ from test_training_data import single_thread  # noqa: F401 (autouse fixture)
 
 from birder.errors import BirderError, CheckpointError
 from birder.model_registry import registry
+from birder.plots import save_confusion_matrix_png, save_image_rows
 from birder.training.ema import ModelEMA
 from birder.training.evaluation import ClassificationMeter
 from birder.training.metrics import MetricsCSV
 from birder.training.mixup import MixupCutmix, smooth_one_hot, soft_target_cross_entropy
 from birder.training.optim import build_optimizer, param_groups, vit_layer_id
-from birder.training.plots import save_confusion_matrix_png, save_image_rows
 from birder.training.schedule import WarmupCosine, cosine_with_warmup
 from birder.training.setup import set_drop_path_rate
 from birder.training.state import (
@@ -122,12 +122,13 @@ def test_mixup_cutmix_targets() -> None:
         assert mixed.shape == images.shape
         torch.testing.assert_close(soft_targets.sum(dim=1), torch.ones(4))
         # The label weight of image 0 equals the share of image 0's pixels (value 0 vs partner value 3).
-        own_share = 1.0 - mixed[0].mean() / 3.0
-        assert soft_targets[0, 0] == pytest.approx(0.1 / 3 + 0.9 * own_share, abs=1e-5)
-        seen.add(round(float(own_share), 3) == 1.0)
+        # Plain floats: pytest.approx does not take 0-d tensors (TypeError from pytest 9.2 on).
+        own_share = 1.0 - mixed[0].mean().item() / 3.0
+        assert soft_targets[0, 0].item() == pytest.approx(0.1 / 3 + 0.9 * own_share, abs=1e-5)
+        seen.add(round(own_share, 3) == 1.0)
     assert seen == {True, False}  # some batches unmixed, others mixed
     assert not MixupCutmix(3, 0.0, 0.0, 0.1).enabled
-    assert soft_target_cross_entropy(torch.zeros(2, 3), smooth_one_hot(torch.tensor([0, 1]), 3, 0.0)) == (
+    assert soft_target_cross_entropy(torch.zeros(2, 3), smooth_one_hot(torch.tensor([0, 1]), 3, 0.0)).item() == (
         pytest.approx(math.log(3))
     )
 
