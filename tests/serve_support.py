@@ -1,12 +1,18 @@
-"""Helpers shared by the server tests: a real uvicorn server on a free loopback port, a tiny model, photos."""
+"""Helpers shared by the server tests: a real uvicorn server on a free loopback port (in a thread, or in a
+subprocess whose memory can be read), a tiny model, photos."""
 
+import argparse
 import contextlib
 import io
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,6 +23,8 @@ import birder
 from birder.inference.classification import infer_batch
 from birder.io.checkpoint import ModelInfo, make_signature
 from birder.io.images import load_image
+
+TESTS_DIR = Path(__file__).parent
 
 SPECIES = ["Eurasian Wren", "European Robin", "Great Tit", "Common Blackbird", "Eurasian Blue Tit"]
 TINY_SIZE = (32, 48)
@@ -98,3 +106,121 @@ def expected_outputs(net: torch.nn.Module, model_info: ModelInfo, path: Path) ->
     (probs, embedding) = infer_batch(net, transform(load_image(path)).unsqueeze(0), return_embedding=True)
     assert embedding is not None
     return (probs[0], embedding[0])
+
+
+def padded_photo(total_bytes: int) -> bytes:
+    """A valid small JPEG padded with zeros to ``total_bytes``: a large upload that decodes in no time.
+
+    Decoders stop at the JPEG's end marker, so only the bytes of the request weigh on the server's memory.
+    """
+    photo = encode(Image.new("RGB", (48, 32), (120, 90, 60)), "JPEG")
+    assert len(photo) < total_bytes
+    return photo + bytes(total_bytes - len(photo))
+
+
+class SlowNet(torch.nn.Module):
+    """A network that stalls ``delay_s`` per batch while ``slow`` is set: a stand-in for an overloaded server.
+
+    ``entered`` is set once a batch has reached the network, so a test knows its request is being computed;
+    ``finished`` once a batch is through its stall.
+    """
+
+    def __init__(self, net: torch.nn.Module, delay_s: float = 1.0) -> None:
+        super().__init__()
+        self.net = net
+        self.delay_s = delay_s
+        self.slow = threading.Event()
+        self.entered = threading.Event()
+        self.finished = threading.Event()
+
+    def embedding(self, x: torch.Tensor) -> torch.Tensor:
+        self.entered.set()
+        if self.slow.is_set():
+            time.sleep(self.delay_s)
+        self.finished.set()
+        return self.net.embedding(x)
+
+    def classify(self, embedding: torch.Tensor) -> torch.Tensor:
+        return self.net.classify(embedding)
+
+
+def serve_main(argv: list[str] | None = None) -> None:
+    """Body of the server subprocess of :func:`server_process`: a saved model, made slow, served on an open socket."""
+    import uvicorn
+
+    from birder.serve.app import ServeSettings, create_app
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model", type=Path)
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--max-inflight-mb", type=float, required=True)
+    parser.add_argument("--delay-s", type=float, required=True)
+    args = parser.parse_args(argv)
+
+    (net, model_info) = birder.load_model(args.model, inference=True)
+    slow_net = SlowNet(net, args.delay_s)
+    slow_net.slow.set()
+    settings = ServeSettings(max_inflight_bytes=int(args.max_inflight_mb * 2**20), batch_window_ms=5, timeout_s=60)
+    app = create_app(slow_net, model_info, name="flooded", settings=settings)
+    sock = socket.socket(fileno=args.fd)  # the listening socket the test bound: no race for the port
+    uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[sock])
+
+
+@contextlib.contextmanager
+def server_process(model: Path, *, max_inflight_mb: float, delay_s: float) -> Iterator[tuple[str, int]]:
+    """:func:`serve_main` in a subprocess on a free 127.0.0.1 port; yields the base URL and the process id."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    code = f"import sys; sys.path.insert(0, {str(TESTS_DIR)!r}); import serve_support; serve_support.serve_main()"
+    command = [sys.executable, "-c", code, str(model), "--fd", str(sock.fileno())]
+    command += ["--max-inflight-mb", str(max_inflight_mb), "--delay-s", str(delay_s)]
+    # Its output goes to a file, not a pipe: a pipe nobody reads would stall a server that logs a lot.
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(command, pass_fds=[sock.fileno()], stdout=log, stderr=subprocess.STDOUT)
+        sock.close()  # the subprocess holds its own copy
+        try:
+            _wait_until_serving(url, process, log)
+            yield (url, process.pid)
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=20)
+
+
+def _wait_until_serving(url: str, process: subprocess.Popen, log: Any) -> None:
+    import httpx
+
+    deadline = time.monotonic() + 60
+    while True:
+        if process.poll() is not None:
+            log.seek(0)
+            output = log.read().decode(errors="replace")
+            raise RuntimeError(f"the server subprocess exited with {process.returncode}: {output[-2000:]}")
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError("the server subprocess did not start within 60 s")
+        time.sleep(0.1)
+
+
+def memory_kib(pid: int, field: str) -> int:
+    """A memory figure of a process from ``/proc/<pid>/status`` (``VmRSS``, ``VmHWM``), in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise KeyError(f"no {field} in /proc/{pid}/status")
+
+
+def reset_peak_memory(pid: int) -> None:
+    """Resets the process's ``VmHWM`` to its current RSS (Linux's ``clear_refs`` value 5).
+
+    Where the kernel refuses, the peak keeps counting from the process's start: an overestimate, never an under.
+    """
+    with contextlib.suppress(OSError):
+        Path(f"/proc/{pid}/clear_refs").write_text("5")

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from serve_support import (
     SPECIES,
+    SlowNet,
     encode,
     expected_outputs,
     make_photos,
@@ -235,23 +236,6 @@ def test_page_and_assets_are_served_locally(served: Served) -> None:
         assert "https://" not in response.text
 
 
-class SlowNet(torch.nn.Module):
-    """A network that stalls while ``slow`` is set: a stand-in for an overloaded server."""
-
-    def __init__(self, net: torch.nn.Module) -> None:
-        super().__init__()
-        self.net = net
-        self.slow = threading.Event()
-
-    def embedding(self, x: torch.Tensor) -> torch.Tensor:
-        if self.slow.is_set():
-            time.sleep(1.0)
-        return self.net.embedding(x)
-
-    def classify(self, embedding: torch.Tensor) -> torch.Tensor:
-        return self.net.classify(embedding)
-
-
 def test_request_timeout_answers_504_and_the_server_recovers(tmp_path: Path) -> None:
     (net, model_info) = saved_and_loaded_tiny_model(tmp_path)
     slow_net = SlowNet(net)
@@ -262,7 +246,7 @@ def test_request_timeout_answers_504_and_the_server_recovers(tmp_path: Path) -> 
         slow_net.slow.set()
         timed_out = httpx.post(f"{url}/v1/classify", content=photo, headers=headers, timeout=30)
         slow_net.slow.clear()
-        time.sleep(1.0)  # the stalled batch finishes
+        assert slow_net.finished.wait(10)  # the stalled batch is through (a fixed sleep was flaky on a busy machine)
         recovered = httpx.post(f"{url}/v1/classify", content=photo, headers=headers, timeout=30)
         health = httpx.get(f"{url}/healthz", timeout=CLIENT_TIMEOUT)
 
@@ -270,6 +254,45 @@ def test_request_timeout_answers_504_and_the_server_recovers(tmp_path: Path) -> 
     assert "timed out" in timed_out.json()["error"]
     assert recovered.status_code == 200
     assert health.json()["status"] == "ok"
+
+
+class _TorchFailingToStackOnce:
+    """Stands in for ``torch`` in the batcher module: its first ``stack`` fails, as a bug in the collect loop would."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+    def stack(self, tensors: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("injected failure while forming a batch")
+        return torch.stack(tensors, *args, **kwargs)
+
+
+def test_a_batch_failing_in_the_collect_loop_answers_500_and_the_server_keeps_serving(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import birder.serve.batcher as batcher_module
+
+    (net, model_info) = saved_and_loaded_tiny_model(tmp_path)
+    photo = make_photos(tmp_path / "photos")["robin.jpg"].read_bytes()
+    monkeypatch.setattr(batcher_module, "torch", _TorchFailingToStackOnce())
+    # A short timeout: were the failure to leave the request hanging, it would end as 504 within seconds.
+    app = create_app(net, model_info, name="fragile", settings=ServeSettings(timeout_s=5, batch_window_ms=1))
+    headers = {"content-type": "image/jpeg"}
+    with running_server(app) as url, httpx.Client(base_url=url, timeout=CLIENT_TIMEOUT) as client:
+        failed = client.post("/v1/classify", content=photo, headers=headers)
+        health = client.get("/healthz")
+        served = client.post("/v1/classify", content=photo, headers=headers)
+
+    assert failed.status_code == 500, failed.text
+    assert set(failed.json()) == {"error"} and "\n" not in failed.json()["error"]
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert served.status_code == 200
+    assert served.json()["predictions"]
 
 
 def test_headless_encoder_embeds_but_does_not_classify(tmp_path: Path) -> None:
@@ -356,6 +379,67 @@ def test_batcher_reports_errors_to_the_batch_and_carries_on() -> None:
     assert stats.batches == 1
 
 
+def test_batcher_fails_only_a_batch_whose_inputs_do_not_stack_and_carries_on() -> None:
+    async def scenario() -> tuple[Any, Any, bool]:
+        batcher = DynamicBatcher(lambda inputs: inputs.sum(dim=1).tolist(), max_batch_size=4, window_s=0.05)
+        await batcher.start()
+        try:
+            # Two shapes in one batch: torch.stack fails in the collect loop itself, not in run_batch.
+            mixed = [batcher.submit(torch.ones(2)), batcher.submit(torch.ones(3))]
+            outcomes = await asyncio.wait_for(asyncio.gather(*mixed, return_exceptions=True), 5)
+            (value, _) = await asyncio.wait_for(batcher.submit(torch.ones(2)), 5)
+            return (outcomes, value, batcher.alive)
+        finally:
+            await batcher.stop()
+
+    (outcomes, value, alive) = run_batcher(scenario)
+    assert all(isinstance(outcome, RuntimeError) for outcome in outcomes), outcomes
+    assert value == 2.0
+    assert alive
+
+
+def test_batcher_stop_lets_the_event_loop_run_while_the_last_batch_finishes() -> None:
+    release = threading.Event()
+    entered = threading.Event()
+
+    def blocking(inputs: torch.Tensor) -> list[float]:
+        entered.set()
+        release.wait(5)
+        return inputs.flatten().tolist()
+
+    async def scenario() -> tuple[list[float], float, float, Any]:
+        batcher = DynamicBatcher(blocking, max_batch_size=1, window_s=0.0)
+        await batcher.start()
+        running = asyncio.ensure_future(batcher.submit(torch.tensor([7.0])))
+        await asyncio.to_thread(entered.wait, 5)
+        ticks: list[float] = []
+
+        async def ticker() -> None:
+            while True:
+                ticks.append(time.perf_counter())
+                await asyncio.sleep(0.01)
+
+        ticking = asyncio.ensure_future(ticker())
+        await asyncio.sleep(0)
+        timer = threading.Timer(0.5, release.set)  # the batch ends half a second into stop()
+        timer.start()
+        started = time.perf_counter()
+        try:
+            await batcher.stop()
+        finally:
+            release.set()
+            timer.join()
+        stopped = time.perf_counter()
+        ticking.cancel()
+        return (ticks, started, stopped, await running)
+
+    (ticks, started, stopped, (value, _)) = run_batcher(scenario)
+    during = [tick for tick in ticks if started <= tick <= stopped]
+    assert stopped - started >= 0.4  # stop() did wait for the running batch...
+    assert len(during) >= 10, f"{len(during)} ticks in {stopped - started:.2f} s"  # ...without freezing the loop
+    assert value == 7.0  # and that batch's request got its answer
+
+
 def test_batcher_refuses_when_the_queue_is_full_and_drops_timed_out_requests() -> None:
     release = threading.Event()
     seen: list[float] = []
@@ -409,6 +493,16 @@ def test_cli_reports_a_missing_model_file_in_one_line(tmp_path: Path, capsys: py
     assert main(["--weights", str(tmp_path / "missing.safetensors")]) == 2
     error = capsys.readouterr().err.strip()
     assert "missing.safetensors" in error and "\n" not in error
+
+
+def test_cli_reports_a_bad_device_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from birder.scripts.serve import main
+
+    saved_and_loaded_tiny_model(tmp_path)
+    code = main(["--weights", str(tmp_path / "tiny_birds.safetensors"), "--device", "warp9"])
+    error = capsys.readouterr().err.strip()
+    assert code != 0
+    assert "warp9" in error and "\n" not in error and "Traceback" not in error
 
 
 def test_cli_rejects_bad_limits(capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,8 +15,12 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from birder.errors import BirderError
+
+if TYPE_CHECKING:
+    from birder.serve.app import ServeSettings
 
 logger = logging.getLogger("birder.serve")
 
@@ -36,7 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-name", help="name reported by the API (default: the model's name or file stem)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="auto, cpu, cuda, cuda:N or mps (default: %(default)s: cuda, then mps, then cpu)",
+    )
     parser.add_argument("--max-batch-size", type=int, default=32, help="images per batch (default: %(default)s)")
     parser.add_argument(
         "--batch-window-ms",
@@ -45,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="longest a request waits for others to share its batch (default: %(default)s ms)",
     )
     parser.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body (default: %(default)s)")
+    parser.add_argument(
+        "--max-inflight-mb",
+        type=float,
+        default=256.0,
+        help="request bodies held at once, in MiB; uploads beyond it get 503 before they are read "
+        "(default: %(default)s; at least --max-upload-mb)",
+    )
     parser.add_argument(
         "--max-pixels", type=int, default=50_000_000, help="largest image, in pixels (default: %(default)s)"
     )
@@ -58,6 +73,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     positive = {
         "--max-batch-size": args.max_batch_size,
         "--max-upload-mb": args.max_upload_mb,
+        "--max-inflight-mb": args.max_inflight_mb,
         "--max-pixels": args.max_pixels,
         "--timeout": args.timeout,
         "--top-k": args.top_k,
@@ -65,6 +81,11 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     for option, value in positive.items():
         if value <= 0:
             parser.error(f"{option} must be positive, got {value}")
+    if args.max_inflight_mb < args.max_upload_mb:
+        parser.error(
+            f"--max-inflight-mb ({args.max_inflight_mb:g}) must be at least --max-upload-mb ({args.max_upload_mb:g}), "
+            "or the largest uploads could never be admitted"
+        )
     if args.batch_window_ms < 0:
         parser.error(f"--batch-window-ms cannot be negative, got {args.batch_window_ms}")
     if not 0 <= args.port <= 65535:
@@ -73,12 +94,12 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
 
 def load_for_serving(args: argparse.Namespace) -> tuple[object, object, str]:
     """``(net, model_info, name)`` from ``-n`` or ``--weights``, ready for inference on the chosen device."""
-    import torch
-
     import birder
+    from birder.distributed import resolve_device
     from birder.io.export import load_exported
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # Resolved before loading anything: a bad --device is a one-line BirderError, not torch's traceback.
+    device = resolve_device(args.device)
     if args.name is not None:
         (net, model_info) = birder.load_pretrained_model(args.name, inference=True, device=device)
         return (net, model_info, args.model_name or args.name)
@@ -91,6 +112,20 @@ def load_for_serving(args: argparse.Namespace) -> tuple[object, object, str]:
     return (net, model_info, args.model_name or path.stem)
 
 
+def settings_from_args(args: argparse.Namespace) -> "ServeSettings":
+    from birder.serve.app import ServeSettings
+
+    return ServeSettings(
+        max_batch_size=args.max_batch_size,
+        batch_window_ms=args.batch_window_ms,
+        max_upload_bytes=int(args.max_upload_mb * 2**20),
+        max_inflight_bytes=int(args.max_inflight_mb * 2**20),
+        max_pixels=args.max_pixels,
+        timeout_s=args.timeout,
+        default_top_k=args.top_k,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -100,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import uvicorn
 
-        from birder.serve.app import ServeSettings, create_app
+        from birder.serve.app import create_app
     except ImportError as err:
         print(f"birder-serve: {err}; install the extra: pip install 'birder[serve]'", file=sys.stderr)
         return 2
@@ -111,15 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"birder-serve: {err}", file=sys.stderr)
         return 2
 
-    settings = ServeSettings(
-        max_batch_size=args.max_batch_size,
-        batch_window_ms=args.batch_window_ms,
-        max_upload_bytes=int(args.max_upload_mb * 2**20),
-        max_pixels=args.max_pixels,
-        timeout_s=args.timeout,
-        default_top_k=args.top_k,
-    )
-    app = create_app(net, model_info, name=name, settings=settings)
+    app = create_app(net, model_info, name=name, settings=settings_from_args(args))
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("listening on %s: anyone who can reach this address can use the service", args.host)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)

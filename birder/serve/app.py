@@ -16,7 +16,9 @@ path: :func:`~birder.io.images.load_image` (after a size check on the header), t
 
 Every refused request gets a JSON body ``{"error": "<one line>"}``: 413 for an upload or an image (in pixels)
 over the limits, 422 for an image that cannot be decoded, 400 for a malformed request, 415 for an unknown
-content type, 503 when overloaded and 504 when the request timed out.
+content type, 503 when overloaded (too many images waiting, or the request bodies in flight would pass
+``max_inflight_bytes``: refused from the declared size, before the body is read) and 504 when the request timed
+out.
 """
 
 import asyncio
@@ -37,7 +39,16 @@ from birder.data.transforms import classification_transform
 from birder.inference.classification import infer_batch
 from birder.io.checkpoint import ModelInfo, get_size_from_signature
 from birder.serve.batcher import BatchInfo, DynamicBatcher, QueueFullError
-from birder.serve.uploads import ApiError, BodySizeLimit, decode_upload, error_response, parse_top_k, read_image_request
+from birder.serve.uploads import (
+    ApiError,
+    BodySizeLimit,
+    InflightBytes,
+    InflightLimit,
+    decode_upload,
+    error_response,
+    parse_top_k,
+    read_image_request,
+)
 
 try:
     from fastapi import FastAPI, Request
@@ -62,6 +73,9 @@ class ServeSettings:
     max_batch_size: int = 32
     batch_window_ms: float = 5.0
     max_upload_bytes: int = 20 * 1024 * 1024
+    # Request bodies held at once (read or being read, until answered): a flood of large uploads gets 503
+    # instead of growing memory without bound. At least max_upload_bytes, or a largest upload never fits.
+    max_inflight_bytes: int = 256 * 1024 * 1024
     # A 50 MP camera frame fits; PIL's own decompression-bomb guard (about 89 MP) stays behind this one.
     max_pixels: int = 50_000_000
     timeout_s: float = 30.0
@@ -88,6 +102,7 @@ class ModelService:
             window_s=settings.batch_window_ms / 1000.0,
             max_queue=settings.max_queue,
         )
+        self.inflight = InflightBytes(settings.max_inflight_bytes)
         self.decode_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.started_at = time.time()
         self.requests_ok = 0
@@ -125,6 +140,11 @@ class ModelService:
             (result, info) = await self.batcher.submit(inputs)
         except QueueFullError as err:
             raise ApiError(503, f"server overloaded ({err}); retry later") from None
+        except Exception as err:
+            # Only this image's batch failed (the batcher logged why and carries on). Answered as an ApiError, not
+            # left to the catch-all handler: Starlette re-raises from there and uvicorn then drops the connection
+            # under a keep-alive client.
+            raise ApiError(500, f"internal error while running the model ({type(err).__name__}); retry") from err
 
         facts = {
             "image": {"width": width, "height": height},
@@ -140,13 +160,15 @@ class ModelService:
             "model": self.name,
             "uptime_s": round(time.time() - self.started_at, 3),
             "requests_ok": self.requests_ok,
-            "requests_refused": self.requests_refused,
+            "requests_refused": self.requests_refused + self.inflight.refused_early,
             "batches": stats.batches,
             "images": stats.images,
             "mean_batch_size": round(stats.mean_batch_size, 3),
             "largest_batch": stats.largest_batch,
             "max_batch_size": self.settings.max_batch_size,
             "queue_depth": self.batcher.queue_depth,
+            "inflight_bytes": self.inflight.held,
+            "max_inflight_bytes": self.inflight.limit,
         }
 
     def describe(self) -> dict[str, Any]:
@@ -192,6 +214,11 @@ def create_app(
     ``net`` needs ``embedding`` and ``classify`` (what :func:`infer_batch` calls); it is put in eval mode.
     """
     settings = settings or ServeSettings()
+    if settings.max_inflight_bytes < settings.max_upload_bytes:
+        raise ValueError(
+            f"max_inflight_bytes ({settings.max_inflight_bytes}) is below max_upload_bytes "
+            f"({settings.max_upload_bytes}): raise it to at least the upload limit"
+        )
     name = name or getattr(net, "network_name", None) or "model"
     if hasattr(net, "eval"):
         net.eval()
@@ -208,6 +235,9 @@ def create_app(
 
     app = FastAPI(title="birder", summary="Bird species from photos", lifespan=lifespan)
     app.state.service = service
+    # The last added runs first: an upload over the size limit gets 413 (retrying cannot help) before the
+    # in-flight bound is asked.
+    app.add_middleware(InflightLimit, inflight=service.inflight)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
     _add_error_handlers(app, service)
 
@@ -285,4 +315,5 @@ def _add_error_handlers(app: FastAPI, service: ModelService) -> None:
     @app.exception_handler(Exception)
     async def internal_error(_request: Request, err: Exception) -> JSONResponse:
         logger.exception("internal error while serving a request")
-        return error_response(500, f"internal error: {type(err).__name__}")
+        # uvicorn closes the connection after this one (Starlette re-raises the error): say so to the client.
+        return error_response(500, f"internal error: {type(err).__name__}", close=True)

@@ -102,7 +102,9 @@ class DynamicBatcher(Generic[Result]):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
+            # Joining the worker waits for the running batch (seconds on a big model): done in a thread so the
+            # event loop keeps answering other requests and delivers that batch's results meanwhile.
+            await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
         while not self._queue.empty():
             pending = self._queue.get_nowait()
             if not pending.future.done():
@@ -125,37 +127,59 @@ class DynamicBatcher(Generic[Result]):
         return await future
 
     async def _collect(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            batch = [await self._queue.get()]
-            if self._running is not None:
-                # Wait for the worker; the queue keeps filling meanwhile. Errors are reported by _deliver.
-                await asyncio.wait([self._running])
+            batch: list[_Pending] = []
+            try:
+                await self._gather(batch)
+                self._launch(batch)
+            except asyncio.CancelledError:
+                # stop(): requests held for the next batch are answered, not left to time out.
+                self._fail(batch, RuntimeError("the server is shutting down"))
+                raise
+            except Exception as err:
+                # One bad batch (inputs that do not stack, a worker that cannot start) fails its own requests
+                # only; the loop carries on so the next requests are served and /healthz stays "ok".
+                logger.exception("batch of %d images failed before running", len(batch))
+                self._fail(batch, err)
 
-            deadline = batch[0].enqueued_at + self.window_s
-            while len(batch) < self.max_batch_size:
-                if not self._queue.empty():
-                    batch.append(self._queue.get_nowait())
-                    continue
-                remaining = deadline - time.perf_counter()
-                if remaining <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-                except TimeoutError:
-                    break
+    async def _gather(self, batch: list[_Pending]) -> None:
+        """Fills ``batch`` (in place, so that a failure still knows whom to answer) with the next batch."""
+        batch.append(await self._queue.get())
+        if self._running is not None:
+            # Wait for the worker; the queue keeps filling meanwhile. Errors are reported by _deliver.
+            await asyncio.wait([self._running])
 
-            # Requests that timed out while waiting are dropped, not computed.
-            batch = [pending for pending in batch if not pending.future.done()]
-            if not batch:
+        deadline = batch[0].enqueued_at + self.window_s
+        while len(batch) < self.max_batch_size:
+            if not self._queue.empty():
+                batch.append(self._queue.get_nowait())
                 continue
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except TimeoutError:
+                break
 
-            started = time.perf_counter()
-            inputs = torch.stack([pending.inputs for pending in batch])
-            self._running = loop.run_in_executor(self._executor, self.run_batch, inputs)
-            self._running.add_done_callback(
-                lambda done, batch=batch, started=started: self._deliver(done, batch, started)
-            )
+        # Requests that timed out while waiting are dropped, not computed.
+        batch[:] = [pending for pending in batch if not pending.future.done()]
+
+    def _launch(self, batch: list[_Pending]) -> None:
+        """Hands ``batch`` to the worker thread; :meth:`_deliver` answers its requests when it is done."""
+        if not batch:
+            return
+        started = time.perf_counter()
+        inputs = torch.stack([pending.inputs for pending in batch])
+        running = asyncio.get_running_loop().run_in_executor(self._executor, self.run_batch, inputs)
+        running.add_done_callback(lambda done: self._deliver(done, batch, started))
+        self._running = running
+
+    @staticmethod
+    def _fail(batch: list[_Pending], error: BaseException) -> None:
+        for pending in batch:
+            if not pending.future.done():
+                pending.future.set_exception(error)
 
     def _deliver(self, done: "asyncio.Future[Sequence[Any]]", batch: list[_Pending], started: float) -> None:
         finished = time.perf_counter()
@@ -166,9 +190,7 @@ class DynamicBatcher(Generic[Result]):
                 error = RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} images")
         if error is not None:
             logger.error("batch of %d images failed: %s", len(batch), error)
-            for pending in batch:
-                if not pending.future.done():
-                    pending.future.set_exception(error)
+            self._fail(batch, error)
             return
 
         self.stats.batches += 1

@@ -1,7 +1,8 @@
-"""Requests to images: reading an upload in any encoding, refusing oversized bodies, decoding untrusted bytes.
+"""Requests to images: reading an upload in any encoding, refusing oversized bodies (and bodies the server has
+no room for), decoding untrusted bytes.
 
-Everything here turns a client's mistake into an :class:`ApiError` (status and one-line message), which the app
-renders as ``{"error": "..."}``. Decoding itself is the library's :func:`~birder.io.images.load_image`.
+Everything here turns a client's mistake (or an overload) into an :class:`ApiError` (status and one-line message),
+which the app renders as ``{"error": "..."}``. Decoding itself is the library's :func:`~birder.io.images.load_image`.
 """
 
 import base64
@@ -41,8 +42,9 @@ class ApiError(Exception):
         self.message = message
 
 
-def error_response(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def error_response(status: int, message: str, *, close: bool = False) -> JSONResponse:
+    headers = {"connection": "close"} if close else None
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 class BodySizeLimit:
@@ -64,8 +66,8 @@ class BodySizeLimit:
             await self.app(scope, receive, send)
             return
 
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_bytes:
             await error_response(413, self._message())(scope, receive, send)
             return
 
@@ -81,6 +83,83 @@ class BodySizeLimit:
             return message
 
         await self.app(scope, counting_receive, send)
+
+
+class InflightBytes:
+    """Request bytes admitted and not yet answered, held under ``limit``.
+
+    Only the event loop touches it (the ASGI middleware), so it needs no lock.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"the in-flight bound must be at least 1 byte, got {limit}")
+        self.limit = limit
+        self.held = 0
+        # Requests refused from their declared size, before any handler saw them (the others are counted there).
+        self.refused_early = 0
+
+    def try_hold(self, size: int) -> bool:
+        if self.held + size > self.limit:
+            return False
+        self.held += size
+        return True
+
+    def release(self, size: int) -> None:
+        self.held -= size
+
+    def busy_message(self) -> str:
+        return (
+            f"server busy: {self.held / 2**20:.1f} MiB of uploads already in flight "
+            f"(limit {self.limit / 2**20:.1f} MiB); retry later"
+        )
+
+
+class InflightLimit:
+    """ASGI middleware: refuses a request with 503 when its body would take the bytes in flight over the bound.
+
+    The body sizes that memory must hold at once are bounded here, before anything is read: a declared
+    ``Content-Length`` is held for the whole request and refused at once when it does not fit (the body is left
+    unread); a body without one (chunked) is held chunk by chunk as it arrives and refused when a chunk does
+    not fit. Everything held is released when the response is done.
+    """
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], inflight: InflightBytes) -> None:
+        self.app = app
+        self.inflight = inflight
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        declared = _content_length(scope)
+        if declared is not None and not self.inflight.try_hold(declared):
+            self.inflight.refused_early += 1
+            await error_response(503, self.inflight.busy_message())(scope, receive, send)
+            return
+        held = declared or 0
+
+        async def counting_receive() -> Message:
+            nonlocal held
+            message = await receive()
+            if declared is None and message["type"] == "http.request":
+                size = len(message.get("body", b""))
+                if not self.inflight.try_hold(size):
+                    raise ApiError(503, self.inflight.busy_message())
+                held += size
+            return message
+
+        try:
+            await self.app(scope, counting_receive, send)
+        finally:
+            self.inflight.release(held)
+
+
+def _content_length(scope: Scope) -> int | None:
+    """The declared body size of a request, or None when it has none (a chunked body)."""
+    declared = dict(scope.get("headers") or []).get(b"content-length")
+    return int(declared) if declared is not None and declared.isdigit() else None
 
 
 def _short(text: str) -> str:
@@ -127,13 +206,22 @@ async def read_image_request(request: Request) -> tuple[bytes, str, dict[str, st
     if content_type == "application/json":
         return await _read_json(request)
     if content_type.startswith("image/") or content_type == "application/octet-stream":
-        return (await request.body(), "upload", {})
+        return (await _read_body(request), "upload", {})
 
     raise ApiError(
         415,
         f"unsupported content type '{_short(content_type) or 'none'}': send multipart/form-data with a file field "
         '\'image\', JSON {"image": "<base64>"}, or the image bytes with an image/* content type',
     )
+
+
+async def _read_body(request: Request) -> bytes:
+    """The request body, held once: Starlette's ``body()`` keeps its chunks until it has joined them (twice the
+    size at the peak), which the in-flight bound would have to allow for."""
+    buffer = io.BytesIO()
+    async for chunk in request.stream():
+        buffer.write(chunk)
+    return buffer.getvalue()  # the buffer's own bytes, not a copy
 
 
 async def _read_multipart(request: Request) -> tuple[bytes, str, dict[str, str]]:
@@ -159,7 +247,7 @@ async def _read_multipart(request: Request) -> tuple[bytes, str, dict[str, str]]
 
 async def _read_json(request: Request) -> tuple[bytes, str, dict[str, str]]:
     try:
-        body = json.loads(await request.body())
+        body = json.loads(await _read_body(request))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ApiError(400, f"request body is not valid JSON: {_short(str(err))}") from None
     if not isinstance(body, dict) or not isinstance(body.get("image"), str):
