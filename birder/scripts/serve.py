@@ -24,8 +24,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("birder.serve")
 
-_EXPORT_SUFFIXES = (".pts", ".pt2", ".onnx")
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -96,7 +94,6 @@ def load_for_serving(args: argparse.Namespace) -> tuple[object, object, str]:
     """``(net, model_info, name)`` from ``-n`` or ``--weights``, ready for inference on the chosen device."""
     import birder
     from birder.distributed import resolve_device
-    from birder.io.export import load_exported
 
     # Resolved before loading anything: a bad --device is a one-line BirderError, not torch's traceback.
     device = resolve_device(args.device)
@@ -105,10 +102,8 @@ def load_for_serving(args: argparse.Namespace) -> tuple[object, object, str]:
         return (net, model_info, args.model_name or args.name)
 
     path: Path = args.weights
-    if path.suffix.lower() in _EXPORT_SUFFIXES:
-        (net, model_info) = load_exported(path, device=device)
-    else:
-        (net, model_info) = birder.load_model(path, network=args.network, inference=True, device=device)
+    # Exports (.pts, .pt2, .onnx) go through the same loader: it recognises them by extension.
+    (net, model_info) = birder.load_model(path, network=args.network, inference=True, device=device)
     return (net, model_info, args.model_name or path.stem)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from birder.errors import ImageDecodeError
+from birder.errors import ImageDecodeError, one_line
 from birder.io.images import load_image
 
 try:
@@ -183,8 +183,9 @@ def decode_upload(data: bytes, name: str, max_pixels: int) -> Image.Image:
     except Image.DecompressionBombError:
         raise ApiError(413, f"image '{shown}' has too many pixels (a decompression bomb?)") from None
     except Exception as err:  # any parser failure on untrusted bytes is the client's bad file
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ApiError(422, f"cannot read image '{shown}': truncated or corrupt image: {_short(reason)}") from None
+        raise ApiError(
+            422, f"cannot read image '{shown}': truncated or corrupt image: {_short(one_line(err))}"
+        ) from None
 
     (width, height) = opened.size
     if width * height > max_pixels:
