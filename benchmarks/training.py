@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from birder.data.training import Batch
+from birder.data.training import TrainingBatch
 from birder.distributed import DistInfo
 from birder.model_registry import registry
 from birder.training.amp import AMP_DTYPES, amp_dtype, grad_scaler
@@ -31,11 +31,11 @@ TINY_ENCODER = {"hidden_dim": 32, "num_layers": 2, "num_heads": 4, "mlp_dim": 64
 TINY_DECODER = {"decoder_dim": 32, "decoder_depth": 1, "decoder_num_heads": 4, "decoder_mlp_dim": 64}
 
 
-def synthetic_batches(count: int, batch_size: int, size: int, num_classes: int) -> list[Batch]:
+def synthetic_batches(count: int, batch_size: int, size: int, num_classes: int) -> list[TrainingBatch]:
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch_size, 3, size, size, generator=generator)
     targets = torch.randint(num_classes, (batch_size,), generator=generator)
-    return [Batch(torch.arange(batch_size), images, targets, []) for _ in range(count)]
+    return [TrainingBatch(torch.arange(batch_size), images, targets, []) for _ in range(count)]
 
 
 def measure(trainer: Trainer, args: argparse.Namespace, num_classes: int) -> dict:
@@ -92,7 +92,7 @@ def bench_fine_tune(args: argparse.Namespace, dist: DistInfo) -> dict:
     groups = param_groups(net, 1e-3, 0.05, layer_decay=0.8)
     ema = ModelEMA(net, 0.9999) if args.ema else None
 
-    def loss_fn(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    def loss_fn(model: torch.nn.Module, batch: TrainingBatch) -> torch.Tensor:
         return F.cross_entropy(model(batch.images), batch.targets, label_smoothing=0.1)
 
     return measure(make_trainer(net, groups, loss_fn, args, dist, ema), args, num_classes=args.num_classes)

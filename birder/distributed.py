@@ -7,6 +7,7 @@ ever go from rank 0 to the others, so a job agrees on one answer (a file list, a
 
 import contextlib
 import os
+import pickle
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -23,12 +24,10 @@ T = TypeVar("T")
 
 def resolve_device(name: str | None = "auto", local_rank: int = 0) -> torch.device:
     """``auto`` (or None) picks CUDA, then Apple's MPS, then the CPU; ``cuda`` under ``torchrun`` is this rank's
-    GPU; ``cuda:N`` is taken as it is."""
+    GPU; ``cuda:N`` is that GPU (checked to exist). Bad names raise a one-line :class:`BirderError`."""
     name = name or "auto"
     if name.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise BirderError(f"device '{name}': no CUDA GPU is available on this machine (try auto)")
-        return torch.device(name)
+        return _numbered_gpu(name)
     if name not in DEVICES:
         raise BirderError(f"unknown device '{name}'; choose one of: {', '.join(DEVICES)} (or cuda:N)")
 
@@ -48,6 +47,20 @@ def resolve_device(name: str | None = "auto", local_rank: int = 0) -> torch.devi
         raise BirderError("device 'mps': Apple's MPS backend is not available on this machine (try auto)")
 
     return torch.device(name)
+
+
+def _numbered_gpu(name: str) -> torch.device:
+    """``cuda:N``, checked here: torch's own errors for a bad one are tracebacks, not messages for a user."""
+    index = name.removeprefix("cuda:")
+    if not index.isdigit():
+        raise BirderError(f"device '{name}': expected cuda:N with N a GPU number, e.g. cuda:0")
+    if not torch.cuda.is_available():
+        raise BirderError(f"device '{name}': no CUDA GPU is available on this machine (try auto)")
+    count = torch.cuda.device_count()
+    if int(index) >= count:
+        raise BirderError(f"device '{name}': this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+
+    return torch.device("cuda", int(index))
 
 
 @dataclass(frozen=True)
@@ -142,43 +155,61 @@ def broadcast_object(obj: T | None, info: DistInfo) -> T:
     return holder[0]  # type: ignore[return-value]
 
 
+class RankZeroFailedError(BirderError):
+    """Raised on the other ranks when rank 0 failed in :func:`main_first` or :func:`compute_on_main`.
+
+    Rank 0 reports the cause (its own error, with a traceback unless it is a :class:`BirderError`); this error
+    only ends the other ranks, without repeating it.
+    """
+
+
 def main_first(info: DistInfo, function: Callable[[], T]) -> T:
     """Run ``function`` on rank 0, then on the others: a download or a check happens once, not once per rank.
 
-    A :class:`BirderError` on rank 0 is raised on every rank (no rank waits forever for one that gave up).
+    Any error on rank 0 is raised there and ends the other ranks too (:class:`RankZeroFailedError`).
     """
     if not info.distributed:
         return function()
 
-    (result, error) = (None, None)
-    if info.is_main:
-        try:
-            result = function()
-        except BirderError as exc:
-            error = str(exc)
-    error = broadcast_object(error, info)
-    if error is not None:
-        raise BirderError(error)
-
+    result = _run_on_main(info, function, share_result=False)
     return result if info.is_main else function()  # type: ignore[return-value]
 
 
 def compute_on_main(info: DistInfo, function: Callable[[], T]) -> T:
-    """``function()`` computed on rank 0 only and shared with every rank (or its :class:`BirderError` raised on all).
+    """``function()`` computed on rank 0 only and shared with every rank; any error on rank 0 is raised there and
+    ends the other ranks too (:class:`RankZeroFailedError`).
 
     For work that must be done once and agreed on, like listing the photos and deciding what is left to do.
     """
     if not info.distributed:
         return function()
 
-    payload: tuple[bool, Any] | None = None
+    return _run_on_main(info, function, share_result=True)  # type: ignore[return-value]
+
+
+def _run_on_main(info: DistInfo, function: Callable[[], T], *, share_result: bool) -> T | None:
+    """Rank 0 runs ``function`` and tells every rank how it went: ``(True, result or None)`` or ``(False, the
+    error's type)``. The others wait for that news in any case, so rank 0 sends it whatever happens: an error
+    it did not send would leave them blocked until the collective timeout (hours)."""
     if info.is_main:
         try:
-            payload = (True, function())
-        except BirderError as exc:
-            payload = (False, str(exc))
-    (ok, value) = broadcast_object(payload, info)
+            result = function()
+            # Pickled here, inside the try: a result that cannot be pickled is a failure the others must hear of.
+            news = pickle.dumps((True, result if share_result else None))
+        except Exception as exc:  # not KeyboardInterrupt: torchrun passes Ctrl-C to every rank itself
+            _send_failure(info, exc)
+            raise
+        broadcast_object(news, info)
+        return result
+
+    (ok, value) = pickle.loads(broadcast_object(None, info))
     if not ok:
-        raise BirderError(value)
+        raise RankZeroFailedError(f"rank 0 failed ({value}; reported by rank 0), so rank {info.rank} stops too")
 
     return value
+
+
+def _send_failure(info: DistInfo, exc: Exception) -> None:
+    # Best effort: if the broadcast itself fails (the group is broken), rank 0's original error is what matters.
+    with contextlib.suppress(Exception):
+        broadcast_object(pickle.dumps((False, type(exc).__name__)), info)

@@ -22,7 +22,7 @@ from birder.inference.dataset import (
     ImageFileDataset,
     PackedPaths,
     PhotoMetadata,
-    collate_samples,
+    collate_photos,
     discover_images,
     read_photo_metadata,
 )
@@ -188,7 +188,7 @@ def test_dataset_returns_failures_instead_of_raising(photos: Path, model) -> Non
         assert word in failed[name] and "\n" not in failed[name]
         assert str(photos) not in failed[name]  # the path is its own column
 
-    batch = collate_samples(samples)
+    batch = collate_photos(samples)
     assert batch.inputs.shape == (len(GOOD_PHOTOS), 3, *MODEL_SIZE)
     assert len(batch.failures) == len(BAD_PHOTOS)
     rotated = paths.index(photos / "Species C/rotated.jpg")
@@ -224,14 +224,6 @@ def test_predictor_with_worker_processes_keeps_order(photos: Path, model) -> Non
     assert [i for b in parallel for i in b.indices + [f[0] for f in b.failures]] == subset
     for a, b in zip(serial, parallel, strict=True):
         np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-6)
-
-
-def test_predict_images_in_memory(model) -> None:
-    (net, transform) = model
-    images = [random_photo(0, "RGBA"), random_photo(1, "L")]
-    probs = P.Predictor(net, transform).predict_images(images)
-    for image, row in zip(images, probs, strict=True):
-        np.testing.assert_allclose(row, infer_image(net, image, transform)[0][0], atol=1e-5)
 
 
 def test_predictor_detection_features_and_amp(photos: Path, model) -> None:
@@ -339,7 +331,7 @@ def test_packed_paths() -> None:
 
 
 def test_plot_needs_the_plot_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    from birder.scripts.predict import plot_predictions
+    from birder.plots import plot_predictions
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(BirderError, match=r"birder\[plot\]"):

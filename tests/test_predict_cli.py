@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import make_tiny_vit
+from test_journal import resource_warnings
 from test_predict import (
     BAD_PHOTOS,
     CLASSES,
@@ -29,13 +30,13 @@ from test_predict import (
     random_photo,
     save_tiny_model,
 )
-from test_writers import resource_warnings
 
 import birder
+from birder.errors import BirderError
 from birder.inference import predictor as P
+from birder.inference import run as prediction_run
 from birder.inference.classification import infer_image
-from birder.inference.writers import JOURNAL_DIR
-from birder.scripts import predict as predict_script
+from birder.io.journal import JOURNAL_DIR
 from birder.scripts.predict import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,6 +162,27 @@ def test_user_errors_exit_2_with_one_line(setup, tmp_path: Path, capsys: pytest.
         assert main([*args, "--no-progress"]) == 2, message
         err = capsys.readouterr().err.strip()
         assert message in err and err.startswith("birder-predict: error:") and "\n" not in err, err
+
+
+def test_run_prediction_as_a_library(setup, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (model, photos) = setup
+    options = prediction_run.PredictionOptions(
+        [photos], weights=model, output_dir=tmp_path / "library", num_workers=0, progress=False, save_embeddings=True
+    )
+    report = prediction_run.run_prediction(options)
+    assert report.summary.classified == len(GOOD_PHOTOS) and report.summary.failures == len(BAD_PHOTOS)
+    assert report.photos_this_run == len(GOOD_PHOTOS) + len(BAD_PHOTOS)
+    tables = ("embeddings", "failures", "results")
+    assert report.tables == {name: tmp_path / "library" / f"{name}.csv" for name in tables}
+    assert f"Classified {len(GOOD_PHOTOS)} photos" in capsys.readouterr().out
+
+    # The same tables as the command line with the same options
+    args = ["--weights", str(model), str(photos), "-j", "0", "--no-progress", "--save-embeddings"]
+    assert main([*args, "--output-dir", str(tmp_path / "cli")]) == 0
+    _assert_same_tables(tmp_path / "library", tmp_path / "cli", tables)
+
+    with pytest.raises(BirderError, match="no model given"):
+        prediction_run.run_prediction(prediction_run.PredictionOptions([photos]))
 
 
 def test_in_process_modes(setup, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -385,7 +407,7 @@ def test_run_errors_stop_with_one_line_and_bad_photos_do_not(
     assert not (tmp_path / "model" / "results.csv").exists()
 
     with monkeypatch.context() as patch:
-        patch.setattr(predict_script, "classification_transform", lambda *args, **kwargs: broken_transform)
+        patch.setattr(prediction_run, "classification_transform", lambda *args, **kwargs: broken_transform)
         assert main([*base, "-j", "2", "--output-dir", str(tmp_path / "transform")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("birder-predict: error:") and "RuntimeError: boom second line" in err and "\n" not in err

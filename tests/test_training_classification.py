@@ -1,6 +1,7 @@
 """Supervised training (``train_classifier`` / ``birder-train``) and evaluation (``birder-eval``)."""
 
 import csv
+import logging
 from pathlib import Path
 
 import pytest
@@ -177,3 +178,18 @@ def test_birder_eval(split_data: Path, tmp_path: Path, capsys) -> None:
     assert "without classes" in capsys.readouterr().err
     assert evaluate_script.main([str(result.model_path), str(tmp_path / "nowhere"), "--workers", "0"]) == 2
     assert "no such directory" in capsys.readouterr().err
+
+
+def test_each_unreadable_image_is_counted_once(tmp_path: Path, caplog) -> None:
+    # Two unreadable training images side by side: the first one's replacement walks over the second, so counting
+    # what each sample met would count the second twice. Plus one unreadable validation image.
+    data = make_split_dataset(tmp_path / "birds", train_per_class=2, val_per_class=1)
+    for broken in ("train/class_1/1a_broken.jpg", "train/class_1/1b_broken.jpg", "val/class_2/0a_broken.jpg"):
+        (data / broken).write_bytes(b"not a jpeg")
+    with caplog.at_level(logging.INFO, logger="birder"):
+        train_classifier(tiny_config(data, tmp_path / "run", epochs=2))
+
+    metrics = read_rows(tmp_path / "run" / "metrics.csv")
+    assert [row["unreadable_images"] for row in metrics] == ["3", "3"]
+    epoch_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert len(epoch_lines) == 2 and all("2 unreadable training images replaced" in line for line in epoch_lines)

@@ -19,7 +19,7 @@ from birder.data.training import (
     EpochSampler,
     ImageDataset,
     class_balanced_weights,
-    collate_samples,
+    collate_training_samples,
     csv_files,
     image_folder_files,
     list_images,
@@ -139,10 +139,10 @@ def test_unreadable_images_are_replaced_in_training_and_dropped_in_evaluation(tm
     assert len(sample.unreadable) == 1 and str(broken) in sample.unreadable[0]
 
     evaluation = ImageDataset(paths, transform, [0, 1, 2], replace_unreadable=False)
-    batch = collate_samples([evaluation[i] for i in range(3)])
+    batch = collate_training_samples([evaluation[i] for i in range(3)])
     assert batch.indices.tolist() == [0, 2] and batch.images.shape == (2, 3, 32, 32)
     assert len(batch.unreadable) == 1 and "0b_broken.jpg" in batch.unreadable[0]
-    assert collate_samples([evaluation[1]]).indices.numel() == 0
+    assert collate_training_samples([evaluation[1]]).indices.numel() == 0
 
 
 def test_augmentation_is_seeded_by_sample_and_epoch_not_by_the_global_stream(tmp_path: Path) -> None:

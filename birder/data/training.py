@@ -207,14 +207,18 @@ def training_transform(
 # Datasets
 
 
-class Sample(NamedTuple):
+class TrainingSample(NamedTuple):
+    """One item of :class:`ImageDataset`: a transformed image and its label, or why it was dropped."""
+
     index: int  # the index that was asked for
     image: torch.Tensor | None  # None: unreadable and dropped (evaluation)
     target: int
     unreadable: tuple[str, ...]  # one message per file that failed to decode, naming it
 
 
-class Batch(NamedTuple):
+class TrainingBatch(NamedTuple):
+    """A collated batch of :class:`TrainingSample` s (:func:`collate_training_samples`)."""
+
     indices: torch.Tensor  # [B] sample indices (as asked for: a replaced unreadable image keeps its slot)
     images: torch.Tensor  # [B, C, H, W]
     targets: torch.Tensor  # [B]; UNLABELED for unlabeled images
@@ -249,7 +253,7 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, key: SampleKey) -> Sample:
+    def __getitem__(self, key: SampleKey) -> TrainingSample:
         (epoch, index) = key if isinstance(key, tuple) else (None, key)
         unreadable: list[str] = []
         for offset in range(len(self.paths)):
@@ -259,10 +263,12 @@ class ImageDataset(Dataset):
             except ImageDecodeError as err:
                 unreadable.append(str(err))
                 if not self.replace_unreadable:
-                    return Sample(index, None, self.targets[index], tuple(unreadable))
+                    return TrainingSample(index, None, self.targets[index], tuple(unreadable))
                 continue
 
-            return Sample(index, self._transform(image, epoch, position), self.targets[position], tuple(unreadable))
+            return TrainingSample(
+                index, self._transform(image, epoch, position), self.targets[position], tuple(unreadable)
+            )
 
         raise DataError(f"none of the {len(self.paths)} images could be read (first: {unreadable[0]})")
 
@@ -281,14 +287,16 @@ class ImageDataset(Dataset):
         return Counter(self.targets)
 
 
-def collate_samples(samples: Sequence[Sample]) -> Batch:
+def collate_training_samples(samples: Sequence[TrainingSample]) -> TrainingBatch:
     """Stack the readable samples; the unreadable ones' messages travel along for the main process to report."""
     kept = [sample for sample in samples if sample.image is not None]
     unreadable = [message for sample in samples for message in sample.unreadable]
     if not kept:
-        return Batch(torch.empty(0, dtype=torch.long), torch.empty(0), torch.empty(0, dtype=torch.long), unreadable)
+        return TrainingBatch(
+            torch.empty(0, dtype=torch.long), torch.empty(0), torch.empty(0, dtype=torch.long), unreadable
+        )
 
-    return Batch(
+    return TrainingBatch(
         torch.tensor([sample.index for sample in kept]),
         torch.stack([sample.image for sample in kept]),
         torch.tensor([sample.target for sample in kept]),

@@ -7,8 +7,8 @@ Two jobs:
   as the first one).
 - :class:`ImageFileDataset` decodes each photo with :func:`~birder.io.images.load_image` and the model's
   transform (the one preprocessing path shared with ``infer_image``). A photo that cannot be decoded becomes a
-  :class:`Sample` carrying the one-line reason instead of an exception: one bad file among a million must not
-  end the run. Any other error (a transform that raises) is not the photo's fault and would hit every photo, so
+  :class:`PhotoSample` carrying the one-line reason instead of an exception: one bad file among a million must
+  not end the run. Any other error (a transform that raises) is not the photo's fault and would hit every photo, so
   its sample carries ``run_error`` and the batch loop stops the run. Both travel as data rather than as
   exceptions because an exception raised in a ``DataLoader`` worker reaches the main process wrapped in a
   multi-line traceback.
@@ -53,7 +53,7 @@ class PhotoMetadata(NamedTuple):
     gps_longitude: float | None = None  # decimal degrees, west negative
 
 
-class Sample(NamedTuple):
+class PhotoSample(NamedTuple):
     """One item of :class:`ImageFileDataset`: the input tensor, or why there is none.
 
     ``error``: the photo cannot be decoded (it goes to the failures table). ``run_error``: preprocessing failed for
@@ -67,7 +67,7 @@ class Sample(NamedTuple):
     run_error: str | None = None
 
 
-class Batch(NamedTuple):
+class PhotoBatch(NamedTuple):
     """A collated batch: the good photos stacked, the failures listed beside them."""
 
     indices: list[int]  # dataset indices of the rows of ``inputs``
@@ -234,7 +234,7 @@ class PackedPaths:
 
 
 class ImageFileDataset(Dataset):
-    """Decoded, transformed photos; a photo that cannot be read gives a :class:`Sample` with ``error`` set.
+    """Decoded, transformed photos; a photo that cannot be read gives a :class:`PhotoSample` with ``error`` set.
 
     ``indices`` selects which entries of ``paths`` this dataset serves (a shard under ``torchrun``, or the photos
     a resumed run still has to do); a sample's ``index`` is always the position in ``paths``.
@@ -255,13 +255,13 @@ class ImageFileDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, position: int) -> Sample:
+    def __getitem__(self, position: int) -> PhotoSample:
         index = int(self.indices[position])
         path = self.paths[index]
         try:
             image = load_image(path)
         except ImageDecodeError as exc:  # the photo's own failure, never the run's
-            return Sample(index, None, _one_line_reason(path, exc), PhotoMetadata())
+            return PhotoSample(index, None, _one_line_reason(path, exc), PhotoMetadata())
 
         try:
             tensor = self.transform(image)
@@ -269,16 +269,18 @@ class ImageFileDataset(Dataset):
             # Not about this photo (it decoded): the same transform would fail on every one, and writing them all
             # off as unreadable would hide the real problem behind a "successful" run
             reason = f"cannot preprocess '{os.fsdecode(path)}': {_one_line_reason(path, exc)}"
-            return Sample(index, None, None, PhotoMetadata(), run_error=reason)
+            return PhotoSample(index, None, None, PhotoMetadata(), run_error=reason)
 
         metadata = read_photo_metadata(path) if self.read_metadata else PhotoMetadata()
-        return Sample(index, tensor, None, metadata)
+        return PhotoSample(index, tensor, None, metadata)
 
 
-def collate_samples(samples: Sequence[Sample]) -> Batch:
+def collate_photos(samples: Sequence[PhotoSample]) -> PhotoBatch:
     """``DataLoader`` collate function for :class:`ImageFileDataset`: stack the good, list the failed."""
     run_error = next((sample.run_error for sample in samples if sample.run_error is not None), None)
     good = [sample for sample in samples if sample.tensor is not None]
     failures = [(sample.index, sample.error) for sample in samples if sample.error is not None]
     inputs = torch.stack([sample.tensor for sample in good]) if good else None
-    return Batch([sample.index for sample in good], inputs, [sample.metadata for sample in good], failures, run_error)
+    return PhotoBatch(
+        [sample.index for sample in good], inputs, [sample.metadata for sample in good], failures, run_error
+    )

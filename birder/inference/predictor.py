@@ -24,14 +24,12 @@ from typing import Any, TypeVar
 import numpy as np
 import numpy.typing as npt
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader
 
 from birder.errors import BirderError
 from birder.inference.classification import infer_batch
-from birder.inference.dataset import Batch, ImageFileDataset, PhotoMetadata, collate_samples, one_line_error
+from birder.inference.dataset import ImageFileDataset, PhotoBatch, PhotoMetadata, collate_photos, one_line_error
 from birder.io.checkpoint import ModelInfo
-from birder.io.images import load_image
 from birder.loading import load_model, load_pretrained_model
 from birder.model_registry import registry
 from birder.net.base import BaseNet
@@ -206,9 +204,9 @@ class Predictor:
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=False,  # the writers rely on photo order
+            shuffle=False,  # the journals rely on photo order
             num_workers=self.num_workers,
-            collate_fn=collate_samples,
+            collate_fn=collate_photos,
             pin_memory=self.device.type == "cuda",
             # Two batches in flight per worker keep the network fed without holding many decoded images
             prefetch_factor=2 if self.num_workers > 0 else None,
@@ -226,7 +224,7 @@ class Predictor:
                 photo, so it stops the run (one line; a model's exception is its ``__cause__``, a transform's can
                 only be described, as it may come from a worker process).
         """
-        batch: Batch
+        batch: PhotoBatch
         for batch in self.loader(paths, indices):
             if batch.run_error is not None:
                 raise PredictionError(f"{batch.run_error}; check the preprocessing options (size, crop)")
@@ -244,11 +242,6 @@ class Predictor:
             yield PredictionBatch(
                 batch.indices, probabilities, embeddings, logits, features, batch.metadata, batch.failures
             )
-
-    def predict_images(self, images: Sequence[Image.Image]) -> npt.NDArray[np.float32]:
-        """Probabilities of in-memory images (decoded with ``load_image`` first): the server's path."""
-        inputs = torch.stack([self.transform(load_image(image)) for image in images])
-        return self.predict_tensor(inputs)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

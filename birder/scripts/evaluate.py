@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--network", help="for files that do not name their network (e.g. vit_l16)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument("--device", help="cpu, cuda, cuda:N (default: a GPU when there is one)")
+    parser.add_argument("--device", help="auto (the default: CUDA, then MPS, then the CPU), cpu, cuda, cuda:N or mps")
     parser.add_argument("--amp", choices=sorted(AMP_DTYPES), help="mixed precision")
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--output-dir", help="write per_class.csv, confusion_matrix.csv and confusion_matrix.png")

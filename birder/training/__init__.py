@@ -5,5 +5,5 @@ Shared by both trainers: :mod:`.loop` (the :class:`~.loop.Trainer`: one epoch wi
 EMA, step checkpoints, exact resume), :mod:`.distributed` (torchrun / DDP set-up), :mod:`.optim` (parameter
 groups with layer-wise lr decay), :mod:`.schedule` (cosine with warm-up), :mod:`.ema`, :mod:`.mixup`, :mod:`.amp`,
 :mod:`.state` (training-state files, RNG states), :mod:`.setup` (seeding, loaders, resume files), :mod:`.metrics`
-(CSV files), :mod:`.plots` (PNG outputs) and :mod:`.cli` (what the console scripts share).
+(CSV files) and :mod:`.cli` (what the console scripts share); PNG outputs: :mod:`birder.plots`.
 """

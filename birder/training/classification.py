@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from birder.data.training import (
-    Batch,
     EpochSampler,
     ImageDataset,
     LabeledFiles,
+    TrainingBatch,
     class_balanced_weights,
     csv_files,
     image_folder_files,
@@ -186,10 +186,10 @@ def _data(config: TrainConfig, files: tuple[LabeledFiles, LabeledFiles], size, r
     return _Data(sorted(class_to_idx, key=class_to_idx.__getitem__), train_set, sampler, val_loader)
 
 
-def _loss_fn(config: TrainConfig, num_classes: int) -> Callable[[nn.Module, Batch], torch.Tensor]:
+def _loss_fn(config: TrainConfig, num_classes: int) -> Callable[[nn.Module, TrainingBatch], torch.Tensor]:
     mixing = MixupCutmix(num_classes, config.mixup_alpha, config.cutmix_alpha, config.label_smoothing)
 
-    def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
+    def loss_fn(model: nn.Module, batch: TrainingBatch) -> torch.Tensor:
         if mixing.enabled:
             (images, soft_targets) = mixing(batch.images, batch.targets)
             return soft_target_cross_entropy(model(images), soft_targets)
@@ -307,7 +307,7 @@ def _log_epoch(epoch: int, epochs: int, summary: EpochSummary, validation: EvalR
 
 
 def _metrics_row(
-    epoch: int, step: int, summary: EpochSummary, validation: EvalResult, val_unreadable: int
+    epoch: int, step: int, summary: EpochSummary, validation: EvalResult, val_unreadable: frozenset[str]
 ) -> dict[str, Any]:
     return {
         "epoch": epoch,
@@ -318,7 +318,8 @@ def _metrics_row(
         "val_top1": validation.top1,
         f"val_top{validation.k}": validation.top_k,
         "val_ece": validation.ece,
-        "unreadable_images": summary.unreadable + val_unreadable,
+        # Both sets are over all ranks; a file listed for training and validation alike is one file.
+        "unreadable_images": len(summary.unreadable_files | val_unreadable),
     }
 
 

@@ -82,7 +82,7 @@ def add_training_args(parser: argparse.ArgumentParser, *, lr: float, weight_deca
         const=RESUME_LATEST,
         help="continue from a *_states.pt file, or (no value) from the latest one in --output-dir",
     )
-    group.add_argument("--device", help="cpu, cuda, cuda:N (default: a GPU when there is one)")
+    group.add_argument("--device", help="auto (the default: CUDA, then MPS, then the CPU), cpu, cuda, cuda:N or mps")
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

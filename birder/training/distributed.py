@@ -5,11 +5,12 @@ Devices, process groups and collectives are shared with prediction: :mod:`birder
 
 import logging
 import os
+from collections.abc import Iterable
 
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from birder.distributed import DistInfo
+from birder.distributed import DistInfo, all_gather_objects
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -31,3 +32,13 @@ def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
 
     device_ids = [info.device.index] if info.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def distinct_over_ranks(items: Iterable[str], info: DistInfo) -> frozenset[str]:
+    """The distinct ``items`` of every rank (a collective call: every rank must make it).
+
+    For unreadable images, named by their error messages: a file met on two ranks (a padded epoch repeats a few
+    samples) or twice on one (a replacement walked over it) counts once.
+    """
+    gathered = all_gather_objects(sorted(set(items)), info)
+    return frozenset(item for rank_items in gathered for item in rank_items)

@@ -18,14 +18,15 @@ from tqdm import tqdm
 
 from birder.data.training import EpochSampler, ImageDataset, csv_files, image_folder_files
 from birder.data.transforms import classification_transform
-from birder.distributed import DistInfo, all_reduce_sum
+from birder.distributed import DistInfo, all_reduce_sum, resolve_device
 from birder.errors import CheckpointError
 from birder.io.atomic import atomic_write_path
 from birder.io.checkpoint import get_size_from_signature
 from birder.loading import load_model
+from birder.plots import save_confusion_matrix_png
 from birder.training.amp import amp_dtype, autocast
+from birder.training.distributed import distinct_over_ranks
 from birder.training.metrics import format_value
-from birder.training.plots import save_confusion_matrix_png
 from birder.training.setup import make_loader
 
 
@@ -118,16 +119,16 @@ def evaluate(
     amp_dtype: torch.dtype | None = None,
     top_k: int = 5,
     progress_bar: bool = True,
-) -> tuple[EvalResult, int]:
-    """Score ``model`` on this rank's share of ``loader``, reduced over ranks; returns the result and the
-    number of unreadable images (dropped) on this rank."""
+) -> tuple[EvalResult, frozenset[str]]:
+    """Score ``model`` on this rank's share of ``loader``, reduced over ranks (a collective call); returns the
+    result and the unreadable images (dropped) of every rank, as the error messages that name them."""
     was_training = model.training
     model.eval()
     meter = ClassificationMeter(len(class_names), top_k=top_k, device=dist.device)
-    unreadable = 0
+    unreadable: set[str] = set()
     bar = tqdm(loader, desc="evaluating", unit="batch", leave=False, disable=not (dist.is_main and progress_bar))
     for batch in bar:
-        unreadable += len(batch.unreadable)
+        unreadable.update(batch.unreadable)
         if batch.indices.numel() == 0:
             continue
 
@@ -137,7 +138,7 @@ def evaluate(
 
     meter.reduce(dist)
     model.train(was_training)
-    return (meter.result(class_names), unreadable)
+    return (meter.result(class_names), distinct_over_ranks(unreadable, dist))
 
 
 def evaluate_checkpoint(
@@ -153,9 +154,10 @@ def evaluate_checkpoint(
     progress_bar: bool = True,
 ) -> tuple[EvalResult, int]:
     """Score a classifier file on labeled images: an ImageFolder root (``data/<class>/<images>``) or a CSV file
-    of ``path,label`` rows. Images go through the model's own inference transform. Returns the result and the
-    number of unreadable images (skipped)."""
-    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    of ``path,label`` rows. Images go through the model's own inference transform. ``device`` is a name that
+    :func:`birder.distributed.resolve_device` takes (None: auto). Returns the result and the number of unreadable
+    images (skipped)."""
+    target = resolve_device(device)
     (net, info) = load_model(checkpoint, network=network, inference=True, device=target)
     if not info.class_to_idx:
         raise CheckpointError(f"{checkpoint}: a model without classes (an MIM encoder?); fine-tune it first")
@@ -167,7 +169,7 @@ def evaluate_checkpoint(
     dataset = ImageDataset(files.paths, transform, files.targets, replace_unreadable=False)
     sampler = EpochSampler(len(dataset), shuffle=False, pad=False)
     loader = make_loader(dataset, sampler, batch_size, workers, target)
-    return evaluate(
+    (result, unreadable) = evaluate(
         net,
         loader,
         dist=DistInfo(0, 1, 0, target),
@@ -176,6 +178,7 @@ def evaluate_checkpoint(
         top_k=top_k,
         progress_bar=progress_bar,
     )
+    return (result, len(unreadable))
 
 
 def write_eval_outputs(result: EvalResult, output_dir: str | Path, *, per_class_csv: bool = True) -> Path | None:

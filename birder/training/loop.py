@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,11 +21,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from birder.data.training import Batch, EpochSampler, ImageDataset
+from birder.data.training import EpochSampler, ImageDataset, TrainingBatch
 from birder.distributed import DistInfo, all_gather_objects, all_reduce_sum
 from birder.errors import BirderError, CheckpointError
 from birder.training.amp import amp_dtype, autocast, grad_scaler
-from birder.training.distributed import wrap_ddp
+from birder.training.distributed import distinct_over_ranks, wrap_ddp
 from birder.training.ema import ModelEMA
 from birder.training.schedule import epoch_cosine_schedule
 from birder.training.setup import make_loader, resolve_resume, seed_everything
@@ -33,7 +33,7 @@ from birder.training.state import capture_rng_state, load_training_state, restor
 
 logger = logging.getLogger(__name__)
 
-LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+LossFn = Callable[[nn.Module, TrainingBatch], torch.Tensor]
 # How often (in batches) the progress bar shows the running loss: reading it waits for the device.
 _LOSS_DISPLAY_INTERVAL = 10
 
@@ -46,7 +46,14 @@ class EpochProgress:
     batches: int = 0  # micro-batches done
     loss_sum: float = 0.0  # sum over samples of the training loss
     samples: int = 0
-    unreadable: int = 0  # images that failed to decode (and were replaced)
+    # The images that failed to decode (and were replaced), each once: their error messages, which name them.
+    unreadable_files: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.unreadable_files = set(self.unreadable_files)  # a state file holds a list
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "unreadable_files": sorted(self.unreadable_files)}
 
 
 @dataclass(frozen=True)
@@ -64,9 +71,13 @@ class EpochSummary:
     epoch: int
     loss: float  # mean training loss over all ranks
     samples: int
-    unreadable: int
+    unreadable_files: frozenset[str]  # over all ranks, each file once (error messages that name it)
     lr: float  # the largest group's lr at the end of the epoch
     images_per_s: float = math.nan  # this process's training throughput (data loading included)
+
+    @property
+    def unreadable(self) -> int:
+        return len(self.unreadable_files)
 
 
 class Trainer:
@@ -142,12 +153,14 @@ class Trainer:
         )
         for batch in loader:
             progress.batches += 1
-            progress.unreadable += self._report_unreadable(batch.unreadable)
+            self._report_unreadable(batch.unreadable, progress)
             group_start = (progress.batches - 1) // self.accumulation_steps * self.accumulation_steps
             group_size = min(self.accumulation_steps, total_batches - group_start)
             step_now = progress.batches - group_start == group_size
 
-            batch = Batch(batch.indices, batch.images.to(device, non_blocking=True), batch.targets.to(device), [])
+            batch = TrainingBatch(
+                batch.indices, batch.images.to(device, non_blocking=True), batch.targets.to(device), []
+            )
             # Between optimizer steps DDP need not all-reduce the gradients: they are only accumulated.
             sync = contextlib.nullcontext() if step_now or not self.dist.distributed else self.ddp.no_sync()
             with sync:
@@ -192,13 +205,13 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model)
 
-    def _report_unreadable(self, messages: list[str]) -> int:
+    def _report_unreadable(self, messages: list[str], progress: EpochProgress) -> None:
+        """Log each unreadable file the first time the run meets it; note it once per epoch in ``progress``."""
         for message in messages:
             if message not in self._reported_unreadable:
                 self._reported_unreadable.add(message)
                 logger.warning("skipped (unreadable): %s", message)
-
-        return len(messages)
+            progress.unreadable_files.add(message)
 
     def _check_finite(self, loss: torch.Tensor) -> None:
         if torch.isfinite(loss):
@@ -217,14 +230,13 @@ class Trainer:
         return max(group["lr"] for group in self.optimizer.param_groups)
 
     def summarize(self, progress: EpochProgress, images_per_s: float = math.nan) -> EpochSummary:
-        """The epoch's mean loss and counts over every rank (a collective call: every rank must make it)."""
-        totals = torch.tensor(
-            [progress.loss_sum, progress.samples, progress.unreadable], dtype=torch.float64, device=self.dist.device
-        )
+        """The epoch's mean loss and counts over every rank (collective calls: every rank must make them)."""
+        totals = torch.tensor([progress.loss_sum, progress.samples], dtype=torch.float64, device=self.dist.device)
         all_reduce_sum(totals, self.dist)
-        (loss_sum, samples, unreadable) = totals.tolist()
+        (loss_sum, samples) = totals.tolist()
         loss = loss_sum / samples if samples else math.nan
-        return EpochSummary(progress.epoch, loss, int(samples), int(unreadable), self.current_lr(), images_per_s)
+        unreadable = distinct_over_ranks(progress.unreadable_files, self.dist)
+        return EpochSummary(progress.epoch, loss, int(samples), unreadable, self.current_lr(), images_per_s)
 
     # Resume
 
@@ -234,7 +246,7 @@ class Trainer:
             "epoch": progress.epoch,
             "epoch_complete": epoch_complete,
             "global_step": self.global_step,
-            "progress": asdict(progress),
+            "progress": progress.state_dict(),
             "world_size": self.dist.world_size,
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
@@ -285,7 +297,14 @@ class Trainer:
         if state["epoch_complete"]:
             return None
 
-        return EpochProgress(**state["progress"])
+        return _progress_from_state(state["progress"])
+
+
+def _progress_from_state(saved: Mapping[str, Any]) -> EpochProgress:
+    # States written before the unreadable files were listed hold a count instead ("unreadable"): dropped, as
+    # it cannot tell which files it counted (the rest of that epoch counts what it meets).
+    known = {f.name for f in fields(EpochProgress)}
+    return EpochProgress(**{key: value for key, value in saved.items() if key in known})
 
 
 # Start-up both trainers share

@@ -27,11 +27,11 @@ from birder.io.checkpoint import ModelInfo, make_signature, read_checkpoint, wri
 from birder.io.images import load_image
 from birder.loading import load_state_into, save_model
 from birder.model_registry import Task, registry
+from birder.plots import save_image_rows
 from birder.training.amp import amp_dtype, autocast
 from birder.training.loop import BatchEvent, EpochProgress, build_trainer, start_run
 from birder.training.metrics import MetricsCSV
 from birder.training.optim import build_optimizer, param_groups
-from birder.training.plots import save_image_rows
 from birder.training.setup import resolve_rgb_stats, resolve_size, seed_everything, set_drop_path_rate
 from birder.training.state import save_training_state
 from birder.version import __version__

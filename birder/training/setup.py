@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from birder.data.training import EpochSampler, ImageDataset, collate_samples
+from birder.data.training import EpochSampler, ImageDataset, collate_training_samples
 from birder.data.transforms import RGB_STATS, RGBStats
 from birder.errors import BirderError
 from birder.net.vit import StochasticDepth
@@ -53,7 +53,7 @@ def make_loader(
         batch_size=batch_size,
         sampler=sampler,
         num_workers=workers,
-        collate_fn=collate_samples,
+        collate_fn=collate_training_samples,
         pin_memory=device.type == "cuda",
         generator=torch.Generator(),
     )

@@ -1,0 +1,371 @@
+"""A ``birder-predict`` run as one library call: :func:`run_prediction` plans, predicts and finishes.
+
+1. Plan (rank 0): find the photos (:func:`~birder.inference.dataset.discover_images`) and, on a resume, those
+   already done (:func:`~birder.io.journal.prepare_run`). Every rank gets the same plan, then its own share.
+2. Predict (every rank): the batch loop (:class:`~birder.inference.predictor.Predictor`) writes this rank's
+   journals (:class:`~birder.io.journal.JournalSet`); :mod:`birder.inference.tables` shapes the rows.
+3. Finish (rank 0, once every rank's journals are on disk): merge them into the final tables, print the summary,
+   draw the picture (:func:`~birder.plots.plot_predictions`).
+
+Under ``torchrun`` every process calls :func:`run_prediction` (devices and process groups: :mod:`birder.distributed`).
+A mistake the user can fix raises :class:`~birder.errors.BirderError`; a failure that is no single photo's (the
+model or the transform raising) raises :class:`~birder.inference.predictor.PredictionError`. Photos that cannot be
+decoded never raise: they are listed in the failures table. A ``KeyboardInterrupt`` leaves the journals closed and
+durable: the same run with ``resume=True`` continues.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from birder.data.transforms import classification_transform
+from birder.distributed import DistInfo, barrier, compute_on_main, distributed_session, main_first
+from birder.errors import BirderError
+from birder.inference import predictor as P
+from birder.inference.dataset import discover_images
+from birder.inference.optimize import optimize_for_inference
+from birder.inference.tables import COLUMNS_HINT, PredictionTables, write_feature_files
+from birder.io.checkpoint import ModelInfo, get_num_classes_from_signature, get_size_from_signature
+from birder.io.journal import JournalSet, finalize_run, prepare_run
+from birder.net.base import BaseNet
+from birder.plots import plot_predictions
+
+# The name the run's messages go by
+PROG = "birder-predict"
+DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
+
+
+@dataclass
+class PredictionOptions:
+    """What to classify and how: ``birder-predict``'s arguments, with the same names and defaults."""
+
+    inputs: Sequence[str | os.PathLike]  # photo files and/or folders (searched recursively)
+    # The model: a pretrained name, or a local file (and its network, when the file does not name it)
+    model: str | None = None
+    weights: str | os.PathLike | None = None
+    network: str | None = None
+    # Preprocessing
+    size: Sequence[int] | None = None  # H [W]; None: the model's
+    center_crop: float = 1.0
+    simple_crop: bool = False
+    tta: bool = False
+    # Execution
+    batch_size: int = 32
+    num_workers: int = DEFAULT_WORKERS
+    device: str = "auto"
+    dtype: str = "float32"
+    quantize: str | None = None
+    amp: bool = False
+    compile: bool = False
+    progress: bool = True
+    # Outputs
+    output_dir: Path = Path("results")
+    table_format: str = "csv"
+    top_k: int = 5
+    min_prob: float = 0.0
+    species: str | os.PathLike | None = None  # a file of class names, one per line
+    save_probabilities: bool = False
+    save_logits: bool = False
+    save_embeddings: bool = False
+    save_features: bool = False
+    resume: bool = False
+    chunk_size: int = 256
+    show: bool = False
+    plot: str | os.PathLike | None = None
+    plot_max: int = 8
+
+    def __post_init__(self) -> None:
+        self.output_dir = Path(self.output_dir)
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """What a run did. The summary and the tables are rank 0's (it merges); other ranks get ``None`` and ``{}``."""
+
+    summary: P.RunSummary | None
+    tables: dict[str, Path]  # table name -> final file
+    photos_this_run: int  # every rank's, the photos a resume skipped not counted
+    seconds: float  # this rank's batch loop
+
+
+def run_prediction(options: PredictionOptions) -> RunReport:
+    """Classify ``options.inputs`` into the tables in ``options.output_dir``, as ``birder-predict`` does.
+
+    It also says what the command line says: the summary and the tables written on stdout (rank 0), a progress bar
+    (unless ``progress`` is off), a resume's count and unknown species on stderr.
+    """
+    _check_options(options)
+    device_name = "cpu" if options.quantize else options.device
+    with distributed_session(device_name, timeout=P.COLLECTIVE_TIMEOUT) as context:
+        job = _prepare(options, context)
+        plan = compute_on_main(context, lambda: _plan(job))
+        mine = P.shard_indices(plan.remaining, context.rank, context.world_size)
+        elapsed = _predict(job, context, plan, mine)
+
+        barrier(context)  # every rank's journals are complete and on disk
+        if not context.is_main:
+            return RunReport(None, {}, len(plan.remaining), elapsed)
+
+        run_info = {
+            "photos_this_run": len(plan.remaining),
+            "world_size": context.world_size,
+            "device": str(context.device),
+            "torch": torch.__version__,
+        }
+        (report, shown) = _finish(job, plan, elapsed, run_info)
+        if options.plot is not None or options.show:
+            plot_predictions(shown, options.plot, options.show)
+        return report
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Preparing: the model, the classes, the tables
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Job:
+    """Everything the run needs once the model is loaded; the same on every rank."""
+
+    options: PredictionOptions
+    net: BaseNet
+    transform: Callable[[Any], torch.Tensor]
+    selection: P.ClassSelection
+    tables: PredictionTables
+    settings: dict[str, Any]
+
+
+def _check_options(options: PredictionOptions) -> None:
+    if options.model is None and options.weights is None:
+        raise BirderError("no model given: pass a pretrained name (-n vit_l16_mim-eu-common) or --weights FILE")
+    if options.size is not None and len(options.size) > 2:
+        raise BirderError(f"--size takes one or two numbers (H [W]), got {len(options.size)}")
+    if not options.center_crop > 0:
+        raise BirderError(f"--center-crop must be a positive fraction, got {options.center_crop}")
+    if options.quantize and options.device not in ("auto", "cpu"):
+        raise BirderError("--quantize int8 runs on the CPU only: drop it, or use --device cpu")
+
+
+def _settings(
+    options: PredictionOptions, size: tuple[int, int], tables: list[str], species: list[str] | None
+) -> dict[str, Any]:
+    """What shapes the rows: a resume must match it, so one table never mixes two kinds of rows."""
+    return {
+        "model": options.model,
+        "weights": os.path.abspath(options.weights) if options.weights else None,
+        "network": options.network,
+        "size": list(size),
+        "center_crop": options.center_crop,
+        "simple_crop": options.simple_crop,
+        "tta": options.tta,
+        "dtype": options.dtype,
+        "quantize": options.quantize,
+        "amp": options.amp,
+        "top_k": options.top_k,
+        "min_prob": options.min_prob,
+        "species": species,
+        "tables": tables,
+        "format": options.table_format,
+    }
+
+
+def _load_network(options: PredictionOptions, context: DistInfo) -> tuple[BaseNet, ModelInfo, tuple[int, int]]:
+    """The network (rank 0 loads first: a download happens once), converted for inference; its info and size."""
+    progress_bar = context.is_main and options.progress
+    (net, model_info) = main_first(
+        context,
+        lambda: P.load_inference_model(options.model, options.weights, options.network, progress_bar=progress_bar),
+    )
+    if not model_info.class_to_idx or get_num_classes_from_signature(model_info.signature) == 0:
+        raise BirderError("this model has no classification head (a pretraining encoder); it cannot classify")
+
+    size = get_size_from_signature(model_info.signature)
+    if options.size is not None:
+        size = (options.size[0], options.size[-1])
+        net.adjust_size(size)
+    net = optimize_for_inference(net, options.quantize or options.dtype).to(context.device)
+    if options.compile:
+        net = P.compile_for_inference(net)
+    return (net, model_info, size)
+
+
+def _warn_unknown_species(selection: P.ClassSelection, species_file: str | os.PathLike) -> None:
+    shown = ", ".join(selection.unknown[:10]) + (" ..." if len(selection.unknown) > 10 else "")
+    print(
+        f"{PROG}: warning: {len(selection.unknown)} name(s) in {species_file} are not classes of this model "
+        f"and are ignored: {shown}",
+        file=sys.stderr,
+    )
+
+
+def _prepare(options: PredictionOptions, context: DistInfo) -> _Job:
+    """Load the model and set up the classes, the transform and the tables."""
+    species = P.read_species_file(options.species) if options.species is not None else None
+    (net, model_info, size) = _load_network(options, context)
+    selection = P.ClassSelection(model_info.class_to_idx, species)
+    if selection.unknown and context.is_main:
+        _warn_unknown_species(selection, options.species)
+
+    tables = PredictionTables(
+        selection.names,
+        options.top_k,
+        all_class_names=selection.all_names,
+        probabilities=options.save_probabilities,
+        logits=options.save_logits,
+        embedding_dim=net.embedding_size if options.save_embeddings else None,
+        features=options.save_features,
+    )
+    transform = classification_transform(size, model_info.rgb_stats, options.center_crop, options.simple_crop)
+    settings = _settings(options, size, tables.names, species)
+    return _Job(options, net, transform, selection, tables, settings)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Planning and predicting
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The same on every rank: the photos, the indices of those still to do, the attempt, what the merge includes."""
+
+    paths: list[str]
+    remaining: list[int]
+    attempt: int
+    include_final: bool  # the final tables of an earlier run are merged in
+
+
+def _plan(job: _Job) -> _Plan:
+    """(rank 0) Find the photos and, on a resume, those already done."""
+    options = job.options
+    paths = [str(path) for path in discover_images(options.inputs)]
+    state = prepare_run(
+        options.output_dir,
+        job.tables.specs,
+        options.table_format,
+        job.settings,
+        options.resume,
+        columns_hint=COLUMNS_HINT,
+    )
+    remaining = [index for (index, path) in enumerate(paths) if path not in state.done]
+    if state.done:
+        print(f"Resuming: {len(paths) - len(remaining)} of {len(paths)} photos already done", file=sys.stderr)
+    return _Plan(paths, remaining, state.attempt, state.include_final)
+
+
+def _batch_rows(job: _Job, batch: P.PredictionBatch, paths: list[str]) -> dict[str, list[list[str]]]:
+    """The table rows of one batch (feature maps, when asked for, are written to their files here)."""
+    rows = job.tables.failure_rows((paths[index], reason) for (index, reason) in batch.failures)
+    if not batch.indices:
+        return rows
+
+    batch_paths = [paths[index] for index in batch.indices]
+    probabilities = job.selection.apply(batch.probabilities)
+    (top_indices, top_probabilities) = P.top_k(probabilities, job.tables.top_k)
+    feature_files = None
+    if batch.features is not None:
+        feature_files = write_feature_files(job.options.output_dir / "features", batch_paths, batch.features)
+
+    rows.update(
+        job.tables.rows(
+            batch_paths,
+            probabilities,
+            top_indices,
+            top_probabilities,
+            batch.metadata,
+            min_prob=job.options.min_prob,
+            logits=batch.logits,
+            embeddings=batch.embeddings,
+            feature_files=feature_files,
+        )
+    )
+    return rows
+
+
+def _predict(job: _Job, context: DistInfo, plan: _Plan, mine: list[int]) -> float:
+    """Classify this rank's photos into its journals; returns the seconds it took."""
+    options = job.options
+    # What to compute (the outputs the tables need), then how
+    predictor = P.Predictor(
+        job.net,
+        job.transform,
+        tta=options.tta,
+        return_embedding="embeddings" in job.tables.names,
+        return_logits="logits" in job.tables.names,
+        return_features="features" in job.tables.names,
+        batch_size=options.batch_size,
+        num_workers=options.num_workers,
+        amp=options.amp,
+    )
+    started = time.perf_counter()
+    journals = JournalSet(options.output_dir, job.tables.specs, context.rank, plan.attempt, options.chunk_size)
+    progress = tqdm(
+        total=len(mine),
+        unit="img",
+        desc="Classifying" if not context.distributed else f"Classifying (rank 0 of {context.world_size})",
+        disable=not options.progress or not context.is_main,
+        dynamic_ncols=True,
+    )
+    # Closed whatever happens: the rows of the batches that finished become durable (a resume skips them)
+    with progress, contextlib.closing(journals):
+        for batch in predictor.predict_files(plan.paths, mine):
+            journals.add(_batch_rows(job, batch, plan.paths), batch.num_photos)
+            progress.update(batch.num_photos)
+    return time.perf_counter() - started
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Finishing
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+# A photo in the picture: (path, prediction, [(class, probability), ...])
+_Shown = tuple[str, str, list[tuple[str, float]]]
+
+
+def _finish(job: _Job, plan: _Plan, elapsed: float, run_info: dict[str, Any]) -> tuple[RunReport, list[_Shown]]:
+    """(rank 0) Merge every rank's journals into the final tables and print the summary, counted from the merged
+    rows; returns the report and the first photos, for the picture."""
+    summary = P.RunSummary(job.selection.names, job.tables.top_k)
+    shown: list[_Shown] = []
+
+    def on_result(row: list[str]) -> None:
+        (path, prediction, top) = job.tables.parse_result(row)
+        summary.add(path, prediction, [name for (name, _) in top])
+        if len(shown) < job.options.plot_max:
+            shown.append((path, prediction, top))
+
+    def on_failure(row: list[str]) -> None:
+        summary.failures += 1
+
+    written = finalize_run(
+        job.options.output_dir,
+        job.tables.specs,
+        job.options.table_format,
+        {path: index for (index, path) in enumerate(plan.paths)},
+        include_final=plan.include_final,
+        on_row={"results": on_result, "failures": on_failure},
+        # Called after the merge has fed the summary every row
+        run_info=lambda: {"summary": summary.as_dict(), "seconds": round(elapsed, 3), **run_info},
+    )
+    report = RunReport(summary, written, len(plan.remaining), elapsed)
+    _print_report(summary, report)
+    return (report, shown)
+
+
+def _print_report(summary: P.RunSummary, report: RunReport) -> None:
+    rate = report.photos_this_run / report.seconds if report.seconds > 0 else 0.0
+    print(summary.format())
+    print(f"This run: {report.photos_this_run} photos in {report.seconds:.1f} s ({rate:.1f} img/s)")
+    for name, path in report.tables.items():
+        print(f"  {name:<13} {path}")
