@@ -32,7 +32,7 @@ class ImageDecodeError(BirderError):
     """An image file that cannot be decoded (missing, empty, truncated, not an image)."""
 
 
-def one_line(exc: BaseException | str, limit: int = 300) -> str:
+def one_line(exc: BaseException | str, limit: int | None = 300) -> str:
     """``exc``'s message on one line (white space folded, at most ``limit`` characters), else its type's name.
 
     The one way birder turns a library's exception into the reason it prints or records (failures tables, CLI
@@ -42,4 +42,4 @@ def one_line(exc: BaseException | str, limit: int = 300) -> str:
     if not text:
         return type(exc).__name__
 
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."

@@ -17,7 +17,7 @@ from test_training_mim import tiny_config as tiny_mim_config
 
 import birder
 from birder.distributed import DistInfo
-from birder.training import distributed as training_distributed
+from birder.training import ddp as training_ddp
 from birder.training.classification import train_classifier
 from birder.training.mim import train_mim
 
@@ -38,14 +38,14 @@ def test_unreadable_files_are_counted_once_over_ranks(monkeypatch: pytest.Monkey
     # it); rank 1 met a.jpg as well (a padded epoch repeats a few samples on another rank).
     rank1_sends = ["cannot read 'a.jpg'"]
     monkeypatch.setattr(
-        training_distributed, "all_gather_objects", lambda obj, info: [obj, rank1_sends] if info.distributed else [obj]
+        training_ddp, "all_gather_objects", lambda obj, info: [obj, rank1_sends] if info.distributed else [obj]
     )
     (cpu, met) = (torch.device("cpu"), ["cannot read 'a.jpg'", "cannot read 'c.jpg'", "cannot read 'c.jpg'"])
 
-    counted = training_distributed.distinct_over_ranks(met, DistInfo(rank=0, world_size=2, local_rank=0, device=cpu))
+    counted = training_ddp.distinct_over_ranks(met, DistInfo(rank=0, world_size=2, local_rank=0, device=cpu))
     assert counted == {"cannot read 'a.jpg'", "cannot read 'c.jpg'"}
     alone = DistInfo(rank=0, world_size=1, local_rank=0, device=cpu)
-    assert training_distributed.distinct_over_ranks(met, alone) == {"cannot read 'a.jpg'", "cannot read 'c.jpg'"}
+    assert training_ddp.distinct_over_ranks(met, alone) == {"cannot read 'a.jpg'", "cannot read 'c.jpg'"}
 
 
 @pytest.mark.slow

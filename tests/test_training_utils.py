@@ -17,9 +17,8 @@ from birder.training.ema import ModelEMA
 from birder.training.evaluation import ClassificationMeter
 from birder.training.metrics import MetricsCSV
 from birder.training.mixup import MixupCutmix, smooth_one_hot, soft_target_cross_entropy
-from birder.training.optim import build_optimizer, param_groups, vit_layer_id
+from birder.training.optim import build_optimizer, param_groups
 from birder.training.schedule import WarmupCosine, cosine_with_warmup
-from birder.training.setup import set_drop_path_rate
 from birder.training.state import (
     capture_rng_state,
     find_latest_state,
@@ -35,10 +34,25 @@ def _tiny_vit(num_classes: int = 3, network: str = "vit_reg4_b16"):
 
 
 def test_vit_layer_ids() -> None:
-    assert [vit_layer_id(name, 24) for name in ("conv_proj.weight", "pos_embedding", "class_token")] == [0, 0, 0]
-    assert vit_layer_id("encoder.block.0.attn.qkv.weight", 24) == 1
-    assert vit_layer_id("encoder.block.23.mlp.3.bias", 24) == 24
-    assert vit_layer_id("norm.weight", 24) == vit_layer_id("classifier.bias", 24) == 25
+    with torch.device("meta"):
+        net = registry.net_factory("vit_reg4_l16_pn", 10)
+    assert net.num_layer_ids == 26
+    stem = ("conv_proj.weight", "pos_embedding", "class_token", "reg_tokens", "encoder.pre_block.0.weight")
+    assert [net.layer_id(name) for name in stem] == [0] * len(stem)  # the _pn pre-norm belongs to the stem
+    assert net.layer_id("encoder.block.0.attn.qkv.weight") == 1
+    assert net.layer_id("encoder.block.23.mlp.3.bias") == 24
+    assert net.layer_id("norm.weight") == net.layer_id("classifier.bias") == 25
+    assert {net.layer_id(name) for (name, _) in net.named_parameters()} == set(range(26))
+
+
+def test_mim_wrapper_no_weight_decay_covers_encoder_tokens_and_mask_token() -> None:
+    encoder = registry.net_factory("vit_reg4_b16", 0, config=TINY_VIT_CONFIG, size=(32, 32))
+    mae = registry.mim_net_factory("mae_vit", encoder, config={"decoder_dim": 32, "decoder_num_heads": 4})
+    assert mae.no_weight_decay() == {"encoder.pos_embedding", "encoder.class_token", "encoder.reg_tokens", "mask_token"}
+    groups = param_groups(mae, lr=1.0, weight_decay=0.05)
+    undecayed = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert id(mae.mask_token) in undecayed and id(mae.encoder.pos_embedding) in undecayed
+    assert id(mae.decoder_embed.weight) not in undecayed
 
 
 def test_layer_decay_groups() -> None:
@@ -63,7 +77,7 @@ def test_groups_skip_frozen_parameters_and_need_a_vit_for_layer_decay() -> None:
     assert {id(p) for g in groups for p in g["params"]} == {id(p) for p in net.classifier.parameters()}
     assert isinstance(build_optimizer("sgd", groups), torch.optim.SGD)
 
-    with pytest.raises(BirderError, match="needs a ViT"):
+    with pytest.raises(BirderError, match="needs a network with layers"):
         param_groups(torch.nn.Linear(2, 2), lr=0.1, weight_decay=0.0, layer_decay=0.8)
     with pytest.raises(BirderError, match="unknown optimizer"):
         build_optimizer("adam", groups)
@@ -197,7 +211,7 @@ def test_damaged_state_file_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_set_drop_path_rate_is_linear_over_blocks() -> None:
     net = _tiny_vit()
-    set_drop_path_rate(net, 0.2)
+    net.set_drop_path_rate(0.2)
     assert [block.drop_path.p for block in net.encoder.block] == pytest.approx([0.0, 0.1, 0.2])
 
 

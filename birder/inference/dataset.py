@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from birder.errors import BirderError, ImageDecodeError
+from birder.errors import BirderError, ImageDecodeError, one_line
 from birder.io.images import IMAGE_EXTENSIONS, find_images, load_image
 
 # EXIF tags (numbers from the EXIF 2.3 standard); PIL exposes them by number only.
@@ -205,7 +205,7 @@ def _one_line_reason(path: Path, exc: BaseException) -> str:
     if not isinstance(exc, ImageDecodeError):
         return one_line_error(exc)
 
-    message = " ".join(str(exc).split()) or type(exc).__name__
+    message = one_line(exc, limit=None)  # the decoder already kept its reason short
     prefix = f"cannot read image '{os.fsdecode(path)}': "
     return message[len(prefix) :] if message.startswith(prefix) else message
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from birder.errors import ImageDecodeError
+from birder.errors import ImageDecodeError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def _check_file(path: Path) -> None:
     except PermissionError:
         raise _decode_error(path, "permission denied") from None
     except (OSError, ValueError) as exc:  # ValueError: a path with a NUL byte, for one
-        raise _decode_error(path, f"cannot access file: {_short_reason(exc)}") from None
+        raise _decode_error(path, f"cannot access file: {one_line(exc, _MAX_REASON_CHARS)}") from None
 
 
 def _read_file(path: Path) -> Image.Image:
@@ -128,7 +128,7 @@ def _read_file(path: Path) -> Image.Image:
     except PermissionError:
         raise _decode_error(path, "permission denied") from None
     except _CORRUPT_DATA_ERRORS as exc:
-        raise _decode_error(path, f"truncated or corrupt image: {_short_reason(exc)}") from None
+        raise _decode_error(path, f"truncated or corrupt image: {one_line(exc, _MAX_REASON_CHARS)}") from None
 
 
 def _decode_loaded(image: Image.Image, name: str) -> Image.Image:
@@ -138,7 +138,7 @@ def _decode_loaded(image: Image.Image, name: str) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise _bomb_error(name, exc) from None
     except _CORRUPT_DATA_ERRORS as exc:
-        raise _decode_error(name, f"truncated or corrupt image: {_short_reason(exc)}") from None
+        raise _decode_error(name, f"truncated or corrupt image: {one_line(exc, _MAX_REASON_CHARS)}") from None
     return _apply_exif_orientation(image, name)
 
 
@@ -154,7 +154,7 @@ def _apply_exif_orientation(image: Image.Image, name: str) -> Image.Image:
             return image
         transposed = ImageOps.exif_transpose(image)
     except _CORRUPT_DATA_ERRORS as exc:
-        logger.warning("%s: ignoring unreadable EXIF orientation (%s)", name, _short_reason(exc))
+        logger.warning("%s: ignoring unreadable EXIF orientation (%s)", name, one_line(exc, _MAX_REASON_CHARS))
         return image
     return transposed if transposed is not None else image
 
@@ -171,7 +171,8 @@ def _to_rgb(image: Image.Image, name: str) -> Image.Image:
         # 1, L, P, CMYK, YCbCr, LAB, HSV: PIL's own conversions are the right ones
         return image.convert("RGB")
     except (ValueError, OSError) as exc:
-        raise _decode_error(name, f"unsupported image mode {image.mode!r}: {_short_reason(exc)}") from None
+        reason = one_line(exc, _MAX_REASON_CHARS)
+        raise _decode_error(name, f"unsupported image mode {image.mode!r}: {reason}") from None
 
 
 def _has_transparency(image: Image.Image) -> bool:
@@ -209,16 +210,9 @@ def _high_depth_to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
 
 
-def _short_reason(exc: BaseException) -> str:
-    """The exception's message squeezed onto one short line (PIL messages can span lines or be empty)."""
-    reason = " ".join(str(exc).split()) or type(exc).__name__
-    if len(reason) > _MAX_REASON_CHARS:
-        reason = reason[: _MAX_REASON_CHARS - 3] + "..."
-    return reason
-
-
 def _bomb_error(name: str | os.PathLike, exc: BaseException) -> ImageDecodeError:
-    return _decode_error(name, f"image too large, refused as a possible decompression bomb ({_short_reason(exc)})")
+    reason = one_line(exc, _MAX_REASON_CHARS)
+    return _decode_error(name, f"image too large, refused as a possible decompression bomb ({reason})")
 
 
 def _decode_error(name: str | os.PathLike, reason: str) -> ImageDecodeError:

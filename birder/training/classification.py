@@ -44,7 +44,7 @@ from birder.training.loop import BatchEvent, EpochProgress, EpochSummary, build_
 from birder.training.metrics import MetricsCSV
 from birder.training.mixup import MixupCutmix, soft_target_cross_entropy
 from birder.training.optim import build_optimizer, param_groups
-from birder.training.setup import make_loader, resolve_rgb_stats, resolve_size, seed_everything, set_drop_path_rate
+from birder.training.setup import make_loader, resolve_rgb_stats, resolve_size, seed_everything
 from birder.training.state import save_training_state
 
 logger = logging.getLogger(__name__)
@@ -210,9 +210,9 @@ def _train(config: TrainConfig, dist: DistInfo, on_batch: Callable[[BatchEvent],
 
     (net, rgb_stats) = build_classifier(config, class_to_idx)
     if config.drop_path is not None:
-        set_drop_path_rate(net, config.drop_path)
+        net.set_drop_path_rate(config.drop_path)
     if config.freeze_body:
-        set_drop_path_rate(net, 0.0)  # a frozen body is a fixed feature extractor
+        net.set_drop_path_rate(0.0)  # a frozen body is a fixed feature extractor
         net.freeze(freeze_classifier=False)
     net = net.to(dist.device)
     stem = net.network_name + (f"_{config.tag}" if config.tag else "")

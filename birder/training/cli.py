@@ -13,7 +13,7 @@ from typing import Any
 from birder.data.transforms import RGB_STATS
 from birder.errors import BirderError
 from birder.training.amp import AMP_DTYPES
-from birder.training.distributed import setup_logging
+from birder.training.ddp import setup_logging
 from birder.training.setup import RESUME_LATEST
 
 # Exit status of errors a user can cause (as argparse uses for bad arguments).

@@ -25,7 +25,7 @@ from birder.io.checkpoint import get_size_from_signature
 from birder.loading import load_model
 from birder.plots import save_confusion_matrix_png
 from birder.training.amp import amp_dtype, autocast
-from birder.training.distributed import distinct_over_ranks
+from birder.training.ddp import distinct_over_ranks
 from birder.training.metrics import format_value
 from birder.training.setup import make_loader
 

@@ -25,7 +25,7 @@ from birder.data.training import EpochSampler, ImageDataset, TrainingBatch
 from birder.distributed import DistInfo, all_gather_objects, all_reduce_sum
 from birder.errors import BirderError, CheckpointError
 from birder.training.amp import amp_dtype, autocast, grad_scaler
-from birder.training.distributed import distinct_over_ranks, wrap_ddp
+from birder.training.ddp import distinct_over_ranks, wrap_ddp
 from birder.training.ema import ModelEMA
 from birder.training.schedule import epoch_cosine_schedule
 from birder.training.setup import make_loader, resolve_resume, seed_everything

@@ -32,7 +32,7 @@ from birder.training.amp import amp_dtype, autocast
 from birder.training.loop import BatchEvent, EpochProgress, build_trainer, start_run
 from birder.training.metrics import MetricsCSV
 from birder.training.optim import build_optimizer, param_groups
-from birder.training.setup import resolve_rgb_stats, resolve_size, seed_everything, set_drop_path_rate
+from birder.training.setup import resolve_rgb_stats, resolve_size, seed_everything
 from birder.training.state import save_training_state
 from birder.version import __version__
 
@@ -191,7 +191,7 @@ def _train(config: MIMTrainConfig, dist: DistInfo, on_batch: Callable[[BatchEven
     sampler = EpochSampler(len(dataset), seed=config.seed, rank=dist.rank, world_size=dist.world_size)
 
     encoder = registry.net_factory(config.network, 0, config=config.model_config, size=size)
-    set_drop_path_rate(encoder, config.drop_path)
+    encoder.set_drop_path_rate(config.drop_path)
     mae = registry.mim_net_factory(config.mim_network, encoder, config=config.mim_config).to(dist.device)
     optimizer = build_optimizer("adamw", param_groups(mae, config.lr, config.weight_decay), betas=tuple(config.betas))
     trainer = build_trainer(

@@ -6,13 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
 from birder.data.training import EpochSampler, ImageDataset, collate_training_samples
 from birder.data.transforms import RGB_STATS, RGBStats
 from birder.errors import BirderError
-from birder.net.vit import StochasticDepth
 from birder.training.state import find_latest_state
 
 RESUME_LATEST = "latest"
@@ -57,13 +55,6 @@ def make_loader(
         pin_memory=device.type == "cuda",
         generator=torch.Generator(),
     )
-
-
-def set_drop_path_rate(model: nn.Module, rate: float) -> None:
-    """Stochastic depth growing linearly from 0 (first block) to ``rate`` (last), as the networks build it."""
-    layers = [module for module in model.modules() if isinstance(module, StochasticDepth)]
-    for index, layer in enumerate(layers):
-        layer.p = rate * index / max(len(layers) - 1, 1)
 
 
 def resolve_resume(resume: str | Path | None, output_dir: Path, stem: str) -> Path | None:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from birder.errors import CheckpointError
+from birder.errors import CheckpointError, one_line
 from birder.io.atomic import atomic_write_path
 
 logger = logging.getLogger(__name__)
@@ -71,8 +71,7 @@ def load_training_state(path: str | Path, *, mmap: bool = False) -> dict[str, An
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # torch.load raises many types for damaged files; all mean the same to the user
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: truncated or not a training-state file ({reason})") from None
+        raise CheckpointError(f"{path}: truncated or not a training-state file ({one_line(err)})") from None
 
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{path}: not a birder training-state file (resume from a '*{STATES_SUFFIX}' file)")
