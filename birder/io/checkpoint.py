@@ -56,14 +56,19 @@ def is_export_file(path: str | Path) -> bool:
     return Path(path).suffix.lower() in EXPORT_SUFFIXES
 
 
+def require_model_file(path: Path, remedy: str) -> None:
+    """A clear one-line error for a model file that is missing or empty (an interrupted copy), before any reader."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such model file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file (0 bytes); {remedy}")
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a model file into ``(state_dict, metadata)``; tensors are memory-mapped, on the CPU."""
     path = Path(path)
     file_format = checkpoint_format(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such model file")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: empty file (0 bytes); delete it and download or copy it again")
+    require_model_file(path, "delete it and download or copy it again")
 
     if file_format == "safetensors":
         (state, metadata) = _read_safetensors(path)

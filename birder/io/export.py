@@ -19,9 +19,9 @@ import os
 import tempfile
 import warnings
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -38,9 +38,11 @@ from birder.io.checkpoint import (
     metadata_from_strings,
     metadata_to_strings,
     model_info_from_metadata,
+    require_model_file,
 )
 
 ONNX_METADATA_SUFFIX = ".onnx_metadata.json"
+T = TypeVar("T")
 
 _METADATA_KEYS = ("birder_version", "task", "class_to_idx", "signature", "rgb_stats", "network", "config")
 _REQUIRED_KEYS = ("class_to_idx", "signature", "rgb_stats")
@@ -126,10 +128,28 @@ def _atomic_export_path(path: Path) -> Iterator[Path]:
             os.replace(produced, path.parent / produced.name)
 
 
-def _check_zip(path: Path, kind: str) -> None:
-    # Both archive kinds are zip files; checking first gives one clear line instead of torch's logged traceback.
+def _open_archive(path: Path, kind: str, load: Callable[[dict[str, str]], T]) -> tuple[T, dict[str, Any]]:
+    """``load(extra_files)`` on a TorchScript or torch.export archive, and the metadata it found in it.
+
+    Both archive kinds are zip files: checking that first gives one clear line instead of torch's logged traceback;
+    any error of the loader on a damaged archive becomes one line too.
+    """
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"{path}: truncated or not a {kind} file (not a zip archive)")
+
+    extra = dict.fromkeys(_METADATA_KEYS, "")
+    try:
+        loaded = load(extra)
+    except (RuntimeError, ValueError, OSError, KeyError, AssertionError, zipfile.BadZipFile) as err:
+        raise CheckpointError(f"{path}: truncated or not a {kind} file ({one_line(err)})") from None
+
+    return (loaded, metadata_from_strings(path, extra))
+
+
+def _load_jit(path: Path, device: torch.device | str, extra: dict[str, str]) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, its files still load
+        return torch.jit.load(str(path), map_location=device, _extra_files=extra)
 
 
 def _check_metadata(path: Path, metadata: Mapping[str, Any]) -> None:
@@ -153,19 +173,11 @@ def _export_torchscript(net: nn.Module, path: Path, example: torch.Tensor, metad
 
 
 def _load_torchscript(path: Path, device: torch.device | str) -> tuple[nn.Module, dict[str, Any]]:
-    _check_zip(path, "TorchScript")
-    extra = dict.fromkeys(_METADATA_KEYS, "")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, its files still load
-            model = torch.jit.load(str(path), map_location=device, _extra_files=extra)
-    except (RuntimeError, ValueError, OSError) as err:
-        raise CheckpointError(f"{path}: truncated or not a TorchScript file ({one_line(err)})") from None
-
+    (model, metadata) = _open_archive(path, "TorchScript", lambda extra: _load_jit(path, device, extra))
     model.eval()
     for param in model.parameters():  # ScriptModules have no requires_grad_()
         param.requires_grad_(False)
-    return (model, metadata_from_strings(path, extra))
+    return (model, metadata)
 
 
 # torch.export
@@ -180,16 +192,12 @@ def _export_program(net: nn.Module, path: Path, example: torch.Tensor, metadata:
 
 
 def _load_program(path: Path, device: torch.device | str) -> tuple[nn.Module, dict[str, Any]]:
-    _check_zip(path, "torch.export")
-    extra = dict.fromkeys(_METADATA_KEYS, "")
-    try:
-        program = torch.export.load(str(path), extra_files=extra)
-    except (RuntimeError, ValueError, OSError, KeyError, AssertionError, zipfile.BadZipFile) as err:
-        raise CheckpointError(f"{path}: truncated or not a torch.export file ({one_line(err)})") from None
-
+    (program, metadata) = _open_archive(
+        path, "torch.export", lambda extra: torch.export.load(str(path), extra_files=extra)
+    )
     model = ExportedProgramModel(program.module()).to(device)
     model.requires_grad_(False)
-    return (model, metadata_from_strings(path, extra))
+    return (model, metadata)
 
 
 def _module_path(node: torch.fx.Node) -> str:
@@ -414,10 +422,7 @@ def load_exported(path: str | os.PathLike, *, device: torch.device | str | None 
     """
     path = Path(path)
     file_format = export_format(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such model file")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: empty file (0 bytes); export it again")
+    require_model_file(path, "export it again")
 
     device = device if device is not None else "cpu"
     loaders = {"pts": _load_torchscript, "pt2": _load_program, "onnx": _load_onnx}

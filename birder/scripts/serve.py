@@ -38,11 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-name", help="name reported by the API (default: the model's name or file stem)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
-    parser.add_argument(
-        "--device",
-        default="auto",
-        help="auto, cpu, cuda, cuda:N or mps (default: %(default)s: cuda, then mps, then cpu)",
-    )
+    parser.add_argument("--device", default="auto", help="auto (default: cuda, then mps, then cpu), cpu, cuda:N, mps")
     parser.add_argument("--max-batch-size", type=int, default=32, help="images per batch (default: %(default)s)")
     parser.add_argument(
         "--batch-window-ms",

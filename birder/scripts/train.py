@@ -15,18 +15,18 @@ import argparse
 
 from birder.data.training import AUG_LEVELS
 from birder.training.classification import TrainConfig, train_classifier
-from birder.training.cli import add_training_args, json_object, run_cli, training_config_args
+from birder.training.cli import add_training_args, config_from_args, json_object, run_cli, training_parser
 from birder.training.optim import OPTIMIZERS
 
 PROG = "birder-train"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="Train or fine-tune an image classifier, evaluating on a validation split every epoch.",
-        epilog="Outputs: <network>[_<tag>]_<epoch>.pt (for birder-predict / birder.load_model), *_states.pt (for "
-        "--resume), metrics.csv, per_class_metrics.csv, confusion_matrix.csv/.png.",
+    parser = training_parser(
+        PROG,
+        "Train or fine-tune an image classifier, evaluating on a validation split every epoch.",
+        "<network>[_<tag>]_<epoch>.pt (for birder-predict / birder.load_model), *_states.pt (for --resume), "
+        "metrics.csv, per_class_metrics.csv, confusion_matrix.csv/.png.",
     )
     data = parser.add_argument_group("data")
     data.add_argument("--data-dir", help="folder with train/<class>/ and val/<class>/ sub-folders")
@@ -50,47 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     recipe.add_argument("--layer-decay", type=float, help="layer-wise lr decay (ViT), e.g. 0.8")
     recipe.add_argument("--label-smoothing", type=float, default=0.0)
-    recipe.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0: off)")
-    recipe.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (0: off)")
+    recipe.add_argument("--mixup", dest="mixup_alpha", type=float, default=0.0, help="mixup alpha (0: off)")
+    recipe.add_argument("--cutmix", dest="cutmix_alpha", type=float, default=0.0, help="cutmix alpha (0: off)")
     recipe.add_argument("--ema-decay", type=float, help="keep an EMA of the weights (evaluated and saved)")
     recipe.add_argument("--top-k", type=int, default=5, help="top-k accuracy reported besides top-1")
     add_training_args(parser, lr=1e-3, weight_decay=0.05, epochs=50)
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(
-        **training_config_args(args),
-        data_dir=args.data_dir,
-        train_dir=args.train_dir,
-        val_dir=args.val_dir,
-        train_csv=args.train_csv,
-        val_csv=args.val_csv,
-        network=args.network,
-        model_config=args.model_config,
-        init=args.init,
-        reset_head=args.reset_head,
-        tag=args.tag,
-        size=args.size,
-        rgb_stats=args.rgb_stats,
-        optimizer=args.optimizer,
-        momentum=args.momentum,
-        layer_decay=args.layer_decay,
-        label_smoothing=args.label_smoothing,
-        mixup_alpha=args.mixup,
-        cutmix_alpha=args.cutmix,
-        ema_decay=args.ema_decay,
-        aug_level=args.aug_level,
-        class_balanced=args.class_balanced,
-        freeze_body=args.freeze_body,
-        drop_path=args.drop_path,
-        top_k=args.top_k,
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_cli(PROG, lambda: train_classifier(config_from_args(args)))
+    return run_cli(PROG, lambda: train_classifier(config_from_args(TrainConfig, args)))
 
 
 if __name__ == "__main__":

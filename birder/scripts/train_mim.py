@@ -9,18 +9,18 @@ Multi-GPU: ``torchrun --nproc_per_node 8 -m birder.scripts.train_mim ...`` (the 
 import argparse
 
 from birder.model_registry import Task, registry
-from birder.training.cli import add_training_args, json_object, run_cli, training_config_args
+from birder.training.cli import add_training_args, config_from_args, json_object, run_cli, training_parser
 from birder.training.mim import MIMTrainConfig, train_mim
 
 PROG = "birder-train-mim"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="Pretrain a ViT encoder with a masked autoencoder on unlabeled images.",
-        epilog="Outputs: <network>_mim_<epoch>.pt (the encoder, for birder-train --init), the whole MAE model, "
-        "*_states.pt (for --resume), mim_metrics.csv and mim_reconstruction_<epoch>.png.",
+    parser = training_parser(
+        PROG,
+        "Pretrain a ViT encoder with a masked autoencoder on unlabeled images.",
+        "<network>_mim_<epoch>.pt (the encoder, for birder-train --init), the whole MAE model, *_states.pt (for "
+        "--resume), mim_metrics.csv and mim_reconstruction_<epoch>.png.",
     )
     parser.add_argument("--network", default="vit_b16", help="encoder network (default: %(default)s)")
     parser.add_argument(
@@ -30,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="mae_vit (decoder of 8 blocks), mae_vit_dec{4,2,1}, each with _npl (normalized pixel targets)",
     )
-    parser.add_argument("--data-dir", nargs="+", required=True, help="folders of images (searched recursively)")
+    parser.add_argument(
+        "--data-dir", dest="data_dirs", nargs="+", required=True, help="folders of images (searched recursively)"
+    )
     parser.add_argument("--model-config", type=json_object, help="encoder config override (JSON object)")
     parser.add_argument("--mim-config", type=json_object, help='e.g. \'{"mask_ratio": 0.75, "decoder_depth": 4}\'')
     parser.add_argument("--min-scale", type=float, default=0.3, help="random resized crop minimum area")
@@ -39,25 +41,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> MIMTrainConfig:
-    return MIMTrainConfig(
-        **training_config_args(args),
-        data_dirs=args.data_dir,
-        network=args.network,
-        mim_network=args.mim_network,
-        model_config=args.model_config,
-        mim_config=args.mim_config,
+def mim_config_from_args(args: argparse.Namespace) -> MIMTrainConfig:
+    # MAE's own defaults where the shared options have none: 224 px, birder's colour statistics, no drop-path.
+    return config_from_args(
+        MIMTrainConfig,
+        args,
         size=args.size if args.size is not None else 224,
         rgb_stats=args.rgb_stats or "birder",
-        min_scale=args.min_scale,
         drop_path=args.drop_path if args.drop_path is not None else 0.0,
-        visualize=args.visualize,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_cli(PROG, lambda: train_mim(config_from_args(args)))
+    return run_cli(PROG, lambda: train_mim(mim_config_from_args(args)))
 
 
 if __name__ == "__main__":

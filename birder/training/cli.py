@@ -4,11 +4,12 @@ The console scripts in :mod:`birder.scripts` stay thin: parse, build a config, c
 """
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from birder.data.transforms import RGB_STATS
 from birder.errors import BirderError
@@ -18,6 +19,7 @@ from birder.training.setup import RESUME_LATEST
 
 # Exit status of errors a user can cause (as argparse uses for bad arguments).
 USER_ERROR = 2
+ConfigT = TypeVar("ConfigT")
 
 
 def json_object(text: str) -> dict[str, Any]:
@@ -55,7 +57,9 @@ def add_training_args(parser: argparse.ArgumentParser, *, lr: float, weight_deca
     group.add_argument("--accumulation-steps", type=int, default=1, help="batches per optimizer step")
     group.add_argument("--lr", type=float, default=lr, help="peak learning rate (default: %(default)s)")
     group.add_argument("--min-lr", type=float, default=0.0, help="end of the cosine decay (default: %(default)s)")
-    group.add_argument("--wd", type=float, default=weight_decay, help="weight decay (default: %(default)s)")
+    group.add_argument(
+        "--wd", dest="weight_decay", type=float, default=weight_decay, help="weight decay (default: %(default)s)"
+    )
     group.add_argument("--warmup-epochs", type=float, default=0.0, help="linear lr warm-up (default: %(default)s)")
     group.add_argument("--clip-grad-norm", type=float, help="clip the gradient norm to this value")
     group.add_argument("--drop-path", type=float, help="stochastic depth rate of the last block")
@@ -83,33 +87,20 @@ def add_training_args(parser: argparse.ArgumentParser, *, lr: float, weight_deca
         help="continue from a *_states.pt file, or (no value) from the latest one in --output-dir",
     )
     group.add_argument("--device", help="auto (the default: CUDA, then MPS, then the CPU), cpu, cuda, cuda:N or mps")
-    group.add_argument("--no-progress", action="store_true", help="no progress bars")
+    group.add_argument("--no-progress", dest="progress_bar", action="store_false", help="no progress bars")
 
 
-def training_config_args(args: argparse.Namespace) -> dict[str, Any]:
-    """Config fields from the options of :func:`add_training_args` that both trainers' configs take as they are
-    (``--size``, ``--rgb-stats`` and ``--drop-path`` default differently, so each script maps those itself)."""
-    return {
-        "output_dir": args.output_dir,
-        "epochs": args.epochs,
-        "stop_epoch": args.stop_epoch,
-        "batch_size": args.batch_size,
-        "accumulation_steps": args.accumulation_steps,
-        "lr": args.lr,
-        "min_lr": args.min_lr,
-        "weight_decay": args.wd,
-        "warmup_epochs": args.warmup_epochs,
-        "clip_grad_norm": args.clip_grad_norm,
-        "amp": args.amp,
-        "compile": args.compile,
-        "workers": args.workers,
-        "seed": args.seed,
-        "save_every": args.save_every,
-        "save_every_steps": args.save_every_steps,
-        "resume": args.resume,
-        "device": args.device,
-        "progress_bar": not args.no_progress,
-    }
+def training_parser(prog: str, description: str, outputs: str) -> argparse.ArgumentParser:
+    """The parser of a training script; ``outputs`` (the files it writes) is shown after the options."""
+    return argparse.ArgumentParser(prog=prog, description=description, epilog=f"Outputs: {outputs}")
+
+
+def config_from_args(config_class: type[ConfigT], args: argparse.Namespace, **overrides: Any) -> ConfigT:
+    """A trainer's config dataclass from the parsed options of the same names (``dest`` says which field an option
+    fills); ``overrides`` set fields the script computes itself (defaults that depend on the trainer)."""
+    fields = dataclasses.fields(config_class)  # type: ignore[arg-type]
+    values = {field.name: getattr(args, field.name) for field in fields if hasattr(args, field.name)}
+    return config_class(**{**values, **overrides})
 
 
 def run_cli(prog: str, train: Callable[[], Any]) -> int:

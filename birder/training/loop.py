@@ -109,18 +109,11 @@ class Trainer:
         self.dist = dist
         self.ddp = wrap_ddp(model, dist)
         self.train_model = torch.compile(self.ddp) if compile else self.ddp
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        self.scaler = scaler
-        self.loss_fn = loss_fn
-        self.amp_dtype = amp_dtype
-        self.accumulation_steps = accumulation_steps
-        self.clip_grad_norm = clip_grad_norm
-        self.ema = ema
-        self.progress_bar = progress_bar
-        self.save_every_steps = save_every_steps
-        self.step_checkpoint = step_checkpoint
-        self.on_batch = on_batch
+        (self.optimizer, self.scheduler, self.scaler) = (optimizer, scheduler, scaler)
+        (self.loss_fn, self.amp_dtype, self.ema) = (loss_fn, amp_dtype, ema)
+        (self.accumulation_steps, self.clip_grad_norm) = (accumulation_steps, clip_grad_norm)
+        (self.save_every_steps, self.step_checkpoint) = (save_every_steps, step_checkpoint)
+        (self.progress_bar, self.on_batch) = (progress_bar, on_batch)
         self.global_step = 0
         self._reported_unreadable: set[str] = set()
 
