@@ -14,7 +14,7 @@ from PIL import Image
 
 import birder.net  # noqa: F401 (registers the network families)
 from birder.data.transforms import classification_transform
-from birder.errors import CheckpointError
+from birder.errors import BirderError, CheckpointError
 from birder.io.checkpoint import (
     DEFAULT_TASK,
     ModelInfo,
@@ -200,6 +200,40 @@ def load_pretrained_model(
         device=device,
         dtype=dtype,
     )
+
+
+def load_named_or_file_model(
+    name: str | None = None,
+    weights: str | Path | None = None,
+    network: str | None = None,
+    *,
+    inference: bool = True,
+    device: torch.device | str | None = None,
+    progress_bar: bool = True,
+) -> tuple[BaseNet, ModelInfo]:
+    """The model a command names, the one way every command takes it: ``-n NAME`` or ``--weights FILE``.
+
+    ``name`` is a pretrained name (downloaded on first use) unless ``weights`` names a local file (a checkpoint or
+    an export); then ``name`` may instead give the network (a network name, or a pretrained name whose manifest
+    entry names it), as may ``network``, for files that do not name their network.
+    """
+    if weights is not None:
+        if network is None and name is not None:
+            if registry.exists(name):
+                network = name
+            elif registry.pretrained_exists(name):
+                network = registry.get_pretrained_metadata(name)["net"]["network"]
+            else:
+                registry.network_config(name)  # raises UnknownModelError, with close names
+
+        return load_model(weights, network=network, inference=inference, device=device)
+
+    if name is None:
+        raise BirderError("no model given: pass a pretrained name (-n vit_l16_mim-eu-common) or --weights FILE")
+    if not registry.pretrained_exists(name) and registry.exists(name):
+        raise BirderError(f"'{name}' is a network, not a pretrained model: pass its weights with --weights FILE")
+
+    return load_pretrained_model(name, inference=inference, device=device, progress_bar=progress_bar)
 
 
 def load_pretrained_model_and_transform(

@@ -66,3 +66,19 @@ def assert_one_line_error(stderr: str, prog: str, device: str) -> None:
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in stderr, stderr
     assert lines[0].startswith(f"{prog}: error: ") and f"'{device}'" in lines[0], lines[0]
+
+
+def test_model_given_the_way_every_command_takes_it(checkpoint_and_images: tuple[Path, Path], capsys) -> None:
+    """``--weights FILE DATA`` (as birder-predict and birder-serve take it) and the older ``FILE DATA`` agree."""
+    (checkpoint, images) = checkpoint_and_images
+    common = [str(images), "--workers", "0", "--no-progress"]
+    assert evaluate_script.main(["--weights", str(checkpoint), *common]) == 0
+    with_option = capsys.readouterr().out
+    assert evaluate_script.main([str(checkpoint), *common]) == 0
+    assert capsys.readouterr().out == with_option
+    assert "top-1" in with_option
+
+    with pytest.raises(SystemExit) as excinfo:  # a model twice, or none
+        evaluate_script.main(["--weights", str(checkpoint), str(checkpoint), *common])
+    assert excinfo.value.code == 2
+    assert "give the model with -n NAME or --weights FILE" in capsys.readouterr().err

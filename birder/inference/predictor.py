@@ -30,8 +30,7 @@ from birder.errors import BirderError
 from birder.inference.classification import infer_batch
 from birder.inference.dataset import ImageFileDataset, PhotoBatch, PhotoMetadata, collate_photos, one_line_error
 from birder.io.checkpoint import ModelInfo
-from birder.loading import load_model, load_pretrained_model
-from birder.model_registry import registry
+from birder.loading import load_named_or_file_model
 from birder.net.base import BaseNet
 
 logger = logging.getLogger(__name__)
@@ -55,29 +54,9 @@ def load_inference_model(
     *,
     progress_bar: bool = True,
 ) -> tuple[BaseNet, ModelInfo]:
-    """The model the command line asks for, in eval mode without gradients, on the CPU.
-
-    ``model`` is a pretrained name (downloaded on first use, or found in the models directory) unless
-    ``weights`` names a local file; then ``model`` may instead give the network (a network name, or a pretrained
-    name whose manifest entry names it), as may ``network``.
-    """
-    if weights is not None:
-        if network is None and model is not None:
-            if registry.exists(model):
-                network = model
-            elif registry.pretrained_exists(model):
-                network = registry.get_pretrained_metadata(model)["net"]["network"]
-            else:
-                registry.network_config(model)  # raises UnknownModelError, with close names
-
-        return load_model(weights, network=network, inference=True)
-
-    if model is None:
-        raise BirderError("no model given: pass a pretrained name (-n vit_l16_mim-eu-common) or --weights FILE")
-    if not registry.pretrained_exists(model) and registry.exists(model):
-        raise BirderError(f"'{model}' is a network, not a pretrained model: pass its weights with --weights FILE")
-
-    return load_pretrained_model(model, inference=True, progress_bar=progress_bar)
+    """The model the command line asks for, in eval mode without gradients, on the CPU
+    (:func:`birder.loading.load_named_or_file_model`)."""
+    return load_named_or_file_model(model, weights, network, progress_bar=progress_bar)
 
 
 def compile_for_inference(net: BaseNet) -> BaseNet:

@@ -1,12 +1,14 @@
-"""``birder-eval``: score a classifier checkpoint on labeled images.
+"""``birder-eval``: score a classifier on labeled images.
 
-birder-eval runs/ft/vit_b16_50.pt birds/test/            # an ImageFolder root: <class>/<images>
-birder-eval model.pt labels.csv --output-dir report/      # path,label rows; per-class CSV + confusion matrix
+birder-eval --weights runs/ft/vit_b16_50.pt birds/test/      # an ImageFolder root: <class>/<images>
+birder-eval -n vit_l16_mim-eu-common labels.csv --output-dir report/   # path,label rows; per-class CSV + matrix
+birder-eval runs/ft/vit_b16_50.pt birds/test/                # the older form: the file first, then the data
 """
 
 import argparse
 import math
 
+from birder.scripts.common import add_model_arguments
 from birder.training.amp import AMP_DTYPES
 from birder.training.cli import run_cli
 from birder.training.evaluation import EvalResult, evaluate_checkpoint, write_eval_outputs
@@ -17,10 +19,15 @@ _MAX_PRINTED_CLASSES = 50
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Score a classifier checkpoint on labeled images.")
-    parser.add_argument("checkpoint", help="a .pt or .safetensors classifier file")
-    parser.add_argument("data", help="an ImageFolder root (<class>/<images>) or a CSV file of path,label rows")
-    parser.add_argument("--network", help="for files that do not name their network (e.g. vit_l16)")
+    parser = argparse.ArgumentParser(prog=PROG, description="Score a classifier on labeled images.")
+    parser.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="[MODEL_FILE] DATA",
+        help="an ImageFolder root (<class>/<images>) or a CSV file of path,label rows; without -n or --weights, the "
+        "model file comes first",
+    )
+    add_model_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--device", help="auto (the default: CUDA, then MPS, then the CPU), cpu, cuda, cuda:N or mps")
@@ -51,13 +58,28 @@ def format_report(result: EvalResult, unreadable: int) -> str:
     return "\n".join(lines)
 
 
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    named = args.model is not None or args.weights is not None
+    if len(args.inputs) == 2 and not named:  # the older form, MODEL_FILE DATA
+        (args.weights, args.data) = args.inputs
+    elif len(args.inputs) == 1 and named:
+        args.data = args.inputs[0]
+    else:
+        parser.error("give the model with -n NAME or --weights FILE (or as a file before DATA), then one DATA")
+
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
 
     def run() -> None:
         (result, unreadable) = evaluate_checkpoint(
-            args.checkpoint,
+            args.weights,
             args.data,
+            name=args.model,
             network=args.network,
             batch_size=args.batch_size,
             workers=args.workers,

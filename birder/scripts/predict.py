@@ -26,6 +26,7 @@ from birder.errors import BirderError
 from birder.inference.predictor import PredictionError
 from birder.inference.run import DEFAULT_WORKERS, PROG, PredictionOptions, run_prediction
 from birder.io.journal import OUTPUT_FORMATS
+from birder.scripts.common import add_model_arguments
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -52,10 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="photo files and/or folders")
 
-    model = parser.add_argument_group("model")
-    model.add_argument("-n", "--model", metavar="NAME", help="pretrained model, e.g. vit_l16_mim-eu-common")
-    model.add_argument("--weights", metavar="FILE", help="a local model file (.pt or .safetensors)")
-    model.add_argument("--network", help="network of --weights when the file does not name it (e.g. vit_l16)")
+    add_model_arguments(parser)
 
     prep = parser.add_argument_group("preprocessing")
     prep.add_argument("--size", type=_positive, nargs="+", metavar="PX", help="input size H [W] (default: the model's)")

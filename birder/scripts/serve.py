@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from birder.errors import BirderError
+from birder.scripts.common import add_model_arguments
 
 if TYPE_CHECKING:
     from birder.serve.app import ServeSettings
@@ -31,10 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve a birder model over HTTP: POST /v1/classify, POST /v1/embed, GET /v1/models, "
         "GET /healthz, and a web page at /.",
     )
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("-n", "--name", help="pretrained model name (downloaded on first use)")
-    source.add_argument("--weights", type=Path, help="model file: .pt, .safetensors, .pts, .pt2 or .onnx")
-    parser.add_argument("--network", help="network name, for checkpoints that do not store it (e.g. vit_l16)")
+    add_model_arguments(parser)
     parser.add_argument("--model-name", help="name reported by the API (default: the model's name or file stem)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
@@ -88,19 +86,14 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
 
 def load_for_serving(args: argparse.Namespace) -> tuple[object, object, str]:
     """``(net, model_info, name)`` from ``-n`` or ``--weights``, ready for inference on the chosen device."""
-    import birder
     from birder.distributed import resolve_device
+    from birder.loading import load_named_or_file_model
 
     # Resolved before loading anything: a bad --device is a one-line BirderError, not torch's traceback.
     device = resolve_device(args.device)
-    if args.name is not None:
-        (net, model_info) = birder.load_pretrained_model(args.name, inference=True, device=device)
-        return (net, model_info, args.model_name or args.name)
-
-    path: Path = args.weights
-    # Exports (.pts, .pt2, .onnx) go through the same loader: it recognises them by extension.
-    (net, model_info) = birder.load_model(path, network=args.network, inference=True, device=device)
-    return (net, model_info, args.model_name or path.stem)
+    (net, model_info) = load_named_or_file_model(args.model, args.weights, args.network, device=device)
+    default_name = Path(args.weights).stem if args.weights is not None else args.model
+    return (net, model_info, args.model_name or default_name)
 
 
 def settings_from_args(args: argparse.Namespace) -> "ServeSettings":

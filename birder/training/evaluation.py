@@ -22,7 +22,7 @@ from birder.distributed import DistInfo, all_reduce_sum, resolve_device
 from birder.errors import CheckpointError
 from birder.io.atomic import atomic_write_path
 from birder.io.checkpoint import get_size_from_signature
-from birder.loading import load_model
+from birder.loading import load_named_or_file_model
 from birder.plots import save_confusion_matrix_png
 from birder.training.amp import amp_dtype, autocast
 from birder.training.ddp import distinct_over_ranks
@@ -142,9 +142,10 @@ def evaluate(
 
 
 def evaluate_checkpoint(
-    checkpoint: str | Path,
+    checkpoint: str | Path | None,
     data: str | Path,
     *,
+    name: str | None = None,
     network: str | None = None,
     batch_size: int = 64,
     workers: int = 4,
@@ -153,14 +154,18 @@ def evaluate_checkpoint(
     top_k: int = 5,
     progress_bar: bool = True,
 ) -> tuple[EvalResult, int]:
-    """Score a classifier file on labeled images: an ImageFolder root (``data/<class>/<images>``) or a CSV file
-    of ``path,label`` rows. Images go through the model's own inference transform. ``device`` is a name that
-    :func:`birder.distributed.resolve_device` takes (None: auto). Returns the result and the number of unreadable
-    images (skipped)."""
+    """Score a classifier on labeled images: an ImageFolder root (``data/<class>/<images>``) or a CSV file of
+    ``path,label`` rows.
+
+    The model is a file (``checkpoint``) or a pretrained ``name``, as every command takes one
+    (:func:`birder.loading.load_named_or_file_model`). Images go through the model's own inference transform.
+    ``device`` is a name that :func:`birder.distributed.resolve_device` takes (None: auto). Returns the result and
+    the number of unreadable images (skipped).
+    """
     target = resolve_device(device)
-    (net, info) = load_model(checkpoint, network=network, inference=True, device=target)
+    (net, info) = load_named_or_file_model(name, checkpoint, network, device=target, progress_bar=progress_bar)
     if not info.class_to_idx:
-        raise CheckpointError(f"{checkpoint}: a model without classes (an MIM encoder?); fine-tune it first")
+        raise CheckpointError(f"{checkpoint or name}: a model without classes (an MIM encoder?); fine-tune it first")
 
     class_to_idx = dict(info.class_to_idx)
     is_csv = Path(data).suffix.lower() == ".csv"
