@@ -1,0 +1,72 @@
+"""``birder-prior build`` as one library call: records file + a model's classes -> a ``.bpr`` file."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from birder.errors import BirderError
+from birder.geo.prior import LocationPrior, PriorSettings
+from birder.geo.prior_file import save_prior
+from birder.geo.records import RecordReport, read_mapping_file, read_records
+
+CLASS_LIST_SUFFIXES = (".txt",)
+
+
+def class_names_of(source: str | os.PathLike) -> list[str]:
+    """The class names, in index order, of a model file (checkpoint or export; its metadata only) or of a text
+    file with one name per line."""
+    path = Path(source)
+    if path.suffix.lower() in CLASS_LIST_SUFFIXES:
+        from birder.inference.predictor import read_species_file
+
+        return read_species_file(path)
+
+    from birder.io.checkpoint import is_export_file, read_checkpoint
+
+    if is_export_file(path):
+        from birder.io.export import read_export_metadata
+
+        metadata = read_export_metadata(path)
+    else:
+        (state, metadata) = read_checkpoint(path)  # tensors memory-mapped, never read
+        del state
+    class_to_idx = metadata.get("class_to_idx") or {}
+    if not class_to_idx:
+        raise BirderError(f"{path}: the model has no classes (a pretraining encoder); a prior needs its class list")
+    return sorted(class_to_idx, key=lambda name: class_to_idx[name])
+
+
+@dataclass
+class BuildReport:
+    prior: LocationPrior
+    records: RecordReport
+    seconds: float
+    file_bytes: int
+
+
+def build_prior_file(
+    records: str | os.PathLike,
+    classes: str | os.PathLike | Sequence[str],
+    output: str | os.PathLike,
+    *,
+    mapping: str | os.PathLike | None = None,
+    columns: Mapping[str, str] | None = None,
+    settings: PriorSettings | None = None,
+) -> BuildReport:
+    """Read ``records``, count them for ``classes`` (a model file, a class-list file or the names) and write the
+    prior to ``output`` atomically."""
+    started = time.perf_counter()
+    class_names = list(classes) if isinstance(classes, (list, tuple)) else class_names_of(classes)
+    names_map = read_mapping_file(mapping, class_names) if mapping is not None else None
+    (usable, report) = read_records(records, class_names, mapping=names_map, columns=columns)
+    if len(usable) == 0:
+        raise BirderError(f"no usable records in '{records}': " + "; ".join(report.lines()[1:] or ["it is empty"]))
+
+    prior = LocationPrior.build(usable, class_names, settings, records_report=report.as_dict(), source=str(records))
+    save_prior(prior, output)
+    seconds = time.perf_counter() - started
+    return BuildReport(prior, report, seconds, Path(output).stat().st_size)

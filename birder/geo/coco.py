@@ -1,0 +1,106 @@
+"""COCO Camera Traps export: one JSON file of images, categories and image-level annotations.
+
+The facts are in docs/compatibility.md ("Camera-trap export formats"). Images are the photos of the results folder
+(``id`` and ``file_name``: the path relative to the photos' common folder; ``width``/``height`` read from the file
+header; ``location``: the camera folder; ``datetime``: the EXIF time; with events, ``seq_id`` = the event and
+``seq_num_frames``/``frame_num``). Categories: 0 ``empty`` (the convention), then the predicted species in name
+order. Each photo with a species prediction gets one annotation without ``bbox`` (an image-level label); a photo
+where the model abstained gets none.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from birder.geo.camtrap import ABSTENTIONS, ExportReport
+from birder.geo.events import parse_exif_time
+from birder.geo.results import ResultsFolder, answer_of, common_root, photo_folder, relative_path
+from birder.io.atomic import atomic_write_path
+
+FILE_NAME = "coco-ct.json"
+
+
+def _image_size(path: str) -> tuple[int, int] | None:
+    """(width, height) from the file header (nothing decoded); None when the file cannot be opened."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def _sequences(results: ResultsFolder) -> dict[str, tuple[str, int, int]]:
+    """Photo path -> (event id, photos in the event, frame number in time order)."""
+    members: dict[str, list[tuple[dt.datetime | None, int, str]]] = {}
+    for order, photo in enumerate(results.photos):
+        if photo.get("event_id"):
+            members.setdefault(photo["event_id"], []).append(
+                (parse_exif_time(photo.get("exif_datetime")), order, photo["path"])
+            )
+    frames = {}
+    for event_id, photos in members.items():
+        photos.sort(key=lambda item: (item[0] or dt.datetime.min, item[1]))
+        for frame, (_, _, path) in enumerate(photos):
+            frames[path] = (event_id, len(photos), frame)
+    return frames
+
+
+def export_coco_ct(results: ResultsFolder, output: str | os.PathLike) -> ExportReport:
+    """Write the COCO Camera Traps JSON of ``results`` to ``output``."""
+    output = Path(output)
+    root = common_root([photo["path"] for photo in results.photos])
+    sequences = _sequences(results)
+    species = sorted({answer_of(photo)[0] for photo in results.photos} - ABSTENTIONS)
+    category_ids = {name: number for (number, name) in enumerate(species, start=1)}
+
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
+    missing = 0
+    for photo in results.photos:
+        size = _image_size(photo["path"])
+        if size is None:
+            missing += 1
+            continue
+        file_name = relative_path(photo["path"], root)
+        image: dict[str, Any] = {
+            "id": file_name,
+            "file_name": file_name,
+            "width": size[0],
+            "height": size[1],
+            "location": relative_path(photo_folder(photo["path"]), root),
+        }
+        taken = parse_exif_time(photo.get("exif_datetime"))
+        if taken is not None:
+            image["datetime"] = taken.strftime("%Y-%m-%d %H:%M:%S")
+        if photo["path"] in sequences:
+            (seq_id, frames, frame) = sequences[photo["path"]]
+            image.update(seq_id=seq_id, seq_num_frames=frames, frame_num=frame)
+        images.append(image)
+        if answer_of(photo)[0] in category_ids:
+            category = category_ids[answer_of(photo)[0]]
+            annotations.append({"id": len(annotations) + 1, "image_id": file_name, "category_id": category})
+
+    document = {
+        "info": {
+            "version": "1.0",
+            "description": f"birder predictions by {results.model_name} (image-level labels)",
+            "date_created": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
+        },
+        "images": images,
+        "categories": [{"id": 0, "name": "empty"}, *({"id": i, "name": n} for (n, i) in category_ids.items())],
+        "annotations": annotations,
+    }
+    with atomic_write_path(output) as tmp:
+        tmp.write_text(json.dumps(document, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    notes = [f"COCO Camera Traps: {len(images)} images, {len(annotations)} annotations"]
+    if missing:
+        notes.append(
+            f"{missing} photos that cannot be opened left out of the COCO export (width and height need the file)"
+        )
+    return ExportReport(output, notes)

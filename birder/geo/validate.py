@@ -1,0 +1,84 @@
+"""Checks of exported files against the schemas shipped in ``birder/geo/schemas/`` (no network).
+
+A Camtrap DP package is validated by frictionless with each resource's published schema URL replaced by the local
+Table Schema (column order and labels, types, constraints, primary and foreign keys), and its ``datapackage.json``
+by JSON Schema. A COCO Camera Traps file is validated by JSON Schema, plus the references JSON Schema cannot see
+(annotations point at existing images and categories). Needs the ``geo`` extra (frictionless, jsonschema).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from birder.errors import BirderError
+from birder.geo.camtrap import SCHEMA_DIR, TABLES, table_schema_path
+
+_PACKAGE_V2 = "https://datapackage.org/profiles/2.0/datapackage.json"
+
+
+def _schema(name: str) -> dict[str, Any]:
+    return json.loads((SCHEMA_DIR / name).read_text(encoding="utf-8"))
+
+
+def _json_schema_errors(document: Any, schema: dict[str, Any]) -> list[str]:
+    try:
+        import jsonschema
+    except ImportError:
+        raise BirderError("validating exports needs jsonschema: pip install 'birder[geo]'") from None
+    validator = jsonschema.Draft202012Validator(schema)
+    return [
+        f"{'/'.join(map(str, error.absolute_path)) or '(root)'}: {error.message}"
+        for error in validator.iter_errors(document)
+    ]
+
+
+def validate_camtrap_dp(directory: str | os.PathLike) -> list[str]:
+    """The problems of the Camtrap DP package in ``directory`` (empty: valid)."""
+    try:
+        import frictionless
+    except ImportError:
+        raise BirderError("validating exports needs frictionless: pip install 'birder[geo]'") from None
+    directory = Path(directory)
+    descriptor = json.loads((directory / "datapackage.json").read_text(encoding="utf-8"))
+    errors = _json_schema_errors(descriptor, _schema("camtrap-dp-package.schema.json"))
+
+    resources = []
+    for resource in descriptor.get("resources", []):
+        schema = json.loads(table_schema_path(resource["name"]).read_text(encoding="utf-8"))
+        schema.pop("$comment", None)
+        local = dict(resource, schema=schema)
+        resources.append(local)
+    names = {resource["name"] for resource in resources}
+    errors += [f"missing resource '{name}'" for name in TABLES if name not in names]
+    # The published profile URL would be fetched: validate as a plain data package with local schemas instead
+    # (Data Package v2 for the bbox sizes' exclusiveMinimum, which v1 Table Schemas cannot state)
+    package = frictionless.Package(
+        {"$schema": _PACKAGE_V2, "name": descriptor.get("name", "package"), "resources": resources},
+        basepath=str(directory),
+    )
+    report = package.validate()
+    for task in report.tasks:
+        errors += [f"{task.name}: {error.message}" for error in task.errors]
+    errors += [f"package: {error.message}" for error in report.errors]
+    return errors
+
+
+def validate_coco_ct(path: str | os.PathLike) -> list[str]:
+    """The problems of a COCO Camera Traps JSON file (empty: valid)."""
+    document = json.loads(Path(path).read_text(encoding="utf-8"))
+    errors = _json_schema_errors(document, _schema("coco-camera-traps.schema.json"))
+    if errors:
+        return errors
+    images = {image["id"] for image in document["images"]}
+    categories = {category["id"] for category in document["categories"]}
+    for annotation in document["annotations"]:
+        if annotation["image_id"] not in images:
+            errors.append(f"annotation {annotation['id']}: no image '{annotation['image_id']}'")
+        if annotation["category_id"] not in categories:
+            errors.append(f"annotation {annotation['id']}: no category {annotation['category_id']}")
+    if len(images) != len(document["images"]):
+        errors.append("image ids are not unique")
+    return errors

@@ -1,0 +1,126 @@
+"""``birder-prior``: build and inspect location-and-season priors (``.bpr`` files).
+
+Examples::
+
+    birder-prior build occurrences.csv --classes vit_l16_mim-eu-common.pt -o europe.bpr
+    birder-prior build gbif.parquet --classes model.pt --mapping names.csv -o prior.bpr
+    birder-prior info europe.bpr
+    birder-prior lookup europe.bpr --lat 48.2 --lon 16.37 --date 2024-05-14
+
+The work is :func:`birder.geo.build.build_prior_file` and :mod:`birder.geo.prior`; a mistake the user can fix ends
+with one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from birder.errors import BirderError
+
+PROG = "birder-prior"
+EXIT_USAGE = 2
+
+
+def _add_build(subparsers: argparse._SubParsersAction) -> None:
+    from birder.geo.prior import PriorSettings
+
+    defaults = PriorSettings()
+    build = subparsers.add_parser("build", help="count occurrence records into a prior for a model's classes")
+    build.add_argument("records", type=Path, help="CSV (comma or tab separated) or Parquet of occurrence records")
+    build.add_argument(
+        "--classes", required=True, metavar="MODEL", help="the model file whose classes the prior is for (or a .txt)"
+    )
+    build.add_argument("-o", "--output", type=Path, required=True, metavar="FILE", help="the prior file (.bpr)")
+    build.add_argument("--mapping", type=Path, metavar="CSV", help="record name,class name rows for other names")
+    build.add_argument(
+        "--column", action="append", default=[], metavar="FIELD=NAME", help="a column name the file uses for a field"
+    )
+    build.add_argument(
+        "--resolutions", type=int, nargs="+", default=list(defaults.resolutions), metavar="R", help="H3 resolutions"
+    )
+    build.add_argument("--kernel-days", type=float, default=defaults.kernel_days, metavar="D", help="season kernel SD")
+    build.add_argument("--floor", type=float, default=defaults.floor, metavar="F", help="mass spread evenly")
+    build.add_argument("--pseudo-count", type=float, default=defaults.pseudo_count, metavar="A", help="back-off")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Location-and-season priors from occurrence records.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_build(subparsers)
+    info = subparsers.add_parser("info", help="what a prior file holds")
+    info.add_argument("prior", type=Path)
+    lookup = subparsers.add_parser("lookup", help="the most likely species at a place (and day)")
+    lookup.add_argument("prior", type=Path)
+    lookup.add_argument("--lat", type=float, required=True)
+    lookup.add_argument("--lon", type=float, required=True)
+    lookup.add_argument("--date", help="YYYY-MM-DD (without: the year-round prior)")
+    lookup.add_argument("--top", type=int, default=10, metavar="N")
+    return parser
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from birder.geo.build import build_prior_file
+    from birder.geo.prior import PriorSettings
+    from birder.geo.records import parse_column_overrides
+
+    settings = PriorSettings(
+        resolutions=tuple(args.resolutions),
+        kernel_days=args.kernel_days,
+        floor=args.floor,
+        pseudo_count=args.pseudo_count,
+    )
+    report = build_prior_file(
+        args.records,
+        args.classes,
+        args.output,
+        mapping=args.mapping,
+        columns=parse_column_overrides(args.column),
+        settings=settings,
+    )
+    for line in report.records.lines():
+        print(line)
+    cells = ", ".join(f"r{r}: {len(level.cells):,}" for (r, level) in report.prior.levels.items())
+    print(f"wrote {args.output} ({report.file_bytes / 1024:.0f} KiB; cells {cells}) in {report.seconds:.1f} s")
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from birder.geo.prior_file import load_prior
+
+    print(json.dumps(load_prior(args.prior).describe(), indent=2))
+    return 0
+
+
+def run_lookup(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from birder.geo.prior_file import load_prior
+
+    prior = load_prior(args.prior)
+    answer = prior.lookup((args.lat, args.lon), args.date)
+    if answer.vector is None:
+        raise BirderError(f"no prior at latitude {args.lat}, longitude {args.lon} (not a valid position)")
+    if args.date is not None and answer.mode != "place_day":
+        raise BirderError(f"--date '{args.date}' is not a date (YYYY-MM-DD)")
+    print(f"prior ({answer.mode}); an even prior gives each class {1 / prior.num_classes:.5f}")
+    for index in np.argsort(-answer.vector, kind="stable")[: args.top]:
+        print(f"  {prior.classes[index]:<40} {answer.vector[index]:.5f}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    commands = {"build": run_build, "info": run_info, "lookup": run_lookup}
+    try:
+        return commands[args.command](args)
+    except BirderError as exc:
+        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
