@@ -1,0 +1,175 @@
+"""``birder-index``: similarity search over a photo collection (extra ``search``: faiss-cpu, hdbscan).
+
+Examples::
+
+    birder-index build photos/ -n vit_l16_mim-eu-common -o index/     # embeddings + vector index
+    birder-index add new_photos/ -n vit_l16_mim-eu-common -o index/   # more photos, same model
+    birder-index query robin.jpg -n vit_l16_mim-eu-common -o index/ -k 10
+    birder-index query --path-in-index photos/robin_01.jpg -o index/
+    birder-index duplicates -o index/ --threshold 0.97                 # bursts and copies, with the one to keep
+    birder-index cluster -o index/ --below-prob 0.5                    # unnamed photos grouped, contact sheets
+
+Thin over :mod:`birder.search`. A mistake the user can fix ends with one line on stderr and exit code 2; an
+interrupted ``build`` or ``add`` continues with the same command plus ``--resume``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from birder.errors import BirderError
+from birder.inference.predictor import PredictionError
+from birder.scripts.common import add_model_arguments
+
+PROG = "birder-index"
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return value
+
+
+def _add_index_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-o", "--index", dest="index", type=Path, required=True, metavar="DIR", help="index folder")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Similarity search over a photo collection.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, text in (("build", "index photos (a new index)"), ("add", "add photos to an index")):
+        sub = commands.add_parser(name, help=text, description=text)
+        sub.add_argument("inputs", nargs="+", metavar="PHOTOS", help="photo files and/or folders")
+        add_model_arguments(sub)
+        _add_index_dir(sub)
+        sub.add_argument("-b", "--batch-size", type=_positive, default=32, metavar="N")
+        sub.add_argument("-j", "--num-workers", type=int, default=None, metavar="N", help="decoding processes")
+        sub.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda:N, mps")
+        sub.add_argument("--resume", action="store_true", help="continue an interrupted run")
+        sub.add_argument("--chunk-size", type=_positive, default=256, metavar="N", help="photos per durable write")
+        sub.add_argument("--no-progress", dest="progress", action="store_false")
+
+    query = commands.add_parser("query", help="the photos most similar to one")
+    query.add_argument("photo", nargs="?", metavar="PHOTO", help="a photo file (embedded with the index's model)")
+    query.add_argument("--path-in-index", metavar="P", help="a photo already in the index (no model needed)")
+    add_model_arguments(query)
+    _add_index_dir(query)
+    query.add_argument("-k", type=_positive, default=10, help="how many (default: 10)")
+
+    duplicates = commands.add_parser("duplicates", help="groups of near-identical photos, with the one to keep")
+    _add_index_dir(duplicates)
+    duplicates.add_argument("--threshold", type=_fraction, default=0.97, help="cosine similarity (default: 0.97)")
+    duplicates.add_argument("--output", type=Path, help="table of the groups (default: DIR/duplicates.csv)")
+
+    cluster = commands.add_parser("cluster", help="group the photos the model could not name, to review together")
+    _add_index_dir(cluster)
+    cluster.add_argument("--below-prob", type=_fraction, help="also take photos whose top probability is below P")
+    cluster.add_argument("--min-cluster-size", type=_positive, default=5, metavar="N")
+    cluster.add_argument("--output-dir", type=Path, help="contact sheets and clusters.csv (default: DIR/clusters)")
+    return parser
+
+
+def _build_or_add(args: argparse.Namespace) -> None:
+    from birder.search.build import IndexOptions, run_index
+
+    options = IndexOptions(
+        args.inputs,
+        args.index,
+        model=args.model,
+        weights=args.weights,
+        network=args.network,
+        batch_size=args.batch_size,
+        device=args.device,
+        resume=args.resume,
+        chunk_size=args.chunk_size,
+        progress=args.progress,
+    )
+    if args.num_workers is not None:
+        options.num_workers = args.num_workers
+    report = run_index(options, add=args.command == "add")
+    print(f"Index '{args.index}': {report.total} photos ({report.added} added, {report.failures} could not be read)")
+    print(f"Vector index: {report.plan_description}")
+    print(f"Took {report.seconds:.1f} s")
+
+
+def _query(args: argparse.Namespace) -> None:
+    from birder.search.build import load_embedding_model
+    from birder.search.query import query_photo, query_recorded
+    from birder.search.store import PhotoIndex
+
+    if (args.photo is None) == (args.path_in_index is None):
+        raise BirderError("give either a PHOTO or --path-in-index P")
+    index = PhotoIndex(args.index)
+    if args.photo is not None:
+        if args.model is None and args.weights is None:
+            raise BirderError("a query photo is embedded with the index's model: pass -n NAME or --weights FILE")
+        loaded = load_embedding_model(args.model, args.weights, args.network)
+        results = query_photo(index, loaded, args.photo, args.k)
+    else:
+        results = query_recorded(index, args.path_in_index, args.k)
+    for rank, result in enumerate(results, start=1):
+        species = f"{result['prediction']} {result['probability']:.2f}" if result["prediction"] else ""
+        print(f"{rank:>3}  {result['similarity']:.4f}  {result['path']}  {species}")
+
+
+def _duplicates(args: argparse.Namespace) -> None:
+    from birder.search.duplicates import find_duplicates, write_duplicates
+    from birder.search.store import PhotoIndex
+
+    index = PhotoIndex(args.index)
+    groups = find_duplicates(index, args.threshold)
+    output = args.output or args.index / "duplicates.csv"
+    write_duplicates(output, index, groups)
+    extra = sum(len(group.members) - 1 for group in groups)
+    print(f"{len(groups)} groups of near-identical photos ({extra} photos could go); table: {output}")
+    for number, group in enumerate(groups[:20], start=1):
+        (keep, *others) = index.rows(group.members)
+        print(f"  group {number}: keep {keep['path']}; {len(others)} more: {', '.join(o['path'] for o in others[:3])}")
+
+
+def _cluster(args: argparse.Namespace) -> None:
+    from birder.search.cluster import review_clusters
+    from birder.search.store import PhotoIndex
+
+    output = args.output_dir or args.index / "clusters"
+    report = review_clusters(PhotoIndex(args.index), output, args.below_prob, args.min_cluster_size)
+    if report.photos == 0:
+        print("No photos to review (none labelled unknown; --below-prob P takes uncertain ones too)")
+        return
+    print(f"{report.photos} photos to review: {report.clusters} clusters, {report.unclustered} in none; {output}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    handlers = {"build": _build_or_add, "add": _build_or_add, "query": _query}
+    handlers.update({"duplicates": _duplicates, "cluster": _cluster})
+    try:
+        handlers[args.command](args)
+    except BirderError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED if isinstance(exc, PredictionError) else EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; run the same command with --resume to continue", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
