@@ -1,0 +1,301 @@
+"""Detection data: COCO-format annotation files, checked item by item, and the datasets training reads.
+
+A bad item (a box outside its image, a missing image file, an unknown category id) is one warning line naming it;
+the rest is used. Nothing valid left is an error. Images without boxes are kept: they teach the detector what is
+not an animal (negatives).
+
+Labels are ``0..K-1`` in the order of the categories' ids; ``class_to_idx`` maps the category names to them.
+"""
+
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from birder.data.training import DataError, SampleKey
+from birder.errors import ImageDecodeError
+from birder.inference.detection import detection_transform
+from birder.io.images import load_image
+
+logger = logging.getLogger(__name__)
+
+# How far (pixels) a box may overhang its image: annotation tools round outwards.
+_BOX_TOLERANCE = 1.0
+# Bad items named one by one before the rest are only counted.
+_MAX_NAMED_PROBLEMS = 20
+
+
+@dataclass
+class CocoImage:
+    image_id: int
+    path: Path
+    height: int
+    width: int
+    boxes: list[list[float]] = field(default_factory=list)  # xyxy pixels
+    labels: list[int] = field(default_factory=list)  # 0..K-1
+
+
+@dataclass
+class CocoData:
+    """The usable part of a COCO file; ``ground_truth`` is the same, as a COCO dict, for the mAP evaluation."""
+
+    images: list[CocoImage]
+    class_to_idx: dict[str, int]
+    category_ids: list[int]  # category id of each label index
+    ground_truth: dict[str, Any]
+    problems: list[str]
+
+    @property
+    def num_boxes(self) -> int:
+        return sum(len(image.boxes) for image in self.images)
+
+
+class _Problems:
+    def __init__(self, source: Path) -> None:
+        (self.source, self.items) = (source, [])
+
+    def add(self, message: str) -> None:
+        self.items.append(message)
+        if len(self.items) <= _MAX_NAMED_PROBLEMS:
+            logger.warning("%s: %s (skipped)", self.source, message)
+
+    def summarize(self) -> None:
+        if len(self.items) > _MAX_NAMED_PROBLEMS:
+            logger.warning("%s: %d more bad items skipped", self.source, len(self.items) - _MAX_NAMED_PROBLEMS)
+
+
+def read_coco(
+    annotation_file: str | Path, images_root: str | Path | None = None, class_to_idx: Mapping[str, int] | None = None
+) -> CocoData:
+    """The images and boxes of a COCO ``annotation_file``; ``file_name`` s are relative to ``images_root`` (default:
+    the file's folder). ``class_to_idx`` (a validation file read with the training file's) fixes the label order."""
+    path = Path(annotation_file)
+    try:
+        coco = json.loads(path.read_text(encoding="utf-8"))
+        categories = {int(cat["id"]): str(cat["name"]) for cat in coco["categories"]}
+        image_entries = list(coco["images"])
+        annotations = list(coco.get("annotations", []))
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such annotation file") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise DataError(f"{path}: not a COCO annotation file ({type(err).__name__}: {err})") from None
+
+    root = Path(images_root) if images_root is not None else path.parent
+    if class_to_idx is None:
+        class_to_idx = {categories[cat_id]: idx for idx, cat_id in enumerate(sorted(categories))}
+    label_of = {cat_id: class_to_idx[name] for cat_id, name in categories.items() if name in class_to_idx}
+    problems = _Problems(path)
+    images = _read_images(image_entries, root, problems)
+    for ann in annotations:
+        _add_annotation(ann, images, label_of, problems)
+    problems.summarize()
+
+    kept = list(images.values())
+    if not kept:
+        raise DataError(f"{path}: no usable image ({len(problems.items)} bad items, first: {problems.items[:1]})")
+
+    category_ids = [0] * len(class_to_idx)
+    for cat_id, idx in label_of.items():
+        category_ids[idx] = cat_id
+    return CocoData(
+        kept, dict(class_to_idx), category_ids, _ground_truth(kept, category_ids, class_to_idx), problems.items
+    )
+
+
+def _read_images(entries: Sequence[Any], root: Path, problems: _Problems) -> dict[int, CocoImage]:
+    images: dict[int, CocoImage] = {}
+    for entry in entries:
+        try:
+            (image_id, file_name) = (int(entry["id"]), str(entry["file_name"]))
+        except (KeyError, TypeError, ValueError):
+            problems.add(f"image entry {str(entry)[:80]} has no id or file_name")
+            continue
+
+        image_path = root / file_name
+        if not image_path.is_file():
+            problems.add(f"image {image_id} ({file_name}): no such file {image_path}")
+            continue
+        (height, width) = (entry.get("height"), entry.get("width"))
+        if not height or not width:
+            try:
+                with Image.open(image_path) as handle:
+                    (width, height) = handle.size
+            except OSError as err:
+                problems.add(f"image {image_id} ({file_name}): unreadable ({err})")
+                continue
+        images[image_id] = CocoImage(image_id, image_path, int(height), int(width))
+
+    return images
+
+
+def _add_annotation(ann: Any, images: dict[int, CocoImage], label_of: Mapping[int, int], problems: _Problems) -> None:
+    name = f"annotation {ann.get('id', '?')}" if isinstance(ann, dict) else f"annotation {str(ann)[:40]}"
+    try:
+        (image_id, category_id) = (int(ann["image_id"]), int(ann["category_id"]))
+        (x, y, w, h) = (float(v) for v in ann["bbox"])
+    except (KeyError, TypeError, ValueError):
+        problems.add(f"{name}: needs image_id, category_id and bbox [x, y, width, height]")
+        return
+
+    image = images.get(image_id)
+    if image is None:
+        return  # its image was reported (missing file) or is not listed: nothing to attach it to
+    if category_id not in label_of:
+        problems.add(f"{name} (image {image_id}): unknown category id {category_id}")
+        return
+    if ann.get("iscrowd", 0):
+        return  # crowd regions are neither objects to find nor background
+    tol = _BOX_TOLERANCE
+    if w <= 0 or h <= 0 or x < -tol or y < -tol or x + w > image.width + tol or y + h > image.height + tol:
+        problems.add(f"{name} (image {image_id}): box {[x, y, w, h]} outside its {image.width}x{image.height} image")
+        return
+
+    box = [max(x, 0.0), max(y, 0.0), min(x + w, image.width), min(y + h, image.height)]
+    image.boxes.append(box)
+    image.labels.append(label_of[category_id])
+
+
+def _ground_truth(images: list[CocoImage], category_ids: list[int], class_to_idx: Mapping[str, int]) -> dict[str, Any]:
+    """The kept images and boxes as a clean COCO dict (what mAP is computed against)."""
+    names = sorted(class_to_idx, key=class_to_idx.__getitem__)
+    annotations = []
+    for image in images:
+        for (x1, y1, x2, y2), label in zip(image.boxes, image.labels, strict=True):
+            (w, h) = (x2 - x1, y2 - y1)
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image.image_id,
+                    "category_id": category_ids[label],
+                    "bbox": [x1, y1, w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                }
+            )
+
+    return {
+        "info": {},
+        "licenses": [],
+        "images": [{"id": im.image_id, "height": im.height, "width": im.width} for im in images],
+        "annotations": annotations,
+        "categories": [{"id": category_ids[idx], "name": name} for idx, name in enumerate(names)],
+    }
+
+
+# Datasets
+
+
+def detection_train_transform(
+    size: tuple[int, int], rgb_stats: Mapping[str, Sequence[float]], scale_range: tuple[float, float], hflip: float
+) -> Callable[..., Any]:
+    """Box-aware augmentation: flip, scale jitter, then a random ``size`` crop (padded when smaller), boxes cut by
+    the crop clipped and dropped when under 2 px."""
+    return v2.Compose(
+        [
+            v2.RandomHorizontalFlip(p=hflip),
+            v2.ScaleJitter(target_size=size, scale_range=scale_range, antialias=True),
+            v2.RandomCrop(size, pad_if_needed=True),
+            v2.ClampBoundingBoxes(),
+            v2.SanitizeBoundingBoxes(min_size=2.0),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=list(rgb_stats["mean"]), std=list(rgb_stats["std"])),
+        ]
+    )
+
+
+class DetectionSample(NamedTuple):
+    index: int
+    image: torch.Tensor | None  # [C, H, W] normalised; None: unreadable (evaluation drops it)
+    target: dict[str, torch.Tensor]  # boxes [N, 4] xyxy in the transformed image, labels [N]
+    original_size: tuple[int, int]  # (height, width) of the photo, to map evaluation boxes back
+    unreadable: tuple[str, ...]
+
+
+class DetectionBatch(NamedTuple):
+    """What the trainer's loop reads (``indices``, ``images``, ``targets``, ``unreadable``), plus the sizes."""
+
+    indices: torch.Tensor
+    images: torch.Tensor | list[torch.Tensor]  # stacked in training (fixed size), a list in evaluation
+    targets: list[dict[str, torch.Tensor]]
+    unreadable: list[str]
+    original_sizes: list[tuple[int, int]]
+
+
+class DetectionDataset(Dataset):
+    """Images and boxes of a :class:`CocoData`, augmented (training) or only normalised (``train=False``).
+
+    As :class:`birder.data.training.ImageDataset`: augmentation is seeded by ``(seed, epoch, image)``, and an
+    unreadable image is replaced by the next readable one in training, dropped in evaluation.
+    """
+
+    def __init__(self, images: Sequence[CocoImage], transform: Callable[..., Any], *, train: bool, seed: int = 0):
+        (self.images, self.transform, self.train, self.seed) = (list(images), transform, train, seed)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key: SampleKey) -> DetectionSample:
+        (epoch, index) = key if isinstance(key, tuple) else (None, key)
+        unreadable: list[str] = []
+        for offset in range(len(self.images)):
+            entry = self.images[(index + offset) % len(self.images)]
+            try:
+                photo = load_image(entry.path)
+            except ImageDecodeError as err:
+                unreadable.append(str(err))
+                if not self.train:
+                    return DetectionSample(index, None, {}, (entry.height, entry.width), tuple(unreadable))
+                continue
+
+            (image, target) = self._transform(photo, entry, epoch)
+            return DetectionSample(index, image, target, (photo.height, photo.width), tuple(unreadable))
+
+        raise DataError(f"none of the {len(self.images)} images could be read (first: {unreadable[0]})")
+
+    def _transform(self, photo: Image.Image, entry: CocoImage, epoch: int | None) -> tuple[torch.Tensor, dict]:
+        if not self.train:
+            return (self.transform(photo), {})
+
+        boxes = tv_tensors.BoundingBoxes(
+            torch.tensor(entry.boxes, dtype=torch.float32).reshape(-1, 4),
+            format="XYXY",
+            canvas_size=(photo.height, photo.width),
+        )
+        target = {"boxes": boxes, "labels": torch.tensor(entry.labels, dtype=torch.int64)}
+        # Seeded by the sample, without disturbing the caller's random stream (see ImageDataset._transform).
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(hash((self.seed, epoch, entry.image_id)) & 0x7FFF_FFFF_FFFF_FFFF)
+            (image, target) = self.transform(tv_tensors.Image(v2.functional.pil_to_tensor(photo)), target)
+        return (
+            image.as_subclass(torch.Tensor),
+            {"boxes": target["boxes"].as_subclass(torch.Tensor), "labels": target["labels"]},
+        )
+
+
+def collate_detection(samples: Sequence[DetectionSample]) -> DetectionBatch:
+    kept = [sample for sample in samples if sample.image is not None]
+    images: torch.Tensor | list[torch.Tensor] = [sample.image for sample in kept]
+    if kept and all(image.shape == images[0].shape for image in images):
+        images = torch.stack(images)
+    return DetectionBatch(
+        torch.tensor([sample.index for sample in kept], dtype=torch.long),
+        images,
+        [sample.target for sample in kept],
+        [message for sample in samples for message in sample.unreadable],
+        [sample.original_size for sample in kept],
+    )
+
+
+def evaluation_dataset(
+    data: CocoData, size: tuple[int, int], rgb_stats: Mapping[str, Sequence[float]]
+) -> DetectionDataset:
+    """The photos as inference sees them (:func:`birder.inference.detection.detection_transform`)."""
+    return DetectionDataset(data.images, detection_transform(size, rgb_stats), train=False)

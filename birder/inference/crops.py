@@ -1,0 +1,111 @@
+"""Crop-then-classify building blocks: a detector's boxes as crops for a classifier, and the MegaDetector batch
+output (docs/compatibility.md, "MegaDetector batch output") that review tools such as Timelapse read.
+
+The command-line side (``birder-predict --detector``) is not wired yet; these are the tested pieces it will use.
+"""
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from PIL import Image
+
+from birder.inference.detection import infer_image
+from birder.io.atomic import atomic_write_path
+
+MD_FORMAT_VERSION = "1.4"
+
+
+class DetectedCrop(NamedTuple):
+    box: tuple[float, float, float, float]  # x1, y1, x2, y2 in the photo's pixels (before the margin)
+    score: float
+    label: int
+    crop: Image.Image  # the box grown by the margin, clipped to the photo
+
+
+def crop_box(photo: Image.Image, box: Sequence[float], margin: float = 0.0) -> Image.Image:
+    """The part of ``photo`` inside ``box`` grown by ``margin`` (a fraction of the box's width and height on each
+    side: classifiers trained on loose crops want some context), clipped to the photo, at least 1 x 1 px."""
+    (x1, y1, x2, y2) = (float(v) for v in box)
+    (dx, dy) = ((x2 - x1) * margin, (y2 - y1) * margin)
+    left = min(max(int(x1 - dx), 0), photo.width - 1)
+    top = min(max(int(y1 - dy), 0), photo.height - 1)
+    right = max(min(round(x2 + dx), photo.width), left + 1)
+    bottom = max(min(round(y2 + dy), photo.height), top + 1)
+    return photo.crop((left, top, right, bottom))
+
+
+def detect_crops(
+    det_net: torch.nn.Module,
+    photo: Image.Image,
+    transform: Callable[[Image.Image], torch.Tensor],
+    *,
+    threshold: float = 0.5,
+    margin: float = 0.1,
+) -> list[DetectedCrop]:
+    """The detections of ``photo`` scoring at least ``threshold``, best first, each with its crop."""
+    result = infer_image(det_net, photo, transform, score_threshold=threshold)
+    return [
+        DetectedCrop(tuple(box), float(score), int(label), crop_box(photo, box, margin))
+        for box, score, label in zip(result.boxes.tolist(), result.scores.tolist(), result.labels.tolist(), strict=True)
+    ]
+
+
+def md_detection(
+    box: Sequence[float],
+    score: float,
+    category: str,
+    photo_size: tuple[int, int],
+    classifications: Sequence[tuple[str, float]] = (),
+) -> dict[str, Any]:
+    """One MegaDetector detection: ``bbox`` ``[x_min, y_min, width, height]`` normalised by ``photo_size``
+    ``(width, height)``; ``classifications`` sorted by score."""
+    (width, height) = photo_size
+    (x1, y1, x2, y2) = (float(v) for v in box)
+    entry: dict[str, Any] = {
+        "category": str(category),
+        "conf": round(float(score), 4),
+        "bbox": [
+            round(x1 / width, 4),
+            round(y1 / height, 4),
+            round((x2 - x1) / width, 4),
+            round((y2 - y1) / height, 4),
+        ],
+    }
+    if classifications:
+        ranked = sorted(classifications, key=lambda item: item[1], reverse=True)
+        entry["classifications"] = [[str(cid), round(float(conf), 4)] for cid, conf in ranked]
+    return entry
+
+
+def md_batch_output(
+    images: Sequence[Mapping[str, Any]],
+    detection_categories: Mapping[str, str],
+    classification_categories: Mapping[str, str] | None = None,
+    *,
+    detector: str = "birder",
+) -> dict[str, Any]:
+    """The whole MegaDetector batch output object; ``images`` are ``{"file", "detections"}`` or ``{"file",
+    "failure"}`` records."""
+    output: dict[str, Any] = {
+        "info": {
+            "format_version": MD_FORMAT_VERSION,
+            "detector": detector,
+            "detection_completion_time": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S"),
+        },
+        "detection_categories": {str(key): str(value) for key, value in detection_categories.items()},
+        "images": list(images),
+    }
+    if classification_categories:
+        output["classification_categories"] = {str(k): str(v) for k, v in classification_categories.items()}
+    return output
+
+
+def write_md_json(path: str | Path, output: Mapping[str, Any]) -> Path:
+    """Write a batch output atomically (a crash never leaves half a file for a review tool to choke on)."""
+    with atomic_write_path(path) as tmp_path:
+        tmp_path.write_text(json.dumps(output, indent=1), encoding="utf-8")
+    return Path(path)
