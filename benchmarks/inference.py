@@ -1,14 +1,22 @@
 """Inference speed measured against the machine's own matrix-multiply limit.
 
     python -m benchmarks.inference [--device cpu|cuda] [--modes float32 int8 ...] [--batch-sizes 1 4 16]
+    python -m benchmarks.inference --device cuda --sections throughput [--compile]   # the GPU run, as prepared
 
 For each inference mode (dtype or int8) and batch size, one run measures, interleaved and repeated (the median of
 ``--repeats`` >= 5 is reported):
 
 - the GEMM peak: the network's own linear-layer shapes (qkv, proj, mlp up, mlp down of one block) at the same
-  token count, as plain ``F.linear`` calls in that dtype (for int8: dynamically quantized linears);
+  token count, as linear layers in that mode (int8: dynamically quantized; int8-static: torchao's PT2E static
+  quantization compiled by inductor, the ``int8`` extra);
 - the network's images/s, turned into achieved FLOP/s with the exact FLOP count of its config
-  (``ViT.count_flops``: 162.1 GFLOP for vit_l16 at 256 px), and its ratio to that peak.
+  (``ViT.count_flops``: 162.1 GFLOP for vit_l16 at 256 px), and its ratio to that peak;
+- MFU: the achieved FLOP/s against the device's measured bf16 matmul peak (one large square GEMM, the best of
+  ``--repeats``), whatever the mode: what the hardware could do at best. Target on a GPU: 0.60 for vit_l16 at
+  batch 256 in bfloat16.
+
+On CUDA the defaults are the GPU plan: float32 and bfloat16, batch 1, 64 and 256 (``--compile`` adds
+``torch.compile``). The JSON names the machine: CPU model and SIMD/matrix flags, GPU name and capability.
 
 Absolute figures vary on shared machines; ratios taken in the same run do not. Other sections (load time and peak
 memory, time to first prediction, training images/s) come from their own benchmark modules when run with --all.
@@ -17,6 +25,7 @@ memory, time to first prediction, training images/s) come from their own benchma
 import argparse
 import copy
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -27,12 +36,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
 from benchmarks import load_memory, quantization, training
-from birder.inference.optimize import optimize_for_inference
+from birder.inference.optimize import (
+    cpu_flags,
+    cpu_model,
+    native_bf16,
+    optimize_for_inference,
+    quantize_int8_static,
+)
 from birder.inference.predictor import compile_for_inference
 from birder.model_registry import registry
 from birder.net.vit import ViT
@@ -54,27 +68,44 @@ def _time_call(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+class BlockGemms(nn.Module):
+    """The four linear layers of one encoder block: qkv, proj and mlp up read ``x``, mlp down reads ``hidden``."""
+
+    def __init__(self, dim: int, mlp_dim: int) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.fc1 = nn.Linear(dim, mlp_dim)
+        self.fc2 = nn.Linear(mlp_dim, dim)
+
+    def forward(self, x: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (self.qkv(x), self.proj(x), self.fc1(x), self.fc2(hidden))
+
+
+def mode_input_dtype(mode: str) -> torch.dtype:
+    """The dtype a mode's network takes: the int8 modes quantize float32 inputs themselves."""
+    return torch.float32 if mode.startswith("int8") else getattr(torch, mode)
+
+
+def convert(net: nn.Module, mode: str, calibration: tuple[torch.Tensor, ...]) -> nn.Module:
+    """``net`` in ``mode``; ``int8-static`` is calibrated on ``calibration`` (the forward's inputs)."""
+    if mode == "int8-static":
+        return quantize_int8_static(net, calibration)
+    return optimize_for_inference(net, mode)
+
+
 def block_gemms(net: ViT, tokens: int, mode: str, device: torch.device) -> tuple[Callable[[], object], int]:
     """The four GEMMs of one encoder block at ``tokens`` rows in ``mode``, and their FLOP count."""
-    dim = net.hidden_dim
-    mlp_dim = net.config["mlp_dim"]
-    shapes = [(3 * dim, dim), (dim, dim), (mlp_dim, dim), (dim, mlp_dim)]  # (out, in) of qkv, proj, fc1, fc2
-    flops = 2 * tokens * sum(out_f * in_f for (out_f, in_f) in shapes)
-    dtype = torch.float32 if mode == "int8" else getattr(torch, mode)
+    (dim, mlp_dim) = (net.hidden_dim, net.config["mlp_dim"])
+    flops = 2 * tokens * (3 * dim * dim + dim * dim + 2 * mlp_dim * dim)
     generator = torch.Generator().manual_seed(0)
-    layers = nn.ModuleList(nn.Linear(in_f, out_f) for (out_f, in_f) in shapes)
-    layers = optimize_for_inference(layers.to(device), mode)
-    inputs = {
-        in_f: torch.randn(tokens, in_f, generator=generator).to(device=device, dtype=dtype) for (_, in_f) in shapes
-    }
+    inputs = tuple(torch.randn(tokens, width, generator=generator).to(device) for width in (dim, mlp_dim))
+    gemms = convert(BlockGemms(dim, mlp_dim).to(device), mode, inputs)
+    inputs = tuple(x.to(mode_input_dtype(mode)) for x in inputs)
 
     def run() -> None:
         with torch.inference_mode():
-            for layer in layers:
-                if isinstance(layer, nn.Linear):
-                    F.linear(inputs[layer.in_features], layer.weight, layer.bias)
-                else:  # a dynamically quantized linear
-                    layer(inputs[layer.in_features])
+            gemms(*inputs)
 
     return (run, flops)
 
@@ -96,11 +127,13 @@ def measure(
     tokens_per_image = base.num_special_tokens + base.grid_size[0] * base.grid_size[1]
     cases = []
     for mode in modes:
-        # Float modes convert in place: each mode gets its own copy of the same weights.
-        net = optimize_for_inference(copy.deepcopy(base), mode)
-        if compile_net:
+        # Float modes convert in place: each mode gets its own copy of the same weights. Static int8 is compiled
+        # anyway; its calibration on random inputs gives meaningless ranges but the same kernels (speed only).
+        calibration = (torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(2)).to(device),)
+        net = convert(copy.deepcopy(base), mode, calibration)
+        if compile_net and mode != "int8-static":
             net = compile_for_inference(net)
-        dtype = torch.float32 if mode == "int8" else getattr(torch, mode)
+        dtype = mode_input_dtype(mode)
         for batch_size in batch_sizes:
             inputs = torch.randn(batch_size, 3, *size, generator=torch.Generator().manual_seed(1))
             inputs = inputs.to(device=device, dtype=dtype)
@@ -161,11 +194,37 @@ def measure(
 
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX: without either, bf16 matmuls are emulated and slower than float32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool(native_bf16(cpu_flags()))
+
+
+# The flags that decide matmul speed, kept in the JSON (the full list is long and says nothing more about it).
+_SPEED_FLAG_PREFIXES = ("avx", "amx", "fma", "f16c", "sse4")
+
+
+def speed_flags(flags: frozenset[str]) -> list[str]:
+    return sorted(flag for flag in flags if flag.startswith(_SPEED_FLAG_PREFIXES))
+
+
+def bf16_gemm_peak(device: torch.device, n: int, repeats: int) -> float:
+    """The device's bf16 matmul rate in GFLOP/s: one ``n`` x ``n`` x ``n`` GEMM, the best of ``repeats``."""
+    generator = torch.Generator().manual_seed(0)
+    (a, b) = (torch.randn(n, n, generator=generator).to(device, torch.bfloat16) for _ in range(2))
+    with torch.inference_mode():
+        a @ b  # warm-up
+        best = min(_time_call(lambda: a @ b, device) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def add_mfu(results: list[dict], peak_gflops: float) -> None:
+    for result in results:
+        result["mfu"] = result["achieved_gflops"] / peak_gflops
+
+
+def default_plan(device_type: str, native: bool) -> tuple[list[str], list[int]]:
+    """Modes and batch sizes when not given: the GPU plan on CUDA; on a CPU bfloat16 only where native."""
+    if device_type == "cuda":
+        return (["float32", "bfloat16"], [1, 64, 256])
+    return (["float32", "int8"] + (["bfloat16"] if native else []), [1, 4, 16])
 
 
 def emulated_bf16_peak(network: str, size: tuple[int, int], repeats: int, config: dict | None) -> dict:
@@ -208,25 +267,47 @@ def _run_json(main_fn: Callable[[list[str]], int], argv: list[str], output: Path
 
 
 def machine_description(device: torch.device) -> dict:
+    flags = cpu_flags()
     info = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_model": cpu_model(),
+        "cpu_flags": speed_flags(flags),
+        "cpu_cores": os.cpu_count(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cpu_native_bf16": cpu_has_native_bf16(),
+        "cpu_native_bf16": bool(native_bf16(flags)),
+        # Other processes on a shared machine slow every figure alike; ratios from one run hold better.
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+        info["gpu_capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
     return info
 
 
+def machine_label(info: dict) -> str:
+    """One line naming the machine, printed with every table (figures without one are not comparable)."""
+    notable = [flag for flag in info["cpu_flags"] if flag.startswith("amx") or "bf16" in flag or "vnni" in flag]
+    cpu = f"{info['cpu_model']} ({', '.join(notable) or 'no bf16/VNNI/AMX'}), {info['threads']} threads"
+    return f"{info['gpu']} (capability {info['gpu_capability']}), host {cpu}" if "gpu" in info else cpu
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def print_table(results: list[dict]) -> None:
-    print(f"{'mode':<10} {'batch':>5} {'img/s':>9} {'GFLOP/s':>9} {'GEMM peak':>10} {'ratio':>6} {'vs fp32':>8}")
+    print(
+        f"{'mode':<10} {'batch':>5} {'img/s':>9} {'GFLOP/s':>9} {'GEMM peak':>10} {'ratio':>6} {'vs fp32':>8} "
+        f"{'MFU':>6}"
+    )
     for r in results:
         print(
             f"{r['mode']:<10} {r['batch_size']:>5} {r['images_per_s']:>9.2f} {r['achieved_gflops']:>9.1f} "
-            f"{r['gemm_peak_gflops']:>10.1f} {r['ratio_to_peak']:>6.2f} {r.get('speedup_vs_float32', 0):>8.2f}"
+            f"{r['gemm_peak_gflops']:>10.1f} {r['ratio_to_peak']:>6.2f} {_ratio(r.get('speedup_vs_float32')):>8} "
+            f"{r.get('mfu', 0):>6.2f}"
         )
 
 
@@ -240,9 +321,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-classes", type=int, default=707)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
-        "--modes", nargs="+", default=None, help="default: cpu float32 int8 (+ bfloat16 with native bf16); cuda bf16"
+        "--modes",
+        nargs="+",
+        default=None,
+        help="default: cpu float32 int8 (+ bfloat16 if native); cuda float32, bfloat16",
     )
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default: cpu 1 4 16; cuda up to 256")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default: cpu 1 4 16; cuda 1 64 256")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per case (median reported), at least 5")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="what to measure")
     parser.add_argument("--workdir", type=Path, default=Path("benchmarks/results"), help="checkpoints, data")
@@ -258,12 +342,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--repeats must be at least 5 (figures are medians of at least 5 interleaved runs)")
 
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here (figures for it are 'not measured here')")
     config = TINY_CONFIG if args.tiny else None
     size = (32, 32) if args.tiny else tuple(args.size)
     native_bf16 = device.type == "cuda" or cpu_has_native_bf16()
-    modes = args.modes or (["float32", "int8"] + (["bfloat16"] if native_bf16 else []) if device.type == "cpu"
-                           else ["float32", "bfloat16"])  # fmt: skip
-    batch_sizes = args.batch_sizes or ([1, 4, 16] if device.type == "cpu" else [1, 16, 64, 256])
+    (default_modes, default_batches) = default_plan(device.type, native_bf16)
+    (modes, batch_sizes) = (args.modes or default_modes, args.batch_sizes or default_batches)
     args.workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     report: dict = {
@@ -277,14 +362,17 @@ def main(argv: list[str] | None = None) -> int:
         report["throughput"] = measure(
             args.network, size, args.num_classes, modes, batch_sizes, args.repeats, device, config, args.compile
         )
+        peak_n = 256 if args.tiny else (8192 if device.type == "cuda" else 2048)
+        report["bf16_gemm_peak_gflops"] = bf16_gemm_peak(device, peak_n, args.repeats)
+        add_mfu(report["throughput"], report["bf16_gemm_peak_gflops"])
         if device.type == "cpu" and not native_bf16 and "bfloat16" not in modes:
             report["bfloat16_skipped"] = {
                 "reason": "no native bf16 on this CPU: bf16 matmuls are emulated, far below float32",
                 **emulated_bf16_peak(args.network, size, args.repeats, config),
             }
-        print(f"{args.network} at {size[0]}x{size[1]} on {device} ({report['machine']['cpu_capability']}, "
-              f"{report['machine']['threads']} threads)")  # fmt: skip
+        print(f"{args.network} at {size[0]}x{size[1]} on {device}: {machine_label(report['machine'])}")
         print_table(report["throughput"])
+        print(f"MFU: against the measured bf16 GEMM peak, {report['bf16_gemm_peak_gflops']:.1f} GFLOP/s")
         if "bfloat16_skipped" in report:
             skipped = report["bfloat16_skipped"]
             print(f"bfloat16 skipped: {skipped['reason']} (GEMM {skipped['gemm_gflops_bfloat16']:.1f} vs "
@@ -309,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         quantization_args = ["--workdir", str(args.workdir / "quantization")]
         if args.tiny:
             quantization_args += ["--epochs", "1", "--train-per-class", "4", "--images", "20", "--skip-vit-l16"]
+            quantization_args += ["--modes", "bfloat16", "int8"]  # no compile in a smoke run
         report["quantization"] = _run_json(quantization.main, quantization_args, args.workdir / "quantization.json")
 
     report["seconds"] = time.perf_counter() - started

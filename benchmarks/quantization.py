@@ -1,15 +1,20 @@
 """Top-1 agreement of the fast inference modes with float32, on a small model actually trained.
 
-    python -m benchmarks.quantization [--workdir DIR] [--epochs N] [--images 200] [--output FILE]
+    python -m benchmarks.quantization [--workdir DIR] [--epochs N] [--images 800] [--modes ...] [--output FILE]
 
 A random-weight network has near-uniform outputs, so its top-1 flips with any rounding: agreement measured on
 one says little. Here a small ViT is trained by the training pipeline (``birder.training``) on generated photos
 (10 classes told apart by colour, stripe period and direction, under noise), then ``--images`` held-out photos go
-through float32, int8 and bfloat16, and the share of identical top-1 answers is reported (target for int8: 99%).
-The agreement of a random-weight vit_l16 (at 64 px, to keep it short) is reported too, not gated.
+through float32 and each fast mode (bfloat16, float16, int8 dynamic, and int8-static when torchao is installed):
+the share of identical top-1 answers, the mean and the largest probability difference are reported.
+
+The gate (at development time, not at run time): a mode may be an automatic choice (``--dtype auto``) only if its
+top-1 agreement is at least 0.99 (``auto_eligible`` in the JSON). The agreement of a random-weight vit_l16 (at 64
+px, to keep it short) is reported too, not gated.
 """
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
@@ -21,7 +26,7 @@ from PIL import Image
 
 import birder
 from birder.inference.classification import infer_batch
-from birder.inference.optimize import optimize_for_inference
+from birder.inference.optimize import optimize_for_inference, quantize_int8_static
 from birder.io.images import load_image
 from birder.model_registry import registry
 from birder.training.classification import TrainConfig, train_classifier
@@ -60,20 +65,43 @@ def make_dataset(root: Path, per_class: int, seed: int) -> list[tuple[Path, int]
     return files
 
 
-def agreement(net: torch.nn.Module, batch: torch.Tensor, modes: list[str]) -> dict[str, float]:
-    """Share of images whose top-1 in each mode equals float32's, and the largest probability difference."""
+AUTO_GATE = 0.99  # a mode may be chosen automatically only with at least this top-1 agreement
+FAST_MODES = ["bfloat16", "float16", "int8", "int8-static"]
+
+
+def _probabilities(net: torch.nn.Module, batch: torch.Tensor, mode: str, calibration: torch.Tensor) -> np.ndarray:
+    if mode != "int8-static":
+        return infer_batch(optimize_for_inference(_copy(net), mode), batch)[0]
+    # Static int8 computes the logits only (its compiled graph is the forward); calibrated on training images.
+    quantized = quantize_int8_static(_copy(net), (calibration,))
+    return torch.softmax(quantized(batch).float(), dim=1).numpy()
+
+
+def agreement(
+    net: torch.nn.Module, batch: torch.Tensor, modes: list[str], calibration: torch.Tensor | None = None
+) -> dict[str, dict]:
+    """Per mode: the share of images whose top-1 equals float32's, the mean and largest probability difference."""
     reference = optimize_for_inference(net, "float32")
     (expected, _) = infer_batch(reference, batch)
     report = {}
     for mode in modes:
-        fast = optimize_for_inference(_copy(net), mode)
-        (probs, _) = infer_batch(fast, batch)
+        probs = _probabilities(net, batch, mode, calibration if calibration is not None else batch[:32])
+        difference = np.abs(probs - expected)
+        top1 = float((probs.argmax(1) == expected.argmax(1)).mean())
         report[mode] = {
-            "top1_agreement": float((probs.argmax(1) == expected.argmax(1)).mean()),
-            "max_prob_diff": float(np.abs(probs - expected).max()),
+            "top1_agreement": top1,
+            "mean_prob_diff": float(difference.mean()),
+            "max_prob_diff": float(difference.max()),
+            "auto_eligible": top1 >= AUTO_GATE,
         }
 
     return report
+
+
+def available_modes(modes: list[str]) -> list[str]:
+    """``modes`` less int8-static when torchao (the ``int8`` extra) is not installed."""
+    has_torchao = importlib.util.find_spec("torchao") is not None
+    return [mode for mode in modes if mode != "int8-static" or has_torchao]
 
 
 def _copy(net: torch.nn.Module) -> torch.nn.Module:
@@ -82,17 +110,43 @@ def _copy(net: torch.nn.Module) -> torch.nn.Module:
     return clone
 
 
+def checkpoint_agreement(path: Path, photos: Path, modes: list[str]) -> dict:
+    """The agreement of a model already trained, on photos in ``photos/<class name>/`` (calibrated on every 10th)."""
+    (net, info) = birder.load_model(path)
+    transform = birder.classification_transform(birder.get_size_from_signature(info.signature), info.rgb_stats)
+    files = sorted(photos.rglob("*.png"))
+    batch = torch.stack([transform(load_image(file)) for file in files])
+    labels = np.array([info.class_to_idx[file.parent.name] for file in files])
+    (probs, _) = infer_batch(optimize_for_inference(_copy(net), "float32"), batch)
+    return {
+        "network": net.network_name,
+        "held_out_top1": float((probs.argmax(1) == labels).mean()),
+        "images": len(files),
+        "agreement": agreement(net, batch, available_modes(modes), batch[::10]),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("benchmarks/results/quantization"))
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--train-per-class", type=int, default=60)
-    parser.add_argument("--images", type=int, default=200, help="held-out photos compared across modes")
+    parser.add_argument("--images", type=int, default=800, help="held-out photos compared across modes")
+    parser.add_argument("--modes", nargs="+", default=FAST_MODES, help="fast modes compared with float32")
     parser.add_argument("--skip-vit-l16", action="store_true", help="do not report the random-weight vit_l16")
+    parser.add_argument("--checkpoint", type=Path, nargs="+", help="measure these trained models instead")
+    parser.add_argument("--photos", type=Path, help="with --checkpoint: labelled photos, <class name>/<file>.png")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
+    if args.checkpoint:
+        report = {str(path): checkpoint_agreement(path, args.photos, args.modes) for path in args.checkpoint}
+        print(json.dumps(report, indent=2))
+        if args.output is not None:
+            args.output.write_text(json.dumps(report, indent=2))
+        return 0
+
     data = args.workdir / "data"
     if not (data / "train").is_dir():
         make_dataset(data / "train", args.train_per_class, seed=0)
@@ -109,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     (net, info) = birder.load_model(result.model_path)
     transform = birder.classification_transform(birder.get_size_from_signature(info.signature), info.rgb_stats)
     batch = torch.stack([transform(load_image(path)) for (path, _) in held_out])
+    calibration = torch.stack([transform(load_image(path)) for path in sorted((data / "train").rglob("*.png"))[::20]])
     labels = np.array([label for (_, label) in held_out])
     (probs, _) = infer_batch(optimize_for_inference(_copy(net), "float32"), batch)
     report = {
@@ -120,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             "val_top1": val_top1,
             "held_out_top1": float((probs.argmax(1) == labels).mean()),
             "images": len(held_out),
-            "agreement": agreement(net, batch, ["int8", "bfloat16"]),
+            "agreement": agreement(net, batch, available_modes(args.modes), calibration),
         }
     }
 
@@ -134,8 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     trained = report["trained_model"]
     print(f"trained {trained['network']} {SMALL_VIT} at {IMAGE_SIZE} px: held-out top-1 {trained['held_out_top1']:.3f}")
     for mode, figures in trained["agreement"].items():
-        print(f"  {mode:<9} top-1 agreement with float32 on {len(held_out)} photos: {figures['top1_agreement']:.3f} "
-              f"(max prob diff {figures['max_prob_diff']:.4f})")  # fmt: skip
+        print(f"  {mode:<11} top-1 agreement with float32 on {len(held_out)} photos: {figures['top1_agreement']:.3f} "
+              f"(mean prob diff {figures['mean_prob_diff']:.5f}, max {figures['max_prob_diff']:.4f})"
+              f"{'' if figures['auto_eligible'] else f' below the {AUTO_GATE} gate'}")  # fmt: skip
     if "random_vit_l16_64px" in report:
         figures = report["random_vit_l16_64px"]["agreement"]["int8"]
         print(f"  random-weight vit_l16 (64 px), int8: top-1 agreement {figures['top1_agreement']:.3f} (not gated)")

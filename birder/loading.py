@@ -15,6 +15,7 @@ from PIL import Image
 import birder.net  # noqa: F401 (registers the network families)
 from birder.data.transforms import classification_transform
 from birder.errors import BirderError, CheckpointError
+from birder.io.calibration import calibration_from_metadata
 from birder.io.checkpoint import (
     DEFAULT_TASK,
     ModelInfo,
@@ -163,6 +164,8 @@ def load_model(
     load_state_into(net, state, str(path))
     del state
     net.task = str(metadata.get("task") or DEFAULT_TASK)  # a MIM encoder saved again stays one
+    # birder-calibrate's temperature, thresholds and unknown test travel with the network (None: uncalibrated)
+    net.calibration = calibration_from_metadata(metadata, path, net.state_dict())
     if new_size is not None:
         net.adjust_size(new_size)
 

@@ -8,6 +8,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -16,6 +17,11 @@ from torchvision.utils import make_grid
 from birder.errors import BirderError, ImageDecodeError
 from birder.io.atomic import atomic_write_path
 from birder.io.images import load_image
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from birder.inference.calibration import ReliabilityBins
 
 logger = logging.getLogger(__name__)
 
@@ -139,3 +145,78 @@ def plot_predictions(
     if show:
         plt.show()
     plt.close(figure)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Calibration and taxonomic fallback (birder-eval)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _agg_figure(size: tuple[float, float], what: str) -> "Figure | None":
+    """A matplotlib figure drawn off-screen, or None (with a warning) without matplotlib: these PNGs are side
+    outputs of an evaluation, like the confusion matrix."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        logger.warning("no %s PNG: matplotlib is not installed (pip install 'birder[plot]')", what)
+        return None
+
+    figure = Figure(figsize=size)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _save_png(figure: "Figure", path: str | Path) -> Path:
+    figure.tight_layout()
+    path = Path(path)
+    with atomic_write_path(path) as tmp_path:
+        figure.savefig(tmp_path, format="png", dpi=100)
+    return path
+
+
+def save_reliability_diagram_png(curves: Mapping[str, "ReliabilityBins"], path: str | Path) -> Path | None:
+    """Accuracy against mean confidence per confidence bin, one curve per set of probabilities (``name ->``
+    :class:`~birder.inference.calibration.ReliabilityBins`), with the diagonal of perfect calibration and the
+    share of photos per bin below; None without matplotlib."""
+    figure = _agg_figure((6.0, 7.0), "reliability diagram")
+    if figure is None:
+        return None
+
+    (top, bottom) = figure.subplots(2, 1, gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    top.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfectly calibrated")
+    for name, bins in curves.items():
+        edges = bins.edges
+        width = (edges[1] - edges[0]) / (len(curves) + 1)
+        filled = bins.counts > 0
+        top.plot(bins.confidence[filled], bins.accuracy[filled], marker="o", label=name)
+        offset = width * (list(curves).index(name) + 0.5)
+        share = bins.counts / max(1, bins.counts.sum())
+        bottom.bar(edges[:-1] + offset, share, width=width, align="edge", label=name)
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1)
+    top.set_ylabel("accuracy")
+    top.legend(loc="upper left")
+    bottom.set_xlabel("confidence (top probability)")
+    bottom.set_ylabel("share of photos")
+    return _save_png(figure, path)
+
+
+def save_coverage_png(
+    thresholds: Sequence[float], precision: Sequence[float], species_share: Sequence[float], path: str | Path
+) -> Path | None:
+    """The taxonomic fallback against the threshold: precision of the emitted labels and the share of photos
+    answered at species level; None without matplotlib."""
+    figure = _agg_figure((6.0, 4.0), "taxonomy coverage")
+    if figure is None:
+        return None
+
+    axes = figure.add_subplot()
+    axes.plot(thresholds, precision, marker="o", label="precision of the emitted labels")
+    axes.plot(thresholds, species_share, marker="s", label="share answered at species level")
+    axes.set_xlim(0, 1)
+    axes.set_ylim(0, 1.02)
+    axes.set_xlabel("threshold")
+    axes.legend(loc="lower left")
+    axes.grid(alpha=0.3)
+    return _save_png(figure, path)

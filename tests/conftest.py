@@ -34,6 +34,15 @@ def isolated_models_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path
     return cache
 
 
+@pytest.fixture(autouse=True)
+def pinned_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--dtype auto`` (the default) means float32 in every test, on any CPU or GPU: exact comparisons hold.
+
+    The automatic choice itself is tested on faked flag sets (tests/test_dtype_choice.py), with this unset.
+    """
+    monkeypatch.setenv("BIRDER_DTYPE", "float32")
+
+
 @pytest.fixture
 def restore_manifest() -> Iterator[None]:
     """Undo the test's ``register_weights`` calls."""

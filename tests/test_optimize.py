@@ -7,7 +7,7 @@ from conftest import make_tiny_vit
 
 from birder.errors import BirderError
 from birder.inference.classification import infer_batch
-from birder.inference.optimize import optimize_for_inference
+from birder.inference.optimize import optimize_for_inference, quantize_int8_static
 
 
 @pytest.fixture
@@ -61,3 +61,24 @@ def test_int8_quantizes_every_linear_layer() -> None:
 def test_unknown_mode_is_a_clear_error() -> None:
     with pytest.raises(BirderError, match="int4"):
         optimize_for_inference(make_tiny_vit(), "int4")
+
+
+def test_static_int8_without_torchao_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchao", None)  # as if the int8 extra were not installed
+    with pytest.raises(BirderError, match=r"birder\[int8\]"):
+        quantize_int8_static(make_tiny_vit(), (torch.randn(2, 3, 32, 48),))
+
+
+@pytest.mark.slow
+def test_static_int8_agrees_with_float32_at_any_batch_size(batch: torch.Tensor) -> None:
+    # About 40 s on 2 cores: export, calibration, then inductor compiles once per batch-size kind.
+    pytest.importorskip("torchao")
+    with torch.no_grad():
+        expected = torch.softmax(make_tiny_vit(num_classes=10)(batch), dim=1)
+    quantized = quantize_int8_static(make_tiny_vit(num_classes=10), (batch,))
+    for rows in (16, 5, 1):
+        probs = torch.softmax(quantized(batch[:rows]), dim=1)
+        assert probs.shape == (rows, 10)
+        assert (probs - expected[:rows]).abs().max() <= 0.03

@@ -104,3 +104,49 @@ def test_a_bad_file_shows_the_servers_reason(browser: object, site: tuple, tmp_p
         assert page.locator("#predictions .prediction").count() == 0
     finally:
         page.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The answer line: "genus X" with its probability, or "unknown"
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def answer_sites(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, dict[str, Path]]]:
+    """Two servers of one tiny model: one whose unclear species fall back to their genus (every species in one),
+    one whose unknown test calls every photo unknown."""
+    from birder.inference.decision import build_policy
+
+    directory = tmp_path_factory.mktemp("browser-answers")
+    (net, model_info) = saved_and_loaded_tiny_model(directory)
+    photos = make_photos(directory / "photos")
+    taxonomy = directory / "taxonomy.csv"
+    taxonomy.write_text("species,genus,family,order\n" + "".join(f"{name},Avis,Avidae,Aviformes\n" for name in SPECIES))
+    fallback = build_policy(net, SPECIES, min_prob=0.99, taxonomy=taxonomy)
+    unknown = build_policy(net, SPECIES, unknown_method="msp", unknown_threshold=0.0)
+    with (
+        running_server(create_app(net, model_info, name="genus", policy=fallback)) as genus_url,
+        running_server(create_app(net, model_info, name="unknown", policy=unknown)) as unknown_url,
+    ):
+        yield (genus_url, unknown_url, photos)
+
+
+def test_the_page_shows_the_decided_answer(browser: object, answer_sites: tuple) -> None:
+    (genus_url, unknown_url, photos) = answer_sites
+    for url, expected_label, expected_probability in (
+        (genus_url, "genus Avis", "100.0%"),
+        (unknown_url, "unknown", ""),
+    ):
+        (page, _, errors) = open_page(browser, url)
+        try:
+            page.set_input_files("#file-input", str(photos["wren.png"]))
+            answer = page.locator("#answer")
+            sync_api.expect(answer).to_be_visible(timeout=TIMEOUT_MS)
+            sync_api.expect(answer.locator(".answer-label")).to_have_text(expected_label, timeout=TIMEOUT_MS)
+            assert answer.locator(".answer-probability").all_text_contents() == (
+                [expected_probability] if expected_probability else []
+            )
+            sync_api.expect(page.locator("#predictions .prediction")).to_have_count(5, timeout=TIMEOUT_MS)
+        finally:
+            page.close()
+        assert errors == []

@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from birder.errors import BirderError
-from birder.inference.classification import infer_batch
+from birder.inference.classification import infer_batch, logits_from_embeddings
 from birder.inference.dataset import ImageFileDataset, PhotoBatch, PhotoMetadata, collate_photos, one_line_error
 from birder.io.checkpoint import ModelInfo
 from birder.loading import load_named_or_file_model
@@ -110,6 +110,7 @@ class Predictor:
         amp: run under ``torch.autocast`` in ``amp_dtype`` (default float16 on GPUs, bfloat16 on the CPU).
         return_embedding / return_logits / return_features: also produce those outputs.
         read_metadata: read the EXIF date and GPS position of each photo.
+        calibrated: apply the model's temperature to the probabilities (``infer_batch``'s ``calibrated``).
     """
 
     def __init__(
@@ -126,6 +127,7 @@ class Predictor:
         return_logits: bool = False,
         return_features: bool = False,
         read_metadata: bool = True,
+        calibrated: bool = True,
     ) -> None:
         if batch_size < 1:
             raise BirderError(f"batch size must be at least 1, got {batch_size}")
@@ -144,6 +146,7 @@ class Predictor:
         self.return_logits = return_logits
         self.return_features = return_features
         self.read_metadata = read_metadata
+        self.calibrated = calibrated
 
     def _autocast(self) -> Any:
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.amp)
@@ -158,15 +161,11 @@ class Predictor:
     ]:
         """``(probabilities, embeddings, logits, features)`` of transformed images ``[B, C, H, W]``."""
         with self._autocast():
-            (probabilities, embeddings) = infer_batch(self.net, inputs, return_embedding=True, tta=self.tta)
-            logits = None
-            if self.return_logits:
-                # The head is linear, so classify(mean of the TTA embeddings) is the mean of the TTA logits: no
-                # second forward pass. Without TTA it is simply the network's logits.
-                with torch.inference_mode():
-                    param = next(self.net.parameters())
-                    embedding_tensor = torch.from_numpy(embeddings).to(device=param.device, dtype=param.dtype)
-                    logits = self.net.classify(embedding_tensor).float().cpu().numpy()
+            (probabilities, embeddings) = infer_batch(
+                self.net, inputs, return_embedding=True, tta=self.tta, calibrated=self.calibrated
+            )
+            # Without TTA simply the network's logits; with it the mean of the views' (the head is linear)
+            logits = logits_from_embeddings(self.net, embeddings) if self.return_logits else None
 
             features = None
             if self.return_features:

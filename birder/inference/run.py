@@ -17,11 +17,12 @@ durable: the same run with ``resume=True`` continues.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,11 @@ from tqdm import tqdm
 from birder.data.transforms import classification_transform
 from birder.distributed import DistInfo, barrier, compute_on_main, distributed_session, main_first
 from birder.errors import BirderError
+from birder.geo.predict import GeoStep, check_geo_options
 from birder.inference import predictor as P
 from birder.inference.dataset import discover_images
-from birder.inference.optimize import optimize_for_inference
+from birder.inference.decision import DecisionPolicy, policy_from_options
+from birder.inference.optimize import DtypeChoice, choose_dtype, optimize_for_inference
 from birder.inference.tables import COLUMNS_HINT, PredictionTables, write_feature_files
 from birder.io.checkpoint import ModelInfo, get_num_classes_from_signature, get_size_from_signature
 from birder.io.journal import JournalSet, finalize_run, prepare_run
@@ -63,7 +66,7 @@ class PredictionOptions:
     batch_size: int = 32
     num_workers: int = DEFAULT_WORKERS
     device: str = "auto"
-    dtype: str = "float32"
+    dtype: str = "auto"  # auto: bfloat16 where native (CUDA, CPUs with AMX/AVX512-BF16), else float32
     quantize: str | None = None
     amp: bool = False
     compile: bool = False
@@ -83,6 +86,29 @@ class PredictionOptions:
     show: bool = False
     plot: str | os.PathLike | None = None
     plot_max: int = 8
+    explain: str | os.PathLike | None = None  # a folder: one explanation overlay PNG per photo
+    explain_method: str = "rollout"
+    # The answer (label, rank, label_probability: birder.inference.decision)
+    uncalibrated: bool = False  # ignore the model's calibration (temperature, fitted thresholds, unknown test)
+    thresholds: str = "per-species"  # per-species (the calibrated model's, else --min-prob), global or none
+    taxonomy: str | os.PathLike | None = None  # species,genus,family,order CSV: fall back to higher ranks
+    unknown_method: str | None = None  # None: the model's own unknown test (if any); "none": no test
+    unknown_threshold: float | None = None
+    # Where and when (birder.geo): the location-and-season prior, events, camera-trap exports
+    prior: str | os.PathLike | None = None  # a .bpr file (birder-prior build)
+    prior_strength: float = 1.0  # posterior ∝ p(species | photo) × prior ** strength; 0: flags only
+    lat: float | None = None  # the place and date of every photo (over EXIF)
+    lon: float | None = None
+    date: str | None = None
+    locations: str | os.PathLike | None = None  # CSV of path, latitude, longitude, date per photo (over all)
+    events: bool = False  # group photos into events by folder and time gap
+    event_gap: str = "120s"
+    exports: Sequence[str] = ()  # camtrap-dp, coco-ct
+    timezone: str | None = None  # the photos' clock (Camtrap DP)
+    deployment_lat: float | None = None  # camera position where photos have no GPS (Camtrap DP)
+    deployment_lon: float | None = None
+    project_title: str = "birder predictions"
+    contributor: str = "birder"
 
     def __post_init__(self) -> None:
         self.output_dir = Path(self.output_dir)
@@ -121,8 +147,12 @@ def run_prediction(options: PredictionOptions) -> RunReport:
             "world_size": context.world_size,
             "device": str(context.device),
             "torch": torch.__version__,
+            "dtype": job.dtype.dtype,
+            "dtype_reason": job.dtype.reason,
         }
         (report, shown) = _finish(job, plan, elapsed, run_info)
+        if job.geo is not None:
+            _finish_geo(job)
         if options.plot is not None or options.show:
             plot_predictions(shown, options.plot, options.show)
         return report
@@ -143,6 +173,9 @@ class _Job:
     selection: P.ClassSelection
     tables: PredictionTables
     settings: dict[str, Any]
+    dtype: DtypeChoice  # what the network runs in, and why
+    policy: DecisionPolicy = field(default_factory=lambda: DecisionPolicy([]))  # the answer: label, rank, ...
+    geo: GeoStep | None = None  # the location prior, events, exports (None: none asked for)
 
 
 def _check_options(options: PredictionOptions) -> None:
@@ -154,10 +187,11 @@ def _check_options(options: PredictionOptions) -> None:
         raise BirderError(f"--center-crop must be a positive fraction, got {options.center_crop}")
     if options.quantize and options.device not in ("auto", "cpu"):
         raise BirderError("--quantize int8 runs on the CPU only: drop it, or use --device cpu")
+    check_geo_options(options)
 
 
 def _settings(
-    options: PredictionOptions, size: tuple[int, int], tables: list[str], species: list[str] | None
+    options: PredictionOptions, size: tuple[int, int], tables: list[str], species: list[str] | None, dtype: str
 ) -> dict[str, Any]:
     """What shapes the rows: a resume must match it, so one table never mixes two kinds of rows."""
     return {
@@ -168,7 +202,7 @@ def _settings(
         "center_crop": options.center_crop,
         "simple_crop": options.simple_crop,
         "tta": options.tta,
-        "dtype": options.dtype,
+        "dtype": dtype,  # the one resolved: resuming an auto run on another machine must not mix dtypes
         "quantize": options.quantize,
         "amp": options.amp,
         "top_k": options.top_k,
@@ -179,7 +213,9 @@ def _settings(
     }
 
 
-def _load_network(options: PredictionOptions, context: DistInfo) -> tuple[BaseNet, ModelInfo, tuple[int, int]]:
+def _load_network(
+    options: PredictionOptions, context: DistInfo, dtype: DtypeChoice
+) -> tuple[BaseNet, ModelInfo, tuple[int, int]]:
     """The network (rank 0 loads first: a download happens once), converted for inference; its info and size."""
     progress_bar = context.is_main and options.progress
     (net, model_info) = main_first(
@@ -193,7 +229,7 @@ def _load_network(options: PredictionOptions, context: DistInfo) -> tuple[BaseNe
     if options.size is not None:
         size = (options.size[0], options.size[-1])
         net.adjust_size(size)
-    net = optimize_for_inference(net, options.quantize or options.dtype).to(context.device)
+    net = optimize_for_inference(net, options.quantize or dtype.dtype).to(context.device)
     if options.compile:
         net = P.compile_for_inference(net)
     return (net, model_info, size)
@@ -211,23 +247,51 @@ def _warn_unknown_species(selection: P.ClassSelection, species_file: str | os.Pa
 def _prepare(options: PredictionOptions, context: DistInfo) -> _Job:
     """Load the model and set up the classes, the transform and the tables."""
     species = P.read_species_file(options.species) if options.species is not None else None
-    (net, model_info, size) = _load_network(options, context)
+    dtype = _choose_dtype(options, context)
+    (net, model_info, size) = _load_network(options, context, dtype)
     selection = P.ClassSelection(model_info.class_to_idx, species)
     if selection.unknown and context.is_main:
         _warn_unknown_species(selection, options.species)
 
+    policy = _decision_policy(options, net, selection)
+    geo = GeoStep.from_options(options, selection.all_names, selection.indices, options.top_k)
     tables = PredictionTables(
         selection.names,
         options.top_k,
         all_class_names=selection.all_names,
-        probabilities=options.save_probabilities,
+        # Events combine each photo's image probabilities: --events keeps their table
+        probabilities=options.save_probabilities or options.events,
         logits=options.save_logits,
         embedding_dim=net.embedding_size if options.save_embeddings else None,
         features=options.save_features,
+        decisions=policy.active,
+        extra_result_columns=geo.result_columns() if geo is not None else (),
     )
     transform = classification_transform(size, model_info.rgb_stats, options.center_crop, options.simple_crop)
-    settings = _settings(options, size, tables.names, species)
-    return _Job(options, net, transform, selection, tables, settings)
+    settings = _settings(options, size, tables.names, species, dtype.dtype)
+    settings.update(_decision_settings(policy))
+    settings.update(geo.settings() if geo is not None else {})
+    return _Job(options, net, transform, selection, tables, settings, dtype, policy=policy, geo=geo)
+
+
+def _decision_policy(options: PredictionOptions, net: BaseNet, selection: P.ClassSelection) -> DecisionPolicy:
+    """Steps 5-8 of the decision order for the run's classes, from the model's calibration and the options."""
+    return policy_from_options(net, selection.names, options, model_class_names=selection.all_names)
+
+
+def _decision_settings(policy: DecisionPolicy) -> dict[str, Any]:
+    """What the answer adds to the run's settings: nothing for an uncalibrated model without decision options, so
+    such a run's settings (and a resume of an older run) stay as they were."""
+    if not policy.active and policy.temperature == 1.0:
+        return {}
+    return {"decision": policy.describe()}
+
+
+def _choose_dtype(options: PredictionOptions, context: DistInfo) -> DtypeChoice:
+    """The dtype the run uses (``auto`` resolved for the run's device)."""
+    if options.quantize:
+        return DtypeChoice("float32", f"--quantize {options.quantize}: float32 activations, int8 weights")
+    return choose_dtype(options.dtype, context.device)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -271,7 +335,19 @@ def _batch_rows(job: _Job, batch: P.PredictionBatch, paths: list[str]) -> dict[s
 
     batch_paths = [paths[index] for index in batch.indices]
     probabilities = job.selection.apply(batch.probabilities)
-    (top_indices, top_probabilities) = P.top_k(probabilities, job.tables.top_k)
+    # Step 4, the location prior (--prior): top-k and answer are the adjusted ones; the probabilities table and
+    # the image_top columns keep the image's own
+    (adjusted, prior, geo_cells) = _geo_batch(job, batch_paths, batch.metadata, probabilities)
+    (top_indices, top_probabilities) = P.top_k(adjusted, job.tables.top_k)
+    decisions = None
+    if job.policy.active:
+        decisions = job.policy.decide(
+            probabilities,
+            logits=batch.logits,
+            embeddings=batch.embeddings,
+            prior=prior,
+            prior_strength=job.options.prior_strength,
+        )
     feature_files = None
     if batch.features is not None:
         feature_files = write_feature_files(job.options.output_dir / "features", batch_paths, batch.features)
@@ -287,9 +363,21 @@ def _batch_rows(job: _Job, batch: P.PredictionBatch, paths: list[str]) -> dict[s
             logits=batch.logits,
             embeddings=batch.embeddings,
             feature_files=feature_files,
+            decisions=decisions,
+            extra_values=geo_cells,
         )
     )
     return rows
+
+
+def _geo_batch(
+    job: _Job, paths: list[str], metadata: Sequence[Any], probabilities: Any
+) -> tuple[Any, Any, list[list[Any]] | None]:
+    """``(adjusted probabilities, prior [B, classes] or None, added cells or None)``: without geo options, the
+    probabilities as they are (the tables stay byte for byte what they were)."""
+    if job.geo is None:
+        return (probabilities, None, None)
+    return job.geo.batch(paths, metadata, probabilities, job.selection.names)
 
 
 def _predict(job: _Job, context: DistInfo, plan: _Plan, mine: list[int]) -> float:
@@ -300,12 +388,13 @@ def _predict(job: _Job, context: DistInfo, plan: _Plan, mine: list[int]) -> floa
         job.net,
         job.transform,
         tta=options.tta,
-        return_embedding="embeddings" in job.tables.names,
-        return_logits="logits" in job.tables.names,
+        return_embedding="embeddings" in job.tables.names or job.policy.needs_embeddings,
+        return_logits="logits" in job.tables.names or job.policy.needs_logits,
         return_features="features" in job.tables.names,
         batch_size=options.batch_size,
         num_workers=options.num_workers,
         amp=options.amp,
+        calibrated=not options.uncalibrated,
     )
     started = time.perf_counter()
     journals = JournalSet(options.output_dir, job.tables.specs, context.rank, plan.attempt, options.chunk_size)
@@ -320,8 +409,22 @@ def _predict(job: _Job, context: DistInfo, plan: _Plan, mine: list[int]) -> floa
     with progress, contextlib.closing(journals):
         for batch in predictor.predict_files(plan.paths, mine):
             journals.add(_batch_rows(job, batch, plan.paths), batch.num_photos)
+            if options.explain is not None:
+                _write_explanations(job, batch, plan.paths)
             progress.update(batch.num_photos)
     return time.perf_counter() - started
+
+
+def _write_explanations(job: _Job, batch: P.PredictionBatch, paths: list[str]) -> None:
+    """``--explain DIR``: an overlay PNG per classified photo, its top species and probability written on it."""
+    from birder.introspection.files import write_overlays
+
+    if not batch.indices:
+        return
+    (top, probabilities) = P.top_k(job.selection.apply(batch.probabilities), 1)
+    labels = [f"{job.selection.names[int(i[0])]} {float(p[0]):.2f}" for (i, p) in zip(top, probabilities, strict=True)]
+    batch_paths = [paths[index] for index in batch.indices]
+    write_overlays(job.net, job.transform, batch_paths, labels, Path(job.options.explain), job.options.explain_method)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -360,6 +463,7 @@ def _finish(job: _Job, plan: _Plan, elapsed: float, run_info: dict[str, Any]) ->
     )
     report = RunReport(summary, written, len(plan.remaining), elapsed)
     _print_report(summary, report)
+    print(f"  dtype         {job.dtype}")  # said once, with the summary: an error on stderr stays one line
     return (report, shown)
 
 
@@ -369,3 +473,27 @@ def _print_report(summary: P.RunSummary, report: RunReport) -> None:
     print(f"This run: {report.photos_this_run} photos in {report.seconds:.1f} s ({rate:.1f} img/s)")
     for name, path in report.tables.items():
         print(f"  {name:<13} {path}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Where and when: events and camera-trap exports (birder.geo), from the final tables
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _finish_geo(job: _Job) -> None:
+    """(rank 0) Group the photos into events (--events) and write the exports (--export)."""
+    assert job.geo is not None
+    options = job.options
+    for line in job.geo.finish(
+        options.output_dir, options.table_format, job.tables.results, job.tables.top_k, lambda p: _event_labels(job, p)
+    ):
+        print(line)
+
+
+def _event_labels(job: _Job, probabilities: Any) -> list[str]:
+    """The answers for events' combined probabilities (already through the prior): the run's decision steps 5-8,
+    less an unknown test that needs a photo's logits or embeddings (an event has neither)."""
+    policy = job.policy
+    if policy.needs_logits or policy.needs_embeddings:
+        policy = dataclasses.replace(policy, unknown=None)
+    return policy.decide(probabilities).label

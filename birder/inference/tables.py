@@ -1,7 +1,9 @@
 """The tables ``birder-predict`` writes: their columns, the rows of a batch, and the per-photo feature files.
 
 - ``results``: path, prediction (the top class, or ``uncertain`` below ``min_prob``), top-k classes and
-  probabilities, EXIF date and GPS position.
+  probabilities, EXIF date and GPS position; when the answer can be more than the top class (an unknown test,
+  per-species thresholds, a taxonomy: :mod:`birder.inference.decision`), then ``label``, ``rank``,
+  ``label_probability`` and ``unknown_score``.
 - ``failures``: path, error (the one-line reason). Always CSV: failures are few and read by people.
 - optional ``probabilities`` (one column per class), ``logits`` (per class of the model), ``embeddings``
   (``e0`` .. ``e<D-1>``) and ``features`` (path, the name of the photo's feature file).
@@ -27,15 +29,23 @@ METADATA_COLUMNS = (
     Column("gps_latitude", "float64", ".7f"),  # 7 decimals: about a centimetre
     Column("gps_longitude", "float64", ".7f"),
 )
+# The answer's columns (birder.inference.decision.FIELDS), appended so that the columns before keep their places
+DECISION_COLUMNS = (
+    Column("label"),
+    Column("rank"),
+    Column("label_probability", "float32", ".6f"),
+    Column("unknown_score", "float64", ".6g"),
+)
 # What changes the columns between two runs, for the message of a resume that finds other columns
 COLUMNS_HINT = "different --top-k, --species or model?"
 
 
-def _result_columns(top_k: int) -> tuple[Column, ...]:
+def _result_columns(top_k: int, decisions: bool = False, extra: Sequence[Column] = ()) -> tuple[Column, ...]:
     columns = [Column(PATH_COLUMN), Column("prediction")]
     for rank in range(1, top_k + 1):
         columns += [Column(f"top{rank}_class"), Column(f"top{rank}_prob", "float32", ".6f")]
-    return (*columns, *METADATA_COLUMNS)
+    # ``extra``: columns of optional steps (the location prior, events: birder.geo.predict), last
+    return (*columns, *METADATA_COLUMNS, *(DECISION_COLUMNS if decisions else ()), *extra)
 
 
 def _per_path_table(name: str, columns: tuple[Column, ...]) -> TableSpec:
@@ -55,9 +65,13 @@ class PredictionTables:
         logits: bool = False,
         embedding_dim: int | None = None,
         features: bool = False,
+        decisions: bool = False,
+        extra_result_columns: Sequence[Column] = (),
     ) -> None:
         self.top_k = max(1, min(top_k, len(class_names)))
-        self.results = TableSpec("results", _result_columns(self.top_k), marks_done=True)
+        self.results = TableSpec(
+            "results", _result_columns(self.top_k, decisions, extra_result_columns), marks_done=True
+        )
         self.failures = TableSpec("failures", string_columns(PATH_COLUMN, "error"), fixed_format="csv", marks_done=True)
 
         extra = []
@@ -89,8 +103,11 @@ class PredictionTables:
         logits: Any = None,
         embeddings: Any = None,
         feature_files: Sequence[str] | None = None,
+        decisions: Any = None,
+        extra_values: Sequence[Sequence[Any]] | None = None,
     ) -> dict[str, list[Row]]:
-        """The rows of every table but failures for a batch of classified photos (arrays ``[B, ...]``)."""
+        """The rows of every table but failures for a batch of classified photos (arrays ``[B, ...]``);
+        ``decisions`` (:class:`~birder.inference.decision.Decisions`) fills the answer's columns."""
         results = []
         for i, path in enumerate(paths):
             top = [
@@ -99,6 +116,10 @@ class PredictionTables:
             ]
             prediction = top[0][0] if top[0][1] >= min_prob else UNCERTAIN
             values = [path, prediction, *(value for pair in top for value in pair), *metadata[i]]
+            if decisions is not None:
+                values += list(decisions.row(i).values())
+            if extra_values is not None:
+                values += list(extra_values[i])
             results.append(self.results.format_row(values))
 
         rows: dict[str, list[Row]] = {"results": results}

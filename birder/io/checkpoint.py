@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from birder.errors import CheckpointError, one_line
 from birder.io.atomic import atomic_write_path
+from birder.io.calibration import CALIBRATION_KEY
 from birder.tasks import DEFAULT_TASK
 from birder.version import __version__
 
@@ -134,7 +135,8 @@ def build_metadata(net: Any, model_info: ModelInfo, *, task: str | None = None) 
 
     Every writer (``.pt``, ``.safetensors``, exports, MIM training) stores exactly this, so a file always knows how
     to rebuild its network; Birder ignores the extra keys. ``task`` defaults to the network's own (a loaded model
-    keeps the task its file recorded).
+    keeps the task its file recorded), and a calibrated network (``net.calibration``) keeps its calibration
+    (:mod:`birder.io.calibration`).
     """
     task = str(task or getattr(net, "task", None) or DEFAULT_TASK)
     # The network is the truth about its shapes: a model resized after loading must not be saved with its old size.
@@ -156,6 +158,9 @@ def build_metadata(net: Any, model_info: ModelInfo, *, task: str | None = None) 
     network = getattr(net, "network_name", None)
     if network is not None:
         metadata["network"] = network
+    calibration = getattr(net, "calibration", None)
+    if calibration is not None:
+        metadata[CALIBRATION_KEY] = calibration.to_metadata_value()  # a JSON string in every format
 
     return metadata
 

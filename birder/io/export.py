@@ -29,6 +29,7 @@ from torch import nn
 
 from birder.errors import BirderError, CheckpointError, one_line
 from birder.io.atomic import fsync_path
+from birder.io.calibration import CALIBRATION_KEY, calibration_from_metadata
 from birder.io.checkpoint import (
     EXPORT_FORMATS,
     ModelInfo,
@@ -44,7 +45,16 @@ from birder.io.checkpoint import (
 ONNX_METADATA_SUFFIX = ".onnx_metadata.json"
 T = TypeVar("T")
 
-_METADATA_KEYS = ("birder_version", "task", "class_to_idx", "signature", "rgb_stats", "network", "config")
+_METADATA_KEYS = (
+    "birder_version",
+    "task",
+    "class_to_idx",
+    "signature",
+    "rgb_stats",
+    "network",
+    "config",
+    CALIBRATION_KEY,
+)
 _REQUIRED_KEYS = ("class_to_idx", "signature", "rgb_stats")
 # torch.export specialises a dimension of size 1, so the example batch has two images.
 _EXAMPLE_BATCH = 2
@@ -428,6 +438,8 @@ def load_exported(path: str | os.PathLike, *, device: torch.device | str | None 
     loaders = {"pts": _load_torchscript, "pt2": _load_program, "onnx": _load_onnx}
     (model, metadata) = loaders[file_format](path, device)
     _check_metadata(path, metadata)
+    # Exported from the calibrated network itself: the calibration describes these weights
+    model.calibration = calibration_from_metadata(metadata, path)
     return (model, model_info_from_metadata(metadata))
 
 

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from birder.net.base import BaseNet
 
 # Importing these registers the built-in network families.
-_BUILTIN_NETWORK_MODULES = ("birder.net",)
+_BUILTIN_NETWORK_MODULES = ("birder.net", "birder.net.detection")
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +127,20 @@ class ModelRegistry:
         """Wrap ``encoder`` (a headless classification network) in masked-image-modelling network ``name``."""
         entry = self._lookup_network(name, Task.MASKED_IMAGE_MODELING)
         return self._build(name, entry, config, encoder)
+
+    def detection_net_factory(
+        self,
+        name: str,
+        num_classes: int,
+        backbone: "BaseNet",
+        *,
+        config: Mapping[str, Any] | None = None,
+        size: tuple[int, int] | None = None,
+    ) -> "nn.Module":
+        """Build detector ``name`` for ``num_classes`` object classes on ``backbone`` (a classification network,
+        its head dropped) at input ``size`` (default: the backbone's)."""
+        entry = self._lookup_network(name, Task.OBJECT_DETECTION)
+        return self._build(name, entry, config, num_classes, backbone, size=size)
 
     # Pretrained weights
 

@@ -61,15 +61,28 @@ class Attention(nn.Module):
         self.attn_drop = attn_drop
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
+        # Explanation maps only (birder.introspection sets it, then clears it): compute the weights explicitly
+        # and keep them in `attention_weights`. Off, the fused kernel below runs, untouched.
+        self.record_attention = False
+        self.attention_weights: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         (batch, tokens, dim) = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
         (q, k, v) = qkv.unbind(0)
-        # The fused kernel (flash / memory-efficient / CPU flash) never materialises the [N, N] matrix.
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        if self.record_attention:
+            x = self._explicit_attention(q, k, v)
+        else:
+            # The fused kernel (flash / memory-efficient / CPU flash) never materialises the [N, N] matrix.
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         x = x.transpose(1, 2).reshape(batch, tokens, dim)
         return self.proj(x)
+
+    def _explicit_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``softmax(q k^T / sqrt(d)) v`` with the ``[B, heads, N, N]`` weights kept (no dropout: eval only)."""
+        weights = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)
+        self.attention_weights = weights
+        return weights @ v
 
 
 class EncoderBlock(nn.Module):

@@ -22,3 +22,35 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--weights", metavar="FILE", help="a local model file: .pt, .safetensors, .pts, .pt2 or .onnx")
     group.add_argument("--network", help="network of --weights when the file does not name it (e.g. vit_l16)")
+
+
+def add_decision_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``answer`` option group of the commands that label photos (birder-predict, birder-serve): how the
+    label is decided from the probabilities (:mod:`birder.inference.decision`). The global threshold is each
+    command's ``--min-prob``."""
+    from birder.inference.decision import THRESHOLD_MODES
+    from birder.inference.unknown import METHODS
+
+    group = parser.add_argument_group("answer (label, rank, label_probability)")
+    group.add_argument(
+        "--uncalibrated",
+        action="store_true",
+        help="ignore the model's calibration: no temperature, no fitted thresholds or unknown test",
+    )
+    group.add_argument(
+        "--thresholds",
+        choices=THRESHOLD_MODES,
+        default="per-species",
+        help="species thresholds: the calibrated model's per species (else --min-prob), --min-prob for all, or none",
+    )
+    group.add_argument(
+        "--taxonomy", metavar="CSV", help="species,genus,family,order rows: unclear species fall back to higher ranks"
+    )
+    group.add_argument(
+        "--unknown-method",
+        choices=(*METHODS, "none"),
+        help="the unknown test (default: the calibrated model's, if any; none: no test)",
+    )
+    group.add_argument(
+        "--unknown-threshold", type=float, metavar="S", help="unknown above this score (default: the calibrated one)"
+    )

@@ -3,15 +3,22 @@
 birder-eval --weights runs/ft/vit_b16_50.pt birds/test/      # an ImageFolder root: <class>/<images>
 birder-eval -n vit_l16_mim-eu-common labels.csv --output-dir report/   # path,label rows; per-class CSV + matrix
 birder-eval runs/ft/vit_b16_50.pt birds/test/                # the older form: the file first, then the data
+birder-eval --weights calibrated.pt birds/test/ --unknown-dir others/ --taxonomy taxonomy.csv --output-dir report/
+
+A calibrated model (``birder-calibrate``) also gets its ECE, NLL and Brier score before and after the temperature
+and a reliability diagram; ``--unknown-dir`` (photos of classes outside the model) the AUROC and FPR at 95 % TPR of
+each unknown test; ``--taxonomy`` the precision and species-level share of the fallback answers per threshold.
 """
 
 import argparse
 import math
 
+from birder.inference.eval_reports import answer_reports
+from birder.inference.taxonomy import Taxonomy
 from birder.scripts.common import add_model_arguments
 from birder.training.amp import AMP_DTYPES
 from birder.training.cli import run_cli
-from birder.training.evaluation import EvalResult, evaluate_checkpoint, write_eval_outputs
+from birder.training.evaluation import EvalResult, score_checkpoint, write_eval_outputs
 
 PROG = "birder-eval"
 # Above this many classes the per-class table goes to --output-dir only.
@@ -35,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--output-dir", help="write per_class.csv, confusion_matrix.csv and confusion_matrix.png")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--unknown-dir", metavar="DIR", help="photos of classes outside the model: unknown detection")
+    parser.add_argument("--taxonomy", metavar="CSV", help="species,genus,family,order rows: fallback per threshold")
     return parser
 
 
@@ -76,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def run() -> None:
-        (result, unreadable) = evaluate_checkpoint(
+        # A bad taxonomy file is refused before the model runs, and nothing is written
+        taxonomy = Taxonomy.from_csv(args.taxonomy) if args.taxonomy else None
+        scores = score_checkpoint(
             args.weights,
             args.data,
             name=args.model,
@@ -88,9 +99,20 @@ def main(argv: list[str] | None = None) -> int:
             top_k=args.top_k,
             progress_bar=not args.no_progress,
         )
-        print(format_report(result, unreadable))
-        if args.output_dir:
-            write_eval_outputs(result, args.output_dir)
+        reports = answer_reports(
+            scores,
+            unknown_dir=args.unknown_dir,
+            taxonomy=taxonomy,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            progress=not args.no_progress,
+        )
+        print(format_report(scores.result, scores.unreadable))
+        if reports.format():
+            print(reports.format())
+        if args.output_dir:  # after every report is computed: a user error leaves no partial report behind
+            write_eval_outputs(scores.result, args.output_dir)
+            reports.write(args.output_dir)
 
     return run_cli(PROG, run)
 

@@ -23,10 +23,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from birder.errors import BirderError
+from birder.geo.predict import add_geo_arguments
+from birder.inference.optimize import DTYPE_CHOICES
 from birder.inference.predictor import PredictionError
 from birder.inference.run import DEFAULT_WORKERS, PROG, PredictionOptions, run_prediction
 from birder.io.journal import OUTPUT_FORMATS
-from birder.scripts.common import add_model_arguments
+from birder.scripts.common import add_decision_arguments, add_model_arguments
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -72,7 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"decoding processes (default: {DEFAULT_WORKERS})",
     )
     run.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="auto: cuda > mps > cpu")
-    run.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    run.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="auto",
+        help="auto (default): bfloat16 on CUDA and on CPUs with native bf16 (AMX, AVX512-BF16), float32 elsewhere",
+    )
     run.add_argument("--quantize", choices=("int8",), help="int8 dynamic quantization of linear layers (CPU only)")
     run.add_argument("--amp", action="store_true", help="automatic mixed precision")
     run.add_argument("--compile", action="store_true", help="torch.compile the network (slow start, faster run)")
@@ -95,6 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--show", action="store_true", help="show photos with their top-k species (matplotlib)")
     out.add_argument("--plot", type=Path, metavar="FILE", help="save that picture to FILE (.png, .pdf, ...)")
     out.add_argument("--plot-max", type=_positive, default=8, metavar="N", help="photos in the picture (default: 8)")
+    out.add_argument("--explain", metavar="DIR", help="write an explanation overlay PNG per photo into DIR")
+    out.add_argument(
+        "--explain-method",
+        choices=("rollout", "gradcam", "layercam"),
+        default="rollout",
+        help="attention rollout (default), or Grad-CAM / LayerCAM of the top species (extra 'explain')",
+    )
+
+    add_decision_arguments(parser)
+    add_geo_arguments(parser)
     return parser
 
 

@@ -18,9 +18,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from birder.errors import BirderError
-from birder.scripts.common import add_model_arguments
+from birder.geo.predict import add_prior_arguments
+from birder.inference.optimize import DTYPE_CHOICES
+from birder.scripts.common import add_decision_arguments, add_model_arguments
 
 if TYPE_CHECKING:
+    from birder.geo.prior import LocationPrior
+    from birder.inference.decision import DecisionPolicy
+    from birder.inference.optimize import DtypeChoice
     from birder.serve.app import ServeSettings
 
 logger = logging.getLogger("birder.serve")
@@ -37,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto (default: cuda, then mps, then cpu), cpu, cuda:N, mps")
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="auto",
+        help="auto (default): bfloat16 on CUDA and on CPUs with native bf16 (AMX, AVX512-BF16), float32 elsewhere",
+    )
     parser.add_argument("--max-batch-size", type=int, default=32, help="images per batch (default: %(default)s)")
     parser.add_argument(
         "--batch-window-ms",
@@ -58,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=30.0, help="request timeout in seconds (default: %(default)s)")
     parser.add_argument("--top-k", type=int, default=5, help="species returned by default (default: %(default)s)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--index", type=Path, metavar="DIR", help="a birder-index folder built with this model: adds /v1/similar"
+    )
+    parser.add_argument(
+        "--min-prob", type=float, default=0.0, metavar="P", help="global species threshold of the answer (default: 0)"
+    )
+    add_decision_arguments(parser)
+    add_prior_arguments(parser, places=False)  # the place and date come with each request
     return parser
 
 
@@ -96,6 +115,58 @@ def load_for_serving(args: argparse.Namespace) -> tuple[object, object, str]:
     return (net, model_info, args.model_name or default_name)
 
 
+def apply_dtype(net: object, requested: str) -> tuple[object, "DtypeChoice"]:
+    """``net`` converted to the ``--dtype`` choice for its device, and that choice (said once in the log).
+
+    Exports (.pts, .pt2, .onnx) run as they were exported: their dtype is fixed in the file.
+    """
+    from birder.inference.optimize import DtypeChoice, choose_dtype, optimize_for_inference
+    from birder.net.base import BaseNet
+
+    if not isinstance(net, BaseNet):
+        choice = DtypeChoice("float32", "an export runs in the dtype it was exported in")
+    else:
+        choice = choose_dtype(requested, next(net.parameters()).device)
+        net = optimize_for_inference(net, choice.dtype)
+    logger.info("dtype %s", choice)
+    return (net, choice)
+
+
+def load_serving_prior(args: argparse.Namespace, model_info: object) -> "LocationPrior | None":
+    """The ``--prior`` file for the served model's classes (refused in one line when built for others)."""
+    if args.prior is None:
+        return None
+    if args.prior_strength < 0:
+        raise BirderError(f"--prior-strength must be >= 0, got {args.prior_strength}")
+    from birder.geo.prior_file import load_prior_for
+
+    class_to_idx = model_info.class_to_idx  # type: ignore[attr-defined]
+    return load_prior_for(args.prior, sorted(class_to_idx, key=lambda name: class_to_idx[name]))
+
+
+def decision_policy(args: argparse.Namespace, net: object, model_info: object) -> "DecisionPolicy":
+    """How answers are decided (:mod:`birder.inference.decision`): the model's calibration and the options."""
+    from birder.inference.decision import policy_from_options
+
+    class_to_idx = model_info.class_to_idx  # type: ignore[attr-defined]
+    return policy_from_options(net, sorted(class_to_idx, key=lambda name: class_to_idx[name]), args)
+
+
+def load_serving_index(directory: Path | None, net: object, model_info: object) -> object:
+    """The index of ``--index`` (None without it), refused unless built with this model and preprocessing."""
+    if directory is None:
+        return None
+    from birder.data.transforms import classification_transform
+    from birder.io.checkpoint import get_size_from_signature
+    from birder.search.fingerprint import model_fingerprint
+    from birder.search.store import PhotoIndex, check_model
+
+    index = PhotoIndex(directory)
+    transform = classification_transform(get_size_from_signature(model_info.signature), model_info.rgb_stats)
+    check_model(index.info, model_fingerprint(net, transform), Path(directory))
+    return index
+
+
 def settings_from_args(args: argparse.Namespace) -> "ServeSettings":
     from birder.serve.app import ServeSettings
 
@@ -126,11 +197,25 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         (net, model_info, name) = load_for_serving(args)
+        index = load_serving_index(args.index, net, model_info)  # before any dtype change: the weights' hash
+        (net, dtype) = apply_dtype(net, args.dtype)
+        prior = load_serving_prior(args, model_info)
+        policy = decision_policy(args, net, model_info)
     except BirderError as err:
         print(f"birder-serve: {err}", file=sys.stderr)
         return 2
 
-    app = create_app(net, model_info, name=name, settings=settings_from_args(args))
+    app = create_app(
+        net,
+        model_info,
+        name=name,
+        settings=settings_from_args(args),
+        dtype=dtype,
+        prior=prior,
+        prior_strength=args.prior_strength,
+        policy=policy,
+        photo_index=index,
+    )
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("listening on %s: anyone who can reach this address can use the service", args.host)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)

@@ -6,6 +6,9 @@
     birder-train --init runs/probe/vit_b16_10.pt --data-dir birds/ --output-dir runs/ft --epochs 50 \\
         --lr 1e-3 --warmup-epochs 5 --layer-decay 0.8 --label-smoothing 0.1 --mixup 0.8 --cutmix 1.0 \\
         --ema-decay 0.9999 --clip-grad-norm 1.0 --amp bf16
+    # a small student learning from the fine-tuned large model
+    birder-train --network vit_s16 --teacher runs/ft/vit_l16_50.pt --distill soft --data-dir birds/ \\
+        --output-dir runs/s16 --size 256 --epochs 50 --amp bf16
 
 ``birds/`` holds ``train/<class>/<images>`` and ``val/<class>/<images>``. Multi-GPU: ``torchrun --nproc_per_node 8
 -m birder.scripts.train ...`` (the same options).
@@ -16,6 +19,7 @@ import argparse
 from birder.data.training import AUG_LEVELS
 from birder.training.classification import TrainConfig, train_classifier
 from birder.training.cli import add_training_args, config_from_args, json_object, run_cli, training_parser
+from birder.training.distillation import DISTILL_KINDS
 from birder.training.optim import OPTIMIZERS
 
 PROG = "birder-train"
@@ -54,8 +58,24 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--cutmix", dest="cutmix_alpha", type=float, default=0.0, help="cutmix alpha (0: off)")
     recipe.add_argument("--ema-decay", type=float, help="keep an EMA of the weights (evaluated and saved)")
     recipe.add_argument("--top-k", type=int, default=5, help="top-k accuracy reported besides top-1")
+    add_distillation_args(parser)
     add_training_args(parser, lr=1e-3, weight_decay=0.05, epochs=50)
     return parser
+
+
+def add_distillation_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("distillation")
+    group.add_argument("--teacher", help="a trained classifier of the same classes (e.g. larger) to learn from")
+    group.add_argument(
+        "--distill",
+        choices=DISTILL_KINDS,
+        help="soft (default): KL on temperature-scaled logits mixed with the label loss; hard: the teacher's top-1",
+    )
+    group.add_argument("--distill-temperature", type=float, default=2.0, help="soft distillation (default: 2)")
+    group.add_argument("--distill-alpha", type=float, default=0.5, help="weight of the teacher's term (default: 0.5)")
+    group.add_argument(
+        "--teacher-cache", help="file caching the teacher's logits (needs --aug-level 0 and no --mixup/--cutmix)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

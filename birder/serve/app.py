@@ -2,9 +2,11 @@
 
 ``create_app(net, model_info)`` builds a FastAPI app around one loaded model:
 
-- ``POST /v1/classify``: top-k species with probabilities, the model name and timings
+- ``POST /v1/classify``: top-k species with probabilities, the answer (``label``, ``rank``, ``label_probability``,
+  ``unknown_score``: :mod:`birder.inference.decision`), the model name and timings
 - ``POST /v1/embed``: the embedding vector
-- ``GET /v1/models``: what the model is (classes, input size, normalisation)
+- ``GET /v1/models``: what the model is (classes, input size, normalisation, the dtype it runs in and why), and
+  ``similar``: whether ``/v1/similar`` is served (an index was given)
 - ``GET /healthz``: status and batching figures (mean batch size served)
 - ``GET /``: a page to drop a photo on and see its species as a bar chart (assets served from ``/static``)
 
@@ -26,6 +28,7 @@ import concurrent.futures
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -36,9 +39,15 @@ import numpy as np
 import torch
 
 from birder.data.transforms import classification_transform
-from birder.inference.classification import infer_batch
+from birder.errors import BirderError
+from birder.geo.prior import LocationPrior
+from birder.geo.serve import prior_answer
+from birder.inference.classification import infer_batch, logits_from_embeddings
+from birder.inference.decision import DecisionPolicy, build_policy
+from birder.inference.optimize import DtypeChoice
 from birder.io.checkpoint import ModelInfo, get_size_from_signature
 from birder.serve.batcher import BatchInfo, DynamicBatcher, QueueFullError
+from birder.serve.extras import add_extra_routes
 from birder.serve.uploads import (
     ApiError,
     BodySizeLimit,
@@ -103,6 +112,10 @@ class ModelService:
             max_queue=settings.max_queue,
         )
         self.inflight = InflightBytes(settings.max_inflight_bytes)
+        # Batches and explanations (birder.serve.extras: they switch attention recording on) take turns
+        self.model_lock = threading.Lock()
+        self.dtype: DtypeChoice | None = None  # set by create_app
+        self.policy = DecisionPolicy(self.class_names)  # set by create_app
         self.decode_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.started_at = time.time()
         self.requests_ok = 0
@@ -111,7 +124,8 @@ class ModelService:
     def _run_batch(self, inputs: torch.Tensor) -> list[tuple[np.ndarray, np.ndarray]]:
         # The embedding is computed anyway (forward = classify(embedding)), so every batch returns both and
         # /v1/classify and /v1/embed requests share batches.
-        (probs, embedding) = infer_batch(self.net, inputs, return_embedding=True)
+        with self.model_lock:
+            (probs, embedding) = infer_batch(self.net, inputs, return_embedding=True, calibrated=self.policy.calibrated)
         assert embedding is not None
         return list(zip(probs, embedding, strict=True))
 
@@ -181,7 +195,43 @@ class ModelService:
             "embedding_size": embedding_size if isinstance(embedding_size, int) else None,
             "rgb_stats": {key: list(value) for key, value in self.model_info.rgb_stats.items()},
             "classes": self.class_names,
+            **_dtype_fields(self.net, self.dtype),
+            "answer": self.policy.describe(),
         }
+
+    def answer(self, probs: np.ndarray, embedding: np.ndarray) -> dict[str, Any]:
+        """Steps 5-8 of the decision order for one photo: its ``label``, ``rank``, ``label_probability`` and
+        ``unknown_score`` (:mod:`birder.inference.decision`)."""
+        logits = logits_from_embeddings(self.net, embedding[None]) if self.policy.needs_logits else None
+        decisions = self.policy.decide(probs[None], logits=logits, embeddings=embedding[None])
+        return decisions.row(0)
+
+
+def _with_prior(
+    prior: LocationPrior | None,
+    strength: float,
+    probs: np.ndarray,
+    fields: dict[str, str],
+    top_k: int,
+    class_names: list[str],
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Step 4 of the decision order with ``birder-serve --prior`` (:mod:`birder.geo.serve`): the adjusted
+    probabilities and the keys the answer gains; without a prior, the probabilities as they are and nothing."""
+    if prior is None:
+        return (probs, {})
+    try:
+        return prior_answer(prior, strength, probs, fields, top_k, class_names)
+    except BirderError as err:
+        raise ApiError(400, str(err)) from None
+
+
+def _dtype_fields(net: torch.nn.Module, choice: DtypeChoice | None) -> dict[str, str | None]:
+    """What /v1/models says of the dtype: the choice when the command line made one, else the weights' own."""
+    if choice is not None:
+        return {"dtype": choice.dtype, "dtype_reason": choice.reason}
+    param = next(net.parameters(), None) if isinstance(net, torch.nn.Module) else None
+    dtype = str(param.dtype).removeprefix("torch.") if param is not None else None
+    return {"dtype": dtype, "dtype_reason": "as the network was passed in"}
 
 
 def _class_names(class_to_idx: dict[str, int]) -> list[str]:
@@ -208,10 +258,20 @@ def create_app(
     *,
     name: str | None = None,
     settings: ServeSettings | None = None,
+    dtype: DtypeChoice | None = None,
+    prior: LocationPrior | None = None,
+    prior_strength: float = 1.0,
+    policy: DecisionPolicy | None = None,
+    photo_index: Any | None = None,
 ) -> FastAPI:
     """A FastAPI app serving ``net`` (a birder network or a loaded export) under the model name ``name``.
 
     ``net`` needs ``embedding`` and ``classify`` (what :func:`infer_batch` calls); it is put in eval mode.
+    ``dtype``: the choice that converted ``net`` (``birder-serve --dtype``), reported by /v1/models.
+    ``prior``: a location-and-season prior for the model's classes (``lat``, ``lon``, ``date`` fields of
+    /v1/classify; :mod:`birder.geo.serve`), applied as ``image × prior ** prior_strength``.
+    ``policy``: how the answer (``label``, ``rank``, ``label_probability``, ``unknown_score``) is decided
+    (:func:`birder.inference.decision.build_policy`; default: the model's calibration, no taxonomy).
     """
     settings = settings or ServeSettings()
     if settings.max_inflight_bytes < settings.max_upload_bytes:
@@ -223,6 +283,10 @@ def create_app(
     if hasattr(net, "eval"):
         net.eval()
     service = ModelService(net, model_info, name, settings)
+    service.policy = policy if policy is not None else build_policy(net, service.class_names)
+    service.dtype = dtype
+    if prior is not None:
+        prior.check_classes(service.class_names)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -259,13 +323,15 @@ def create_app(
             (data, file_name, fields) = await read_image_request(request)
             raw_top_k = request.query_params.get("top_k", fields.get("top_k"))
             top_k = parse_top_k(raw_top_k, settings.default_top_k, len(service.class_names))
-            ((probs, _), facts) = await service.infer(data, file_name)
+            ((probs, embedding), facts) = await service.infer(data, file_name)
+            place = {**fields, **request.query_params}
+            (probs, geo) = _with_prior(prior, prior_strength, probs, place, top_k, service.class_names)
             order = np.argsort(-probs, kind="stable")[:top_k]
             predictions = [
                 {"species": service.class_names[index], "index": int(index), "probability": float(probs[index])}
                 for index in order
             ]
-            return {"model": name, "predictions": predictions, **facts}
+            return {"model": name, "predictions": predictions, **service.answer(probs, embedding), **geo, **facts}
 
         return await with_timeout(handle)
 
@@ -280,7 +346,8 @@ def create_app(
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"models": [service.describe()]}
+        # "similar": whether /v1/similar answers (birder-serve --index), so the page asks only a server that can
+        return {"models": [service.describe()], "similar": photo_index is not None}
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
@@ -291,6 +358,8 @@ def create_app(
     async def index() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", headers={"Content-Security-Policy": _PAGE_CSP})
 
+    # Explanation maps, and similar photos with an index (birder.search.store.PhotoIndex): birder.serve.extras
+    add_extra_routes(app, service, photo_index)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
 

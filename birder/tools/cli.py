@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from birder.errors import BirderError
-from birder.tools import convert_model, download_model, list_models, model_info
+from birder.tools import convert_model, download_model, export, list_models, model_info
 
 PROG = "python -m birder.tools"
 EXIT_USAGE = 2
@@ -17,6 +17,7 @@ COMMANDS = {
     "download-model": download_model,
     "model-info": model_info,
     "convert-model": convert_model,
+    "export": export,
 }
 
 

@@ -38,6 +38,7 @@ from birder.io.checkpoint import DEFAULT_TASK, ModelInfo
 from birder.loading import load_model, save_model
 from birder.model_registry import registry
 from birder.net.base import BaseNet
+from birder.training.distillation import DistillSettings, Teacher, attach_cache, load_teacher
 from birder.training.ema import ModelEMA
 from birder.training.evaluation import EvalResult, evaluate, write_eval_outputs
 from birder.training.loop import BatchEvent, EpochProgress, EpochSummary, build_trainer, start_run
@@ -102,6 +103,12 @@ class TrainConfig:
     resume: str | Path | None = None
     device: str | None = None
     progress_bar: bool = True
+    # Knowledge distillation from a trained classifier of the same classes (birder.training.distillation)
+    teacher: str | Path | None = None
+    distill: str | None = None  # soft (default with a teacher) or hard
+    distill_temperature: float = 2.0
+    distill_alpha: float = 0.5
+    teacher_cache: str | Path | None = None  # a file of the teacher's logits (deterministic inputs only)
 
 
 @dataclass
@@ -186,17 +193,60 @@ def _data(config: TrainConfig, files: tuple[LabeledFiles, LabeledFiles], size, r
     return _Data(sorted(class_to_idx, key=class_to_idx.__getitem__), train_set, sampler, val_loader)
 
 
-def _loss_fn(config: TrainConfig, num_classes: int) -> Callable[[nn.Module, TrainingBatch], torch.Tensor]:
+def _loss_fn(
+    config: TrainConfig, num_classes: int, teacher: Teacher | None = None
+) -> Callable[[nn.Module, TrainingBatch], torch.Tensor]:
     mixing = MixupCutmix(num_classes, config.mixup_alpha, config.cutmix_alpha, config.label_smoothing)
 
     def loss_fn(model: nn.Module, batch: TrainingBatch) -> torch.Tensor:
         if mixing.enabled:
             (images, soft_targets) = mixing(batch.images, batch.targets)
-            return soft_target_cross_entropy(model(images), soft_targets)
-
-        return F.cross_entropy(model(batch.images), batch.targets, label_smoothing=config.label_smoothing)
+            logits = model(images)
+            loss = soft_target_cross_entropy(logits, soft_targets)
+        else:
+            (images, logits) = (batch.images, model(batch.images))
+            loss = F.cross_entropy(logits, batch.targets, label_smoothing=config.label_smoothing)
+        if teacher is not None:  # the teacher sees the very images the student saw (mixed ones included)
+            loss = teacher.loss(loss, logits, images, batch.indices)
+        return loss
 
     return loss_fn
+
+
+def _distill_settings(config: TrainConfig) -> DistillSettings | None:
+    """The distillation the config asks for (checked), or None."""
+    if config.teacher is None:
+        if config.distill is not None or config.teacher_cache is not None:
+            raise BirderError("--distill and --teacher-cache need a --teacher (a trained classifier checkpoint)")
+        return None
+
+    settings = DistillSettings(
+        config.teacher, config.distill or "soft", config.distill_temperature, config.distill_alpha, config.teacher_cache
+    )
+    random_aug = config.aug_level != 0 or config.mixup_alpha > 0 or config.cutmix_alpha > 0
+    settings.check(random_inputs=random_aug)
+    return settings
+
+
+def _teacher(
+    config: TrainConfig,
+    net: BaseNet,
+    data: "_Data",
+    class_to_idx: Mapping[str, int],
+    rgb_stats: Mapping[str, Sequence[float]],
+    dist: DistInfo,
+) -> Teacher | None:
+    """The distillation teacher (with its logits cache when asked for), or None without ``config.teacher``."""
+    settings = _distill_settings(config)
+    if settings is None:
+        return None
+
+    teacher = load_teacher(
+        settings, class_to_idx=class_to_idx, size=tuple(net.size), rgb_stats=rgb_stats, device=dist.device
+    )
+    if settings.cache is not None:
+        attach_cache(teacher, data.train_set, config.batch_size, config.workers, dist)
+    return teacher
 
 
 def _train(config: TrainConfig, dist: DistInfo, on_batch: Callable[[BatchEvent], None] | None) -> TrainResult:
@@ -217,6 +267,7 @@ def _train(config: TrainConfig, dist: DistInfo, on_batch: Callable[[BatchEvent],
     net = net.to(dist.device)
     stem = net.network_name + (f"_{config.tag}" if config.tag else "")
     data = _data(config, files, tuple(net.size), rgb_stats, dist)
+    teacher = _teacher(config, net, data, class_to_idx, rgb_stats, dist)
 
     groups = param_groups(net, config.lr, config.weight_decay, config.layer_decay)
     optimizer = build_optimizer(config.optimizer, groups, momentum=config.momentum, betas=tuple(config.betas))
@@ -228,7 +279,7 @@ def _train(config: TrainConfig, dist: DistInfo, on_batch: Callable[[BatchEvent],
         dist=dist,
         optimizer=optimizer,
         sampler=data.sampler,
-        loss_fn=_loss_fn(config, len(class_to_idx)),
+        loss_fn=_loss_fn(config, len(class_to_idx), teacher),
         stem=stem,
         identity=identity,
         ema=ema,

@@ -7,27 +7,28 @@ score their share of the validation set and one all-reduce gives the exact total
 import csv
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from birder.data.training import EpochSampler, ImageDataset, csv_files, image_folder_files
 from birder.data.transforms import classification_transform
 from birder.distributed import DistInfo, all_reduce_sum, resolve_device
 from birder.errors import CheckpointError
+from birder.inference.labeled import ModelOutputs, collect_outputs, labeled_photos
 from birder.io.atomic import atomic_write_path
 from birder.io.checkpoint import get_size_from_signature
 from birder.loading import load_named_or_file_model
+from birder.net.base import BaseNet
 from birder.plots import save_confusion_matrix_png
 from birder.training.amp import amp_dtype, autocast
 from birder.training.ddp import distinct_over_ranks
 from birder.training.metrics import format_value
-from birder.training.setup import make_loader
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,22 @@ def evaluate(
     return (meter.result(class_names), distinct_over_ranks(unreadable, dist))
 
 
-def evaluate_checkpoint(
+@dataclass(frozen=True)
+class CheckpointScores:
+    """A model scored on labelled photos, with what the score came from (for the reports of ``birder-eval``)."""
+
+    result: EvalResult
+    outputs: ModelOutputs  # raw logits, embeddings and classes of the readable photos
+    net: BaseNet
+    class_names: list[str]
+    transform: Callable[[Any], torch.Tensor]
+
+    @property
+    def unreadable(self) -> int:
+        return len(self.outputs.unreadable)
+
+
+def score_checkpoint(
     checkpoint: str | Path | None,
     data: str | Path,
     *,
@@ -153,37 +169,44 @@ def evaluate_checkpoint(
     amp: str | None = None,
     top_k: int = 5,
     progress_bar: bool = True,
-) -> tuple[EvalResult, int]:
+) -> CheckpointScores:
     """Score a classifier on labeled images: an ImageFolder root (``data/<class>/<images>``) or a CSV file of
     ``path,label`` rows.
 
     The model is a file (``checkpoint``) or a pretrained ``name``, as every command takes one
-    (:func:`birder.loading.load_named_or_file_model`). Images go through the model's own inference transform.
-    ``device`` is a name that :func:`birder.distributed.resolve_device` takes (None: auto). Returns the result and
-    the number of unreadable images (skipped).
+    (:func:`birder.loading.load_named_or_file_model`). Images go through the model's own inference transform and
+    the batch predictor of ``birder-predict`` (:func:`birder.inference.labeled.collect_outputs`); the scores are
+    of the raw logits. ``device`` is a name that :func:`birder.distributed.resolve_device` takes (None: auto).
     """
     target = resolve_device(device)
     (net, info) = load_named_or_file_model(name, checkpoint, network, device=target, progress_bar=progress_bar)
     if not info.class_to_idx:
         raise CheckpointError(f"{checkpoint or name}: a model without classes (an MIM encoder?); fine-tune it first")
 
-    class_to_idx = dict(info.class_to_idx)
-    is_csv = Path(data).suffix.lower() == ".csv"
-    files = csv_files(data, class_to_idx) if is_csv else image_folder_files(data, class_to_idx)
+    class_names = sorted(info.class_to_idx, key=info.class_to_idx.__getitem__)
+    photos = labeled_photos(data, info.class_to_idx)
     transform = classification_transform(get_size_from_signature(info.signature), info.rgb_stats)
-    dataset = ImageDataset(files.paths, transform, files.targets, replace_unreadable=False)
-    sampler = EpochSampler(len(dataset), shuffle=False, pad=False)
-    loader = make_loader(dataset, sampler, batch_size, workers, target)
-    (result, unreadable) = evaluate(
+    outputs = collect_outputs(
         net,
-        loader,
-        dist=DistInfo(0, 1, 0, target),
-        class_names=sorted(class_to_idx, key=class_to_idx.__getitem__),
+        transform,
+        photos.paths,
+        photos.targets,
+        batch_size=batch_size,
+        workers=workers,
         amp_dtype=amp_dtype(amp),
-        top_k=top_k,
-        progress_bar=progress_bar,
+        progress=progress_bar,
+        description="evaluating",
     )
-    return (result, len(unreadable))
+    meter = ClassificationMeter(len(class_names), top_k=top_k)
+    if len(outputs):
+        meter.update(torch.from_numpy(outputs.logits), torch.from_numpy(outputs.targets))
+    return CheckpointScores(meter.result(class_names), outputs, net, class_names, transform)
+
+
+def evaluate_checkpoint(checkpoint: str | Path | None, data: str | Path, **options: Any) -> tuple[EvalResult, int]:
+    """:func:`score_checkpoint` (same arguments); returns the result and the number of unreadable images (skipped)."""
+    scores = score_checkpoint(checkpoint, data, **options)
+    return (scores.result, scores.unreadable)
 
 
 def write_eval_outputs(result: EvalResult, output_dir: str | Path, *, per_class_csv: bool = True) -> Path | None:
@@ -191,19 +214,20 @@ def write_eval_outputs(result: EvalResult, output_dir: str | Path, *, per_class_
     (None without matplotlib)."""
     output_dir = Path(output_dir)
     names = [stats.name for stats in result.per_class]
-    _write_csv(
+    write_csv(
         output_dir / "confusion_matrix.csv",
         ["true \\ predicted", *names],
         [[name, *row] for name, row in zip(names, result.confusion.tolist(), strict=True)],
     )
     if per_class_csv:
         rows = [[c.name, c.precision, c.recall, c.support] for c in result.per_class]
-        _write_csv(output_dir / "per_class.csv", ["class", "precision", "recall", "support"], rows)
+        write_csv(output_dir / "per_class.csv", ["class", "precision", "recall", "support"], rows)
 
     return save_confusion_matrix_png(result.confusion, names, output_dir / "confusion_matrix.png")
 
 
-def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """A small CSV report, written atomically (floats with 6 significant digits)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)

@@ -152,7 +152,7 @@ class Trainer:
             step_now = progress.batches - group_start == group_size
 
             batch = TrainingBatch(
-                batch.indices, batch.images.to(device, non_blocking=True), batch.targets.to(device), []
+                batch.indices, batch.images.to(device, non_blocking=True), _targets_to(batch.targets, device), []
             )
             # Between optimizer steps DDP need not all-reduce the gradients: they are only accumulated.
             sync = contextlib.nullcontext() if step_now or not self.dist.distributed else self.ddp.no_sync()
@@ -291,6 +291,14 @@ class Trainer:
             return None
 
         return _progress_from_state(state["progress"])
+
+
+def _targets_to(targets: Any, device: torch.device) -> Any:
+    """Class indices (a tensor), or one dict of tensors per image (detection boxes and labels), on ``device``."""
+    if isinstance(targets, torch.Tensor):
+        return targets.to(device)
+
+    return [{key: value.to(device) for key, value in target.items()} for target in targets]
 
 
 def _progress_from_state(saved: Mapping[str, Any]) -> EpochProgress:

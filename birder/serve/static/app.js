@@ -12,12 +12,15 @@ const elements = {
   preview: document.getElementById("preview"),
   fileName: document.getElementById("file-name"),
   predictions: document.getElementById("predictions"),
+  answer: document.getElementById("answer"),
   timing: document.getElementById("timing"),
   modelName: document.getElementById("model-name"),
   modelClasses: document.getElementById("model-classes"),
 };
 
 let previewUrl = null;
+let currentPhoto = null; // the photo (File) on show: classified, explained and searched with the same bytes
+let similarServed = false; // /v1/models says whether the server has an index (birder-serve --index)
 
 function showError(message) {
   elements.error.textContent = message;
@@ -34,6 +37,7 @@ async function loadModelInfo() {
     const response = await fetch("/v1/models");
     const body = await response.json();
     const model = body.models[0];
+    similarServed = Boolean(body.similar);
     elements.modelName.textContent = model.name;
     elements.modelClasses.textContent = `(${model.num_classes} species)`;
   } catch (err) {
@@ -78,6 +82,28 @@ function renderPredictions(body) {
     `batch of ${body.batch_size}) · image ${body.image.width}×${body.image.height}`;
 }
 
+// The decided answer (label, rank, label_probability): a species, "genus Turdus 92.0%", "unknown" or "uncertain".
+function renderAnswer(body) {
+  const answer = elements.answer;
+  answer.replaceChildren();
+  if (!body.label) {
+    answer.hidden = true;
+    return;
+  }
+  const label = document.createElement("strong");
+  label.className = "answer-label";
+  label.textContent = body.rank && body.rank !== "species" ? `${body.rank} ${body.label}` : body.label;
+  answer.append(label);
+  if (typeof body.label_probability === "number") {
+    const probability = document.createElement("span");
+    probability.className = "answer-probability";
+    probability.textContent = `${(body.label_probability * 100).toFixed(1)}%`;
+    answer.append(" ", probability);
+  }
+  answer.dataset.rank = body.rank || body.label; // species, genus, family, order, unknown or uncertain
+  answer.hidden = false;
+}
+
 async function classify(file) {
   if (!file) {
     return;
@@ -88,8 +114,10 @@ async function classify(file) {
   }
   previewUrl = URL.createObjectURL(file);
   elements.preview.src = previewUrl;
+  currentPhoto = file; // the explanation overlay and similar photos are asked for with the same bytes
   elements.fileName.textContent = file.name;
   elements.predictions.replaceChildren();
+  elements.answer.hidden = true;
   elements.timing.textContent = "Classifying…";
   elements.result.hidden = false;
   elements.dropZone.classList.add("busy");
@@ -110,6 +138,7 @@ async function classify(file) {
       return;
     }
     renderPredictions(body);
+    renderAnswer(body);
   } catch (err) {
     elements.timing.textContent = "";
     showError(`Request failed: ${err.message}`);
@@ -143,3 +172,72 @@ elements.dropZone.addEventListener("drop", (event) => {
 });
 
 loadModelInfo();
+
+// Explanation overlay and similar photos: they follow the preview, whichever way the photo came in.
+const extras = {
+  toggle: document.getElementById("explain-toggle"),
+  overlay: document.getElementById("explain-overlay"),
+  similar: document.getElementById("similar"),
+  similarPhotos: document.getElementById("similar-photos"),
+};
+let overlayFor = null; // the Blob whose overlay is loaded
+
+async function postPhoto(url, blob) {
+  const form = new FormData();
+  form.append("image", blob, "photo");
+  const response = await fetch(url, { method: "POST", body: form });
+  const body = await response.json();
+  if (!response.ok) {
+    throw new Error(body.error || `the server answered ${response.status}`);
+  }
+  return body;
+}
+
+async function showOverlay() {
+  extras.overlay.hidden = !extras.toggle.checked;
+  if (!extras.toggle.checked || !currentPhoto || overlayFor === currentPhoto) {
+    return;
+  }
+  const photo = currentPhoto;
+  try {
+    const body = await postPhoto("/v1/explain?method=rollout", photo);
+    if (photo === currentPhoto) {
+      extras.overlay.src = body.overlay;
+      overlayFor = photo;
+    }
+  } catch (err) {
+    showError(`No explanation: ${err.message}`);
+  }
+}
+
+async function showSimilar() {
+  if (!currentPhoto || !similarServed) {
+    return;
+  }
+  try {
+    const body = await postPhoto("/v1/similar?k=8", currentPhoto);
+    extras.similarPhotos.replaceChildren();
+    for (const result of body.results) {
+      const figure = document.createElement("figure");
+      figure.className = "similar-photo";
+      const image = document.createElement("img");
+      image.src = result.photo_url;
+      image.alt = result.path;
+      const caption = document.createElement("figcaption");
+      caption.textContent = `${(result.similarity * 100).toFixed(1)}% · ${result.prediction || ""}`;
+      caption.title = result.path;
+      figure.append(image, caption);
+      extras.similarPhotos.append(figure);
+    }
+    extras.similar.hidden = false;
+  } catch (err) {
+    extras.similar.hidden = true; // no index on this server (404), or it failed: the page works without
+  }
+}
+
+elements.preview.addEventListener("load", () => {
+  extras.overlay.hidden = true;
+  showOverlay();
+  showSimilar();
+});
+extras.toggle.addEventListener("change", showOverlay);

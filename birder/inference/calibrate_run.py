@@ -1,0 +1,211 @@
+"""A ``birder-calibrate`` run as one library call: :func:`calibrate_model_file`.
+
+1. Load the model and list the photos: ``val`` (and ``train``), classes checked against the model's. Every mistake
+   a user can make is found here, before anything is written.
+2. One pass over the validation photos (and the training photos) for the raw logits and embeddings
+   (:mod:`birder.inference.labeled`).
+3. Fit: the temperature (:func:`~birder.inference.calibration.fit_temperature`); with ``target_precision`` the
+   per-species thresholds on the calibrated probabilities; with ``train`` the class statistics of the embedding
+   unknown tests; with ``keep_known`` (or ``unknown_threshold``) the unknown thresholds on the validation photos.
+4. Write, each atomically: the class statistics to ``<output stem>.stats.safetensors``, then the model to
+   ``output`` with the calibration in its metadata (:mod:`birder.io.calibration`). The state dict is the input's,
+   unchanged; the input file is never written to.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from birder.data.transforms import classification_transform
+from birder.distributed import resolve_device
+from birder.errors import BirderError
+from birder.inference.calibration import (
+    CalibrationMetrics,
+    ThresholdFit,
+    calibration_metrics,
+    fit_species_thresholds,
+    fit_temperature,
+    softmax,
+)
+from birder.inference.labeled import LabeledPhotos, ModelOutputs, collect_outputs, labeled_photos
+from birder.inference.run import DEFAULT_WORKERS
+from birder.inference.unknown import (
+    EMBEDDING_METHODS,
+    METHODS,
+    ClassStatistics,
+    threshold_for_keep_rate,
+    unknown_scores,
+)
+from birder.io.calibration import Calibration, head_digest, stats_path_for
+from birder.io.checkpoint import CHECKPOINT_FORMATS, checkpoint_format, get_size_from_signature, is_export_file
+from birder.loading import load_named_or_file_model, save_model
+
+PROG = "birder-calibrate"
+
+
+@dataclass
+class CalibrateOptions:
+    """``birder-calibrate``'s arguments, with the same names and defaults."""
+
+    val: str | os.PathLike  # ImageFolder root or CSV of path,label rows
+    output: str | os.PathLike  # the calibrated copy (.pt or .safetensors)
+    train: str | os.PathLike | None = None  # for the class statistics of the embedding unknown tests
+    model: str | None = None
+    weights: str | os.PathLike | None = None
+    network: str | None = None
+    target_precision: float | None = None  # per-species thresholds for this precision
+    min_photos: int = 10  # fewer predictions of a species: it keeps the global threshold
+    keep_known: float | None = None  # unknown thresholds keeping this share of known validation photos
+    unknown_method: str | None = None  # default: knn with --train, else msp
+    unknown_threshold: float | None = None  # the unknown method's threshold, given directly
+    batch_size: int = 32
+    workers: int = DEFAULT_WORKERS
+    device: str = "auto"
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class CalibrationReport:
+    calibration: Calibration
+    before: CalibrationMetrics  # on the validation photos, T = 1
+    after: CalibrationMetrics  # with the fitted temperature
+    thresholds: ThresholdFit | None
+    val_photos: int
+    train_photos: int
+    unreadable: int
+    model_path: Path
+    stats_path: Path | None
+
+
+def calibrate_model_file(options: CalibrateOptions) -> CalibrationReport:
+    """Fit a calibration on ``options.val`` and write the calibrated copy of the model to ``options.output``."""
+    output = _check_options(options)
+    device = resolve_device(options.device)
+    (net, info) = load_named_or_file_model(
+        options.model, options.weights, options.network, device=device, progress_bar=options.progress
+    )
+    if not info.class_to_idx:
+        raise BirderError("this model has no classification head (a pretraining encoder); it cannot be calibrated")
+
+    class_names = sorted(info.class_to_idx, key=info.class_to_idx.__getitem__)
+    val_photos = labeled_photos(options.val, info.class_to_idx)
+    train_photos = labeled_photos(options.train, info.class_to_idx) if options.train is not None else None
+    method = _unknown_method(options)
+
+    transform = classification_transform(get_size_from_signature(info.signature), info.rgb_stats)
+
+    def outputs(photos: LabeledPhotos, name: str) -> ModelOutputs:
+        return collect_outputs(
+            net,
+            transform,
+            photos.paths,
+            photos.targets,
+            batch_size=options.batch_size,
+            workers=options.workers,
+            progress=options.progress,
+            description=name,
+        )
+
+    val = outputs(val_photos, "validation")
+    if not len(val):
+        raise BirderError(f"{options.val}: none of the {len(val_photos.paths)} photos could be read")
+    train = outputs(train_photos, "training") if train_photos is not None else None
+
+    temperature = fit_temperature(val.logits, val.targets)
+    probabilities = softmax(val.logits, temperature)
+    thresholds = None
+    if options.target_precision is not None:
+        thresholds = fit_species_thresholds(
+            probabilities, val.targets, class_names, options.target_precision, min_photos=options.min_photos
+        )
+    statistics = ClassStatistics.fit(train.embeddings, train.targets, class_names) if train is not None else None
+    stats_path = stats_path_for(output) if statistics is not None else None
+
+    calibration = Calibration(
+        temperature=temperature,
+        species_thresholds=thresholds.thresholds if thresholds is not None else {},
+        target_precision=options.target_precision,
+        unknown_method=method,
+        unknown_thresholds=_unknown_thresholds(options, method, val, probabilities, statistics),
+        keep_known=options.keep_known,
+        stats_file=stats_path.name if stats_path is not None else None,
+        head_digest=head_digest(net.state_dict()),
+    )
+
+    if statistics is not None:
+        statistics.save(stats_path)
+    net.calibration = calibration
+    save_model(net, output, info)
+    return CalibrationReport(
+        calibration=replace(calibration, stats_path=stats_path),
+        before=calibration_metrics(val.logits, val.targets),
+        after=calibration_metrics(val.logits, val.targets, temperature),
+        thresholds=thresholds,
+        val_photos=len(val),
+        train_photos=len(train) if train is not None else 0,
+        unreadable=len(val.unreadable) + (len(train.unreadable) if train is not None else 0),
+        model_path=output,
+        stats_path=stats_path,
+    )
+
+
+def _check_options(options: CalibrateOptions) -> Path:
+    output = Path(options.output)
+    if output.suffix.lower().lstrip(".") not in CHECKPOINT_FORMATS:
+        checkpoint_format(output)  # raises the one-line error naming the expected extensions
+    if options.weights is not None:
+        if is_export_file(options.weights):
+            raise BirderError(f"{options.weights}: an export; calibrate the .pt or .safetensors file, then export it")
+        if Path(options.weights).resolve() == output.resolve():
+            raise BirderError(f"-o {output}: the output must be a new file (the input model is never modified)")
+    for option, value in (("--target-precision", options.target_precision), ("--keep-known", options.keep_known)):
+        if value is not None and not 0.0 < value <= 1.0:
+            raise BirderError(f"{option} must be in (0, 1], got {value}")
+    if options.min_photos < 1:
+        raise BirderError(f"--min-photos must be at least 1, got {options.min_photos}")
+    return output
+
+
+def _unknown_method(options: CalibrateOptions) -> str | None:
+    """The unknown test the calibrated model applies by default (None: none)."""
+    if options.keep_known is None and options.unknown_threshold is None:
+        if options.unknown_method is not None:
+            raise BirderError(
+                "--unknown-method needs --keep-known (a keep-rate of known photos) or --unknown-threshold"
+            )
+        return None
+
+    method = options.unknown_method or ("knn" if options.train is not None else "msp")
+    if method not in METHODS:
+        raise BirderError(f"unknown method '{method}'; choose one of: {', '.join(METHODS)}")
+    if method in EMBEDDING_METHODS and options.train is None:
+        raise BirderError(f"the '{method}' unknown test needs class statistics: pass --train with training photos")
+    return method
+
+
+def _unknown_thresholds(
+    options: CalibrateOptions,
+    method: str | None,
+    val: ModelOutputs,
+    probabilities: np.ndarray,
+    statistics: ClassStatistics | None,
+) -> dict[str, float]:
+    """A threshold per available method at the keep-rate (so predict can switch methods), and the given one."""
+    if method is None:
+        return {}
+
+    thresholds = {}
+    if options.keep_known is not None:
+        available = [name for name in METHODS if statistics is not None or name not in EMBEDDING_METHODS]
+        for name in available:
+            scores = unknown_scores(
+                name, probabilities=probabilities, logits=val.logits, embeddings=val.embeddings, statistics=statistics
+            )
+            thresholds[name] = threshold_for_keep_rate(scores, options.keep_known)
+    if options.unknown_threshold is not None:
+        thresholds[method] = float(options.unknown_threshold)
+    return thresholds
