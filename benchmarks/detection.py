@@ -1,45 +1,141 @@
-"""Detector inference speed (images/s) at several input sizes, and the mAP curve of a training run.
+"""Detection: the mAP@.5 curve of a longer training run on generated scenes, and detector images/s on the CPU.
 
-    python -m benchmarks.detection --backbone vit_b16 --heads faster_rcnn retinanet --sizes 512 1024
-    python -m benchmarks.detection --tiny                       # a tiny ViT at 64 / 128 px: a smoke run
-    python -m benchmarks.detection --metrics runs/det/det_metrics.csv   # adds the run's mAP@.5 by epoch
+    python -m benchmarks.detection                       # both sections: about 20 minutes on two CPU cores
+    python -m benchmarks.detection --sections speed      # vit_b16 / vit_l16 at 512 and 1024 px, float32, bfloat16
+    python -m benchmarks.detection --sections curve --heads retinanet --detector-epochs 60
+    python -m benchmarks.detection --tiny                # a smoke run (seconds)
+    python -m benchmarks.detection --metrics runs/det/det_metrics.csv   # adds a birder-train-det run's curve
 
-Random weights: speed does not depend on them (NMS aside, whose share is small with few boxes). Not yet measured
-here: crop-then-classify against whole-image top-1 (a later session).
+**Curve.** The slow test's recipe (``tests/test_detection_learning.py`` imports it from here), longer and on more
+data: generated scenes (``benchmarks.synthetic``: 0-3 objects of four shapes of one colour pair, 2-10 % of the
+frame each, on cluttered backgrounds, 128 px), a tiny ViT (patch 8) classifier trained on object photos to start the
+backbone from, then ``birder-train-det``'s training of each head, scored by pycocotools on the validation scenes
+every epoch and on more held-out scenes once at the end. One compute thread: networks this small gain little from
+a second one, and lose much when other processes want the cores. Target: mAP@.5 >= 0.8.
+
+**Speed.** Random weights (speed does not depend on them; NMS aside, whose share is small with few boxes), one
+photo per call, the median of ``--runs`` calls after ``--warmup``. bfloat16 is autocast, as ``--amp bf16``; it is
+measured only where it is native (CUDA, or a CPU with AVX512-BF16 or AMX): elsewhere it is emulated, far slower than
+float32, and printed as "not measured". Every figure is printed with the machine's label (CPU model, flags, threads).
+
+Crop-then-classify against whole-image top-1 is ``benchmarks/crop_classify.py``'s.
 """
 
 import argparse
 import csv
 import json
+import statistics
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from benchmarks.inference import machine_description, machine_label
+from benchmarks.synthetic import make_class_folder, write_coco_scenes
 from birder.model_registry import registry
+from birder.scripts import train_det
+from birder.training.amp import autocast
+from birder.training.classification import TrainConfig, train_classifier
+from birder.training.detection import train_detector
+from birder.training.detection_eval import evaluate_detector_file
 
-TINY_BACKBONE = {"hidden_dim": 32, "num_layers": 2, "num_heads": 4, "mlp_dim": 64}
-TINY_HEAD = {"fpn_channels": 16}
+# The learning recipe (the slow test's and this benchmark's)
+
+# Four shapes of one colour pair: the classes differ by shape alone.
+CLASSES = [0, 1, 2, 3]
+SCENE_SIZE = 128
+# Patch 8 keeps 18-40 px objects several patches wide at 128 px.
+BACKBONE = {"patch_size": 8, "hidden_dim": 64, "num_layers": 4, "num_heads": 4, "mlp_dim": 128}
+# Objects are squares of 18-40 px: one aspect ratio, anchors of 16-32 px on the two finest levels (strides 4, 8).
+PYRAMID = {"fpn_channels": 32, "anchor_sizes": [16, 32, 64, 128], "aspect_ratios": [1.0]}
+# Few proposals and small heads: the heads' cost stays near the backbone's. RetinaNet's focal loss down-weights the
+# anchors it already scores as not of a class less than the paper's (0.25, 2) do: it learns to tell the shapes
+# apart in hundreds of steps instead of thousands.
+HEAD_CONFIGS: dict[str, dict[str, Any]] = {
+    "faster_rcnn": {
+        **PYRAMID,
+        "rpn_pre_nms_top_n_train": 300,
+        "rpn_post_nms_top_n_train": 100,
+        "rpn_pre_nms_top_n_test": 300,
+        "rpn_post_nms_top_n_test": 50,
+        "rpn_batch_size_per_image": 64,
+        "box_batch_size_per_image": 64,
+        "representation_size": 256,
+    },
+    "retinanet": {**PYRAMID, "topk_candidates": 200, "focal_alpha": 0.5, "focal_gamma": 1.0},
+}
+# The pyramid and head learn at 3e-3, the backbone's blocks 0.6x less per block down to the patch embedding; mild
+# scale jitter (a cropped-off sliver of an object is a box the detector cannot learn from).
+OPTIMISATION = ["--lr", "3e-3", "--layer-decay", "0.6", "--warmup-epochs", "1", "--batch-size", "4"]
+AUGMENTATION = ["--scale-range", "0.8", "1.25"]
 
 
-def images_per_s(head: str, backbone: str, size: int, args: argparse.Namespace) -> dict:
-    torch.manual_seed(0)
-    body = registry.net_factory(backbone, 0, config=TINY_BACKBONE if args.tiny else None, size=(size, size))
-    det = registry.detection_net_factory(head, 4, body, config=TINY_HEAD if args.tiny else None, size=(size, size))
-    det = det.eval().to(args.device)
-    images = [torch.randn(3, size, size, device=args.device) for _ in range(args.batch_size)]
-    timings = []
-    with torch.inference_mode():
-        for run in range(args.warmup + args.runs):
-            started = time.perf_counter()
-            det(images)
-            if run >= args.warmup:
-                timings.append(time.perf_counter() - started)
-    median = sorted(timings)[len(timings) // 2]
-    return {"head": head, "backbone": backbone, "size": size, "images_per_s": args.batch_size / median}
+@dataclass(frozen=True)
+class Scale:
+    """How much data and training: the slow test's (:data:`TEST_SCALE`) or this benchmark's."""
+
+    crops_per_class: int = 200  # object photos per class the classifier learns from (64 px)
+    classifier_epochs: int = 40
+    train_scenes: int = 160  # scenes birder-train-det learns from
+    val_scenes: int = 40  # scored every epoch
+    held_out_scenes: int = 200  # scored once, by the last epoch's file
+    detector_epochs: int = 30
 
 
-def map_curve(path: Path) -> list[dict]:
+TEST_SCALE = Scale()
+BENCHMARK_SCALE = Scale(crops_per_class=400, train_scenes=480, val_scenes=80, held_out_scenes=400, detector_epochs=30)
+TINY_SCALE = Scale(
+    crops_per_class=4, classifier_epochs=1, train_scenes=6, val_scenes=3, held_out_scenes=3, detector_epochs=1
+)
+TINY_BACKBONE = {"patch_size": 8, "hidden_dim": 16, "num_layers": 1, "num_heads": 2, "mlp_dim": 32}
+
+
+def prepare_data(root: Path, scale: Scale, backbone: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Object photos and the classifier trained on them, then the training, validation and held-out scenes (COCO
+    files). Returns their paths, the classifier's validation top-1 and the seconds it all took."""
+    started = time.perf_counter()
+    make_class_folder(root / "crops" / "train", CLASSES, scale.crops_per_class, size=64, seed=0, fill=0.5)
+    make_class_folder(root / "crops" / "val", CLASSES, 10, size=64, seed=1, fill=0.5)
+    result = train_classifier(
+        TrainConfig(
+            output_dir=root / "classifier",
+            data_dir=root / "crops",
+            network="vit_t16",
+            model_config=backbone or BACKBONE,
+            size=64,
+            epochs=scale.classifier_epochs,
+            warmup_epochs=1,
+            batch_size=32,
+            lr=3e-3,
+            aug_level=1,
+            workers=0,
+            progress_bar=False,
+        )
+    )
+    scenes = {"size": (SCENE_SIZE, SCENE_SIZE), "classes": CLASSES, "num_objects": (0, 3)}
+    return {
+        "classifier": result.model_path,
+        "classifier_top1": result.validation[scale.classifier_epochs].top1,
+        "train": write_coco_scenes(root / "train", scale.train_scenes, seed=1, **scenes),
+        "val": write_coco_scenes(root / "val", scale.val_scenes, seed=2, **scenes),
+        "held_out": write_coco_scenes(root / "held_out", scale.held_out_scenes, seed=3, **scenes),
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def train_det_args(head: str, data: dict[str, Any], output_dir: Path, epochs: int) -> list[str]:
+    """``birder-train-det``'s arguments for ``head`` on :func:`prepare_data`'s data."""
+    args = ["--network", head, "--init", str(data["classifier"]), "--size", str(SCENE_SIZE)]
+    args += ["--model-config", json.dumps(HEAD_CONFIGS[head])]
+    args += ["--train-json", str(data["train"]), "--val-json", str(data["val"]), "--output-dir", str(output_dir)]
+    args += ["--epochs", str(epochs), *OPTIMISATION, *AUGMENTATION]
+    return [*args, "--workers", "0", "--no-progress", "--save-every", str(epochs)]
+
+
+def read_curve(path: Path) -> list[dict[str, Any]]:
+    """mAP and mAP@.5 by epoch from a ``det_metrics.csv``."""
     with open(path, newline="") as handle:
         return [
             {"epoch": int(row["epoch"]), "map": float(row["map"]), "map50": float(row["map50"])}
@@ -47,28 +143,150 @@ def map_curve(path: Path) -> list[dict]:
         ]
 
 
+def learning_curve(head: str, data: dict[str, Any], output_dir: Path, epochs: int) -> dict[str, Any]:
+    """Train ``head`` as ``birder-train-det`` does (its own argument parsing); the curve with the seconds since
+    the start at the end of each epoch's training, then the last epoch's file scored on the held-out scenes."""
+    config = train_det.det_config_from_args(
+        train_det.build_parser().parse_args(train_det_args(head, data, output_dir, epochs))
+    )
+    trained_until: dict[int, float] = {}
+    started = time.perf_counter()
+    result = train_detector(config, on_batch=lambda event: trained_until.__setitem__(event.epoch, time.perf_counter()))
+    seconds = time.perf_counter() - started
+    curve = read_curve(output_dir / "det_metrics.csv")
+    for row in curve:
+        row["seconds"] = round(trained_until[row["epoch"]] - started, 1)
+    assert result.model_path is not None
+    held_out = evaluate_detector_file(result.model_path, data["held_out"], workers=0, progress_bar=False)
+    return {
+        "head": head,
+        "epochs": epochs,
+        "seconds": round(seconds, 1),
+        "curve": curve,
+        "held_out_map": held_out.map,
+        "held_out_map50": held_out.map50,
+        "held_out_per_class_ap50": {c.name: c.ap50 for c in held_out.per_class},
+    }
+
+
+# Speed
+
+
+def bf16_reason(machine: dict[str, Any], device: torch.device) -> str | None:
+    """Why bfloat16 is not measured here (None: it is native)."""
+    if device.type == "cuda" or machine.get("cpu_native_bf16"):
+        return None
+    return "not measured: no native bf16 on this CPU (no AVX512-BF16 or AMX), it would be emulated"
+
+
+def images_per_s(det: torch.nn.Module, size: int, dtype: str, args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(args.device)
+    images = [torch.randn(3, size, size, device=device)]
+    timings = []
+    with torch.inference_mode(), autocast(device, torch.bfloat16 if dtype == "bfloat16" else None):
+        for run in range(args.warmup + args.runs):
+            started = time.perf_counter()
+            det(images)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if run >= args.warmup:
+                timings.append(time.perf_counter() - started)
+    return {"images_per_s": 1.0 / statistics.median(timings), "seconds_runs": [round(t, 4) for t in timings]}
+
+
+def speed_section(args: argparse.Namespace, machine: dict[str, Any]) -> tuple[list[dict], list[dict]]:
+    """Measured rows, and the combinations not measured (with the reason)."""
+    device = torch.device(args.device)
+    (measured, skipped) = ([], [])
+    for backbone in args.backbones:
+        for size in args.sizes:
+            for head in args.heads:
+                torch.manual_seed(0)
+                body = registry.net_factory(backbone, 0, config=TINY_BACKBONE if args.tiny else None, size=(size, size))
+                config = {"fpn_channels": 16} if args.tiny else None
+                det = registry.detection_net_factory(head, 4, body, config=config, size=(size, size))
+                det = det.eval().to(device)
+                for dtype in args.dtypes:
+                    case = {"head": head, "backbone": backbone, "size": size, "dtype": dtype}
+                    reason = bf16_reason(machine, device) if dtype == "bfloat16" else None
+                    if reason is not None:
+                        skipped.append({**case, "reason": reason})
+                        continue
+                    measured.append({**case, **images_per_s(det, size, dtype, args)})
+                    print(f"  {head:<12} {backbone:<8} {size:>5} px {dtype:<9} {measured[-1]['images_per_s']:.3f}")
+    return (measured, skipped)
+
+
+def print_speed(label: str, measured: list[dict], skipped: list[dict]) -> None:
+    print(f"\nDetector images/s (one photo per call) on {label}")
+    rows = [(r["head"], r["backbone"], r["size"], r["dtype"], f"{r['images_per_s']:.3f}") for r in measured]
+    rows += [(r["head"], r["backbone"], r["size"], r["dtype"], "not measured") for r in skipped]
+    for head, backbone, size, dtype, value in sorted(rows):
+        print(f"{head:<12} {backbone:<8} {size:>5} px  {dtype:<9} {value}")
+    for reason in sorted({r["reason"] for r in skipped}):
+        print(f"bfloat16 {reason}")
+
+
+def curve_section(args: argparse.Namespace) -> dict[str, Any]:
+    scale = TINY_SCALE if args.tiny else BENCHMARK_SCALE
+    overrides = {key: getattr(args, key) for key in asdict(scale) if getattr(args, key, None) is not None}
+    scale = Scale(**{**asdict(scale), **overrides})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.curve_threads)
+    try:
+        data = prepare_data(args.workdir, scale, TINY_BACKBONE if args.tiny else None)
+        print(f"classifier top-1 {data['classifier_top1']:.3f}; data and classifier in {data['seconds']:.0f} s")
+        runs = [learning_curve(head, data, args.workdir / head, scale.detector_epochs) for head in args.heads]
+    finally:
+        torch.set_num_threads(threads)
+    for run in runs:
+        print(f"\n{run['head']}: mAP@.5 by epoch ({run['seconds']:.0f} s of training, {args.curve_threads} thread)")
+        for row in run["curve"]:
+            print(
+                f"  epoch {row['epoch']:>3}  {row['seconds']:>7.1f} s  mAP@.5 {row['map50']:.3f}  mAP {row['map']:.3f}"
+            )
+        print(f"  held-out scenes ({scale.held_out_scenes}): mAP@.5 {run['held_out_map50']:.3f}")
+    return {
+        "scale": asdict(scale),
+        "threads": args.curve_threads,
+        "classifier_top1": data["classifier_top1"],
+        "data_seconds": round(data["seconds"], 1),
+        "runs": runs,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbone", default="vit_b16")
+    parser.add_argument("--sections", nargs="+", choices=["speed", "curve"], default=["speed", "curve"])
     parser.add_argument("--heads", nargs="+", default=["faster_rcnn", "retinanet"])
-    parser.add_argument("--sizes", nargs="+", type=int, default=[512, 1024])
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--backbones", nargs="+", default=["vit_b16", "vit_l16"], help="speed section")
+    parser.add_argument("--sizes", nargs="+", type=int, default=[512, 1024], help="speed section")
+    parser.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"], default=["float32", "bfloat16"])
+    parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--metrics", type=Path, help="a det_metrics.csv of birder-train-det")
-    parser.add_argument("--tiny", action="store_true", help="tiny ViT at 64 and 128 px (smoke run)")
+    for key, value in asdict(BENCHMARK_SCALE).items():
+        parser.add_argument(f"--{key.replace('_', '-')}", type=int, help=f"curve section (default {value})")
+    parser.add_argument("--curve-threads", type=int, default=1, help="compute threads of the curve section")
+    parser.add_argument("--workdir", type=Path, default=Path("detection_work"))
+    parser.add_argument("--metrics", type=Path, help="a det_metrics.csv of birder-train-det: its curve is reported")
+    parser.add_argument("--tiny", action="store_true", help="tiny ViTs, 64 and 128 px, tiny data (smoke run)")
     parser.add_argument("--output", type=Path, default=Path("detection.json"))
     args = parser.parse_args(argv)
     if args.tiny:
-        (args.backbone, args.sizes, args.runs, args.warmup) = ("vit_t16", [64, 128], 1, 0)
+        (args.backbones, args.sizes, args.runs, args.warmup) = (["vit_t16"], [64, 128], 1, 0)
 
-    report = {"speed": [images_per_s(head, args.backbone, size, args) for head in args.heads for size in args.sizes]}
+    machine = machine_description(torch.device(args.device))
+    label = machine_label(machine)
+    report: dict[str, Any] = {"machine": machine, "machine_label": label, "speed": [], "speed_not_measured": []}
     if args.metrics is not None:
-        report["map_curve"] = map_curve(args.metrics)
-    for row in report["speed"]:
-        print(f"{row['head']:<12} {row['backbone']} {row['size']:>5} px: {row['images_per_s']:.2f} images/s")
-    args.output.write_text(json.dumps(report, indent=1))
+        report["map_curve"] = read_curve(args.metrics)
+    if "curve" in args.sections:
+        report["curve"] = curve_section(args)
+    if "speed" in args.sections:
+        (report["speed"], report["speed_not_measured"]) = speed_section(args, machine)
+        print_speed(label, report["speed"], report["speed_not_measured"])
+    args.output.write_text(json.dumps(report, indent=1, default=str))
     return 0
 
 

@@ -32,6 +32,7 @@ from birder.io.checkpoint import (
 from birder.io.download import fetch_pretrained_file
 from birder.model_registry import registry
 from birder.net.base import BaseNet
+from birder.tasks import Task
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +145,12 @@ def load_model(
         raise CheckpointError(
             f"{path}: a whole MIM model (encoder + decoder); load the encoder file <network>_mim_<epoch>.pt, "
             "or use birder.training.mim.load_mim_model"
+        )
+
+    if metadata.get("task") == Task.OBJECT_DETECTION.value:
+        raise CheckpointError(
+            f"{path}: a detector file (birder-train-det); load it with birder.net.detection.checkpoint.load_detector "
+            "(on the command line: --detector FILE, beside a classifier given with -n/--weights)"
         )
 
     network = network or metadata.get("network")

@@ -130,3 +130,17 @@ def test_detection_benchmark_tiny(tmp_path: Path) -> None:
         (h, s) for h in ("faster_rcnn", "retinanet") for s in (64, 128)
     }
     assert all(r["images_per_s"] > 0 for r in report["speed"]) and report["map_curve"][0]["map50"] == 0.3
+
+
+def test_crop_classify_benchmark_tiny(tmp_path: Path) -> None:
+    # Every stage on tiny data: classifier training, birder-train-det, both birder-predict runs, the true-box crops.
+    from benchmarks import crop_classify
+
+    output = tmp_path / "crop_classify.json"
+    assert crop_classify.main(["--tiny", "--workdir", str(tmp_path / "work"), "--output", str(output)]) == 0
+    report = json.loads(output.read_text())
+    assert set(report["top1"]) == {"whole", "crop", "true_box_crop"} and report["photos"] == 4
+    assert all(0.0 <= value <= 1.0 for value in report["top1"].values())
+    assert report["gain_points"] == pytest.approx(100 * (report["top1"]["crop"] - report["top1"]["whole"]))
+    assert report["training"]["detector_trained_here"] and len(report["training"]["detector_map50_by_epoch"]) == 1
+    assert report["machine"]["cpu_model"] and 0.0 <= report["detector_recall_iou50"] <= 1.0

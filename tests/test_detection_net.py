@@ -101,6 +101,30 @@ def test_training_losses_and_eval_outputs(head: str) -> None:
         assert float(output["boxes"][:, 2].max()) <= 150.001 and float(output["boxes"][:, 3].max()) <= 60.001
 
 
+def test_anchor_layout_and_head_options() -> None:
+    det = _detector("retinanet", aspect_ratios=[1.0], scales_per_octave=2, head_norm_groups=0)
+    anchors = det.detector.anchor_generator
+    assert anchors.num_anchors_per_location() == [2] * 4  # two sizes, one ratio
+    assert anchors.sizes[0] == (16, 22) and anchors.aspect_ratios[0] == (1.0,)
+    assert not any(isinstance(module, torch.nn.GroupNorm) for module in det.detector.head.modules())
+    rcnn = _detector("faster_rcnn", aspect_ratios=[0.5, 1.0])
+    assert rcnn.detector.rpn.anchor_generator.num_anchors_per_location() == [2] * 4
+
+
+def test_focal_loss_settings_follow_torchvision() -> None:
+    images = [torch.randn(3, 96, 96), torch.randn(3, 96, 96)]
+    paper = _detector("retinanet").train()
+    assert type(paper.detector.head.classification_head).__name__ == "RetinaNetClassificationHead"
+    same = _detector("retinanet", focal_alpha=0.25000001).train()  # the override, at the paper's values
+    same.load_state_dict(paper.state_dict())
+    assert type(same.detector.head.classification_head).__name__ == "FocalClassificationHead"
+    (expected, got) = (paper(images, _targets()), same(images, _targets()))
+    assert torch.allclose(expected["classification"], got["classification"], rtol=1e-5)
+    milder = _detector("retinanet", focal_alpha=0.5, focal_gamma=1.0).train()
+    milder.load_state_dict(paper.state_dict())  # the same parameters: only the loss differs
+    assert not torch.allclose(milder(images, _targets())["classification"], expected["classification"])
+
+
 def test_layer_decay_hooks_cover_backbone_and_head() -> None:
     det = _detector("faster_rcnn")
     assert det.num_layer_ids == TINY_VIT_CONFIG["num_layers"] + 2

@@ -18,7 +18,7 @@ from birder.scripts import index as index_script
 from birder.search import build as build_module
 from birder.search.build import IndexOptions, load_embedding_model, run_index
 from birder.search.cluster import select_for_review
-from birder.search.duplicates import connected_groups, find_duplicates, keep_order
+from birder.search.duplicates import connected_groups, find_duplicates, keep_order, near_pairs
 from birder.search.query import query_photo, query_recorded
 from birder.search.store import PhotoIndex
 from birder.search.vectors import build_index, choose_plan, exact_search, normalize, recall_at
@@ -103,9 +103,15 @@ def test_build_query_add_duplicates_and_cluster(collection: Path, model_file: Pa
 
 def test_bad_input_is_refused_in_one_line(collection: Path, model_file: Path, tmp_path: Path, capsys) -> None:
     photos = sorted(collection.rglob("*.png"))[:4]
-    run_index(options(photos, tmp_path / "index", model_file), add=False)
-    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 truncated")
     base = ["-o", str(tmp_path / "index"), "--weights", str(model_file)]
+    # Built in bfloat16 (as --dtype auto picks on a CPU with native bf16): recorded; the embeddings stay float32
+    argv = ["build", *map(str, photos), *base, "-j", "0", "-b", "2", "--no-progress", "--dtype", "bfloat16"]
+    assert index_script.main(argv) == 0
+    assert "Embedded in bfloat16 (asked for)" in capsys.readouterr().out
+    index = PhotoIndex(tmp_path / "index")
+    assert (index.info.dtype, index.info.dtype_reason) == ("bfloat16", "asked for")
+    assert index.vectors.vectors.dtype == np.float32 and len(index) == 4
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 truncated")
     assert index_script.main(["query", str(tmp_path / "bad.jpg"), *base]) == 2
     assert capsys.readouterr().err.count("\n") == 1
 
@@ -118,6 +124,12 @@ def test_bad_input_is_refused_in_one_line(collection: Path, model_file: Path, tm
     assert index_script.main(["build", str(collection), *base]) == 2
     assert "already holds an index" in capsys.readouterr().err
     assert index_script.main(["query", "--path-in-index", "elsewhere.png", "-o", str(tmp_path / "index")]) == 2
+
+    # The same model in float32: the hash is the weights' as loaded, before the dtype conversion; accepted, and
+    # its embedding of an indexed photo is that photo's nearest neighbour
+    argv = ["query", str(photos[1]), *base, "--dtype", "float32", "-k", "1"]
+    assert index_script.main(argv) == 0
+    assert str(photos[1]) in capsys.readouterr().out
 
     # The same weights saved again (another file, another format): the same hash, accepted
     (net, info) = birder.load_model(model_file)
@@ -163,6 +175,12 @@ def test_approximate_index_reaches_its_recall_target() -> None:
     (_, found) = index.search(queries, 10)
     assert recall_at(found, truth) >= 0.95
     assert index.plan.nprobe <= 64  # tuned: not the whole index
+
+    # Near-duplicates through the approximate index: candidates by PQ score (within the measured margin), then exact
+    copies = normalize(vectors[:20] + 0.002 * rng.standard_normal((20, 64)))
+    with_copies = np.concatenate([vectors, copies]).astype(np.float32)
+    pairs = near_pairs(build_index(with_copies, choose_plan(len(with_copies), 64, exact_limit=1000)), 0.98)
+    assert pairs.tolist() == [[i, 6000 + i] for i in range(20)]
 
 
 def test_duplicate_groups_keep_most_pixels_then_sharpest_then_earliest() -> None:

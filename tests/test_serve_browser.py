@@ -150,3 +150,55 @@ def test_the_page_shows_the_decided_answer(browser: object, answer_sites: tuple)
         finally:
             page.close()
         assert errors == []
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Boxes over the photo (birder-serve --detector); a server without a detector is never asked for them
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def detect_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, Path]]]:
+    from detect_support import tiny_detector
+
+    from birder.serve.detect import ServedDetector
+
+    directory = tmp_path_factory.mktemp("browser-detect")
+    (net, model_info) = saved_and_loaded_tiny_model(directory)
+    photos = make_photos(directory / "photos")
+    (det, det_info) = tiny_detector()
+    with running_server(create_app(net, model_info, name="boxes", detector=ServedDetector(det, det_info))) as url:
+        yield (url, photos)
+
+
+def test_the_page_draws_the_detected_boxes(browser: object, detect_site: tuple, site: tuple) -> None:
+    from detect_support import BOXES_PER_PHOTO
+
+    (url, photos) = detect_site
+    (page, requested, errors) = open_page(browser, url)
+    try:
+        page.set_input_files("#file-input", str(photos["robin.jpg"]))
+        boxes = page.locator("#det-boxes .det-box")
+        sync_api.expect(boxes).to_have_count(BOXES_PER_PHOTO, timeout=TIMEOUT_MS)
+        sync_api.expect(page.locator("#detections li")).to_have_count(BOXES_PER_PHOTO, timeout=TIMEOUT_MS)
+        labels = boxes.locator(".det-label").all_text_contents()
+        assert all(label.split()[0] in " ".join(SPECIES) and label.endswith("%") for label in labels), labels
+        # Each box lies on the photo as shown
+        shown = page.locator("#preview").bounding_box()
+        for box in (outline.bounding_box() for outline in boxes.all()):
+            assert box["width"] > 0 and box["height"] > 0
+            assert shown["x"] - 1 <= box["x"] and box["x"] + box["width"] <= shown["x"] + shown["width"] + 1
+        sync_api.expect(page.locator("#predictions .prediction")).to_have_count(5, timeout=TIMEOUT_MS)
+    finally:
+        page.close()
+    assert any(link.endswith("/v1/detect") for link in requested) and errors == []
+
+    (plain_url, plain_photos, _) = site
+    (page, requested, errors) = open_page(browser, plain_url)
+    try:
+        page.set_input_files("#file-input", str(plain_photos["robin.jpg"]))
+        sync_api.expect(page.locator("#predictions .prediction")).to_have_count(5, timeout=TIMEOUT_MS)
+        assert page.locator("#detections-panel").is_hidden() and page.locator("#det-boxes .det-box").count() == 0
+    finally:
+        page.close()
+    assert not any("/v1/detect" in link for link in requested) and errors == []

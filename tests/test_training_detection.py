@@ -79,6 +79,27 @@ def test_nothing_valid_is_refused(tmp_path: Path) -> None:
         read_coco(tmp_path / "nope.json")
 
 
+@pytest.mark.parametrize(
+    ("images", "annotations", "message"),
+    [
+        ([_image(1)], [_box(1, 1, [30, 20, 15, 5])], "outside its 40x30 image"),
+        ([_image(1)], [_box(1, 1, [2, 3, 10, 10], category_id=99)], "unknown category id 99"),
+        ([_image(1), _image(2, missing=True)], [_box(1, 2, [2, 3, 10, 10])], "no such file"),
+    ],
+)
+def test_training_data_with_no_valid_box_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture, images: list[dict], annotations: list[dict], message: str
+) -> None:
+    # Each bad item is named on one line; when nothing valid is left to learn from, birder-train-det says so.
+    path = _write_coco(tmp_path, images, annotations)
+    args = ["--backbone", "vit_t16", "--backbone-config", json.dumps(TINY_VIT_CONFIG), "--size", "32"]
+    args += ["--train-json", str(path), "--val-json", str(path), "--output-dir", str(tmp_path / "run"), "--no-progress"]
+    assert train_det.main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "no usable box to learn from (1 bad items)" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_augmentation_moves_boxes_with_the_pixels(tmp_path: Path) -> None:
     image = Image.new("RGB", (64, 48), (0, 0, 0))
     image.paste((255, 255, 255), (4, 6, 20, 18))  # a white block at x 4..20, y 6..18
@@ -148,3 +169,31 @@ def test_train_det_refuses_data_without_boxes(tmp_path: Path, capsys: pytest.Cap
     assert train_det.main([*args, "--output-dir", str(tmp_path / "run"), "--size", "32", "--no-progress"]) == 2
     assert "no usable box to learn from" in capsys.readouterr().err
     torch.manual_seed(0)  # (keeps the global stream as other tests expect)
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_detection_benchmark_tiny(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, native_bf16: bool
+) -> None:
+    # Both sections on tiny data; bfloat16 is measured only where it is native, else printed "not measured".
+    from benchmarks import detection
+
+    described = detection.machine_description
+    monkeypatch.setattr(
+        detection, "machine_description", lambda device: {**described(device), "cpu_native_bf16": native_bf16}
+    )
+    output = tmp_path / "detection.json"
+    argv = ["--tiny", "--heads", "retinanet", "--workdir", str(tmp_path / "work"), "--output", str(output)]
+    assert detection.main(argv) == 0
+    report = json.loads(output.read_text())
+    assert report["machine"]["cpu_model"] and report["machine_label"] in capsys.readouterr().out
+    measured = {(r["size"], r["dtype"]) for r in report["speed"]}
+    skipped = {(r["size"], r["dtype"]) for r in report["speed_not_measured"]}
+    assert all(r["images_per_s"] > 0 for r in report["speed"])
+    if native_bf16:
+        assert measured == {(s, d) for s in (64, 128) for d in ("float32", "bfloat16")} and not skipped
+    else:
+        assert measured == {(64, "float32"), (128, "float32")} and skipped == {(64, "bfloat16"), (128, "bfloat16")}
+    (run,) = report["curve"]["runs"]
+    assert run["head"] == "retinanet" and [row["epoch"] for row in run["curve"]] == [1]
+    assert 0.0 <= run["held_out_map50"] <= 1.0 and run["curve"][0]["seconds"] > 0

@@ -20,10 +20,8 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from birder.data.training import DataError, SampleKey
-from birder.errors import ImageDecodeError
+from birder.data.training import DataError, SampleKey, load_readable, sample_seed
 from birder.inference.detection import detection_transform
-from birder.io.images import load_image
 
 logger = logging.getLogger(__name__)
 
@@ -238,27 +236,20 @@ class DetectionDataset(Dataset):
 
     def __init__(self, images: Sequence[CocoImage], transform: Callable[..., Any], *, train: bool, seed: int = 0):
         (self.images, self.transform, self.train, self.seed) = (list(images), transform, train, seed)
+        self.paths = [entry.path for entry in self.images]
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, key: SampleKey) -> DetectionSample:
         (epoch, index) = key if isinstance(key, tuple) else (None, key)
-        unreadable: list[str] = []
-        for offset in range(len(self.images)):
-            entry = self.images[(index + offset) % len(self.images)]
-            try:
-                photo = load_image(entry.path)
-            except ImageDecodeError as err:
-                unreadable.append(str(err))
-                if not self.train:
-                    return DetectionSample(index, None, {}, (entry.height, entry.width), tuple(unreadable))
-                continue
+        (position, photo, unreadable) = load_readable(self.paths, index, replace=self.train)
+        entry = self.images[position]
+        if photo is None:
+            return DetectionSample(index, None, {}, (entry.height, entry.width), unreadable)
 
-            (image, target) = self._transform(photo, entry, epoch)
-            return DetectionSample(index, image, target, (photo.height, photo.width), tuple(unreadable))
-
-        raise DataError(f"none of the {len(self.images)} images could be read (first: {unreadable[0]})")
+        (image, target) = self._transform(photo, entry, epoch)
+        return DetectionSample(index, image, target, (photo.height, photo.width), unreadable)
 
     def _transform(self, photo: Image.Image, entry: CocoImage, epoch: int | None) -> tuple[torch.Tensor, dict]:
         if not self.train:
@@ -270,9 +261,7 @@ class DetectionDataset(Dataset):
             canvas_size=(photo.height, photo.width),
         )
         target = {"boxes": boxes, "labels": torch.tensor(entry.labels, dtype=torch.int64)}
-        # Seeded by the sample, without disturbing the caller's random stream (see ImageDataset._transform).
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(hash((self.seed, epoch, entry.image_id)) & 0x7FFF_FFFF_FFFF_FFFF)
+        with sample_seed(self.seed, epoch, entry.image_id):
             (image, target) = self.transform(tv_tensors.Image(v2.functional.pil_to_tensor(photo)), target)
         return (
             image.as_subclass(torch.Tensor),

@@ -11,6 +11,7 @@ Three properties the trainers rely on:
   dropped in evaluation.
 """
 
+import contextlib
 import csv
 import logging
 import math
@@ -225,6 +226,37 @@ class TrainingBatch(NamedTuple):
     unreadable: list[str]
 
 
+def load_readable(
+    paths: Sequence[Path], index: int, *, replace: bool
+) -> tuple[int, Image.Image | None, tuple[str, ...]]:
+    """Decode ``paths[index]``. A file that fails is replaced by the next readable one (``replace``, training: the
+    batch keeps its size) or dropped (the image is None). Returns the position read, the image and one message per
+    unreadable file met; none readable at all is an error."""
+    unreadable: list[str] = []
+    for offset in range(len(paths)):
+        position = (index + offset) % len(paths)
+        try:
+            return (position, load_image(paths[position]), tuple(unreadable))
+        except ImageDecodeError as err:
+            unreadable.append(str(err))
+            if not replace:
+                return (index, None, tuple(unreadable))
+
+    raise DataError(f"none of the {len(paths)} images could be read (first: {unreadable[0]})")
+
+
+@contextlib.contextmanager
+def sample_seed(seed: int, epoch: int | None, item: int) -> Iterator[None]:
+    """Seed the augmentation of one sample by the sample itself, without disturbing the caller's random stream: the
+    same image gets the same crop in epoch ``epoch`` whichever worker, rank or resumed run loads it.
+
+    Only the CPU generator is seeded (``torch.manual_seed`` would also queue seeds for every accelerator).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(hash((seed, epoch, item)) & 0x7FFF_FFFF_FFFF_FFFF)
+        yield
+
+
 class ImageDataset(Dataset):
     """Images (with optional integer labels) decoded by the package's one decoder, then transformed.
 
@@ -255,32 +287,17 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, key: SampleKey) -> TrainingSample:
         (epoch, index) = key if isinstance(key, tuple) else (None, key)
-        unreadable: list[str] = []
-        for offset in range(len(self.paths)):
-            position = (index + offset) % len(self.paths)
-            try:
-                image = load_image(self.paths[position])
-            except ImageDecodeError as err:
-                unreadable.append(str(err))
-                if not self.replace_unreadable:
-                    return TrainingSample(index, None, self.targets[index], tuple(unreadable))
-                continue
+        (position, image, unreadable) = load_readable(self.paths, index, replace=self.replace_unreadable)
+        if image is None:
+            return TrainingSample(index, None, self.targets[index], unreadable)
 
-            return TrainingSample(
-                index, self._transform(image, epoch, position), self.targets[position], tuple(unreadable)
-            )
-
-        raise DataError(f"none of the {len(self.paths)} images could be read (first: {unreadable[0]})")
+        return TrainingSample(index, self._transform(image, epoch, position), self.targets[position], unreadable)
 
     def _transform(self, image: Image.Image, epoch: int | None, position: int) -> torch.Tensor:
         if epoch is None:
             return self.transform(image)
 
-        # Seed the augmentation by the sample itself, without disturbing the caller's random stream: the same
-        # image gets the same crop in epoch e whichever worker, rank or resumed run loads it.
-        # (Only the CPU generator is seeded: torch.manual_seed would also queue seeds for every accelerator.)
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(hash((self.seed, epoch, position)) & 0x7FFF_FFFF_FFFF_FFFF)
+        with sample_seed(self.seed, epoch, position):
             return self.transform(image)
 
     def class_counts(self) -> Counter:

@@ -66,17 +66,21 @@ def export_results(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def add_export_arguments(parser: argparse.ArgumentParser, *, required: bool = False) -> None:
-    """``--export FORMAT`` (repeatable) and the options of the exports."""
+def add_export_arguments(
+    parser: argparse.ArgumentParser, *, required: bool = False, extra_formats: Sequence[tuple[str, str]] = ()
+) -> None:
+    """``--export FORMAT`` (repeatable) and the options of the exports; ``extra_formats``: ``(name, what it is)``
+    of formats the command writes itself (birder-predict's md-json)."""
     group = parser.add_argument_group("camera-trap exports")
     group.add_argument(
         "--export",
         dest="exports",
         action="append",
-        choices=EXPORT_FORMATS,
+        choices=(*EXPORT_FORMATS, *(name for (name, _) in extra_formats)),
         required=required,
         default=None if required else [],
-        help="also write this export (repeatable): Camtrap DP package, COCO Camera Traps JSON",
+        help="also write this export (repeatable): Camtrap DP package, COCO Camera Traps JSON"
+        + "".join(f", {what}" for (_, what) in extra_formats),
     )
     group.add_argument("--timezone", metavar="TZ", help="the photos' clock: +02:00 or Europe/Vienna (Camtrap DP)")
     group.add_argument("--deployment-lat", type=float, metavar="DEG", help="camera latitude where photos have no GPS")

@@ -411,12 +411,13 @@ def add_prior_arguments(parser: argparse.ArgumentParser, *, places: bool = True)
     return group
 
 
-def add_geo_arguments(parser: argparse.ArgumentParser) -> None:
-    """Everything of this module on ``birder-predict``'s command line: prior, events, exports."""
+def add_geo_arguments(parser: argparse.ArgumentParser, extra_exports: Sequence[tuple[str, str]] = ()) -> None:
+    """Everything of this module on ``birder-predict``'s command line: prior, events, exports (and the command's
+    own ``extra_exports``, ``(name, what it is)``)."""
     from birder.geo.export import add_export_arguments
 
     add_prior_arguments(parser)
     group = parser.add_argument_group("events")
     group.add_argument("--events", action="store_true", help="group photos into events by folder and EXIF time gap")
     group.add_argument("--event-gap", default="120s", metavar="GAP", help="max time between photos of an event (120s)")
-    add_export_arguments(parser)
+    add_export_arguments(parser, extra_formats=extra_exports)

@@ -3,7 +3,8 @@
 A Camtrap DP package is validated by frictionless with each resource's published schema URL replaced by the local
 Table Schema (column order and labels, types, constraints, primary and foreign keys), and its ``datapackage.json``
 by JSON Schema. A COCO Camera Traps file is validated by JSON Schema, plus the references JSON Schema cannot see
-(annotations point at existing images and categories). Needs the ``geo`` extra (frictionless, jsonschema).
+(annotations point at existing images and categories); so is a MegaDetector batch output (``birder-predict
+--detector --export md-json``). Needs the ``geo`` extra (frictionless, jsonschema).
 """
 
 from __future__ import annotations
@@ -81,4 +82,38 @@ def validate_coco_ct(path: str | os.PathLike) -> list[str]:
             errors.append(f"annotation {annotation['id']}: no category {annotation['category_id']}")
     if len(images) != len(document["images"]):
         errors.append("image ids are not unique")
+    return errors
+
+
+# Rounding of the written boxes (4 decimals each of x, y, width, height) may take x + width past 1 by this much
+_MD_ROUNDING = 1e-3
+
+
+def validate_md_json(path: str | os.PathLike) -> list[str]:
+    """The problems of a MegaDetector batch output file (empty: valid): its JSON Schema, then what the schema
+    cannot see: categories that exist, classifications sorted by score, boxes inside the frame, unique files."""
+    document = json.loads(Path(path).read_text(encoding="utf-8"))
+    errors = _json_schema_errors(document, _schema("megadetector-batch-output.schema.json"))
+    if errors:
+        return errors
+    detection_categories = document["detection_categories"]
+    classification_categories = document.get("classification_categories", {})
+    for image in document["images"]:
+        name = image["file"]
+        for number, detection in enumerate(image.get("detections", [])):
+            where = f"{name}, detection {number}"
+            if detection["category"] not in detection_categories:
+                errors.append(f"{where}: no detection category '{detection['category']}'")
+            (x, y, width, height) = detection["bbox"]
+            if x + width > 1 + _MD_ROUNDING or y + height > 1 + _MD_ROUNDING:
+                errors.append(f"{where}: box {detection['bbox']} runs past the image")
+            scores = [score for (_, score) in detection.get("classifications", [])]
+            if scores != sorted(scores, reverse=True):
+                errors.append(f"{where}: classifications not sorted by score")
+            missing = [cid for (cid, _) in detection.get("classifications", []) if cid not in classification_categories]
+            if missing:
+                errors.append(f"{where}: no classification category '{missing[0]}'")
+    files = [image["file"] for image in document["images"]]
+    if len(set(files)) != len(files):
+        errors.append("image files are not unique")
     return errors

@@ -1,7 +1,7 @@
 """Crop-then-classify building blocks: a detector's boxes as crops for a classifier, and the MegaDetector batch
 output (docs/compatibility.md, "MegaDetector batch output") that review tools such as Timelapse read.
 
-The command-line side (``birder-predict --detector``) is not wired yet; these are the tested pieces it will use.
+``birder-predict --detector`` (:mod:`birder.inference.detect_run`) and ``birder-serve --detector`` use them.
 """
 
 import json
@@ -54,6 +54,11 @@ def detect_crops(
     ]
 
 
+def md_timestamp() -> str:
+    """Now, as the batch output's completion times are written (UTC)."""
+    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
 def md_detection(
     box: Sequence[float],
     score: float,
@@ -87,14 +92,16 @@ def md_batch_output(
     classification_categories: Mapping[str, str] | None = None,
     *,
     detector: str = "birder",
+    info: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The whole MegaDetector batch output object; ``images`` are ``{"file", "detections"}`` or ``{"file",
-    "failure"}`` records."""
+    "failure"}`` records; ``info`` adds keys to the info block (e.g. ``classifier``)."""
     output: dict[str, Any] = {
         "info": {
             "format_version": MD_FORMAT_VERSION,
             "detector": detector,
-            "detection_completion_time": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S"),
+            "detection_completion_time": md_timestamp(),
+            **(info or {}),
         },
         "detection_categories": {str(key): str(value) for key, value in detection_categories.items()},
         "images": list(images),

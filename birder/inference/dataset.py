@@ -71,7 +71,7 @@ class PhotoBatch(NamedTuple):
     """A collated batch: the good photos stacked, the failures listed beside them."""
 
     indices: list[int]  # dataset indices of the rows of ``inputs``
-    inputs: torch.Tensor | None  # [B, C, H, W], None when every photo of the batch failed
+    inputs: torch.Tensor | list[Any] | None  # [B, C, H, W] (a list without stacking); None: every photo failed
     metadata: list[PhotoMetadata]  # one per row of ``inputs``
     failures: list[tuple[int, str]]  # (dataset index, one-line reason)
     run_error: str | None = None  # the first sample's run_error: the batch loop must stop with it
@@ -275,12 +275,17 @@ class ImageFileDataset(Dataset):
         return PhotoSample(index, tensor, None, metadata)
 
 
-def collate_photos(samples: Sequence[PhotoSample]) -> PhotoBatch:
-    """``DataLoader`` collate function for :class:`ImageFileDataset`: stack the good, list the failed."""
+def collate_photos(samples: Sequence[PhotoSample], stack: bool = True) -> PhotoBatch:
+    """``DataLoader`` collate function for :class:`ImageFileDataset`: stack the good, list the failed.
+
+    ``stack=False`` (``functools.partial``) keeps the good samples' items as a list: photos of different sizes, or
+    whatever a transform returns that does not stack (a detection run's photo and detector input).
+    """
     run_error = next((sample.run_error for sample in samples if sample.run_error is not None), None)
     good = [sample for sample in samples if sample.tensor is not None]
     failures = [(sample.index, sample.error) for sample in samples if sample.error is not None]
-    inputs = torch.stack([sample.tensor for sample in good]) if good else None
+    items = [sample.tensor for sample in good]
+    inputs = (torch.stack(items) if stack else items) if good else None
     return PhotoBatch(
         [sample.index for sample in good], inputs, [sample.metadata for sample in good], failures, run_error
     )

@@ -62,6 +62,42 @@ def rescale_boxes(boxes: torch.Tensor, from_hw: Sequence[int], to_hw: Sequence[i
     return boxes * scale
 
 
+def detect_tensors(
+    det_net: torch.nn.Module,
+    tensors: Sequence[torch.Tensor],
+    photo_sizes: Sequence[tuple[int, int]],
+    *,
+    score_threshold: float = 0.0,
+) -> list[Detections]:
+    """Detect objects in transformed photos (``[C, H, W]`` each); each photo's boxes in its own original pixels
+    (``photo_sizes``: ``(height, width)``), clipped to it, on the CPU, scores at least ``score_threshold``, best first.
+
+    Photos of the same transformed size run in one forward pass; others apart: a batch of different sizes would be
+    padded to the largest, and the backbone's global attention would see the padding, so a photo's boxes would
+    depend on the photos it was batched with.
+    """
+    reference = next(det_net.parameters())
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for index, tensor in enumerate(tensors):
+        by_shape.setdefault(tuple(tensor.shape), []).append(index)
+
+    outputs: dict[int, dict[str, torch.Tensor]] = {}
+    with torch.inference_mode():
+        for indices in by_shape.values():
+            batch = [tensors[i].to(device=reference.device, dtype=reference.dtype) for i in indices]
+            outputs.update(zip(indices, det_net(batch), strict=True))
+
+    results = []
+    for index, (tensor, photo_hw) in enumerate(zip(tensors, photo_sizes, strict=True)):
+        output = outputs[index]
+        keep = output["scores"] >= score_threshold
+        boxes = rescale_boxes(output["boxes"][keep].float().cpu(), tensor.shape[-2:], photo_hw)
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, photo_hw[1])
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, photo_hw[0])
+        results.append(Detections(boxes, output["scores"][keep].float().cpu(), output["labels"][keep].cpu()))
+    return results
+
+
 def infer_image(
     det_net: torch.nn.Module,
     image: ImageInput,
@@ -69,13 +105,18 @@ def infer_image(
     *,
     score_threshold: float = 0.0,
 ) -> Detections:
-    """Detect objects in one photo (a path or a PIL image); boxes in the original photo's pixels, on the CPU."""
-    photo = load_image(image)
-    tensor = transform(photo)
-    reference = next(det_net.parameters())
-    with torch.inference_mode():
-        output = det_net([tensor.to(device=reference.device, dtype=reference.dtype)])[0]
+    """Detect objects in one photo: the detector counterpart of :func:`birder.inference.classification.infer_image`.
 
-    keep = output["scores"] >= score_threshold
-    boxes = rescale_boxes(output["boxes"][keep].float().cpu(), tensor.shape[-2:], (photo.height, photo.width))
-    return Detections(boxes, output["scores"][keep].float().cpu(), output["labels"][keep].cpu())
+    Args:
+        det_net: a detector (:func:`~birder.net.detection.checkpoint.load_detector`), in eval mode.
+        image: a path or a PIL image; decoded by :func:`~birder.io.images.load_image` (EXIF orientation applied).
+        transform: :func:`detection_transform` of the detector's size and rgb stats.
+        score_threshold: boxes scoring below it are dropped.
+
+    Returns:
+        :class:`Detections`: ``boxes`` ``[N, 4]`` (x1, y1, x2, y2) in the original photo's pixels, ``scores``
+        (descending) and ``labels`` (indices of the detector's ``class_to_idx``), on the CPU.
+    """
+    photo = load_image(image)
+    size = (photo.height, photo.width)
+    return detect_tensors(det_net, [transform(photo)], [size], score_threshold=score_threshold)[0]

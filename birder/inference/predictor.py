@@ -12,6 +12,7 @@ a regional species list (:class:`ClassSelection`) and the end-of-run summary (:c
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections import Counter
@@ -97,6 +98,12 @@ def _advice(exc: Exception) -> str:
     return "check that the model, its weights and the input size fit together"
 
 
+def model_failure(first_path: str | os.PathLike, exc: Exception, what: str = "the model") -> PredictionError:
+    """The one-line error that stops a run when a network raised on the batch starting with ``first_path``."""
+    first = os.fsdecode(first_path)
+    return PredictionError(f"{what} failed on the batch starting with '{first}': {one_line_error(exc)}; {_advice(exc)}")
+
+
 class Predictor:
     """Runs a classification network over photo files in batches.
 
@@ -177,14 +184,24 @@ class Predictor:
 
         return (probabilities, embeddings if self.return_embedding else None, logits, features)
 
-    def loader(self, paths: Sequence[str | os.PathLike], indices: Sequence[int] | None = None) -> DataLoader:
-        dataset = ImageFileDataset(paths, self.transform, indices=indices, read_metadata=self.read_metadata)
+    def loader(
+        self,
+        paths: Sequence[str | os.PathLike],
+        indices: Sequence[int] | None = None,
+        *,
+        transform: Any = None,
+        stack: bool = True,
+    ) -> DataLoader:
+        """Decoded photos in batches (:class:`PhotoBatch`), through ``transform`` (default: the network's);
+        ``stack=False`` keeps each batch's items as a list (see :func:`collate_photos`)."""
+        transform = transform if transform is not None else self.transform
+        dataset = ImageFileDataset(paths, transform, indices=indices, read_metadata=self.read_metadata)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=False,  # the journals rely on photo order
             num_workers=self.num_workers,
-            collate_fn=collate_photos,
+            collate_fn=collate_photos if stack else functools.partial(collate_photos, stack=False),
             pin_memory=self.device.type == "cuda",
             # Two batches in flight per worker keep the network fed without holding many decoded images
             prefetch_factor=2 if self.num_workers > 0 else None,
@@ -213,10 +230,7 @@ class Predictor:
             try:
                 (probabilities, embeddings, logits, features) = self.predict_tensor(batch.inputs)
             except Exception as exc:
-                first = os.fsdecode(paths[batch.indices[0]])
-                raise PredictionError(
-                    f"the model failed on the batch starting with '{first}': {one_line_error(exc)}; {_advice(exc)}"
-                ) from exc
+                raise model_failure(paths[batch.indices[0]], exc) from exc
             yield PredictionBatch(
                 batch.indices, probabilities, embeddings, logits, features, batch.metadata, batch.failures
             )
@@ -311,6 +325,7 @@ class RunSummary:
         self.correct_top1 = 0
         self.correct_top_k = 0
         self.failures = 0
+        self.noun = "photos"  # what is classified: photos, or the boxes of a crop-then-classify run
 
     def add(self, path: str, prediction: str, top_classes: Sequence[str]) -> None:
         self.predictions[prediction] += 1
@@ -324,8 +339,9 @@ class RunSummary:
     def classified(self) -> int:
         return sum(self.predictions.values())
 
-    def format(self, max_species: int = 25) -> str:
-        lines = [f"Classified {self.classified} photos, {self.failures} could not be read."]
+    def format(self, max_species: int = 25, header: str | None = None) -> str:
+        """The summary's lines; ``header`` replaces the first (what was classified: photos, or detected boxes)."""
+        lines = [header or f"Classified {self.classified} photos, {self.failures} could not be read."]
         if self.predictions:
             lines.append("Predicted species:")
             width = max(len(name) for (name, _) in self.predictions.most_common(max_species))
@@ -335,7 +351,7 @@ class RunSummary:
                 lines.append(f"  ... and {len(self.predictions) - max_species} more species")
         if self.labelled:
             lines.append(
-                f"Accuracy on the {self.labelled} photos in folders named after a class: "
+                f"Accuracy on the {self.labelled} {self.noun} in folders named after a class: "
                 f"top-1 {100.0 * self.correct_top1 / self.labelled:.1f}%, "
                 f"top-{self.top_k} {100.0 * self.correct_top_k / self.labelled:.1f}%"
             )

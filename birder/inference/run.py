@@ -7,6 +7,10 @@
 3. Finish (rank 0, once every rank's journals are on disk): merge them into the final tables, print the summary,
    draw the picture (:func:`~birder.plots.plot_predictions`).
 
+With a detector (``detector``, ``birder-predict --detector``) the steps that differ are
+:mod:`birder.inference.detect_run`'s (:class:`RunSteps`): each detected box is cropped and classified, a row per
+box, in the same frame (plan, shards, journals, merge, resume).
+
 Under ``torchrun`` every process calls :func:`run_prediction` (devices and process groups: :mod:`birder.distributed`).
 A mistake the user can fix raises :class:`~birder.errors.BirderError`; a failure that is no single photo's (the
 model or the transform raising) raises :class:`~birder.inference.predictor.PredictionError`. Photos that cannot be
@@ -21,7 +25,7 @@ import dataclasses
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,6 +113,13 @@ class PredictionOptions:
     deployment_lon: float | None = None
     project_title: str = "birder predictions"
     contributor: str = "birder"
+    # Crop-then-classify (birder.inference.detect_run): each box a detector finds is classified, a row per box
+    detector: str | os.PathLike | None = None  # a birder-train-det file
+    det_threshold: float = 0.5  # boxes scoring below it are dropped
+    crop_margin: float = 0.1  # each crop grows by this fraction of its box's width and height on each side
+    fallback_whole_image: bool = False  # a photo without boxes gets the whole photo's answer (source whole-image)
+    save_crops: str | os.PathLike | None = None  # a folder: each crop as a JPEG
+    draw: str | os.PathLike | None = None  # a folder: each photo with its labelled boxes
 
     def __post_init__(self) -> None:
         self.output_dir = Path(self.output_dir)
@@ -131,12 +142,13 @@ def run_prediction(options: PredictionOptions) -> RunReport:
     (unless ``progress`` is off), a resume's count and unknown species on stderr.
     """
     _check_options(options)
+    steps = _run_steps(options)
     device_name = "cpu" if options.quantize else options.device
     with distributed_session(device_name, timeout=P.COLLECTIVE_TIMEOUT) as context:
-        job = _prepare(options, context)
+        job = steps.prepare(options, context)
         plan = compute_on_main(context, lambda: _plan(job))
         mine = P.shard_indices(plan.remaining, context.rank, context.world_size)
-        elapsed = _predict(job, context, plan, mine)
+        elapsed = steps.predict(job, context, plan, mine)
 
         barrier(context)  # every rank's journals are complete and on disk
         if not context.is_main:
@@ -150,12 +162,34 @@ def run_prediction(options: PredictionOptions) -> RunReport:
             "dtype": job.dtype.dtype,
             "dtype_reason": job.dtype.reason,
         }
-        (report, shown) = _finish(job, plan, elapsed, run_info)
+        tally = steps.tally(job)
+        report = _finish(job, plan, elapsed, run_info, tally)
         if job.geo is not None:
             _finish_geo(job)
+        steps.after(job, plan)
         if options.plot is not None or options.show:
-            plot_predictions(shown, options.plot, options.show)
+            plot_predictions(tally.shown, options.plot, options.show)
         return report
+
+
+@dataclass(frozen=True)
+class RunSteps:
+    """The steps that differ between kinds of run (classifying photos here; crop-then-classify in
+    :mod:`birder.inference.detect_run`); :func:`run_prediction` runs them in the same frame: ranks, plan, journals,
+    merge."""
+
+    prepare: Callable[[PredictionOptions, DistInfo], _Job]
+    predict: Callable[[_Job, DistInfo, _Plan, list[int]], float]  # this rank's photos into its journals; seconds
+    tally: Callable[[_Job], Tally]  # what the summary counts in the merged rows
+    after: Callable[[_Job, _Plan], None]  # (rank 0, after the merge) what is written from the final tables
+
+
+def _run_steps(options: PredictionOptions) -> RunSteps:
+    if options.detector is not None:
+        from birder.inference import detect_run
+
+        return detect_run.STEPS
+    return RunSteps(_prepare, _predict, PhotoTally, lambda job, plan: None)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -176,6 +210,7 @@ class _Job:
     dtype: DtypeChoice  # what the network runs in, and why
     policy: DecisionPolicy = field(default_factory=lambda: DecisionPolicy([]))  # the answer: label, rank, ...
     geo: GeoStep | None = None  # the location prior, events, exports (None: none asked for)
+    detection: Any = None  # with --detector: the detector step (birder.inference.detect_run.DetectionStep)
 
 
 def _check_options(options: PredictionOptions) -> None:
@@ -187,7 +222,36 @@ def _check_options(options: PredictionOptions) -> None:
         raise BirderError(f"--center-crop must be a positive fraction, got {options.center_crop}")
     if options.quantize and options.device not in ("auto", "cpu"):
         raise BirderError("--quantize int8 runs on the CPU only: drop it, or use --device cpu")
-    check_geo_options(options)
+    check_detection_options(options)
+    check_geo_options(geo_options(options))
+
+
+def check_detection_options(options: PredictionOptions) -> None:
+    """Refuse the crop-then-classify options without ``--detector`` (with it: ``detect_run`` checks its own)."""
+    if options.detector is not None:
+        from birder.inference import detect_run
+
+        detect_run.check_options(options)
+        return
+    needs_detector = {
+        "--export md-json": any(name in DETECTION_EXPORTS for name in options.exports),
+        "--fallback-whole-image": options.fallback_whole_image,
+        "--save-crops": options.save_crops is not None,
+        "--draw": options.draw is not None,
+    }
+    for option, given in needs_detector.items():
+        if given:
+            raise BirderError(f"{option} is about detected boxes: it needs --detector FILE (a birder-train-det file)")
+
+
+# Exports written from a crop-then-classify run's own tables (birder.inference.detect_run), not by birder.geo
+DETECTION_EXPORTS = ("md-json",)
+
+
+def geo_options(options: PredictionOptions) -> PredictionOptions:
+    """The options as :mod:`birder.geo` sees them: its exports only."""
+    exports = [name for name in options.exports if name not in DETECTION_EXPORTS]
+    return options if len(exports) == len(options.exports) else dataclasses.replace(options, exports=exports)
 
 
 def _settings(
@@ -244,8 +308,10 @@ def _warn_unknown_species(selection: P.ClassSelection, species_file: str | os.Pa
     )
 
 
-def _prepare(options: PredictionOptions, context: DistInfo) -> _Job:
-    """Load the model and set up the classes, the transform and the tables."""
+def _prepare(
+    options: PredictionOptions, context: DistInfo, tables_class: type[PredictionTables] = PredictionTables
+) -> _Job:
+    """Load the model and set up the classes, the transform and the tables (of ``tables_class``)."""
     species = P.read_species_file(options.species) if options.species is not None else None
     dtype = _choose_dtype(options, context)
     (net, model_info, size) = _load_network(options, context, dtype)
@@ -254,8 +320,8 @@ def _prepare(options: PredictionOptions, context: DistInfo) -> _Job:
         _warn_unknown_species(selection, options.species)
 
     policy = _decision_policy(options, net, selection)
-    geo = GeoStep.from_options(options, selection.all_names, selection.indices, options.top_k)
-    tables = PredictionTables(
+    geo = GeoStep.from_options(geo_options(options), selection.all_names, selection.indices, options.top_k)
+    tables = tables_class(
         selection.names,
         options.top_k,
         all_class_names=selection.all_names,
@@ -334,40 +400,44 @@ def _batch_rows(job: _Job, batch: P.PredictionBatch, paths: list[str]) -> dict[s
         return rows
 
     batch_paths = [paths[index] for index in batch.indices]
-    probabilities = job.selection.apply(batch.probabilities)
+    feature_files = None
+    if batch.features is not None:
+        feature_files = write_feature_files(job.options.output_dir / "features", batch_paths, batch.features)
+    outputs = (batch.probabilities, batch.embeddings, batch.logits)
+    rows.update(classified_rows(job, batch_paths, batch.metadata, outputs, feature_files=feature_files))
+    return rows
+
+
+def classified_rows(
+    job: _Job,
+    paths: list[str],
+    metadata: Sequence[Any],
+    outputs: tuple[Any, Any, Any],
+    *,
+    feature_files: Sequence[str] | None = None,
+    lead_values: Sequence[Sequence[Any]] | None = None,
+) -> dict[str, list[list[str]]]:
+    """The rows of classified images (photos, or crops: ``paths`` then repeats a photo's), from the classifier's
+    ``outputs`` ``(probabilities, embeddings, logits)``: the species restricted to the run's, the prior, top-k and
+    the answer (decision steps 4-8)."""
+    (raw_probabilities, embeddings, logits) = outputs
+    probabilities = job.selection.apply(raw_probabilities)
     # Step 4, the location prior (--prior): top-k and answer are the adjusted ones; the probabilities table and
     # the image_top columns keep the image's own
-    (adjusted, prior, geo_cells) = _geo_batch(job, batch_paths, batch.metadata, probabilities)
+    (adjusted, prior, geo_cells) = _geo_batch(job, paths, metadata, probabilities)
     (top_indices, top_probabilities) = P.top_k(adjusted, job.tables.top_k)
     decisions = None
     if job.policy.active:
         decisions = job.policy.decide(
             probabilities,
-            logits=batch.logits,
-            embeddings=batch.embeddings,
+            logits=logits,
+            embeddings=embeddings,
             prior=prior,
             prior_strength=job.options.prior_strength,
         )
-    feature_files = None
-    if batch.features is not None:
-        feature_files = write_feature_files(job.options.output_dir / "features", batch_paths, batch.features)
-
-    rows.update(
-        job.tables.rows(
-            batch_paths,
-            probabilities,
-            top_indices,
-            top_probabilities,
-            batch.metadata,
-            min_prob=job.options.min_prob,
-            logits=batch.logits,
-            embeddings=batch.embeddings,
-            feature_files=feature_files,
-            decisions=decisions,
-            extra_values=geo_cells,
-        )
-    )
-    return rows
+    given = {"min_prob": job.options.min_prob, "logits": logits, "embeddings": embeddings, "decisions": decisions}
+    given.update(feature_files=feature_files, extra_values=geo_cells, lead_values=lead_values)
+    return job.tables.rows(paths, probabilities, top_indices, top_probabilities, metadata, **given)
 
 
 def _geo_batch(
@@ -380,11 +450,10 @@ def _geo_batch(
     return job.geo.batch(paths, metadata, probabilities, job.selection.names)
 
 
-def _predict(job: _Job, context: DistInfo, plan: _Plan, mine: list[int]) -> float:
-    """Classify this rank's photos into its journals; returns the seconds it took."""
+def make_predictor(job: _Job) -> P.Predictor:
+    """The batch loop of the run's classifier: what to compute (the outputs the tables need), then how."""
     options = job.options
-    # What to compute (the outputs the tables need), then how
-    predictor = P.Predictor(
+    return P.Predictor(
         job.net,
         job.transform,
         tta=options.tta,
@@ -396,22 +465,46 @@ def _predict(job: _Job, context: DistInfo, plan: _Plan, mine: list[int]) -> floa
         amp=options.amp,
         calibrated=not options.uncalibrated,
     )
+
+
+def _predict(job: _Job, context: DistInfo, plan: _Plan, mine: list[int]) -> float:
+    """Classify this rank's photos into its journals; returns the seconds it took."""
+    predictor = make_predictor(job)
+
+    def batches() -> Iterator[tuple[dict[str, list[list[str]]], int]]:
+        for batch in predictor.predict_files(plan.paths, mine):
+            yield (_batch_rows(job, batch, plan.paths), batch.num_photos)
+            if job.options.explain is not None:
+                _write_explanations(job, batch, plan.paths)
+
+    return journal_batches(job, context, plan, len(mine), batches(), "Classifying")
+
+
+def journal_batches(
+    job: _Job,
+    context: DistInfo,
+    plan: _Plan,
+    total: int,
+    batches: Iterable[tuple[Mapping[str, list[list[str]]], int]],
+    verb: str,
+) -> float:
+    """Write ``(rows by table, photos)`` of each batch into this rank's journals, with a progress bar (rank 0);
+    returns the seconds it took."""
+    options = job.options
     started = time.perf_counter()
     journals = JournalSet(options.output_dir, job.tables.specs, context.rank, plan.attempt, options.chunk_size)
     progress = tqdm(
-        total=len(mine),
+        total=total,
         unit="img",
-        desc="Classifying" if not context.distributed else f"Classifying (rank 0 of {context.world_size})",
+        desc=verb if not context.distributed else f"{verb} (rank 0 of {context.world_size})",
         disable=not options.progress or not context.is_main,
         dynamic_ncols=True,
     )
     # Closed whatever happens: the rows of the batches that finished become durable (a resume skips them)
     with progress, contextlib.closing(journals):
-        for batch in predictor.predict_files(plan.paths, mine):
-            journals.add(_batch_rows(job, batch, plan.paths), batch.num_photos)
-            if options.explain is not None:
-                _write_explanations(job, batch, plan.paths)
-            progress.update(batch.num_photos)
+        for rows, photos in batches:
+            journals.add(rows, photos)
+            progress.update(photos)
     return time.perf_counter() - started
 
 
@@ -436,40 +529,62 @@ def _write_explanations(job: _Job, batch: P.PredictionBatch, paths: list[str]) -
 _Shown = tuple[str, str, list[tuple[str, float]]]
 
 
-def _finish(job: _Job, plan: _Plan, elapsed: float, run_info: dict[str, Any]) -> tuple[RunReport, list[_Shown]]:
-    """(rank 0) Merge every rank's journals into the final tables and print the summary, counted from the merged
-    rows; returns the report and the first photos, for the picture."""
-    summary = P.RunSummary(job.selection.names, job.tables.top_k)
-    shown: list[_Shown] = []
+class Tally:
+    """What the summary counts, fed each merged row of the final tables (``callbacks``: table -> function)."""
 
-    def on_result(row: list[str]) -> None:
-        (path, prediction, top) = job.tables.parse_result(row)
-        summary.add(path, prediction, [name for (name, _) in top])
-        if len(shown) < job.options.plot_max:
-            shown.append((path, prediction, top))
+    def __init__(self, job: _Job) -> None:
+        self.job = job
+        self.summary = P.RunSummary(job.selection.names, job.tables.top_k)
+        self.shown: list[_Shown] = []  # the first photos, for the picture (--plot, --show)
 
-    def on_failure(row: list[str]) -> None:
-        summary.failures += 1
+    def callbacks(self) -> dict[str, Callable[[list[str]], None]]:
+        return {"failures": self.on_failure}
 
+    def on_failure(self, row: list[str]) -> None:
+        self.summary.failures += 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.summary.as_dict()
+
+    def format(self) -> str:
+        return self.summary.format()
+
+
+class PhotoTally(Tally):
+    """A classification run's: a row per photo."""
+
+    def callbacks(self) -> dict[str, Callable[[list[str]], None]]:
+        return {**super().callbacks(), "results": self.on_result}
+
+    def on_result(self, row: list[str]) -> None:
+        (path, prediction, top) = self.job.tables.parse_result(row)
+        self.summary.add(path, prediction, [name for (name, _) in top])
+        if len(self.shown) < self.job.options.plot_max:
+            self.shown.append((path, prediction, top))
+
+
+def _finish(job: _Job, plan: _Plan, elapsed: float, run_info: dict[str, Any], tally: Tally) -> RunReport:
+    """(rank 0) Merge every rank's journals into the final tables and print the summary, counted (by ``tally``)
+    from the merged rows."""
     written = finalize_run(
         job.options.output_dir,
         job.tables.specs,
         job.options.table_format,
         {path: index for (index, path) in enumerate(plan.paths)},
         include_final=plan.include_final,
-        on_row={"results": on_result, "failures": on_failure},
+        on_row=tally.callbacks(),
         # Called after the merge has fed the summary every row
-        run_info=lambda: {"summary": summary.as_dict(), "seconds": round(elapsed, 3), **run_info},
+        run_info=lambda: {"summary": tally.as_dict(), "seconds": round(elapsed, 3), **run_info},
     )
-    report = RunReport(summary, written, len(plan.remaining), elapsed)
-    _print_report(summary, report)
+    report = RunReport(tally.summary, written, len(plan.remaining), elapsed)
+    _print_report(tally.format(), report)
     print(f"  dtype         {job.dtype}")  # said once, with the summary: an error on stderr stays one line
-    return (report, shown)
+    return report
 
 
-def _print_report(summary: P.RunSummary, report: RunReport) -> None:
+def _print_report(summary: str, report: RunReport) -> None:
     rate = report.photos_this_run / report.seconds if report.seconds > 0 else 0.0
-    print(summary.format())
+    print(summary)
     print(f"This run: {report.photos_this_run} photos in {report.seconds:.1f} s ({rate:.1f} img/s)")
     for name, path in report.tables.items():
         print(f"  {name:<13} {path}")

@@ -40,8 +40,11 @@ DECISION_COLUMNS = (
 COLUMNS_HINT = "different --top-k, --species or model?"
 
 
-def _result_columns(top_k: int, decisions: bool = False, extra: Sequence[Column] = ()) -> tuple[Column, ...]:
-    columns = [Column(PATH_COLUMN), Column("prediction")]
+def _result_columns(
+    top_k: int, decisions: bool = False, extra: Sequence[Column] = (), lead: Sequence[Column] = ()
+) -> tuple[Column, ...]:
+    # ``lead``: what a row is about beside its photo (a detected box: birder.inference.detect_run), after the path
+    columns = [Column(PATH_COLUMN), *lead, Column("prediction")]
     for rank in range(1, top_k + 1):
         columns += [Column(f"top{rank}_class"), Column(f"top{rank}_prob", "float32", ".6f")]
     # ``extra``: columns of optional steps (the location prior, events: birder.geo.predict), last
@@ -67,10 +70,12 @@ class PredictionTables:
         features: bool = False,
         decisions: bool = False,
         extra_result_columns: Sequence[Column] = (),
+        lead_columns: Sequence[Column] = (),
     ) -> None:
         self.top_k = max(1, min(top_k, len(class_names)))
+        self.lead = len(lead_columns)
         self.results = TableSpec(
-            "results", _result_columns(self.top_k, decisions, extra_result_columns), marks_done=True
+            "results", _result_columns(self.top_k, decisions, extra_result_columns, lead_columns), marks_done=True
         )
         self.failures = TableSpec("failures", string_columns(PATH_COLUMN, "error"), fixed_format="csv", marks_done=True)
 
@@ -105,9 +110,11 @@ class PredictionTables:
         feature_files: Sequence[str] | None = None,
         decisions: Any = None,
         extra_values: Sequence[Sequence[Any]] | None = None,
+        lead_values: Sequence[Sequence[Any]] | None = None,
     ) -> dict[str, list[Row]]:
         """The rows of every table but failures for a batch of classified photos (arrays ``[B, ...]``);
-        ``decisions`` (:class:`~birder.inference.decision.Decisions`) fills the answer's columns."""
+        ``decisions`` (:class:`~birder.inference.decision.Decisions`) fills the answer's columns, ``lead_values``
+        the lead columns."""
         results = []
         for i, path in enumerate(paths):
             top = [
@@ -115,7 +122,8 @@ class PredictionTables:
                 for (idx, prob) in zip(top_indices[i], top_probabilities[i], strict=True)
             ]
             prediction = top[0][0] if top[0][1] >= min_prob else UNCERTAIN
-            values = [path, prediction, *(value for pair in top for value in pair), *metadata[i]]
+            lead = lead_values[i] if lead_values is not None else ()
+            values = [path, *lead, prediction, *(value for pair in top for value in pair), *metadata[i]]
             if decisions is not None:
                 values += list(decisions.row(i).values())
             if extra_values is not None:
@@ -138,8 +146,9 @@ class PredictionTables:
 
     def parse_result(self, row: Row) -> tuple[str, str, list[tuple[str, float]]]:
         """``(path, prediction, [(class, probability), ...])`` of a results row."""
-        top = [(row[2 + 2 * i], float(row[3 + 2 * i])) for i in range(self.top_k)]
-        return (row[0], row[1], top)
+        first = 1 + self.lead  # the prediction's column
+        top = [(row[first + 1 + 2 * i], float(row[first + 2 + 2 * i])) for i in range(self.top_k)]
+        return (row[0], row[first], top)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -147,11 +156,17 @@ class PredictionTables:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def feature_file_name(path: str) -> str:
-    """A stable, unique file name for a photo's feature maps: readable stem plus a hash of the full path."""
+def photo_file_stem(path: str) -> str:
+    """A stable, unique file stem for what a run writes about a photo (feature maps, crops, drawings): readable
+    stem plus a hash of the full path, so photos of the same name in two folders never share a file."""
     digest = hashlib.sha1(path.encode("utf-8", "surrogateescape")).hexdigest()[:12]
     stem = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(path).stem)[:40]
-    return f"{stem}-{digest}.safetensors"
+    return f"{stem}-{digest}"
+
+
+def feature_file_name(path: str) -> str:
+    """A stable, unique file name for a photo's feature maps (:func:`photo_file_stem`)."""
+    return f"{photo_file_stem(path)}.safetensors"
 
 
 def write_feature_file(path: Path, features: Mapping[str, Any], photo: str) -> None:

@@ -22,7 +22,7 @@ from birder.introspection.attention import attention_rollout, check_vit, scale_e
 from birder.introspection.gradcam import grad_cam
 from birder.io.images import load_image
 
-EXPLAIN_METHODS = ("rollout", "gradcam", "layercam")
+EXPLAIN_METHODS = ("rollout", "hirescam", "gradcam", "layercam")
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ def explain_tensor(
     if targets is None:
         targets = probabilities.argmax(dim=1).tolist()
 
-    if method in ("gradcam", "layercam"):
+    if method in ("gradcam", "hirescam", "layercam"):
         return (grad_cam(vit, inputs, targets, method), probabilities)
 
     grid = attention_rollout(vit, inputs).float().cpu()
@@ -74,7 +74,7 @@ def explain(
     target: int | None = None,
 ) -> Explanation:
     """Explain the network's answer on one photo (a path or a PIL image) with ``method``: ``rollout`` (attention
-    rollout), ``gradcam`` or ``layercam`` (gradient maps of one class on the last block's patch tokens).
+    rollout), ``hirescam``, ``gradcam`` or ``layercam`` (gradient maps of one class on the last block's patch tokens).
 
     ``target``: the class to explain (Grad-CAM, LayerCAM), by default the most probable one. ``transform`` is the
     model's ``classification_transform``; its resize and crop are undone for the map on the photo.

@@ -12,7 +12,8 @@ How a run writes, and why this way:
   on disk, and everything it needs was written before it. A run killed in the middle of a write leaves at most
   one unterminated line, which readers drop.
 - When the run completes, the journals are merged into the final files, ``<output-dir>/<table>.<csv|parquet>``,
-  in input order and without duplicates, each written atomically: a final file is always complete, the previous
+  in input order and without duplicates (an input's rows, one or several, all come from the attempt that last
+  wrote it), each written atomically: a final file is always complete, the previous
   run's or this one's, never half of one. The journals are removed after every table is merged.
 - A resume reads which inputs are done from the journals *and* the final files (so a finished run can be extended
   with new inputs), skips them, and merges old and new rows at the end. A ``run.json`` beside the tables (and one
@@ -292,24 +293,38 @@ def _sorted_final_rows(path: Path, spec: TableSpec, order: Mapping[str, int]) ->
     return _keyed(read_table_rows(path, spec), order, path)
 
 
+def _tagged(items: Iterable[tuple[int, Row]], rank: int) -> Iterator[tuple[int, int, Row]]:
+    for index, row in items:
+        yield (index, rank, row)
+
+
 def merged_rows(
     output_dir: Path, spec: TableSpec, file_format: str, order: Mapping[str, int], include_final: bool
 ) -> Iterator[Row]:
-    """Every row of table ``spec`` from the journals (and the previous final table), in input order, deduplicated."""
-    sources: list[Iterable[tuple[int, Row]]] = []
-    for table, _rank, _attempt, path in list_journals(output_dir):
+    """Every row of table ``spec`` from the journals (and the previous final table), in input order, deduplicated.
+
+    An input may have several rows (one per detected box); they are taken together from one source. An input
+    found in several sources (a chunk redone after a crash) keeps the rows of the newest attempt: an attempt
+    killed in the middle of the input's rows left only some of them, the attempt that marked it done all.
+    """
+    # (attempt, journal): the newest attempt first among equal inputs; the previous final table is the oldest
+    sources: list[tuple[tuple[int, int], Iterable[tuple[int, Row]]]] = []
+    for table, _rank, attempt, path in list_journals(output_dir):
         if table == spec.name:
             (_, rows) = read_csv_table(path)
-            sources.append(_keyed(rows, order, path))
+            sources.append(((-attempt, len(sources)), _keyed(rows, order, path)))
 
     previous = final_path(output_dir, spec, file_format)
     if include_final and previous.is_file():
-        sources.append(_sorted_final_rows(previous, spec, order))
+        sources.append(((1, len(sources)), _sorted_final_rows(previous, spec, order)))
 
-    last_index = -1
-    for index, row in heapq.merge(*sources, key=lambda item: item[0]):
-        if index != last_index:  # the same input twice: a chunk redone after a crash; keep the first
-            last_index = index
+    ranked = sorted(sources, key=lambda item: item[0])
+    (last_index, chosen) = (-1, -1)
+    merged = heapq.merge(*(_tagged(rows, rank) for (rank, (_, rows)) in enumerate(ranked)), key=lambda t: t[:2])
+    for index, rank, row in merged:
+        if index != last_index:
+            (last_index, chosen) = (index, rank)
+        if rank == chosen:
             yield row
 
 

@@ -34,7 +34,8 @@ Row = list[str]
 
 @dataclass(frozen=True)
 class Column:
-    """A column: its name, its type in Parquet (``string``, ``float32``, ``float64``) and its text format."""
+    """A column: its name, its type in Parquet (``string``, ``int64``, ``float32``, ``float64``) and its text
+    format."""
 
     name: str
     kind: str = "string"
@@ -47,6 +48,8 @@ class Column:
             return ""
         if self.kind == "string":
             return str(value)
+        if self.kind == "int64":
+            return str(int(value))
         if value != value:  # NaN
             return "nan"
         return format(float(value), self.fmt or ".9g")
@@ -55,6 +58,8 @@ class Column:
         """The typed value of a CSV cell (``None`` for an empty one)."""
         if text == "":
             return None
+        if self.kind == "int64":
+            return int(text)
         return text if self.kind == "string" else float(text)
 
 
@@ -193,7 +198,7 @@ def write_table(path: Path, spec: TableSpec, rows: Iterable[Row]) -> int:
 def _write_parquet(path: Path, spec: TableSpec, rows: Iterable[Row]) -> int:
     pa = _import_pyarrow()
     pq = _import_parquet()
-    types = {"string": pa.string(), "float32": pa.float32(), "float64": pa.float64()}
+    types = {"string": pa.string(), "int64": pa.int64(), "float32": pa.float32(), "float64": pa.float64()}
     schema = pa.schema([pa.field(column.name, types[column.kind]) for column in spec.columns])
     count = 0
     with pq.ParquetWriter(path, schema) as writer:

@@ -17,6 +17,8 @@ from birder.tasks import DEFAULT_TASK
 
 # A per-call override of a network's registered config (``{"hidden_dim": 64, ...}``), or None.
 ConfigOverride = Mapping[str, Any] | None
+# An input size (height, width), or None for the network's default.
+InputSize = tuple[int, int] | None
 
 
 def resolve_config(owner: str, defaults: Mapping[str, Any], config: ConfigOverride) -> dict[str, Any]:

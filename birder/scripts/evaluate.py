@@ -12,6 +12,7 @@ each unknown test; ``--taxonomy`` the precision and species-level share of the f
 
 import argparse
 import math
+from typing import Any
 
 from birder.inference.eval_reports import answer_reports
 from birder.inference.taxonomy import Taxonomy
@@ -25,6 +26,24 @@ PROG = "birder-eval"
 _MAX_PRINTED_CLASSES = 50
 
 
+def add_run_arguments(parser: argparse.ArgumentParser, *, batch_size: int, workers: int) -> None:
+    """How a scoring run goes (``birder-eval``, ``birder-eval-det``): batch size, loading processes, device and
+    progress bar; :func:`run_options` turns them into the scoring functions' keyword arguments."""
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--workers", type=int, default=workers)
+    parser.add_argument("--device", help="auto (the default: CUDA, then MPS, then the CPU), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "device": args.device,
+        "progress_bar": not args.no_progress,
+    }
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Score a classifier on labeled images.")
     parser.add_argument(
@@ -35,13 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
         "model file comes first",
     )
     add_model_arguments(parser)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument("--device", help="auto (the default: CUDA, then MPS, then the CPU), cpu, cuda, cuda:N or mps")
+    add_run_arguments(parser, batch_size=64, workers=4)
     parser.add_argument("--amp", choices=sorted(AMP_DTYPES), help="mixed precision")
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--output-dir", help="write per_class.csv, confusion_matrix.csv and confusion_matrix.png")
-    parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--unknown-dir", metavar="DIR", help="photos of classes outside the model: unknown detection")
     parser.add_argument("--taxonomy", metavar="CSV", help="species,genus,family,order rows: fallback per threshold")
     return parser
@@ -92,12 +108,9 @@ def main(argv: list[str] | None = None) -> int:
             args.data,
             name=args.model,
             network=args.network,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            device=args.device,
             amp=args.amp,
             top_k=args.top_k,
-            progress_bar=not args.no_progress,
+            **run_options(args),
         )
         reports = answer_reports(
             scores,

@@ -6,6 +6,7 @@ birder-eval-det --weights runs/det/faster_rcnn_vit_b16_24.pt test.json [--images
 import argparse
 import math
 
+from birder.scripts.evaluate import add_run_arguments, run_options
 from birder.training.cli import run_cli
 from birder.training.detection_eval import DetectionEvalResult, evaluate_detector_file
 
@@ -17,10 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("annotations", help="COCO annotation file")
     parser.add_argument("--weights", required=True, help="detector file (birder-train-det's <stem>_<epoch>.pt)")
     parser.add_argument("--images", help="folder the file_names are relative to (default: the JSON's folder)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--device", help="auto (the default: CUDA, then MPS, then the CPU), cpu, cuda, cuda:N or mps")
-    parser.add_argument("--no-progress", action="store_true")
+    add_run_arguments(parser, batch_size=8, workers=2)
     return parser
 
 
@@ -42,15 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def run() -> None:
-        result = evaluate_detector_file(
-            args.weights,
-            args.annotations,
-            images_root=args.images,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            device=args.device,
-            progress_bar=not args.no_progress,
-        )
+        result = evaluate_detector_file(args.weights, args.annotations, images_root=args.images, **run_options(args))
         print(format_report(result))
 
     return run_cli(PROG, run)

@@ -16,19 +16,17 @@ interrupted ``build`` or ``add`` continues with the same command plus ``--resume
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from birder.errors import BirderError
-from birder.inference.predictor import PredictionError
-from birder.scripts.common import add_model_arguments
+from birder.log_setup import configure_logging
+from birder.scripts.common import add_dtype_argument, add_model_arguments, run_command
 
 PROG = "birder-index"
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
 
 
 def _positive(text: str) -> int:
@@ -60,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("-b", "--batch-size", type=_positive, default=32, metavar="N")
         sub.add_argument("-j", "--num-workers", type=int, default=None, metavar="N", help="decoding processes")
         sub.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda:N, mps")
+        add_dtype_argument(sub)
         sub.add_argument("--resume", action="store_true", help="continue an interrupted run")
         sub.add_argument("--chunk-size", type=_positive, default=256, metavar="N", help="photos per durable write")
         sub.add_argument("--no-progress", dest="progress", action="store_false")
@@ -68,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("photo", nargs="?", metavar="PHOTO", help="a photo file (embedded with the index's model)")
     query.add_argument("--path-in-index", metavar="P", help="a photo already in the index (no model needed)")
     add_model_arguments(query)
+    add_dtype_argument(query)
     _add_index_dir(query)
     query.add_argument("-k", type=_positive, default=10, help="how many (default: 10)")
 
@@ -87,23 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _build_or_add(args: argparse.Namespace) -> None:
     from birder.search.build import IndexOptions, run_index
 
-    options = IndexOptions(
-        args.inputs,
-        args.index,
-        model=args.model,
-        weights=args.weights,
-        network=args.network,
-        batch_size=args.batch_size,
-        device=args.device,
-        resume=args.resume,
-        chunk_size=args.chunk_size,
-        progress=args.progress,
-    )
-    if args.num_workers is not None:
-        options.num_workers = args.num_workers
+    # Every option's destination is the name of its field (the folder aside); -j left out keeps the default
+    given = {field.name: getattr(args, field.name, None) for field in dataclasses.fields(IndexOptions)}
+    options = IndexOptions(**{**{k: v for (k, v) in given.items() if v is not None}, "output": args.index})
     report = run_index(options, add=args.command == "add")
     print(f"Index '{args.index}': {report.total} photos ({report.added} added, {report.failures} could not be read)")
     print(f"Vector index: {report.plan_description}")
+    print(f"Embedded in {report.dtype}")
     print(f"Took {report.seconds:.1f} s")
 
 
@@ -118,7 +108,7 @@ def _query(args: argparse.Namespace) -> None:
     if args.photo is not None:
         if args.model is None and args.weights is None:
             raise BirderError("a query photo is embedded with the index's model: pass -n NAME or --weights FILE")
-        loaded = load_embedding_model(args.model, args.weights, args.network)
+        loaded = load_embedding_model(args.model, args.weights, args.network, dtype=args.dtype)
         results = query_photo(index, loaded, args.photo, args.k)
     else:
         results = query_recorded(index, args.path_in_index, args.k)
@@ -157,18 +147,10 @@ def _cluster(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        configure_logging(logging.INFO, "%(message)s")
     handlers = {"build": _build_or_add, "add": _build_or_add, "query": _query}
     handlers.update({"duplicates": _duplicates, "cluster": _cluster})
-    try:
-        handlers[args.command](args)
-    except BirderError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED if isinstance(exc, PredictionError) else EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; run the same command with --resume to continue", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    return 0
+    return run_command(PROG, lambda: handlers[args.command](args))
 
 
 if __name__ == "__main__":

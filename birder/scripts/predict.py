@@ -5,6 +5,7 @@ Examples::
     birder-predict -n vit_l16_mim-eu-common photos/                 # downloads the model on first use
     birder-predict --weights vit_l16_mim-eu-common.pt --network vit_l16 photos/ --save-embeddings
     torchrun --nproc_per_node 4 -m birder.scripts.predict -n vit_l16_mim-eu-common /data/photos --resume
+    birder-predict -n vit_l16_mim-eu-common --detector det.pt photos/ --draw boxes/ --export md-json
 
 The run is :func:`birder.inference.run.run_prediction`; this module turns arguments into its options (each
 argument's destination is the option's name) and its errors into exit codes. A mistake the user can fix (bad path,
@@ -22,13 +23,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from birder.errors import BirderError
 from birder.geo.predict import add_geo_arguments
-from birder.inference.optimize import DTYPE_CHOICES
-from birder.inference.predictor import PredictionError
 from birder.inference.run import DEFAULT_WORKERS, PROG, PredictionOptions, run_prediction
+from birder.introspection.explain import EXPLAIN_METHODS
 from birder.io.journal import OUTPUT_FORMATS
-from birder.scripts.common import add_decision_arguments, add_model_arguments
+from birder.log_setup import configure_logging
+from birder.scripts.common import add_decision_arguments, add_dtype_argument, add_model_arguments, run_command
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -74,12 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"decoding processes (default: {DEFAULT_WORKERS})",
     )
     run.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="auto: cuda > mps > cpu")
-    run.add_argument(
-        "--dtype",
-        choices=DTYPE_CHOICES,
-        default="auto",
-        help="auto (default): bfloat16 on CUDA and on CPUs with native bf16 (AMX, AVX512-BF16), float32 elsewhere",
-    )
+    add_dtype_argument(run)
     run.add_argument("--quantize", choices=("int8",), help="int8 dynamic quantization of linear layers (CPU only)")
     run.add_argument("--amp", action="store_true", help="automatic mixed precision")
     run.add_argument("--compile", action="store_true", help="torch.compile the network (slow start, faster run)")
@@ -105,13 +100,33 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--explain", metavar="DIR", help="write an explanation overlay PNG per photo into DIR")
     out.add_argument(
         "--explain-method",
-        choices=("rollout", "gradcam", "layercam"),
+        choices=EXPLAIN_METHODS,
         default="rollout",
         help="attention rollout (default), or Grad-CAM / LayerCAM of the top species (extra 'explain')",
     )
 
+    det = parser.add_argument_group("crop-then-classify (a row per detected box)")
+    det.add_argument("--detector", metavar="FILE", help="a detector file (birder-train-det): classify each box found")
+    det.add_argument(
+        "--det-threshold", type=_probability, default=0.5, metavar="S", help="boxes scoring at least S (default: 0.5)"
+    )
+    det.add_argument(
+        "--crop-margin",
+        type=float,
+        default=0.1,
+        metavar="F",
+        help="grow each crop by F of its box's width and height on each side (default: 0.1)",
+    )
+    det.add_argument(
+        "--fallback-whole-image",
+        action="store_true",
+        help="a photo without boxes gets the whole photo's answer (source: whole-image)",
+    )
+    det.add_argument("--save-crops", metavar="DIR", help="write each box's crop into DIR (<photo>-<hash>_box<N>.jpg)")
+    det.add_argument("--draw", metavar="DIR", help="write each photo with its labelled boxes into DIR")
+
     add_decision_arguments(parser)
-    add_geo_arguments(parser)
+    add_geo_arguments(parser, extra_exports=[("md-json", "MegaDetector batch output (with --detector)")])
     return parser
 
 
@@ -123,18 +138,10 @@ def options_from_args(args: argparse.Namespace) -> PredictionOptions:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        configure_logging(logging.INFO, "%(message)s")
 
-    try:
-        run_prediction(options_from_args(args))
-    except BirderError as exc:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank hits it: say it once
-            print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED if isinstance(exc, PredictionError) else EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; run the same command with --resume to continue", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    return 0
+    quiet = os.environ.get("RANK", "0") != "0"  # under torchrun every rank hits an error: rank 0 says it
+    return run_command(PROG, lambda: run_prediction(options_from_args(args)), quiet=quiet)
 
 
 if __name__ == "__main__":

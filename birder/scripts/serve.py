@@ -6,6 +6,7 @@ Examples::
     birder-serve --weights my_model.safetensors --port 8080
     birder-serve --weights vit_l16.pt --network vit_l16 --max-batch-size 16
     birder-serve --weights my_model.onnx          # exports (.pts, .pt2, .onnx) load too
+    birder-serve -n vit_l16_mim-eu-common --detector det.pt   # adds POST /v1/detect: every bird in the photo
 
 Binds to 127.0.0.1 unless ``--host`` says otherwise: put a reverse proxy with authentication in front of it
 before opening it to a network.
@@ -19,14 +20,15 @@ from typing import TYPE_CHECKING
 
 from birder.errors import BirderError
 from birder.geo.predict import add_prior_arguments
-from birder.inference.optimize import DTYPE_CHOICES
-from birder.scripts.common import add_decision_arguments, add_model_arguments
+from birder.log_setup import configure_logging
+from birder.scripts.common import add_decision_arguments, add_dtype_argument, add_model_arguments
 
 if TYPE_CHECKING:
     from birder.geo.prior import LocationPrior
     from birder.inference.decision import DecisionPolicy
     from birder.inference.optimize import DtypeChoice
     from birder.serve.app import ServeSettings
+    from birder.serve.detect import ServedDetector
 
 logger = logging.getLogger("birder.serve")
 
@@ -42,12 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto (default: cuda, then mps, then cpu), cpu, cuda:N, mps")
-    parser.add_argument(
-        "--dtype",
-        choices=DTYPE_CHOICES,
-        default="auto",
-        help="auto (default): bfloat16 on CUDA and on CPUs with native bf16 (AMX, AVX512-BF16), float32 elsewhere",
-    )
+    add_dtype_argument(parser)
     parser.add_argument("--max-batch-size", type=int, default=32, help="images per batch (default: %(default)s)")
     parser.add_argument(
         "--batch-window-ms",
@@ -75,6 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--min-prob", type=float, default=0.0, metavar="P", help="global species threshold of the answer (default: 0)"
     )
+    detection = parser.add_argument_group("detection (POST /v1/detect: each box found, classified)")
+    detection.add_argument("--detector", type=Path, metavar="FILE", help="a detector file (birder-train-det)")
+    detection.add_argument(
+        "--det-threshold", type=float, default=0.5, metavar="S", help="boxes scoring at least S (default: 0.5)"
+    )
+    detection.add_argument(
+        "--crop-margin", type=float, default=0.1, metavar="F", help="grow each crop by F of its box (default: 0.1)"
+    )
     add_decision_arguments(parser)
     add_prior_arguments(parser, places=False)  # the place and date come with each request
     return parser
@@ -101,6 +106,10 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"--batch-window-ms cannot be negative, got {args.batch_window_ms}")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be between 0 and 65535, got {args.port}")
+    if not 0 <= args.det_threshold <= 1:
+        parser.error(f"--det-threshold must be between 0 and 1, got {args.det_threshold}")
+    if args.crop_margin < 0:
+        parser.error(f"--crop-margin must be a fraction >= 0, got {args.crop_margin}")
 
 
 def load_for_serving(args: argparse.Namespace) -> tuple[object, object, str]:
@@ -167,6 +176,16 @@ def load_serving_index(directory: Path | None, net: object, model_info: object) 
     return index
 
 
+def load_serving_detector(args: argparse.Namespace, net: object) -> "ServedDetector | None":
+    """The ``--detector`` file (None without it), on the classifier's device, in float32."""
+    if args.detector is None:
+        return None
+    from birder.serve.detect import load_served_detector
+
+    device = next(net.parameters()).device if hasattr(net, "parameters") else "cpu"  # type: ignore[attr-defined]
+    return load_served_detector(args.detector, device, threshold=args.det_threshold, margin=args.crop_margin)
+
+
 def settings_from_args(args: argparse.Namespace) -> "ServeSettings":
     from birder.serve.app import ServeSettings
 
@@ -185,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level.upper(), "%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     try:
         import uvicorn
@@ -201,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         (net, dtype) = apply_dtype(net, args.dtype)
         prior = load_serving_prior(args, model_info)
         policy = decision_policy(args, net, model_info)
+        detector = load_serving_detector(args, net)
     except BirderError as err:
         print(f"birder-serve: {err}", file=sys.stderr)
         return 2
@@ -215,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         prior_strength=args.prior_strength,
         policy=policy,
         photo_index=index,
+        detector=detector,
     )
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("listening on %s: anyone who can reach this address can use the service", args.host)

@@ -13,38 +13,42 @@ from birder.training.cli import add_training_args, config_from_args, json_object
 from birder.training.detection import DetectionTrainConfig, train_detector
 
 PROG = "birder-train-det"
+DESCRIPTION = (
+    "Train an object detector (a ViT backbone with a ViTDet pyramid and a detection head) on COCO annotations."
+)
+OUTPUTS = (
+    "<network>_<backbone>_<epoch>.pt (the detector), *_states.pt (for --resume), det_metrics.csv (mAP, mAP@.5) and "
+    "det_per_class_ap.csv."
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = training_parser(
-        PROG,
-        "Train an object detector (a ViT backbone with a ViTDet pyramid and a detection head) on COCO annotations.",
-        "<network>_<backbone>_<epoch>.pt (the detector), *_states.pt (for --resume), det_metrics.csv (mAP, "
-        "mAP@.5) and det_per_class_ap.csv.",
+    parser = training_parser(PROG, DESCRIPTION, OUTPUTS)
+    data = parser.add_argument_group("data (COCO files: a bad item is one warning line, the rest is used)")
+    data.add_argument("--train-json", required=True, help="COCO annotations of the training images")
+    data.add_argument("--val-json", required=True, help="COCO annotations of the validation images")
+    data.add_argument("--train-images", help="folder of the training file_names (default: the JSON's folder)")
+    data.add_argument("--val-images", help="folder of the validation file_names (default: the JSON's folder)")
+
+    model = parser.add_argument_group("model")
+    heads = registry.list_models(task=Task.OBJECT_DETECTION)
+    model.add_argument("--network", default="faster_rcnn", choices=heads, help="detection head (default: %(default)s)")
+    model.add_argument("--model-config", type=json_object, help="head config, e.g. '{\"fpn_channels\": 128}'")
+    model.add_argument("--backbone", help="backbone network (needed without --init, e.g. vit_b16)")
+    model.add_argument("--backbone-config", type=json_object, help="backbone config override (JSON object)")
+    model.add_argument("--init", help="a classifier or MIM encoder checkpoint the backbone starts from")
+    model.add_argument("--freeze-backbone", action="store_true", help="train the pyramid and head only")
+
+    recipe = parser.add_argument_group("recipe")
+    recipe.add_argument("--layer-decay", type=float, help="layer-wise lr decay of the backbone (e.g. 0.7)")
+    recipe.add_argument("--ema-decay", type=float, help="evaluate and save an EMA of the weights")
+    defaults = DetectionTrainConfig
+    recipe.add_argument(
+        "--scale-range", type=float, nargs=2, default=defaults.scale_range, metavar=("LOW", "HIGH"), help="scale jitter"
     )
-    parser.add_argument(
-        "--network",
-        default="faster_rcnn",
-        choices=registry.list_models(task=Task.OBJECT_DETECTION),
-        help="detection head (default: %(default)s)",
-    )
-    parser.add_argument("--backbone", help="backbone network (needed without --init, e.g. vit_b16)")
-    parser.add_argument("--init", help="a classifier or MIM encoder checkpoint the backbone starts from")
-    parser.add_argument("--train-json", required=True, help="COCO annotations of the training images")
-    parser.add_argument("--val-json", required=True, help="COCO annotations of the validation images")
-    parser.add_argument("--train-images", help="folder of the training file_names (default: the JSON's folder)")
-    parser.add_argument("--val-images", help="folder of the validation file_names (default: the JSON's folder)")
-    parser.add_argument("--model-config", type=json_object, help="head config, e.g. '{\"fpn_channels\": 128}'")
-    parser.add_argument("--backbone-config", type=json_object, help="backbone config override (JSON object)")
-    parser.add_argument("--layer-decay", type=float, help="layer-wise lr decay of the backbone (e.g. 0.7)")
-    parser.add_argument("--freeze-backbone", action="store_true", help="train the pyramid and head only")
-    parser.add_argument("--ema-decay", type=float, help="evaluate and save an EMA of the weights")
-    parser.add_argument(
-        "--scale-range", type=float, nargs=2, default=(0.5, 1.5), metavar=("LOW", "HIGH"), help="scale jitter"
-    )
-    parser.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability")
-    add_training_args(parser, lr=1e-4, weight_decay=0.1, epochs=24)
-    parser.set_defaults(batch_size=8)
+    recipe.add_argument("--hflip", type=float, default=defaults.hflip, help="horizontal flip probability")
+    add_training_args(parser, lr=defaults.lr, weight_decay=defaults.weight_decay, epochs=defaults.epochs)
+    parser.set_defaults(batch_size=defaults.batch_size)
     return parser
 
 

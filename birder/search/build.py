@@ -27,6 +27,7 @@ from birder.data.transforms import ClassificationTransform, classification_trans
 from birder.distributed import resolve_device
 from birder.errors import BirderError
 from birder.inference.dataset import discover_images
+from birder.inference.optimize import DtypeChoice, choose_dtype, optimize_for_inference
 from birder.inference.predictor import PredictionBatch, Predictor, load_inference_model
 from birder.io.checkpoint import get_size_from_signature
 from birder.io.journal import JournalSet, merged_rows, prepare_run
@@ -60,6 +61,7 @@ PHOTOS_SPEC = TableSpec(
     ),
     marks_done=True,
 )
+AS_LOADED = DtypeChoice("float32", "as loaded")
 FAILURES_SPEC = TableSpec("failures", string_columns(PATH_COLUMN, "error"), fixed_format="csv", marks_done=True)
 SPECS = (FAILURES_SPEC, PHOTOS_SPEC)
 
@@ -76,6 +78,7 @@ class IndexOptions:
     batch_size: int = 32
     num_workers: int = min(4, os.cpu_count() or 1)
     device: str = "auto"
+    dtype: str = "auto"  # as birder-predict's: bfloat16 where native, else float32 (embeddings stored float32)
     resume: bool = False
     chunk_size: int = 256
     progress: bool = True
@@ -88,6 +91,7 @@ class IndexReport:
     failures: int  # photos of this run that could not be read
     plan_description: str
     seconds: float
+    dtype: str = "float32"  # what the network ran in, and why
 
 
 @dataclass
@@ -99,18 +103,34 @@ class LoadedModel:
     class_names: list[str]
     fingerprint: str
     description: dict[str, Any]
+    dtype: DtypeChoice = AS_LOADED  # what the network runs in, and why
 
 
 def load_embedding_model(
-    model: str | None, weights: str | os.PathLike | None, network: str | None, device: str = "auto"
+    model: str | None,
+    weights: str | os.PathLike | None,
+    network: str | None,
+    device: str = "auto",
+    dtype: str = "auto",
 ) -> LoadedModel:
-    """The model a command names (``-n`` / ``--weights``), its transform and fingerprint."""
+    """The model a command names (``-n`` / ``--weights``), its transform and fingerprint, converted for ``dtype``
+    (``auto``: :func:`~birder.inference.optimize.choose_dtype`, as birder-predict decides).
+
+    The fingerprint is taken of the weights as loaded, before any conversion: an index built in bfloat16 is
+    queried with the same model in float32 (or the other way round), and birder-serve checks it the same way.
+    """
     (net, info) = load_inference_model(model, weights, network)
     net = net.to(resolve_device(device))
     transform = classification_transform(get_size_from_signature(info.signature), info.rgb_stats)
+    fingerprint = model_fingerprint(net, transform)
+    if isinstance(net, BaseNet):
+        choice = choose_dtype(dtype, next(net.parameters()).device)
+        net = optimize_for_inference(net, choice.dtype)
+    else:
+        choice = DtypeChoice("float32", "an export runs in the dtype it was exported in")
     names = sorted(info.class_to_idx, key=lambda name: info.class_to_idx[name])
     description = {"name": model, "weights": os.path.abspath(weights) if weights else None, "network": network}
-    return LoadedModel(net, transform, names, model_fingerprint(net, transform), description)
+    return LoadedModel(net, transform, names, fingerprint, description, choice)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -181,7 +201,9 @@ def run_index(options: IndexOptions, *, add: bool, loaded: LoadedModel | None = 
     if not add and (output / INDEX_FILE).exists():
         raise BirderError(f"'{output}' already holds an index: add photos with 'birder-index add', or pick another -o")
     old_info = read_info(output) if add else None
-    loaded = loaded or load_embedding_model(options.model, options.weights, options.network, options.device)
+    loaded = loaded or load_embedding_model(
+        options.model, options.weights, options.network, options.device, options.dtype
+    )
     if old_info is not None:
         check_model(old_info, loaded.fingerprint, output)
 
@@ -189,7 +211,8 @@ def run_index(options: IndexOptions, *, add: bool, loaded: LoadedModel | None = 
     paths = [os.path.abspath(path) for path in discover_images(options.inputs)]
     paths = [path for path in paths if path not in known]
     journal_dir = output / BUILD_DIR
-    settings = {"model_hash": loaded.fingerprint, "operation": "add" if add else "build"}
+    # The resolved dtype: resuming an ``auto`` run on another machine must not mix dtypes in one build
+    settings = {"model_hash": loaded.fingerprint, "operation": "add" if add else "build", "dtype": loaded.dtype.dtype}
     state = prepare_run(journal_dir, SPECS, "csv", settings, options.resume)
     remaining = [index for (index, path) in enumerate(paths) if path not in state.done]
     if state.done:
@@ -197,7 +220,8 @@ def run_index(options: IndexOptions, *, add: bool, loaded: LoadedModel | None = 
 
     _embed(options, loaded, paths, remaining, journal_dir, state.attempt)
     (total, added, failures, index) = _finish(output, loaded, paths, old_info)
-    return IndexReport(total, added, failures, index.plan.describe(), time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    return IndexReport(total, added, failures, index.plan.describe(), seconds, str(loaded.dtype))
 
 
 def _embed(
@@ -238,10 +262,23 @@ def _finish(
 
     index = _vector_index(output, total, dim, old_info)
     index.save(output)
-    info = IndexInfo(loaded.fingerprint, loaded.description, preprocessing_of(loaded.transform), dim, total, index.plan)
+    dtype = _recorded_dtype(loaded.dtype, old_info)
+    preprocessing = preprocessing_of(loaded.transform)
+    info = IndexInfo(loaded.fingerprint, loaded.description, preprocessing, dim, total, index.plan, *dtype)
     write_info(output, info)
     shutil.rmtree(journal_dir, ignore_errors=True)  # only now: a crash before this line is resumable
     return (total, total - old_count, len(new_failures), index)
+
+
+def _recorded_dtype(choice: DtypeChoice, old_info: IndexInfo | None) -> tuple[str, str]:
+    """``(dtype, reason)`` for index.json: this run's, or every dtype that embedded photos (``float32+bfloat16``)
+    when an ``add`` ran in another one than the index before it (the embeddings stay comparable: same weights)."""
+    if old_info is None:
+        return (choice.dtype, choice.reason)
+    dtypes = old_info.dtype.split("+")
+    if choice.dtype in dtypes:
+        return (old_info.dtype, old_info.dtype_reason)
+    return ("+".join([*dtypes, choice.dtype]), f"{old_info.dtype_reason}; photos added in {choice}")
 
 
 def _vector_index(output: Path, total: int, dim: int, old_info: IndexInfo | None) -> VectorIndex:

@@ -1,7 +1,8 @@
 """The index folder: what ``birder-index`` writes and reads.
 
 - ``index.json``: the model's fingerprint (weights and preprocessing, :mod:`.fingerprint`), the embedding size, the
-  photo count and the vector index's kind and search parameters. Written last: it vouches for the files below.
+  photo count, the vector index's kind and search parameters and the dtype the network ran in. Written last: it
+  vouches for the files below.
 - ``photos.parquet``: one row per photo, row ``i`` = vector ``i``: path, embedding (the network's, before
   normalisation), EXIF date and GPS position, prediction (the top species) and its probability.
 - ``vectors.npy`` and ``vectors.faiss``: the unit vectors and the faiss index (:mod:`.vectors`).
@@ -129,6 +130,8 @@ class IndexInfo:
     dim: int
     count: int
     plan: IndexPlan
+    dtype: str = "float32"  # what the network ran in (birder-index build --dtype); the embeddings are float32
+    dtype_reason: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -139,12 +142,16 @@ class IndexInfo:
             "dim": self.dim,
             "count": self.count,
             "plan": self.plan.as_dict(),
+            "dtype": self.dtype,
+            "dtype_reason": self.dtype_reason,
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> IndexInfo:
         plan = IndexPlan(**data["plan"])
-        return cls(data["model_hash"], data["model"], data["preprocessing"], data["dim"], data["count"], plan)
+        # Indexes written before --dtype ran in float32
+        dtype = (data.get("dtype", "float32"), data.get("dtype_reason", "index written before --dtype"))
+        return cls(data["model_hash"], data["model"], data["preprocessing"], data["dim"], data["count"], plan, *dtype)
 
 
 def write_info(directory: Path, info: IndexInfo) -> None:

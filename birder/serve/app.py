@@ -5,8 +5,10 @@
 - ``POST /v1/classify``: top-k species with probabilities, the answer (``label``, ``rank``, ``label_probability``,
   ``unknown_score``: :mod:`birder.inference.decision`), the model name and timings
 - ``POST /v1/embed``: the embedding vector
-- ``GET /v1/models``: what the model is (classes, input size, normalisation, the dtype it runs in and why), and
-  ``similar``: whether ``/v1/similar`` is served (an index was given)
+- ``GET /v1/models``: what the model is (classes, input size, normalisation, the dtype it runs in and why),
+  ``similar``: whether ``/v1/similar`` is served (an index was given), ``detect``: whether ``/v1/detect`` is (a
+  detector was given; ``detector`` then says which)
+- ``POST /v1/detect`` (with a detector): every box found in the photo, each with its species and answer
 - ``GET /healthz``: status and batching figures (mean batch size served)
 - ``GET /``: a page to drop a photo on and see its species as a bar chart (assets served from ``/static``)
 
@@ -47,6 +49,7 @@ from birder.inference.decision import DecisionPolicy, build_policy
 from birder.inference.optimize import DtypeChoice
 from birder.io.checkpoint import ModelInfo, get_size_from_signature
 from birder.serve.batcher import BatchInfo, DynamicBatcher, QueueFullError
+from birder.serve.detect import ServedDetector, add_detect_route
 from birder.serve.extras import add_extra_routes
 from birder.serve.uploads import (
     ApiError,
@@ -150,8 +153,18 @@ class ModelService:
         loop = asyncio.get_running_loop()
         (inputs, (width, height)) = await loop.run_in_executor(self.decode_pool, self._preprocess, data, name)
         decoded = time.perf_counter()
+        (result, info) = await self.run_tensor(inputs)
+        facts = {
+            "image": {"width": width, "height": height},
+            "batch_size": info.batch_size,
+            "timing_ms": _timings(started, decoded, info),
+        }
+        return (result, facts)
+
+    async def run_tensor(self, inputs: torch.Tensor) -> tuple[tuple[np.ndarray, np.ndarray], BatchInfo]:
+        """One transformed image (a photo, or a crop of one) through the batcher: its ``(probs, embedding)``."""
         try:
-            (result, info) = await self.batcher.submit(inputs)
+            return await self.batcher.submit(inputs)
         except QueueFullError as err:
             raise ApiError(503, f"server overloaded ({err}); retry later") from None
         except Exception as err:
@@ -159,13 +172,6 @@ class ModelService:
             # left to the catch-all handler: Starlette re-raises from there and uvicorn then drops the connection
             # under a keep-alive client.
             raise ApiError(500, f"internal error while running the model ({type(err).__name__}); retry") from err
-
-        facts = {
-            "image": {"width": width, "height": height},
-            "batch_size": info.batch_size,
-            "timing_ms": _timings(started, decoded, info),
-        }
-        return (result, facts)
 
     def health(self) -> dict[str, Any]:
         stats = self.batcher.stats
@@ -263,6 +269,7 @@ def create_app(
     prior_strength: float = 1.0,
     policy: DecisionPolicy | None = None,
     photo_index: Any | None = None,
+    detector: ServedDetector | None = None,
 ) -> FastAPI:
     """A FastAPI app serving ``net`` (a birder network or a loaded export) under the model name ``name``.
 
@@ -272,6 +279,7 @@ def create_app(
     /v1/classify; :mod:`birder.geo.serve`), applied as ``image × prior ** prior_strength``.
     ``policy``: how the answer (``label``, ``rank``, ``label_probability``, ``unknown_score``) is decided
     (:func:`birder.inference.decision.build_policy`; default: the model's calibration, no taxonomy).
+    ``detector``: adds ``POST /v1/detect`` (:mod:`birder.serve.detect`: each box found, classified by ``net``).
     """
     settings = settings or ServeSettings()
     if settings.max_inflight_bytes < settings.max_upload_bytes:
@@ -325,15 +333,20 @@ def create_app(
             top_k = parse_top_k(raw_top_k, settings.default_top_k, len(service.class_names))
             ((probs, embedding), facts) = await service.infer(data, file_name)
             place = {**fields, **request.query_params}
-            (probs, geo) = _with_prior(prior, prior_strength, probs, place, top_k, service.class_names)
-            order = np.argsort(-probs, kind="stable")[:top_k]
-            predictions = [
-                {"species": service.class_names[index], "index": int(index), "probability": float(probs[index])}
-                for index in order
-            ]
-            return {"model": name, "predictions": predictions, **service.answer(probs, embedding), **geo, **facts}
+            return {"model": name, **answer_for(probs, embedding, place, top_k), **facts}
 
         return await with_timeout(handle)
+
+    def answer_for(probs: np.ndarray, embedding: np.ndarray, place: dict[str, str], top_k: int) -> dict[str, Any]:
+        """The top-k species and the answer of one image (a photo, or a detected box's crop): the decision order
+        from step 4 (the prior, with ``lat``, ``lon``, ``date`` in ``place``)."""
+        (probs, geo) = _with_prior(prior, prior_strength, probs, place, top_k, service.class_names)
+        order = np.argsort(-probs, kind="stable")[:top_k]
+        predictions = [
+            {"species": service.class_names[index], "index": int(index), "probability": float(probs[index])}
+            for index in order
+        ]
+        return {"predictions": predictions, **service.answer(probs, embedding), **geo}
 
     @app.post("/v1/embed")
     async def embed(request: Request) -> dict[str, Any]:
@@ -346,8 +359,12 @@ def create_app(
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        # "similar": whether /v1/similar answers (birder-serve --index), so the page asks only a server that can
-        return {"models": [service.describe()], "similar": photo_index is not None}
+        # "similar" and "detect": whether /v1/similar (birder-serve --index) and /v1/detect (--detector) answer, so
+        # the page asks only a server that can
+        described = {"models": [service.describe()], "similar": photo_index is not None, "detect": detector is not None}
+        if detector is not None:
+            described["detector"] = detector.describe()
+        return described
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
@@ -360,6 +377,8 @@ def create_app(
 
     # Explanation maps, and similar photos with an index (birder.search.store.PhotoIndex): birder.serve.extras
     add_extra_routes(app, service, photo_index)
+    if detector is not None:
+        add_detect_route(app, service, detector, answer_for, with_timeout)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
 

@@ -1,6 +1,6 @@
 """Routes of ``birder-serve`` beyond classification: explanation maps and, with ``--index``, similar photos.
 
-- ``POST /v1/explain?method=rollout|gradcam|layercam&target=<species>``: the explanation map of the photo, as a
+- ``POST /v1/explain?method=rollout|hirescam|gradcam|layercam&target=<species>``: the explanation map of the photo, as a
   transparent heat-map PNG (data URL) the size of the photo (at most 512 px a side) to lay over it.
 - ``POST /v1/similar?k=10``: the nearest photos of the index (``birder-serve --index DIR``), each with
   ``photo_url``: ``GET /v1/similar/photos/<id>`` serves a thumbnail of a photo recorded in the index, by its

@@ -39,12 +39,10 @@ from birder.loading import load_model, save_model
 from birder.model_registry import registry
 from birder.net.base import BaseNet
 from birder.training.distillation import DistillSettings, Teacher, attach_cache, load_teacher
-from birder.training.ema import ModelEMA
 from birder.training.evaluation import EvalResult, evaluate, write_eval_outputs
-from birder.training.loop import BatchEvent, EpochProgress, EpochSummary, build_trainer, start_run
+from birder.training.loop import BatchEvent, EpochProgress, EpochSummary, RunSettings, build_trainer, start_run
 from birder.training.metrics import MetricsCSV
 from birder.training.mixup import MixupCutmix, soft_target_cross_entropy
-from birder.training.optim import build_optimizer, param_groups
 from birder.training.setup import make_loader, resolve_rgb_stats, resolve_size, seed_everything
 from birder.training.state import save_training_state
 
@@ -55,7 +53,7 @@ PER_CLASS_FILE = "per_class_metrics.csv"
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(RunSettings):
     """Settings of a supervised run. Data: ``data_dir`` with ``train/`` and ``val/`` ImageFolder layouts, or
     explicit ``train_dir`` / ``val_dir``, or ``train_csv`` / ``val_csv`` files of ``path,label`` rows."""
 
@@ -73,36 +71,22 @@ class TrainConfig:
     size: int | tuple[int, int] | None = None  # default: the init checkpoint's size, else 224
     rgb_stats: str | Mapping[str, Sequence[float]] | None = None  # default: the init checkpoint's, else "birder"
     epochs: int = 50
-    stop_epoch: int | None = None
     batch_size: int = 64
-    accumulation_steps: int = 1
     optimizer: str = "adamw"
     lr: float = 1e-3
-    min_lr: float = 0.0
     weight_decay: float = 0.05
     momentum: float = 0.9
     betas: tuple[float, float] = (0.9, 0.999)
-    warmup_epochs: float = 0.0
     layer_decay: float | None = None
     label_smoothing: float = 0.0
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
     ema_decay: float | None = None
-    clip_grad_norm: float | None = None
-    amp: str | None = None
-    compile: bool = False
     aug_level: int = 2
     class_balanced: bool = False
     freeze_body: bool = False  # linear probe: only the head trains
     drop_path: float | None = None  # default: the network's own rate
     top_k: int = 5
-    workers: int = 4
-    seed: int = 0
-    save_every: int = 10
-    save_every_steps: int | None = None
-    resume: str | Path | None = None
-    device: str | None = None
-    progress_bar: bool = True
     # Knowledge distillation from a trained classifier of the same classes (birder.training.distillation)
     teacher: str | Path | None = None
     distill: str | None = None  # soft (default with a teacher) or hard
@@ -269,37 +253,18 @@ def _train(config: TrainConfig, dist: DistInfo, on_batch: Callable[[BatchEvent],
     data = _data(config, files, tuple(net.size), rgb_stats, dist)
     teacher = _teacher(config, net, data, class_to_idx, rgb_stats, dist)
 
-    groups = param_groups(net, config.lr, config.weight_decay, config.layer_decay)
-    optimizer = build_optimizer(config.optimizer, groups, momentum=config.momentum, betas=tuple(config.betas))
-    ema = ModelEMA(net, config.ema_decay) if config.ema_decay is not None else None
     identity = {"kind": "classification", "network": net.network_name, "class_to_idx": dict(class_to_idx)}
+    loss_fn = _loss_fn(config, len(class_to_idx), teacher)
     trainer = build_trainer(
-        net,
-        config,
-        dist=dist,
-        optimizer=optimizer,
-        sampler=data.sampler,
-        loss_fn=_loss_fn(config, len(class_to_idx), teacher),
-        stem=stem,
-        identity=identity,
-        ema=ema,
-        on_batch=on_batch,
+        net, config, dist=dist, sampler=data.sampler, loss_fn=loss_fn, stem=stem, identity=identity, on_batch=on_batch
     )
-    (start_epoch, progress) = start_run(trainer, config, stem=stem, identity=identity)
-
     metrics = MetricsCSV(output_dir / METRICS_FILE, _metric_fields(config.top_k, len(class_to_idx)))
     per_class = MetricsCSV(output_dir / PER_CLASS_FILE, ["epoch", "class", "precision", "recall", "support"])
-    if dist.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        metrics.truncate_after(start_epoch - 1)
-        per_class.truncate_after(start_epoch - 1)
+    (epochs, progress) = start_run(trainer, config, stem=stem, identity=identity, metrics=[metrics, per_class])
 
     result = TrainResult(class_to_idx=dict(class_to_idx), metrics_path=metrics.path)
-    last_epoch = min(config.epochs, config.stop_epoch or config.epochs)
-    if start_epoch > last_epoch:
-        logger.info("nothing to do: epoch %d of %d is already done", start_epoch - 1, config.epochs)
     validation: EvalResult | None = None
-    for epoch in range(start_epoch, last_epoch + 1):
+    for epoch in epochs:
         if progress is None or progress.epoch != epoch:
             progress = EpochProgress(epoch)
         summary = trainer.run_epoch(
@@ -307,7 +272,7 @@ def _train(config: TrainConfig, dist: DistInfo, on_batch: Callable[[BatchEvent],
         )
         result.epoch_losses[epoch] = summary.loss
 
-        evaluated = ema.module if ema is not None else net  # the weights that get saved
+        evaluated = trainer.saved_model
         (validation, val_unreadable) = evaluate(
             evaluated,
             data.val_loader,
@@ -323,7 +288,7 @@ def _train(config: TrainConfig, dist: DistInfo, on_batch: Callable[[BatchEvent],
             metrics.append(_metrics_row(epoch, trainer.global_step, summary, validation, val_unreadable))
             per_class.append(*_per_class_rows(epoch, validation))
 
-        if epoch % config.save_every == 0 or epoch == last_epoch:
+        if epoch % config.save_every == 0 or epoch == epochs[-1]:
             state = {**trainer.state_dict(progress, epoch_complete=True), **identity}
             if dist.is_main:
                 info = ModelInfo(dict(class_to_idx), None, rgb_stats)

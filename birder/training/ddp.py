@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from birder.distributed import DistInfo, all_gather_objects
+from birder.log_setup import configure_logging
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -18,9 +19,9 @@ def setup_logging(level: int = logging.INFO) -> None:
     their rank. Reads the environment, so it can run before the process group exists."""
     rank = int(os.environ.get("RANK", "0"))
     prefix = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-    logging.basicConfig(
-        level=level if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s",
+    configure_logging(
+        level if rank == 0 else logging.WARNING,
+        f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         force=True,
     )

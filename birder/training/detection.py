@@ -33,10 +33,8 @@ from birder.model_registry import Task, registry
 from birder.net.detection.base import DetectionBaseNet
 from birder.net.detection.checkpoint import save_detector
 from birder.training.detection_eval import DetectionEvalResult, evaluate_detector
-from birder.training.ema import ModelEMA
-from birder.training.loop import BatchEvent, EpochProgress, Trainer, build_trainer, start_run
+from birder.training.loop import BatchEvent, EpochProgress, RunSettings, Trainer, build_trainer, start_run
 from birder.training.metrics import MetricsCSV
-from birder.training.optim import build_optimizer, param_groups
 from birder.training.setup import resolve_rgb_stats, resolve_size, seed_everything
 from birder.training.state import save_training_state
 
@@ -48,7 +46,7 @@ METRICS_FIELDS = ["epoch", "step", "lr", "train_loss", "map", "map50", "unreadab
 
 
 @dataclass
-class DetectionTrainConfig:
+class DetectionTrainConfig(RunSettings):
     """Settings of a detector run. ``train_images`` / ``val_images``: the folders the files' ``file_name`` s are
     relative to (default: each annotation file's folder)."""
 
@@ -68,27 +66,13 @@ class DetectionTrainConfig:
     scale_range: tuple[float, float] = (0.5, 1.5)  # scale jitter (relative to the size)
     hflip: float = 0.5
     epochs: int = 24
-    stop_epoch: int | None = None
     batch_size: int = 8
-    accumulation_steps: int = 1
     lr: float = 1e-4
-    min_lr: float = 0.0
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.999)
-    warmup_epochs: float = 0.0
     layer_decay: float | None = None
     ema_decay: float | None = None
-    clip_grad_norm: float | None = None
-    amp: str | None = None
-    compile: bool = False
     drop_path: float | None = None
-    workers: int = 4
-    seed: int = 0
-    save_every: int = 10
-    save_every_steps: int | None = None
-    resume: str | Path | None = None
-    device: str | None = None
-    progress_bar: bool = True
 
 
 @dataclass
@@ -173,9 +157,6 @@ def _train(
     transform = detection_train_transform(size, rgb_stats, tuple(config.scale_range), config.hflip)
     train_set = DetectionDataset(train_data.images, transform, train=True, seed=config.seed)
     sampler = EpochSampler(len(train_set), seed=config.seed, rank=dist.rank, world_size=dist.world_size)
-    groups = param_groups(net, config.lr, config.weight_decay, config.layer_decay)
-    optimizer = build_optimizer("adamw", groups, betas=tuple(config.betas))
-    ema = ModelEMA(net, config.ema_decay) if config.ema_decay is not None else None
     identity = {
         "kind": "detection",
         "network": net.network_name,
@@ -183,37 +164,20 @@ def _train(
         "class_to_idx": dict(class_to_idx),
     }
     trainer = build_trainer(
-        net,
-        config,
-        dist=dist,
-        optimizer=optimizer,
-        sampler=sampler,
-        loss_fn=_loss,
-        stem=stem,
-        identity=identity,
-        ema=ema,
-        on_batch=on_batch,
+        net, config, dist=dist, sampler=sampler, loss_fn=_loss, stem=stem, identity=identity, on_batch=on_batch
     )
-    (start_epoch, progress) = start_run(trainer, config, stem=stem, identity=identity)
-
     metrics = MetricsCSV(output_dir / METRICS_FILE, METRICS_FIELDS)
     per_class = MetricsCSV(output_dir / PER_CLASS_FILE, ["epoch", "class", "ap", "ap50", "boxes"])
-    if dist.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        metrics.truncate_after(start_epoch - 1)
-        per_class.truncate_after(start_epoch - 1)
+    (epochs, progress) = start_run(trainer, config, stem=stem, identity=identity, metrics=[metrics, per_class])
 
     result = DetectionTrainResult(class_to_idx=dict(class_to_idx), metrics_path=metrics.path)
-    last_epoch = min(config.epochs, config.stop_epoch or config.epochs)
-    if start_epoch > last_epoch:
-        logger.info("nothing to do: epoch %d of %d is already done", start_epoch - 1, config.epochs)
-    for epoch in range(start_epoch, last_epoch + 1):
+    for epoch in epochs:
         if progress is None or progress.epoch != epoch:
             progress = EpochProgress(epoch)
         summary = _run_epoch(trainer, train_set, sampler, progress, config)
         result.epoch_losses[epoch] = summary.loss
 
-        evaluated = ema.module if ema is not None else net  # the weights that get saved
+        evaluated = trainer.saved_model
         (validation, val_unreadable) = evaluate_detector(
             evaluated,
             val_data,
@@ -255,7 +219,7 @@ def _train(
                 )
             )
 
-        if epoch % config.save_every == 0 or epoch == last_epoch:
+        if epoch % config.save_every == 0 or epoch == epochs[-1]:
             state = {**trainer.state_dict(progress, epoch_complete=True), **identity}
             if dist.is_main:
                 info = ModelInfo(

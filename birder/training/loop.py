@@ -12,7 +12,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,6 +27,8 @@ from birder.errors import BirderError, CheckpointError
 from birder.training.amp import amp_dtype, autocast, grad_scaler
 from birder.training.ddp import distinct_over_ranks, wrap_ddp
 from birder.training.ema import ModelEMA
+from birder.training.metrics import MetricsCSV
+from birder.training.optim import build_optimizer, param_groups
 from birder.training.schedule import epoch_cosine_schedule
 from birder.training.setup import make_loader, resolve_resume, seed_everything
 from birder.training.state import capture_rng_state, load_training_state, restore_rng_state, save_training_state
@@ -219,6 +221,11 @@ class Trainer:
             "gradient clipping (--clip-grad-norm), or use --amp bf16 instead of fp16"
         )
 
+    @property
+    def saved_model(self) -> nn.Module:
+        """The weights that are evaluated and saved: the EMA copy when EMA is on, else the model."""
+        return self.ema.module if self.ema is not None else self.model
+
     def current_lr(self) -> float:
         return max(group["lr"] for group in self.optimizer.param_groups)
 
@@ -308,7 +315,28 @@ def _progress_from_state(saved: Mapping[str, Any]) -> EpochProgress:
     return EpochProgress(**{key: value for key, value in saved.items() if key in known})
 
 
-# Start-up both trainers share
+# Start-up every trainer shares
+
+
+@dataclass(kw_only=True)
+class RunSettings:
+    """Settings every trainer's config has, with the same defaults (keyword-only: each config lists its own data,
+    network and schedule first, with the defaults of its task)."""
+
+    stop_epoch: int | None = None  # stop (with a checkpoint) after this epoch, schedule still planned for `epochs`
+    accumulation_steps: int = 1
+    min_lr: float = 0.0
+    warmup_epochs: float = 0.0
+    clip_grad_norm: float | None = None
+    amp: str | None = None  # "bf16" or "fp16"
+    compile: bool = False
+    workers: int = 4
+    seed: int = 0
+    save_every: int = 10  # epochs (the last epoch is always saved)
+    save_every_steps: int | None = None  # optimizer steps (a rolling *_step_states.pt)
+    resume: str | Path | None = None  # a *_states.pt file, or "latest"
+    device: str | None = None
+    progress_bar: bool = True
 
 
 class RunConfig(Protocol):
@@ -316,6 +344,7 @@ class RunConfig(Protocol):
 
     output_dir: str | Path
     epochs: int
+    stop_epoch: int | None
     batch_size: int
     accumulation_steps: int
     warmup_epochs: float
@@ -327,6 +356,10 @@ class RunConfig(Protocol):
     save_every_steps: int | None
     resume: str | Path | None
     progress_bar: bool
+    lr: float
+    weight_decay: float
+    betas: tuple[float, float]
+    # Read when the config has them: optimizer ("adamw"), momentum (0.9), layer_decay and ema_decay (None: off).
 
 
 def build_trainer(
@@ -334,19 +367,29 @@ def build_trainer(
     config: RunConfig,
     *,
     dist: DistInfo,
-    optimizer: torch.optim.Optimizer,
     sampler: EpochSampler,
     loss_fn: LossFn,
     stem: str,
     identity: Mapping[str, Any],
-    ema: ModelEMA | None = None,
     on_batch: Callable[[BatchEvent], None] | None = None,
 ) -> Trainer:
-    """A :class:`Trainer` with the schedule, precision, clipping and step checkpoints ``config`` asks for.
+    """A :class:`Trainer` with the optimizer, schedule, EMA, precision, clipping and step checkpoints ``config``
+    asks for.
 
-    The cosine schedule is planned for ``config.epochs`` passes over this rank's share of ``sampler``. Step
-    checkpoints go to ``<output_dir>/<stem>_step_states.pt``, with ``identity`` (what a resume must match).
+    The optimizer covers :func:`~birder.training.optim.param_groups` of ``model`` (layer-wise lr decay with
+    ``config.layer_decay``); ``config.ema_decay`` keeps an EMA of the weights (``trainer.ema``). The cosine
+    schedule is planned for ``config.epochs`` passes over this rank's share of ``sampler``. Step checkpoints go to
+    ``<output_dir>/<stem>_step_states.pt``, with ``identity`` (what a resume must match).
     """
+    groups = param_groups(model, config.lr, config.weight_decay, getattr(config, "layer_decay", None))
+    optimizer = build_optimizer(
+        getattr(config, "optimizer", "adamw"),
+        groups,
+        momentum=getattr(config, "momentum", 0.9),
+        betas=tuple(config.betas),
+    )
+    ema_decay = getattr(config, "ema_decay", None)
+    ema = ModelEMA(model, ema_decay) if ema_decay is not None else None
     scheduler = epoch_cosine_schedule(
         optimizer,
         epochs=config.epochs,
@@ -383,21 +426,35 @@ def build_trainer(
 
 
 def start_run(
-    trainer: Trainer, config: RunConfig, *, stem: str, identity: Mapping[str, Any]
-) -> tuple[int, EpochProgress | None]:
+    trainer: Trainer,
+    config: RunConfig,
+    *,
+    stem: str,
+    identity: Mapping[str, Any],
+    metrics: Sequence[MetricsCSV] = (),
+) -> tuple[range, EpochProgress | None]:
     """Seed every rank its own way, then resume ``config.resume`` (a state file, or ``latest`` of ``stem`` in the
-    output folder) when there is one. Returns the epoch to continue with and, for an unfinished epoch, how far
-    it went.
+    output folder) when there is one. Returns the epochs this call trains (up to ``stop_epoch`` or ``epochs``)
+    and, for an unfinished epoch, how far it went.
 
+    The main process makes the output folder and drops the rows of ``metrics`` from the epochs about to be redone.
     Call it once everything that draws random numbers while being built exists (see :meth:`Trainer.load_state_dict`).
     """
     # From here on ranks draw different masks, drop-path and mixup samples.
     seed_everything(config.seed, trainer.dist.rank)
     output_dir = Path(config.output_dir)
     resume_path = resolve_resume(config.resume, output_dir, stem)
+    (start_epoch, progress) = (1, None)
     if resume_path is not None:
-        return trainer.resume(resume_path, identity)
-    if config.resume is not None:
+        (start_epoch, progress) = trainer.resume(resume_path, identity)
+    elif config.resume is not None:
         logger.info("nothing to resume in %s: starting from scratch", output_dir)
 
-    return (1, None)
+    if trainer.dist.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for table in metrics:
+            table.truncate_after(start_epoch - 1)
+    last_epoch = min(config.epochs, config.stop_epoch or config.epochs)
+    if start_epoch > last_epoch:
+        logger.info("nothing to do: epoch %d of %d is already done", start_epoch - 1, config.epochs)
+    return (range(start_epoch, last_epoch + 1), progress)

@@ -29,9 +29,8 @@ from birder.loading import load_state_into, save_model
 from birder.model_registry import Task, registry
 from birder.plots import save_image_rows
 from birder.training.amp import amp_dtype, autocast
-from birder.training.loop import BatchEvent, EpochProgress, build_trainer, start_run
+from birder.training.loop import BatchEvent, EpochProgress, RunSettings, build_trainer, start_run
 from birder.training.metrics import MetricsCSV
-from birder.training.optim import build_optimizer, param_groups
 from birder.training.setup import resolve_rgb_stats, resolve_size, seed_everything
 from birder.training.state import save_training_state
 from birder.version import __version__
@@ -44,7 +43,7 @@ METRICS_FIELDS = ["epoch", "step", "loss", "lr", "unreadable_images"]
 
 
 @dataclass
-class MIMTrainConfig:
+class MIMTrainConfig(RunSettings):
     """Settings of a pretraining run (defaults follow the published recipe where one exists: docs/compatibility.md,
     "MAE pretraining")."""
 
@@ -57,26 +56,12 @@ class MIMTrainConfig:
     size: int | tuple[int, int] = 224
     rgb_stats: str | Mapping[str, Sequence[float]] = "birder"
     epochs: int = 100
-    stop_epoch: int | None = None  # stop (with a checkpoint) after this epoch, schedule still planned for `epochs`
     batch_size: int = 64
-    accumulation_steps: int = 1
     lr: float = 1.5e-4
-    min_lr: float = 0.0
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
-    warmup_epochs: float = 0.0
-    clip_grad_norm: float | None = None
-    amp: str | None = None  # "bf16" or "fp16"
-    compile: bool = False
     min_scale: float = 0.3  # random resized crop area range
     drop_path: float = 0.0
-    workers: int = 4
-    seed: int = 0
-    save_every: int = 10  # epochs (the last epoch is always saved)
-    save_every_steps: int | None = None  # optimizer steps (a rolling *_step_states.pt)
-    resume: str | Path | None = None  # a *_states.pt file, or "latest"
-    device: str | None = None
-    progress_bar: bool = True
     visualize: int = 8  # images in the per-epoch reconstruction grid (0: none)
 
 
@@ -193,33 +178,24 @@ def _train(config: MIMTrainConfig, dist: DistInfo, on_batch: Callable[[BatchEven
     encoder = registry.net_factory(config.network, 0, config=config.model_config, size=size)
     encoder.set_drop_path_rate(config.drop_path)
     mae = registry.mim_net_factory(config.mim_network, encoder, config=config.mim_config).to(dist.device)
-    optimizer = build_optimizer("adamw", param_groups(mae, config.lr, config.weight_decay), betas=tuple(config.betas))
     trainer = build_trainer(
         mae,
         config,
         dist=dist,
-        optimizer=optimizer,
         sampler=sampler,
         loss_fn=lambda model, batch: model(batch.images).loss,
         stem=_stem(config),
         identity=_identity(config),
         on_batch=on_batch,
     )
-    (start_epoch, progress) = start_run(trainer, config, stem=_stem(config), identity=_identity(config))
-
     metrics = MetricsCSV(output_dir / METRICS_FILE, METRICS_FIELDS)
+    (epochs, progress) = start_run(trainer, config, stem=_stem(config), identity=_identity(config), metrics=[metrics])
     visual = torch.empty(0)
-    if dist.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        metrics.truncate_after(start_epoch - 1)
-        if config.visualize > 0:
-            visual = _visual_batch(paths, config, size, rgb_stats)
+    if dist.is_main and config.visualize > 0:
+        visual = _visual_batch(paths, config, size, rgb_stats)
 
     result = MIMTrainResult(metrics_path=metrics.path)
-    last_epoch = min(config.epochs, config.stop_epoch or config.epochs)
-    if start_epoch > last_epoch:
-        logger.info("nothing to do: epoch %d of %d is already done", start_epoch - 1, config.epochs)
-    for epoch in range(start_epoch, last_epoch + 1):
+    for epoch in epochs:
         if progress is None or progress.epoch != epoch:
             progress = EpochProgress(epoch)
         summary = trainer.run_epoch(dataset, sampler, progress, batch_size=config.batch_size, workers=config.workers)
@@ -248,7 +224,7 @@ def _train(config: MIMTrainConfig, dist: DistInfo, on_batch: Callable[[BatchEven
                 }
             )
 
-        if epoch % config.save_every == 0 or epoch == last_epoch:
+        if epoch % config.save_every == 0 or epoch == epochs[-1]:
             state = {**trainer.state_dict(progress, epoch_complete=True), **_identity(config)}
             if dist.is_main:
                 _save_epoch(mae, state, config, output_dir, epoch, rgb_stats, result)

@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models.convnext import LayerNorm2d
+from torchvision.models.detection.anchor_utils import AnchorGenerator
 
 from birder.errors import BirderError
-from birder.net.base import BaseNet, ConfigOverride, resolve_config
+from birder.net.base import BaseNet, ConfigOverride, InputSize, resolve_config
 from birder.tasks import Task
 
 Targets = list[dict[str, torch.Tensor]]
@@ -140,19 +141,13 @@ class DetectionBaseNet(nn.Module):
         "window_size": 0,  # 0: global attention in every block (windowed attention is off)
         "global_blocks": None,  # with window_size: blocks kept global (None: four evenly spaced, as ViTDet)
         "anchor_sizes": [32, 64, 128, 256],  # one per pyramid level (strides 8..64 for patch 16)
+        "aspect_ratios": [0.5, 1.0, 2.0],  # height / width of the anchors, at every level
     }
     default_config: Mapping[str, Any] = {}
     # Faster R-CNN reserves label 0 for the background: its labels are ours + 1.
     label_offset = 0
 
-    def __init__(
-        self,
-        num_classes: int,
-        backbone: BaseNet,
-        *,
-        config: ConfigOverride = None,
-        size: tuple[int, int] | None = None,
-    ) -> None:
+    def __init__(self, num_classes: int, backbone: BaseNet, *, config: ConfigOverride = None, size: InputSize = None):
         super().__init__()
         if num_classes < 1:
             raise BirderError(f"a detector needs at least one class, got {num_classes}")
@@ -192,6 +187,16 @@ class DetectionBaseNet(nn.Module):
 
     def build_head(self, body: ViTDetBackbone) -> nn.Module:
         raise NotImplementedError
+
+    def anchor_generator(self, scales: tuple[float, ...] = (1.0,)) -> AnchorGenerator:
+        """torchvision's anchors: at each level its ``anchor_sizes`` entry times each of ``scales``, in every one of
+        the ``aspect_ratios``."""
+        cfg = self.config
+        ratios = tuple(float(ratio) for ratio in cfg["aspect_ratios"])
+        return AnchorGenerator(
+            sizes=tuple(tuple(int(size * scale) for scale in scales) for size in cfg["anchor_sizes"]),
+            aspect_ratios=(ratios,) * len(cfg["anchor_sizes"]),
+        )
 
     @property
     def vit(self) -> BaseNet:

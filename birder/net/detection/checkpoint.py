@@ -43,7 +43,10 @@ def load_detector(
 
     (state, metadata) = read_checkpoint(path)
     if metadata.get("task") != Task.OBJECT_DETECTION.value or "backbone" not in metadata:
-        raise CheckpointError(f"{path}: not a detector file (task {metadata.get('task')!r}); load it with load_model")
+        raise CheckpointError(
+            f"{path}: not a detector file (task {metadata.get('task')!r}); load it with load_model "
+            "(on the command line: -n/--weights, beside a birder-train-det file given with --detector)"
+        )
 
     signature = metadata["signature"]
     size = get_size_from_signature(signature)

@@ -14,14 +14,11 @@ from typing import Any
 
 from torch import nn
 from torchvision.models.detection import FasterRCNN as TorchvisionFasterRCNN
-from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.ops import MultiScaleRoIAlign
 
 from birder.model_registry import registry
 from birder.net.detection.base import DetectionBaseNet, ViTDetBackbone
-
-ASPECT_RATIOS = (0.5, 1.0, 2.0)
 
 
 class FasterRCNN(DetectionBaseNet):
@@ -41,10 +38,7 @@ class FasterRCNN(DetectionBaseNet):
 
     def build_head(self, body: ViTDetBackbone) -> nn.Module:
         cfg = self.config
-        anchors = AnchorGenerator(
-            sizes=tuple((int(size),) for size in cfg["anchor_sizes"]),
-            aspect_ratios=(ASPECT_RATIOS,) * len(cfg["anchor_sizes"]),
-        )
+        anchors = self.anchor_generator()
         levels = [str(idx) for idx in range(len(cfg["anchor_sizes"]))]
         return TorchvisionFasterRCNN(
             body,

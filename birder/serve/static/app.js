@@ -21,6 +21,7 @@ const elements = {
 let previewUrl = null;
 let currentPhoto = null; // the photo (File) on show: classified, explained and searched with the same bytes
 let similarServed = false; // /v1/models says whether the server has an index (birder-serve --index)
+let detectServed = false; // ... and whether it has a detector (birder-serve --detector): boxes over the photo
 
 function showError(message) {
   elements.error.textContent = message;
@@ -38,6 +39,7 @@ async function loadModelInfo() {
     const body = await response.json();
     const model = body.models[0];
     similarServed = Boolean(body.similar);
+    detectServed = Boolean(body.detect);
     elements.modelName.textContent = model.name;
     elements.modelClasses.textContent = `(${model.num_classes} species)`;
   } catch (err) {
@@ -121,6 +123,9 @@ async function classify(file) {
   elements.timing.textContent = "Classifying…";
   elements.result.hidden = false;
   elements.dropZone.classList.add("busy");
+  if (detectServed) {
+    detect(file); // alongside: the boxes come when they come
+  }
 
   const form = new FormData();
   form.append("image", file, file.name);
@@ -241,3 +246,79 @@ elements.preview.addEventListener("load", () => {
   showSimilar();
 });
 extras.toggle.addEventListener("change", showOverlay);
+
+// Boxes over the photo (birder-serve --detector): each detected bird with its answer, drawn where the photo is
+// shown (object-fit: contain, anchored top-left), laid out again when the page is resized.
+const detection = {
+  layer: document.getElementById("det-boxes"),
+  panel: document.getElementById("detections-panel"),
+  list: document.getElementById("detections"),
+};
+let detected = null; // {photo, body} of the last /v1/detect answer
+
+function boxCaption(box) {
+  const label = box.rank && box.rank !== "species" ? `${box.rank} ${box.label}` : box.label || box.predictions[0].species;
+  const probability = typeof box.label_probability === "number" ? box.label_probability : box.predictions[0].probability;
+  return box.label === "unknown" || box.label === "uncertain" ? label : `${label} ${(probability * 100).toFixed(0)}%`;
+}
+
+function layoutBoxes() {
+  detection.layer.replaceChildren();
+  const preview = elements.preview;
+  if (!detected || detected.photo !== currentPhoto || !preview.naturalWidth) {
+    return;
+  }
+  const scale = Math.min(preview.clientWidth / preview.naturalWidth, preview.clientHeight / preview.naturalHeight);
+  const factor = (preview.naturalWidth * scale) / detected.body.image.width; // photo pixels -> page pixels
+  detected.body.detections.forEach((box, index) => {
+    const [x1, y1, x2, y2] = box.box;
+    const outline = document.createElement("div");
+    outline.className = `det-box det-colour-${index % 4}`;
+    outline.style.left = `${x1 * factor}px`;
+    outline.style.top = `${y1 * factor}px`;
+    outline.style.width = `${(x2 - x1) * factor}px`;
+    outline.style.height = `${(y2 - y1) * factor}px`;
+    const label = document.createElement("span");
+    label.className = "det-label";
+    label.textContent = boxCaption(box);
+    outline.append(label);
+    detection.layer.append(outline);
+  });
+  detection.layer.hidden = false;
+}
+
+function listDetections(body) {
+  detection.list.replaceChildren();
+  for (const box of body.detections) {
+    const item = document.createElement("li");
+    item.textContent = `${boxCaption(box)} (${box.det_class} ${(box.det_score * 100).toFixed(0)}%)`;
+    detection.list.append(item);
+  }
+  if (!body.detections.length) {
+    const item = document.createElement("li");
+    item.className = "det-none";
+    item.textContent = "No bird found by the detector.";
+    detection.list.append(item);
+  }
+  detection.panel.hidden = false;
+}
+
+async function detect(file) {
+  detected = null;
+  detection.layer.replaceChildren();
+  detection.panel.hidden = true;
+  try {
+    const body = await postPhoto("/v1/detect", file);
+    if (file !== currentPhoto) {
+      return; // another photo came meanwhile
+    }
+    detected = { photo: file, body };
+    listDetections(body);
+    layoutBoxes();
+  } catch (err) {
+    showError(`No detections: ${err.message}`);
+  }
+}
+
+elements.preview.addEventListener("load", layoutBoxes);
+window.addEventListener("resize", layoutBoxes);

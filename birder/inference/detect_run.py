@@ -1,0 +1,441 @@
+"""Crop-then-classify: ``birder-predict --detector det.pt``, a row per detected box.
+
+The run is :func:`birder.inference.run.run_prediction`'s (plan, ``torchrun`` shards, journals, resume, merge,
+failures table); the steps here are those that differ (:data:`STEPS`):
+
+- prepare: the classifier as for any run (``-n NAME`` or ``--weights FILE``), and the detector
+  (:func:`~birder.net.detection.checkpoint.load_detector`, run in float32);
+- predict: each batch of photos is decoded once (:func:`~birder.io.images.load_image`), the detector finds boxes
+  in all of them in one pass (:func:`~birder.inference.detection.detect_tensors`), boxes scoring at least
+  ``det_threshold`` are cropped with a margin (:func:`~birder.inference.crops.crop_box`) and every crop goes
+  through the classifier's own preprocessing and batch loop (``classification_transform``,
+  :meth:`~birder.inference.predictor.Predictor.predict_tensor`) and the decision order
+  (:func:`birder.inference.run.classified_rows`: species list, prior, top-k, ``label`` / ``rank`` /
+  ``label_probability``);
+- after the merge: the MegaDetector batch output (``--export md-json``), from the final tables.
+
+Tables (:class:`DetectionTables`):
+
+- ``results``: a row per box: ``path``, ``box`` (its index in the photo, best score first), ``detections`` (the
+  photo's number of boxes), ``x1 y1 x2 y2`` (the box in the photo's pixels, EXIF orientation applied),
+  ``det_class``, ``det_score``, ``source`` (``detection``), then the columns of a classification run: prediction,
+  top-k, EXIF date and position, the answer. A photo without a box keeps one row with ``detections`` 0 and empty
+  species columns, or with ``fallback_whole_image`` the whole photo's answer, ``source`` ``whole-image``.
+- ``photos``: ``path``, ``width``, ``height``, ``detections``: a photo is done once its row is on disk (written
+  after its boxes' rows: a run killed in the middle of a photo's boxes redoes the photo).
+- ``failures``: as for classification.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from birder.distributed import DistInfo
+from birder.errors import BirderError, CheckpointError
+from birder.inference import predictor as P
+from birder.inference.crops import crop_box, md_batch_output, md_detection, md_timestamp, write_md_json
+from birder.inference.dataset import PhotoBatch
+from birder.inference.detection import detect_tensors, detection_transform
+from birder.inference.run import (
+    DETECTION_EXPORTS,
+    PredictionOptions,
+    RunSteps,
+    Tally,
+    _Job,
+    _Plan,
+    _prepare,
+    classified_rows,
+    journal_batches,
+    make_predictor,
+)
+from birder.inference.tables import PredictionTables, photo_file_stem
+from birder.io.journal import final_path
+from birder.io.table_files import PATH_COLUMN, Column, Row, TableSpec, read_table_rows
+
+SOURCE_DETECTION = "detection"
+SOURCE_WHOLE_IMAGE = "whole-image"
+MD_JSON_FILE = "megadetector.json"
+# What a box row says before the classifier's columns
+BOX_COLUMNS = (
+    Column("box", "int64"),
+    Column("detections", "int64"),
+    Column("x1", "float32", ".2f"),
+    Column("y1", "float32", ".2f"),
+    Column("x2", "float32", ".2f"),
+    Column("y2", "float32", ".2f"),
+    Column("det_class"),
+    Column("det_score", "float32", ".6f"),
+    Column("source"),
+)
+# Options of a classification run that have no per-box meaning (yet): refused with a detector
+_NOT_WITH_DETECTOR = {
+    "save_probabilities": "--save-probabilities",
+    "save_logits": "--save-logits",
+    "save_embeddings": "--save-embeddings",
+    "save_features": "--save-features",
+    "explain": "--explain",
+    "events": "--events",
+    "plot": "--plot",
+    "show": "--show",
+}
+_BOX_COLOURS = ((255, 64, 64), (64, 160, 255), (255, 200, 0), (64, 220, 120), (220, 90, 255), (255, 140, 40))
+
+
+def check_options(options: PredictionOptions) -> None:
+    """Refuse, in one line and before anything loads, what a crop-then-classify run cannot do."""
+    if not Path(options.detector).is_file():  # type: ignore[arg-type]
+        raise BirderError(f"--detector '{options.detector}' does not exist (a birder-train-det .pt file expected)")
+    if not 0.0 <= options.det_threshold <= 1.0:
+        raise BirderError(f"--det-threshold must be between 0 and 1, got {options.det_threshold}")
+    if not options.crop_margin >= 0.0:
+        raise BirderError(f"--crop-margin must be a fraction >= 0, got {options.crop_margin}")
+    for name, option in _NOT_WITH_DETECTOR.items():
+        if getattr(options, name):
+            raise BirderError(f"{option} is not available with --detector: it is per photo, rows are per box here")
+    others = [name for name in options.exports if name not in DETECTION_EXPORTS]
+    if others:
+        raise BirderError(f"--export {others[0]} is not available with --detector; --export md-json is")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class DetectionTables(PredictionTables):
+    """The tables of a crop-then-classify run (see the module's docstring)."""
+
+    def __init__(self, class_names: Sequence[str], top_k: int, **kwargs: Any) -> None:
+        super().__init__(class_names, top_k, lead_columns=BOX_COLUMNS, **kwargs)
+        # The photos table marks a photo done, after all of its boxes' rows
+        self.results = TableSpec(self.results.name, self.results.columns)
+        self.photos = TableSpec(
+            "photos",
+            (Column(PATH_COLUMN), Column("width", "int64"), Column("height", "int64"), Column("detections", "int64")),
+            marks_done=True,
+        )
+        self.specs = (self.failures, self.results, self.photos)
+        header = self.results.header
+        self.columns = {name: header.index(name) for name in header}
+
+    def empty_row(self, path: str, metadata: Sequence[Any]) -> Row:
+        """The row of a photo without a box: ``detections`` 0, the species columns empty, EXIF as for the rest."""
+        values: list[Any] = [path, None, 0, *([None] * (len(BOX_COLUMNS) - 2)), None, *([None] * 2 * self.top_k)]
+        values += metadata
+        return self.results.format_row(values + [None] * (len(self.results.columns) - len(values)))
+
+    def caption(self, row: Row) -> str:
+        """What a drawn box says: the answer (or the top species) and its probability."""
+        (label, probability) = (row[self.columns["prediction"]], row[self.columns["top1_prob"]])
+        if "label" in self.columns:
+            (label, probability) = (row[self.columns["label"]], row[self.columns["label_probability"]])
+        return f"{label} {float(probability):.2f}" if probability else label
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Preparing
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DetectionStep:
+    """The detector of a run and what it does with the boxes."""
+
+    net: torch.nn.Module
+    transform: Callable[[Image.Image], torch.Tensor]
+    class_names: list[str]  # the detector's (its class_to_idx order)
+    options: PredictionOptions
+
+    def settings(self) -> dict[str, Any]:
+        """What shapes the rows (a resume must match it)."""
+        options = self.options
+        return {
+            "detector": os.path.abspath(options.detector),  # type: ignore[arg-type]
+            "det_threshold": options.det_threshold,
+            "crop_margin": options.crop_margin,
+            "fallback_whole_image": options.fallback_whole_image,
+        }
+
+
+def load_detection_step(options: PredictionOptions, device: torch.device) -> DetectionStep:
+    """The ``--detector`` file, ready for inference on ``device`` (float32: torchvision's box operations)."""
+    from birder.net.detection.checkpoint import load_detector
+
+    try:
+        (net, info) = load_detector(options.detector, inference=True, device=device)  # type: ignore[arg-type]
+    except CheckpointError as err:
+        raise BirderError(f"--detector: {err}") from None
+    names = sorted(info.class_to_idx, key=lambda name: info.class_to_idx[name])
+    return DetectionStep(net, detection_transform(net.size, info.rgb_stats), names, options)
+
+
+def _prepare_detection(options: PredictionOptions, context: DistInfo) -> _Job:
+    job = _prepare(options, context, DetectionTables)
+    job.detection = load_detection_step(options, context.device)
+    job.settings.update(job.detection.settings())
+    return job
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Predicting
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class PhotoAndDetectorInput:
+    """The dataset's transform of a detection run: the decoded photo (for the crops) and the detector's input."""
+
+    def __init__(self, transform: Callable[[Image.Image], torch.Tensor]) -> None:
+        self.transform = transform
+
+    def __call__(self, photo: Image.Image) -> tuple[Image.Image, torch.Tensor]:
+        return (photo, self.transform(photo))
+
+
+@dataclass
+class _Image:
+    """One image for the classifier: a box's crop or a whole photo, and its row's lead cells."""
+
+    photo: int  # its photo's place in the batch
+    image: Image.Image
+    lead: list[Any]
+
+
+def _predict_detection(job: _Job, context: DistInfo, plan: _Plan, mine: list[int]) -> float:
+    """Detect, crop and classify this rank's photos into its journals; returns the seconds it took."""
+    predictor = make_predictor(job)
+    loader = predictor.loader(plan.paths, mine, transform=PhotoAndDetectorInput(job.detection.transform), stack=False)
+    batches = (_batch_rows(job, predictor, batch, plan.paths) for batch in loader)
+    return journal_batches(job, context, plan, len(mine), batches, "Detecting")
+
+
+def _batch_rows(
+    job: _Job, predictor: P.Predictor, batch: PhotoBatch, paths: list[str]
+) -> tuple[dict[str, list[Row]], int]:
+    """``(rows by table, photos)`` of one batch of photos."""
+    if batch.run_error is not None:
+        raise P.PredictionError(f"{batch.run_error}; check the preprocessing options (size, crop)")
+    tables: DetectionTables = job.tables
+    rows = tables.failure_rows((paths[index], reason) for (index, reason) in batch.failures)
+    count = len(batch.indices) + len(batch.failures)
+    if not batch.indices:
+        return (rows, count)
+
+    step: DetectionStep = job.detection
+    photos = [photo for (photo, _) in batch.inputs]  # type: ignore[union-attr]
+    try:
+        found = detect_tensors(
+            step.net,
+            [tensor for (_, tensor) in batch.inputs],  # type: ignore[union-attr]
+            [(photo.height, photo.width) for photo in photos],
+            score_threshold=job.options.det_threshold,
+        )
+    except Exception as exc:
+        raise P.model_failure(paths[batch.indices[0]], exc, "the detector") from exc
+
+    # Each photo's images for the classifier: its boxes' crops, best first (or the whole photo, or none)
+    per_photo: list[list[_Image]] = []
+    for place, (photo, detections) in enumerate(zip(photos, found, strict=True)):
+        boxes = detections.boxes.tolist()
+        mine = [
+            _Image(
+                place,
+                crop_box(photo, box, job.options.crop_margin),
+                [number, len(boxes), *box, step.class_names[label], score, SOURCE_DETECTION],
+            )
+            for (number, (box, score, label)) in enumerate(
+                zip(boxes, detections.scores.tolist(), detections.labels.tolist(), strict=True)
+            )
+        ]
+        if not mine and job.options.fallback_whole_image:
+            mine.append(_Image(place, photo, [None, 0, None, None, None, None, None, None, SOURCE_WHOLE_IMAGE]))
+        per_photo.append(mine)
+
+    images = [image for mine in per_photo for image in mine]
+    classified = _classify(job, predictor, images, [paths[i] for i in batch.indices], batch.metadata)
+    (results, photo_rows) = ([], [])
+    for index, photo, metadata, mine in zip(batch.indices, photos, batch.metadata, per_photo, strict=True):
+        boxes = [next(classified) for _ in mine] if mine else [tables.empty_row(paths[index], metadata)]
+        results += boxes
+        detections = sum(image.lead[-1] == SOURCE_DETECTION for image in mine)
+        photo_rows.append(tables.photos.format_row([paths[index], photo.width, photo.height, detections]))
+        _write_files(job, paths[index], photo, mine, boxes)
+    rows.update({"results": results, "photos": photo_rows})
+    return (rows, count)
+
+
+def _classify(
+    job: _Job, predictor: P.Predictor, images: list[_Image], paths: list[str], metadata: Sequence[Any]
+) -> Iterator[Row]:
+    """The results rows of ``images`` (crops and whole photos), classified ``batch_size`` at a time."""
+    size = job.options.batch_size
+    for start in range(0, len(images), size):
+        chunk = images[start : start + size]
+        inputs = torch.stack([job.transform(image.image) for image in chunk])
+        try:
+            (probabilities, embeddings, logits, _) = predictor.predict_tensor(inputs)
+        except Exception as exc:
+            raise P.model_failure(paths[chunk[0].photo], exc) from exc
+        yield from classified_rows(
+            job,
+            [paths[image.photo] for image in chunk],
+            [metadata[image.photo] for image in chunk],
+            (probabilities, embeddings, logits),
+            lead_values=[image.lead for image in chunk],
+        )["results"]
+
+
+def _write_files(job: _Job, path: str, photo: Image.Image, images: list[_Image], rows: list[Row]) -> None:
+    """``--save-crops DIR`` (each box's crop) and ``--draw DIR`` (the photo with its labelled boxes)."""
+    options = job.options
+    boxes = [(image, row) for (image, row) in zip(images, rows, strict=False) if image.lead[-1] == SOURCE_DETECTION]
+    stem = photo_file_stem(path)
+    if options.save_crops is not None:
+        folder = Path(options.save_crops)
+        folder.mkdir(parents=True, exist_ok=True)
+        for image, _ in boxes:
+            image.image.save(folder / f"{stem}_box{image.lead[0]}.jpg", quality=95)
+    if options.draw is not None:
+        folder = Path(options.draw)
+        folder.mkdir(parents=True, exist_ok=True)
+        labelled = [(image.lead[2:6], job.tables.caption(row)) for (image, row) in boxes]
+        draw_boxes(photo, labelled).save(folder / f"{stem}.jpg", quality=90)
+
+
+def draw_boxes(photo: Image.Image, boxes: Sequence[tuple[Sequence[float], str]]) -> Image.Image:
+    """A copy of ``photo`` with each ``(box x1 y1 x2 y2, caption)`` drawn as a rectangle and a label above it."""
+    image = photo.convert("RGB")
+    draw = ImageDraw.Draw(image)
+    width = max(2, round(max(image.size) / 300))
+    font = ImageFont.load_default(size=max(10, round(max(image.size) / 40)))
+    for number, (box, caption) in enumerate(boxes):
+        colour = _BOX_COLOURS[number % len(_BOX_COLOURS)]
+        (x1, y1, x2, y2) = (float(v) for v in box)
+        draw.rectangle((x1, y1, x2, y2), outline=colour, width=width)
+        (left, top, right, bottom) = draw.textbbox((0, 0), caption, font=font)
+        (text_w, text_h) = (right - left + 2 * width, bottom - top + 2 * width)
+        # Above the box, else inside it; moved left where it would run off the photo
+        (x, y) = (max(0.0, min(x1, image.width - text_w)), y1 - text_h if y1 >= text_h else y1)
+        draw.rectangle((x, y, x + text_w, y + text_h), fill=colour)
+        draw.text((x + width - left, y + width - top), caption, fill=(0, 0, 0), font=font)
+    return image
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Finishing: the summary, the MegaDetector batch output
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class DetectionTally(Tally):
+    """A crop-then-classify run's summary: boxes and photos; the species counted per box."""
+
+    def __init__(self, job: _Job) -> None:
+        super().__init__(job)
+        self.summary.noun = "boxes"
+        (self.photos, self.empty, self.boxes, self.whole) = (0, 0, 0, 0)
+
+    def callbacks(self) -> dict[str, Callable[[Row], None]]:
+        return {**super().callbacks(), "results": self.on_result, "photos": self.on_photo}
+
+    def on_photo(self, row: Row) -> None:
+        self.photos += 1
+        self.empty += row[3] == "0"
+
+    def on_result(self, row: Row) -> None:
+        source = row[self.job.tables.columns["source"]]
+        if not source:
+            return
+        (path, prediction, top) = self.job.tables.parse_result(row)
+        self.summary.add(path, prediction, [name for (name, _) in top])
+        self.boxes += source == SOURCE_DETECTION
+        self.whole += source == SOURCE_WHOLE_IMAGE
+
+    def as_dict(self) -> dict[str, Any]:
+        counts = {"photos": self.photos, "boxes": self.boxes, "photos_without_detections": self.empty}
+        return {**self.summary.as_dict(), **counts, "whole_image_answers": self.whole}
+
+    def format(self) -> str:
+        whole = f", {self.whole} answered as whole images" if self.whole else ""
+        header = (
+            f"Detected {self.boxes} boxes in {self.photos} photos ({self.empty} without any{whole}), "
+            f"{self.summary.failures} could not be read."
+        )
+        return self.summary.format(header=header)
+
+
+def _after_detection(job: _Job, plan: _Plan) -> None:
+    """(rank 0, after the merge) ``--export md-json``."""
+    if "md-json" in job.options.exports:
+        path = write_md_results(job, plan)
+        print(f"  {'export':<13} {path}")
+
+
+def _md_base(inputs: Sequence[str | os.PathLike], paths: Sequence[str]) -> str:
+    """The folder the batch output's ``file`` entries are relative to: the one folder given, else the photos'
+    deepest common folder."""
+    if len(inputs) == 1 and Path(inputs[0]).is_dir():
+        return os.path.abspath(inputs[0])
+    return os.path.commonpath([os.path.dirname(os.path.abspath(path)) for path in paths])
+
+
+def write_md_results(job: _Job, plan: _Plan) -> Path:
+    """The MegaDetector batch output (docs/compatibility.md) of the run's final tables: every photo, its boxes
+    with the detector's category and score, the box normalised to the photo, the species top-k as
+    ``classifications``; unreadable photos with their ``failure``."""
+    (options, tables) = (job.options, job.tables)
+    folder = Path(options.output_dir)
+    columns = tables.columns
+
+    def read(spec: TableSpec) -> Iterator[Row]:
+        return read_table_rows(final_path(folder, spec, options.table_format), spec)
+
+    sizes = {row[0]: (int(row[1]), int(row[2])) for row in read(tables.photos)}
+    failures = {row[0]: row[1] for row in read(tables.failures)}
+    species = {name: str(index) for (index, name) in enumerate(tables.class_names)}
+    categories = {name: str(index + 1) for (index, name) in enumerate(job.detection.class_names)}
+    boxes: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in read(tables.results):
+        if row[columns["source"]] != SOURCE_DETECTION:
+            continue
+        top = [pair for pair in tables.parse_result(row)[2] if pair[0]]
+        box = [float(row[columns[name]]) for name in ("x1", "y1", "x2", "y2")]
+        detection = md_detection(
+            box,
+            float(row[columns["det_score"]]),
+            categories[row[columns["det_class"]]],
+            sizes[row[0]],
+            [(species[name], probability) for (name, probability) in top],
+        )
+        boxes[row[0]].append(detection)
+
+    base = _md_base(options.inputs, plan.paths)
+    images = []
+    for path in plan.paths:
+        file = Path(os.path.relpath(os.path.abspath(path), base)).as_posix()
+        if path in failures:
+            images.append({"file": file, "failure": failures[path]})
+        elif path in sizes:
+            images.append({"file": file, "detections": boxes.get(path, [])})
+    info = {
+        "classifier": options.model or Path(options.weights).name,  # type: ignore[arg-type]
+        "classification_completion_time": md_timestamp(),
+        "detector_metadata": {"typical_detection_threshold": options.det_threshold},
+    }
+    output = md_batch_output(
+        images,
+        {index: name for (name, index) in categories.items()},
+        {index: name for (name, index) in species.items()},
+        detector=Path(options.detector).name,  # type: ignore[arg-type]
+        info=info,
+    )
+    return write_md_json(folder / MD_JSON_FILE, output)
+
+
+STEPS = RunSteps(_prepare_detection, _predict_detection, DetectionTally, _after_detection)
