@@ -144,18 +144,38 @@ def train_classifier_on(
     """A tiny ViT trained from scratch: AdamW, one-cycle schedule, horizontal flips, no label smoothing."""
     torch.manual_seed(seed)
     net = registry.net_factory("vit_b16", num_classes, config=MODEL_CONFIG, size=(SIZE, SIZE))
-    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.05)
-    batch_size = 16
-    steps = epochs * ((len(images) + batch_size - 1) // batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     generator = torch.Generator().manual_seed(seed)
+    return fit_with_flips(net, images, targets, epochs=epochs, lr=lr, batch_size=16, pct_start=0.1, generator=generator)
+
+
+def fit_with_flips(
+    net: torch.nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    pct_start: float,
+    drop_last: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.nn.Module:
+    """Train ``net`` on normalised image tensors: AdamW, one-cycle schedule, random horizontal flips (the object's
+    side must not matter), cross-entropy without label smoothing. ``generator`` None draws from torch's global RNG.
+    Returns the network in eval mode."""
+    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.05)
+    count = len(images)
+    batches = count // batch_size if drop_last else (count + batch_size - 1) // batch_size
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=lr, total_steps=epochs * batches, pct_start=pct_start
+    )
     net.train()
     for _ in range(epochs):
-        order = torch.randperm(len(images), generator=generator)
-        for start in range(0, len(images), batch_size):
+        order = torch.randperm(count, generator=generator)
+        for start in range(0, batches * batch_size, batch_size):
             batch = order[start : start + batch_size]
             flip = torch.rand(len(batch), generator=generator) < 0.5
-            inputs = torch.where(flip[:, None, None, None], images[batch].flip(3), images[batch])
+            inputs = torch.where(flip[:, None, None, None], images[batch].flip(-1), images[batch])
             loss = F.cross_entropy(net(inputs), targets[batch])
             optimizer.zero_grad()
             loss.backward()

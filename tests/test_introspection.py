@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import TINY_VIT_CONFIG
+from field_data import fit_with_flips
 from PIL import Image
 
 from benchmarks.synthetic import make_scene
@@ -119,22 +119,8 @@ def train_scene_classifier(size: int = 64, count: int = 2000, epochs: int = 12) 
     train = scenes(np.random.default_rng(0), count, size)
     inputs = torch.stack([transform(scene.image) for scene in train])
     labels = torch.tensor([SCENE_CLASSES.index(scene.labels[0]) for scene in train])
-    optimizer = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=0.05)
-    steps = epochs * (count // 32)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 2e-3, total_steps=steps)
-    net.train()
-    for _ in range(epochs):
-        order = torch.randperm(count)
-        for start in range(0, count - 31, 32):
-            batch = order[start : start + 32]
-            flip = torch.rand(len(batch)) < 0.5  # the object's side must not matter
-            images = torch.where(flip[:, None, None, None], inputs[batch].flip(-1), inputs[batch])
-            loss = F.cross_entropy(net(images), labels[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    return net.eval()
+    # OneCycleLR's default warm-up share (0.3), full batches only, torch's global RNG (seeded above)
+    return fit_with_flips(net, inputs, labels, epochs=epochs, lr=2e-3, batch_size=32, pct_start=0.3, drop_last=True)
 
 
 @pytest.mark.slow
