@@ -144,3 +144,17 @@ def test_crop_classify_benchmark_tiny(tmp_path: Path) -> None:
     assert report["gain_points"] == pytest.approx(100 * (report["top1"]["crop"] - report["top1"]["whole"]))
     assert report["training"]["detector_trained_here"] and len(report["training"]["detector_map50_by_epoch"]) == 1
     assert report["machine"]["cpu_model"] and 0.0 <= report["detector_recall_iou50"] <= 1.0
+
+
+def test_shards_benchmark_tiny(tmp_path: Path) -> None:
+    from benchmarks import shards
+
+    output = tmp_path / "shards.json"
+    assert (
+        shards.main(["--photos", "30", "--tiny", "--workers", "0", "--workdir", str(tmp_path), "--output", str(output)])
+        == 0
+    )
+    report = json.loads(output.read_text())
+    assert report["pack_photos_per_s"] > 0 and report["shards"] >= 1 and report["machine"]["cpu_model"]
+    assert set(report["training_input_images_per_s"]) == {"folders, 0 workers", "shards, 0 workers"}
+    assert set(report["raw_read_mb_per_s"]) == {"folders", "shards"}

@@ -16,10 +16,10 @@ import csv
 import logging
 import math
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 from PIL import Image
@@ -322,6 +322,22 @@ def collate_training_samples(samples: Sequence[TrainingSample]) -> TrainingBatch
 
 
 # Sampling
+
+
+class EpochBatches(Protocol):
+    """Where a trainer's epochs come from: files and a sampler (:class:`~birder.training.setup.IndexedEpochs`) or
+    a stream of tar shards (:class:`~birder.data.shards.ShardStream`)."""
+
+    batch_size: int
+
+    @property
+    def samples_per_rank(self) -> int:
+        """Samples this rank sees in a whole epoch (what schedules are planned with)."""
+        ...
+
+    def loader(self, epoch: int, skip_batches: int, workers: int, device: torch.device) -> Iterable[TrainingBatch]:
+        """Epoch ``epoch``'s batches for this rank, without its first ``skip_batches`` (a mid-epoch resume)."""
+        ...
 
 
 class EpochSampler(Sampler[tuple[int, int]]):

@@ -37,6 +37,13 @@ def atomic_write_path(dst: str | os.PathLike) -> Iterator[Path]:
     fsync_directory(dst.parent)
 
 
+def atomic_write_text(dst: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``dst`` atomically; returns ``dst`` as a path."""
+    with atomic_write_path(dst) as tmp_path:
+        tmp_path.write_text(text, encoding="utf-8")
+    return Path(dst)
+
+
 def _umask() -> int:
     """The process umask, read without changing it (Linux); elsewhere the one read when this module was imported."""
     mask = _umask_from_proc()

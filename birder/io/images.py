@@ -8,6 +8,7 @@ with a one-line message that names the file.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import struct
@@ -93,7 +94,16 @@ def load_image(source: str | os.PathLike | Image.Image) -> Image.Image:
 
     path = Path(source)
     _check_file(path)
-    return _to_rgb(_read_file(path), str(path))
+    return _to_rgb(_read_file(path, str(path)), str(path))
+
+
+def load_image_bytes(data: bytes, name: str) -> Image.Image:
+    """Decode an image file held in memory (a sample of a tar shard, say) exactly as :func:`load_image` decodes
+    the same file on disk; errors name it ``name``."""
+    if not data:
+        raise _decode_error(name, "empty file (0 bytes)")
+
+    return _to_rgb(_read_file(io.BytesIO(data), name), name)
 
 
 def _check_file(path: Path) -> None:
@@ -111,24 +121,24 @@ def _check_file(path: Path) -> None:
         raise _decode_error(path, f"cannot access file: {one_line(exc, _MAX_REASON_CHARS)}") from None
 
 
-def _read_file(path: Path) -> Image.Image:
-    """Open, fully decode and detach the first frame of ``path``; the file handle is closed on return."""
+def _read_file(source: Path | io.BytesIO, name: str) -> Image.Image:
+    """Open, fully decode and detach the first frame of ``source``; a file handle is closed on return."""
     try:
-        with Image.open(path) as opened:
-            decoded = _decode_loaded(opened, str(path))
+        with Image.open(source) as opened:
+            decoded = _decode_loaded(opened, name)
             # Detach from the file: a multi-frame image would otherwise still point at the closed handle
             return opened.copy() if decoded is opened else decoded
     except ImageDecodeError:
         raise
     except UnidentifiedImageError:
-        raise _decode_error(path, "not a recognised image format") from None
+        raise _decode_error(name, "not a recognised image format") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # The warning arrives here only when warning filters turn it into an error
-        raise _bomb_error(path, exc) from None
+        raise _bomb_error(name, exc) from None
     except PermissionError:
-        raise _decode_error(path, "permission denied") from None
+        raise _decode_error(name, "permission denied") from None
     except _CORRUPT_DATA_ERRORS as exc:
-        raise _decode_error(path, f"truncated or corrupt image: {one_line(exc, _MAX_REASON_CHARS)}") from None
+        raise _decode_error(name, f"truncated or corrupt image: {one_line(exc, _MAX_REASON_CHARS)}") from None
 
 
 def _decode_loaded(image: Image.Image, name: str) -> Image.Image:

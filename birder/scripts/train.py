@@ -10,7 +10,12 @@
     birder-train --network vit_s16 --teacher runs/ft/vit_l16_50.pt --distill soft --data-dir birds/ \\
         --output-dir runs/s16 --size 256 --epochs 50 --amp bf16
 
-``birds/`` holds ``train/<class>/<images>`` and ``val/<class>/<images>``. Multi-GPU: ``torchrun --nproc_per_node 8
+``birds/`` holds ``train/<class>/<images>`` and ``val/<class>/<images>``. From tar shards (millions of photos):
+
+    python -m birder.tools pack birds/train -o shards/train --labels folders
+    birder-train --network vit_b16 --wds shards/train --val-dir birds/val --output-dir runs/b16
+
+ Multi-GPU: ``torchrun --nproc_per_node 8
 -m birder.scripts.train ...`` (the same options).
 """
 
@@ -18,7 +23,14 @@ import argparse
 
 from birder.data.training import AUG_LEVELS
 from birder.training.classification import TrainConfig, train_classifier
-from birder.training.cli import add_training_args, config_from_args, json_object, run_cli, training_parser
+from birder.training.cli import (
+    add_training_args,
+    add_wds_args,
+    config_from_args,
+    json_object,
+    run_cli,
+    training_parser,
+)
 from birder.training.distillation import DISTILL_KINDS
 from birder.training.optim import OPTIMIZERS
 
@@ -38,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--val-dir", help="validation ImageFolder root (instead of <data-dir>/val)")
     data.add_argument("--train-csv", help="training labels: CSV of path,label (paths relative to the CSV)")
     data.add_argument("--val-csv", help="validation labels: CSV of path,label")
+    add_wds_args(data, validation=True)
     data.add_argument("--class-balanced", action="store_true", help="sample every class equally often")
     data.add_argument("--aug-level", type=int, choices=sorted(AUG_LEVELS), default=2, help="augmentation strength")
 

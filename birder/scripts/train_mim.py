@@ -2,6 +2,9 @@
 
     birder-train-mim --network vit_b16 --data-dir photos/ more_photos/ --output-dir runs/mim --size 224 \\
         --epochs 400 --warmup-epochs 40 --batch-size 128 --amp bf16
+    # millions of photos: pack them into tar shards once, then stream them
+    python -m birder.tools pack photos/ -o shards/
+    birder-train-mim --network vit_b16 --wds shards/ --output-dir runs/mim --epochs 400 --amp bf16
 
 Multi-GPU: ``torchrun --nproc_per_node 8 -m birder.scripts.train_mim ...`` (the same options).
 """
@@ -9,7 +12,7 @@ Multi-GPU: ``torchrun --nproc_per_node 8 -m birder.scripts.train_mim ...`` (the 
 import argparse
 
 from birder.model_registry import Task, registry
-from birder.training.cli import add_training_args, config_from_args, json_object, run_cli, training_parser
+from birder.training.cli import add_training_args, add_wds_args, config_from_args, json_object, run_cli, training_parser
 from birder.training.mim import MIMTrainConfig, train_mim
 
 PROG = "birder-train-mim"
@@ -30,9 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="mae_vit (decoder of 8 blocks), mae_vit_dec{4,2,1}, each with _npl (normalized pixel targets)",
     )
-    parser.add_argument(
-        "--data-dir", dest="data_dirs", nargs="+", required=True, help="folders of images (searched recursively)"
-    )
+    data = parser.add_argument_group("data (one of --data-dir and --wds)")
+    data.add_argument("--data-dir", dest="data_dirs", nargs="+", default=(), help="folders of images (recursively)")
+    add_wds_args(data)
     parser.add_argument("--model-config", type=json_object, help="encoder config override (JSON object)")
     parser.add_argument("--mim-config", type=json_object, help='e.g. \'{"mask_ratio": 0.75, "decoder_depth": 4}\'')
     parser.add_argument("--min-scale", type=float, default=0.3, help="random resized crop minimum area")

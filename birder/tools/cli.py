@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from birder.errors import BirderError
-from birder.tools import convert_model, download_model, export, list_models, model_info
+from birder.tools import convert_model, download_model, export, list_models, model_info, pack
 
 PROG = "python -m birder.tools"
 EXIT_USAGE = 2
@@ -18,6 +18,7 @@ COMMANDS = {
     "model-info": model_info,
     "convert-model": convert_model,
     "export": export,
+    "pack": pack,
 }
 
 

@@ -12,7 +12,7 @@ when the classes are the same). Outputs in ``output_dir`` (``<stem>`` is ``<netw
 """
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from birder.data.shards import DEFAULT_SHUFFLE_BUFFER, ShardSet, ShardStream, open_shards
 from birder.data.training import (
+    EpochBatches,
     EpochSampler,
     ImageDataset,
     LabeledFiles,
@@ -43,7 +45,7 @@ from birder.training.evaluation import EvalResult, evaluate, write_eval_outputs
 from birder.training.loop import BatchEvent, EpochProgress, EpochSummary, RunSettings, build_trainer, start_run
 from birder.training.metrics import MetricsCSV
 from birder.training.mixup import MixupCutmix, soft_target_cross_entropy
-from birder.training.setup import make_loader, resolve_rgb_stats, resolve_size, seed_everything
+from birder.training.setup import IndexedEpochs, make_loader, resolve_rgb_stats, resolve_size, seed_everything
 from birder.training.state import save_training_state
 
 logger = logging.getLogger(__name__)
@@ -63,6 +65,9 @@ class TrainConfig(RunSettings):
     val_dir: str | Path | None = None
     train_csv: str | Path | None = None
     val_csv: str | Path | None = None
+    wds: str | Path | None = None  # WebDataset shards: a packed folder or a brace pattern (birder.data.shards)
+    val_wds: str | Path | None = None
+    wds_shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER
     network: str | None = None  # needed from scratch, or for a file that does not name its network
     model_config: Mapping[str, Any] | None = None
     init: str | Path | None = None  # an MIM encoder or classifier checkpoint
@@ -106,23 +111,59 @@ class TrainResult:
     confusion_matrix_path: Path | None = None
 
 
-def _labeled_files(config: TrainConfig) -> tuple[LabeledFiles, LabeledFiles]:
+# Training or validation data: labelled files (folders, CSV) or WebDataset shards.
+DataSource = LabeledFiles | ShardSet
+
+
+def _data_sources(config: TrainConfig) -> tuple[DataSource, DataSource]:
+    """The training data and the validation data, with the training classes (checked to cover validation's)."""
+    train = _train_source(config)
+    class_to_idx = _classes_of(train)
+    if config.val_wds is not None:
+        return (train, _labeled_shards(config.val_wds, "--val-wds"))
+    if config.val_csv is not None:
+        return (train, csv_files(config.val_csv, class_to_idx))
+
+    data_dir = Path(config.data_dir) if config.data_dir is not None else None
+    val_dir = config.val_dir or (data_dir / "val" if data_dir is not None else None)
+    if val_dir is None:
+        raise BirderError("no validation data: pass --val-dir, --val-csv or --val-wds (evaluated every epoch)")
+    if not Path(val_dir).is_dir():
+        raise BirderError(f"{val_dir}: no validation folder (expected {val_dir}/<class name>/<images>)")
+    return (train, image_folder_files(val_dir, class_to_idx))
+
+
+def _train_source(config: TrainConfig) -> DataSource:
+    if config.wds is not None:
+        return _labeled_shards(config.wds, "--wds")
     if config.train_csv is not None:
-        if config.val_csv is None:
+        if config.val_csv is None and config.val_wds is None:
             raise BirderError("--train-csv needs a --val-csv (a held-out split to evaluate on every epoch)")
-        train = csv_files(config.train_csv)
-        return (train, csv_files(config.val_csv, train.class_to_idx))
+        return csv_files(config.train_csv)
 
     data_dir = Path(config.data_dir) if config.data_dir is not None else None
     train_dir = config.train_dir or (data_dir / "train" if data_dir is not None else None)
-    val_dir = config.val_dir or (data_dir / "val" if data_dir is not None else None)
-    if train_dir is None or val_dir is None:
-        raise BirderError("no data: pass a data folder with train/ and val/ sub-folders, or CSV label files")
-    if not Path(val_dir).is_dir():
-        raise BirderError(f"{val_dir}: no validation folder (expected {val_dir}/<class name>/<images>)")
+    if train_dir is None:
+        raise BirderError("no data: pass a data folder with train/ and val/ sub-folders, CSV label files or --wds")
+    return image_folder_files(train_dir)
 
-    train = image_folder_files(train_dir)
-    return (train, image_folder_files(val_dir, train.class_to_idx))
+
+def _labeled_shards(spec: str | Path, option: str) -> ShardSet:
+    shard_set = open_shards(spec)
+    if shard_set.class_names is None:
+        raise BirderError(
+            f"{option} {spec}: the shards have no class names (pack labelled photos with python -m birder.tools "
+            "pack --labels, which writes them in index.json)"
+        )
+    return shard_set
+
+
+def _classes_of(source: DataSource) -> dict[str, int]:
+    return dict(source.class_to_idx)
+
+
+def _size_of(source: DataSource) -> int:
+    return source.total if isinstance(source, ShardSet) else len(source.paths)
 
 
 def build_classifier(config: TrainConfig, class_to_idx: Mapping[str, int]) -> tuple[BaseNet, dict[str, Any]]:
@@ -154,27 +195,55 @@ def train_classifier(config: TrainConfig, *, on_batch: Callable[[BatchEvent], No
 @dataclass
 class _Data:
     class_names: list[str]
-    train_set: ImageDataset
-    sampler: EpochSampler
-    val_loader: torch.utils.data.DataLoader
+    train: EpochBatches
+    train_set: ImageDataset | None  # files only: the teacher's logits cache needs indexed samples
+    val_loader: Iterable[TrainingBatch]
 
 
-def _data(config: TrainConfig, files: tuple[LabeledFiles, LabeledFiles], size, rgb_stats, dist: DistInfo) -> _Data:
-    """Training set (augmented, sharded, optionally class-balanced) and validation loader (inference transform)."""
-    (train_files, val_files) = files
-    class_to_idx = train_files.class_to_idx
+def _data(config: TrainConfig, sources: tuple[DataSource, DataSource], size, rgb_stats, dist: DistInfo) -> _Data:
+    """Training batches (augmented, split over ranks, optionally class-balanced) and validation batches
+    (inference transform, each image once over all ranks)."""
+    (train_source, val_source) = sources
+    class_to_idx = _classes_of(train_source)
+    class_names = sorted(class_to_idx, key=class_to_idx.__getitem__)
     transform = training_transform(size, rgb_stats, config.aug_level)
-    train_set = ImageDataset(train_files.paths, transform, train_files.targets, seed=config.seed)
-    weights = class_balanced_weights(train_files.targets) if config.class_balanced else None
-    sampler = EpochSampler(
-        len(train_set), seed=config.seed, rank=dist.rank, world_size=dist.world_size, weights=weights
-    )
+    (rank, world_size) = (dist.rank, dist.world_size)
+    train_set = None
+    if isinstance(train_source, ShardSet):
+        if config.class_balanced:
+            raise BirderError("--class-balanced needs random access to the samples: train from folders or CSV files")
+        train: EpochBatches = ShardStream(
+            train_source,
+            transform,
+            batch_size=config.batch_size,
+            rank=rank,
+            world_size=world_size,
+            seed=config.seed,
+            shuffle_buffer=config.wds_shuffle_buffer,
+        )
+    else:
+        train_set = ImageDataset(train_source.paths, transform, train_source.targets, seed=config.seed)
+        weights = class_balanced_weights(train_source.targets) if config.class_balanced else None
+        sampler = EpochSampler(len(train_set), seed=config.seed, rank=rank, world_size=world_size, weights=weights)
+        train = IndexedEpochs(train_set, sampler, config.batch_size)
 
     transform = classification_transform(size, rgb_stats)
-    val_set = ImageDataset(val_files.paths, transform, val_files.targets, replace_unreadable=False)
-    val_sampler = EpochSampler(len(val_set), shuffle=False, rank=dist.rank, world_size=dist.world_size, pad=False)
-    val_loader = make_loader(val_set, val_sampler, config.batch_size, config.workers, dist.device)
-    return _Data(sorted(class_to_idx, key=class_to_idx.__getitem__), train_set, sampler, val_loader)
+    if isinstance(val_source, ShardSet):
+        stream = ShardStream(
+            val_source,
+            transform,
+            batch_size=config.batch_size,
+            rank=rank,
+            world_size=world_size,
+            shuffle=False,
+            class_to_idx=class_to_idx,
+        )
+        val_loader: Iterable[TrainingBatch] = stream.loader(0, 0, config.workers, dist.device)
+    else:
+        val_set = ImageDataset(val_source.paths, transform, val_source.targets, replace_unreadable=False)
+        val_sampler = EpochSampler(len(val_set), shuffle=False, rank=rank, world_size=world_size, pad=False)
+        val_loader = make_loader(val_set, val_sampler, config.batch_size, config.workers, dist.device)
+    return _Data(class_names, train, train_set, val_loader)
 
 
 def _loss_fn(
@@ -229,6 +298,8 @@ def _teacher(
         settings, class_to_idx=class_to_idx, size=tuple(net.size), rgb_stats=rgb_stats, device=dist.device
     )
     if settings.cache is not None:
+        if data.train_set is None:
+            raise BirderError("--teacher-cache needs indexed samples: train from folders or CSV files, or drop it")
         attach_cache(teacher, data.train_set, config.batch_size, config.workers, dist)
     return teacher
 
@@ -236,10 +307,10 @@ def _teacher(
 def _train(config: TrainConfig, dist: DistInfo, on_batch: Callable[[BatchEvent], None] | None) -> TrainResult:
     output_dir = Path(config.output_dir)
     seed_everything(config.seed)  # the same on every rank: identical initial weights (and EMA copies)
-    files = _labeled_files(config)
-    class_to_idx = files[0].class_to_idx
+    sources = _data_sources(config)
+    class_to_idx = _classes_of(sources[0])
     logger.info(
-        "%d training, %d validation images, %d classes", *map(len, (files[0].paths, files[1].paths, class_to_idx))
+        "%d training, %d validation images, %d classes", _size_of(sources[0]), _size_of(sources[1]), len(class_to_idx)
     )
 
     (net, rgb_stats) = build_classifier(config, class_to_idx)
@@ -250,13 +321,20 @@ def _train(config: TrainConfig, dist: DistInfo, on_batch: Callable[[BatchEvent],
         net.freeze(freeze_classifier=False)
     net = net.to(dist.device)
     stem = net.network_name + (f"_{config.tag}" if config.tag else "")
-    data = _data(config, files, tuple(net.size), rgb_stats, dist)
+    data = _data(config, sources, tuple(net.size), rgb_stats, dist)
     teacher = _teacher(config, net, data, class_to_idx, rgb_stats, dist)
 
     identity = {"kind": "classification", "network": net.network_name, "class_to_idx": dict(class_to_idx)}
     loss_fn = _loss_fn(config, len(class_to_idx), teacher)
     trainer = build_trainer(
-        net, config, dist=dist, sampler=data.sampler, loss_fn=loss_fn, stem=stem, identity=identity, on_batch=on_batch
+        net,
+        config,
+        dist=dist,
+        samples_per_rank=data.train.samples_per_rank,
+        loss_fn=loss_fn,
+        stem=stem,
+        identity=identity,
+        on_batch=on_batch,
     )
     metrics = MetricsCSV(output_dir / METRICS_FILE, _metric_fields(config.top_k, len(class_to_idx)))
     per_class = MetricsCSV(output_dir / PER_CLASS_FILE, ["epoch", "class", "precision", "recall", "support"])
@@ -267,9 +345,7 @@ def _train(config: TrainConfig, dist: DistInfo, on_batch: Callable[[BatchEvent],
     for epoch in epochs:
         if progress is None or progress.epoch != epoch:
             progress = EpochProgress(epoch)
-        summary = trainer.run_epoch(
-            data.train_set, data.sampler, progress, batch_size=config.batch_size, workers=config.workers
-        )
+        summary = trainer.run_epoch(data.train, progress, workers=config.workers)
         result.epoch_losses[epoch] = summary.loss
 
         evaluated = trainer.saved_model

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from birder.data.shards import DEFAULT_SHUFFLE_BUFFER
 from birder.data.transforms import RGB_STATS
 from birder.errors import BirderError
 from birder.training.amp import AMP_DTYPES
@@ -88,6 +89,27 @@ def add_training_args(parser: argparse.ArgumentParser, *, lr: float, weight_deca
     )
     group.add_argument("--device", help="auto (the default: CUDA, then MPS, then the CPU), cpu, cuda, cuda:N or mps")
     group.add_argument("--no-progress", dest="progress_bar", action="store_false", help="no progress bars")
+
+
+def add_wds_args(group: argparse._ArgumentGroup, *, validation: bool = False) -> None:
+    """Options of training from WebDataset tar shards (made by ``python -m birder.tools pack``)."""
+    group.add_argument(
+        "--wds",
+        metavar="SHARDS",
+        help="train from tar shards instead of files: a packed folder, or a pattern such as "
+        "'shards/shard-{000000..000123}.tar' (quote it). Streamed, shuffled with a buffer, split over ranks and "
+        "workers; every data-loader worker reads its rank's tars and decodes its own share of the batches",
+    )
+    if validation:
+        group.add_argument("--val-wds", metavar="SHARDS", help="validation shards (instead of --val-dir/--val-csv)")
+    group.add_argument(
+        "--wds-shuffle-buffer",
+        type=int,
+        default=DEFAULT_SHUFFLE_BUFFER,
+        metavar="N",
+        help="samples in the shuffle buffer (default: %(default)s; memory: N x the mean photo file size, per "
+        "data-loader worker)",
+    )
 
 
 def training_parser(prog: str, description: str, outputs: str) -> argparse.ArgumentParser:

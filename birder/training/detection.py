@@ -14,8 +14,6 @@ Outputs in ``output_dir`` (``<stem>`` is ``<network>_<backbone>``, e.g. ``faster
 """
 
 import logging
-import math
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,9 +31,9 @@ from birder.model_registry import Task, registry
 from birder.net.detection.base import DetectionBaseNet
 from birder.net.detection.checkpoint import save_detector
 from birder.training.detection_eval import DetectionEvalResult, evaluate_detector
-from birder.training.loop import BatchEvent, EpochProgress, RunSettings, Trainer, build_trainer, start_run
+from birder.training.loop import BatchEvent, EpochProgress, RunSettings, build_trainer, start_run
 from birder.training.metrics import MetricsCSV
-from birder.training.setup import resolve_rgb_stats, resolve_size, seed_everything
+from birder.training.setup import IndexedEpochs, resolve_rgb_stats, resolve_size, seed_everything
 from birder.training.state import save_training_state
 
 logger = logging.getLogger(__name__)
@@ -163,8 +161,16 @@ def _train(
         "backbone": net.backbone_name,
         "class_to_idx": dict(class_to_idx),
     }
+    train = IndexedEpochs(train_set, sampler, config.batch_size, collate_detection)
     trainer = build_trainer(
-        net, config, dist=dist, sampler=sampler, loss_fn=_loss, stem=stem, identity=identity, on_batch=on_batch
+        net,
+        config,
+        dist=dist,
+        samples_per_rank=train.samples_per_rank,
+        loss_fn=_loss,
+        stem=stem,
+        identity=identity,
+        on_batch=on_batch,
     )
     metrics = MetricsCSV(output_dir / METRICS_FILE, METRICS_FIELDS)
     per_class = MetricsCSV(output_dir / PER_CLASS_FILE, ["epoch", "class", "ap", "ap50", "boxes"])
@@ -174,7 +180,7 @@ def _train(
     for epoch in epochs:
         if progress is None or progress.epoch != epoch:
             progress = EpochProgress(epoch)
-        summary = _run_epoch(trainer, train_set, sampler, progress, config)
+        summary = trainer.run_epoch(train, progress, workers=config.workers)
         result.epoch_losses[epoch] = summary.loss
 
         evaluated = trainer.saved_model
@@ -232,21 +238,3 @@ def _train(
         progress = None
 
     return result
-
-
-def _run_epoch(trainer: Trainer, dataset: DetectionDataset, sampler: EpochSampler, progress: EpochProgress, config):
-    """:meth:`Trainer.run_epoch` with the detection collate (images of one size stacked, boxes per image)."""
-    sampler.set_epoch(progress.epoch, start=progress.batches * config.batch_size)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=config.batch_size,
-        sampler=sampler,
-        num_workers=config.workers,
-        collate_fn=collate_detection,
-        pin_memory=trainer.dist.device.type == "cuda",
-        generator=torch.Generator(),
-    )
-    (started, seen_before) = (time.perf_counter(), progress.samples)
-    trainer.train_epoch(loader, progress, total_batches=math.ceil(sampler.samples_per_rank / config.batch_size))
-    rate = (progress.samples - seen_before) / max(time.perf_counter() - started, 1e-9)
-    return trainer.summarize(progress, rate)

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from birder.data.training import EpochSampler, ImageDataset, TrainingBatch
+from birder.data.training import EpochBatches, TrainingBatch
 from birder.distributed import DistInfo, all_gather_objects, all_reduce_sum
 from birder.errors import BirderError, CheckpointError
 from birder.training.amp import amp_dtype, autocast, grad_scaler
@@ -30,7 +30,7 @@ from birder.training.ema import ModelEMA
 from birder.training.metrics import MetricsCSV
 from birder.training.optim import build_optimizer, param_groups
 from birder.training.schedule import epoch_cosine_schedule
-from birder.training.setup import make_loader, resolve_resume, seed_everything
+from birder.training.setup import resolve_resume, seed_everything
 from birder.training.state import capture_rng_state, load_training_state, restore_rng_state, save_training_state
 
 logger = logging.getLogger(__name__)
@@ -121,18 +121,15 @@ class Trainer:
 
     # One epoch
 
-    def run_epoch(
-        self, dataset: ImageDataset, sampler: EpochSampler, progress: EpochProgress, *, batch_size: int, workers: int
-    ) -> EpochSummary:
+    def run_epoch(self, data: EpochBatches, progress: EpochProgress, *, workers: int) -> EpochSummary:
         """Train on what is left of epoch ``progress.epoch`` (all of it, or the rest of a resumed one)."""
-        sampler.set_epoch(progress.epoch, start=progress.batches * batch_size)
-        loader = make_loader(dataset, sampler, batch_size, workers, self.dist.device)
+        loader = data.loader(progress.epoch, progress.batches, workers, self.dist.device)
         (started, seen_before) = (time.perf_counter(), progress.samples)
-        self.train_epoch(loader, progress, total_batches=math.ceil(sampler.samples_per_rank / batch_size))
+        self.train_epoch(loader, progress, total_batches=math.ceil(data.samples_per_rank / data.batch_size))
         rate = (progress.samples - seen_before) / max(time.perf_counter() - started, 1e-9)
         return self.summarize(progress, rate)
 
-    def train_epoch(self, loader: torch.utils.data.DataLoader, progress: EpochProgress, total_batches: int) -> None:
+    def train_epoch(self, loader: Iterable[TrainingBatch], progress: EpochProgress, total_batches: int) -> None:
         """Train on ``loader`` (which yields the batches left of the epoch), updating ``progress`` in place."""
         self.model.train()
         device = self.dist.device
@@ -367,7 +364,7 @@ def build_trainer(
     config: RunConfig,
     *,
     dist: DistInfo,
-    sampler: EpochSampler,
+    samples_per_rank: int,
     loss_fn: LossFn,
     stem: str,
     identity: Mapping[str, Any],
@@ -378,8 +375,8 @@ def build_trainer(
 
     The optimizer covers :func:`~birder.training.optim.param_groups` of ``model`` (layer-wise lr decay with
     ``config.layer_decay``); ``config.ema_decay`` keeps an EMA of the weights (``trainer.ema``). The cosine
-    schedule is planned for ``config.epochs`` passes over this rank's share of ``sampler``. Step checkpoints go to
-    ``<output_dir>/<stem>_step_states.pt``, with ``identity`` (what a resume must match).
+    schedule is planned for ``config.epochs`` passes over this rank's ``samples_per_rank`` samples. Step
+    checkpoints go to ``<output_dir>/<stem>_step_states.pt``, with ``identity`` (what a resume must match).
     """
     groups = param_groups(model, config.lr, config.weight_decay, getattr(config, "layer_decay", None))
     optimizer = build_optimizer(
@@ -393,7 +390,7 @@ def build_trainer(
     scheduler = epoch_cosine_schedule(
         optimizer,
         epochs=config.epochs,
-        batches_per_epoch=math.ceil(sampler.samples_per_rank / config.batch_size),
+        batches_per_epoch=math.ceil(samples_per_rank / config.batch_size),
         accumulation_steps=config.accumulation_steps,
         warmup_epochs=config.warmup_epochs,
         min_lr=config.min_lr,

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from birder.data.shards import DEFAULT_SHUFFLE_BUFFER, ShardStream, first_images, open_shards
 from birder.data.training import EpochSampler, ImageDataset, list_images, mim_transform
 from birder.data.transforms import classification_transform
 from birder.distributed import DistInfo, distributed_session
@@ -31,7 +32,7 @@ from birder.plots import save_image_rows
 from birder.training.amp import amp_dtype, autocast
 from birder.training.loop import BatchEvent, EpochProgress, RunSettings, build_trainer, start_run
 from birder.training.metrics import MetricsCSV
-from birder.training.setup import resolve_rgb_stats, resolve_size, seed_everything
+from birder.training.setup import IndexedEpochs, resolve_rgb_stats, resolve_size, seed_everything
 from birder.training.state import save_training_state
 from birder.version import __version__
 
@@ -47,8 +48,10 @@ class MIMTrainConfig(RunSettings):
     """Settings of a pretraining run (defaults follow the published recipe where one exists: docs/compatibility.md,
     "MAE pretraining")."""
 
-    data_dirs: Sequence[str | Path]
     output_dir: str | Path
+    data_dirs: Sequence[str | Path] = ()  # folders of images (searched recursively), or:
+    wds: str | Path | None = None  # WebDataset shards: a packed folder or a brace pattern (birder.data.shards)
+    wds_shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER
     network: str = "vit_b16"
     mim_network: str = "mae_vit"
     model_config: Mapping[str, Any] | None = None  # encoder config override, e.g. {"hidden_dim": 64}
@@ -118,9 +121,42 @@ def load_mim_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     return (mae, metadata)
 
 
-def _visual_batch(paths: Sequence[Path], config: MIMTrainConfig, size: tuple[int, int], rgb_stats) -> torch.Tensor:
-    """Readable images spread over the data set, resized as for inference: the same ones every epoch."""
+def _training_data(config: MIMTrainConfig, transform, dist: DistInfo) -> IndexedEpochs | ShardStream:
+    """The unlabelled images: folders (``data_dirs``) or tar shards (``wds``), split over the ranks."""
+    if (config.wds is None) == (not config.data_dirs):
+        raise BirderError("pass the images either as folders (--data-dir) or as shards (--wds), one of the two")
+
+    if config.wds is not None:
+        shard_set = open_shards(config.wds)
+        logger.info("%d unlabeled images in %d shards (%s)", shard_set.total, len(shard_set.shards), config.wds)
+        return ShardStream(
+            shard_set,
+            transform,
+            batch_size=config.batch_size,
+            rank=dist.rank,
+            world_size=dist.world_size,
+            seed=config.seed,
+            shuffle_buffer=config.wds_shuffle_buffer,
+        )
+
+    paths = list_images(config.data_dirs)
+    logger.info("%d unlabeled images in %s", len(paths), ", ".join(map(str, config.data_dirs)))
+    dataset = ImageDataset(paths, transform, seed=config.seed)
+    sampler = EpochSampler(len(dataset), seed=config.seed, rank=dist.rank, world_size=dist.world_size)
+    return IndexedEpochs(dataset, sampler, config.batch_size)
+
+
+def _visual_batch(
+    data: IndexedEpochs | ShardStream, config: MIMTrainConfig, size: tuple[int, int], rgb_stats
+) -> torch.Tensor:
+    """Readable images spread over the data set (the first ones of shards), resized as for inference: the same
+    ones every epoch."""
     transform = classification_transform(size, rgb_stats)
+    if isinstance(data, ShardStream):
+        images = [transform(image) for image in first_images(data.shard_set, config.visualize)]
+        return torch.stack(images) if images else torch.empty(0)
+
+    paths = data.dataset.paths
     stride = max(1, len(paths) // max(config.visualize, 1))
     images = []
     for path in [*paths[::stride], *paths]:  # then any others, should some of the spread ones be unreadable
@@ -170,10 +206,7 @@ def _train(config: MIMTrainConfig, dist: DistInfo, on_batch: Callable[[BatchEven
     size = resolve_size(config.size)
     rgb_stats = resolve_rgb_stats(config.rgb_stats)
     registry.network_config(config.network)  # an unknown name fails here, before any slow step
-    paths = list_images(config.data_dirs)
-    logger.info("%d unlabeled images in %s", len(paths), ", ".join(map(str, config.data_dirs)))
-    dataset = ImageDataset(paths, mim_transform(size, rgb_stats, config.min_scale), seed=config.seed)
-    sampler = EpochSampler(len(dataset), seed=config.seed, rank=dist.rank, world_size=dist.world_size)
+    data = _training_data(config, mim_transform(size, rgb_stats, config.min_scale), dist)
 
     encoder = registry.net_factory(config.network, 0, config=config.model_config, size=size)
     encoder.set_drop_path_rate(config.drop_path)
@@ -182,7 +215,7 @@ def _train(config: MIMTrainConfig, dist: DistInfo, on_batch: Callable[[BatchEven
         mae,
         config,
         dist=dist,
-        sampler=sampler,
+        samples_per_rank=data.samples_per_rank,
         loss_fn=lambda model, batch: model(batch.images).loss,
         stem=_stem(config),
         identity=_identity(config),
@@ -192,13 +225,13 @@ def _train(config: MIMTrainConfig, dist: DistInfo, on_batch: Callable[[BatchEven
     (epochs, progress) = start_run(trainer, config, stem=_stem(config), identity=_identity(config), metrics=[metrics])
     visual = torch.empty(0)
     if dist.is_main and config.visualize > 0:
-        visual = _visual_batch(paths, config, size, rgb_stats)
+        visual = _visual_batch(data, config, size, rgb_stats)
 
     result = MIMTrainResult(metrics_path=metrics.path)
     for epoch in epochs:
         if progress is None or progress.epoch != epoch:
             progress = EpochProgress(epoch)
-        summary = trainer.run_epoch(dataset, sampler, progress, batch_size=config.batch_size, workers=config.workers)
+        summary = trainer.run_epoch(data, progress, workers=config.workers)
         result.epoch_losses[epoch] = summary.loss
         logger.info(
             "epoch %d/%d: loss %.4f, lr %.3g, %.1f images/s per process%s",
