@@ -203,11 +203,15 @@ def speed_section(args: argparse.Namespace, machine: dict[str, Any]) -> tuple[li
             for head in args.heads:
                 torch.manual_seed(0)
                 body = registry.net_factory(backbone, 0, config=TINY_BACKBONE if args.tiny else None, size=(size, size))
-                config = {"fpn_channels": 16} if args.tiny else None
-                det = registry.detection_net_factory(head, 4, body, config=config, size=(size, size))
+                config = {"fpn_channels": 16} if args.tiny else {}
+                if args.window_size:
+                    config["window_size"] = args.window_size  # ViTDet: windowed attention but in 4 global blocks
+                det = registry.detection_net_factory(head, 4, body, config=config or None, size=(size, size))
                 det = det.eval().to(device)
                 for dtype in args.dtypes:
                     case = {"head": head, "backbone": backbone, "size": size, "dtype": dtype}
+                    if args.window_size:
+                        case["window_size"] = args.window_size
                     reason = bf16_reason(machine, device) if dtype == "bfloat16" else None
                     if reason is not None:
                         skipped.append({**case, "reason": reason})
@@ -262,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backbones", nargs="+", default=["vit_b16", "vit_l16"], help="speed section")
     parser.add_argument("--sizes", nargs="+", type=int, default=[512, 1024], help="speed section")
     parser.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"], default=["float32", "bfloat16"])
+    parser.add_argument(
+        "--window-size", type=int, default=0, help="speed section: windowed attention (patches; 0: global, default)"
+    )
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cpu")

@@ -46,8 +46,12 @@ def save_model(
     model_info: ModelInfo,
     *,
     task: str | None = None,
+    state: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``net`` with its metadata to ``path`` (``.pt`` or ``.safetensors``, by extension), atomically.
+
+    ``state``: the weights to write instead of ``net.state_dict()``, in its layout (a sharded model's, gathered
+    whole: :func:`birder.training.fsdp.full_state_dict`); not for exports.
 
     ``.pts`` (TorchScript), ``.pt2`` (torch.export) and ``.onnx`` write an export for deployment instead
     (:mod:`birder.io.export`). The file carries the network name and the config override the network was built with, so
@@ -55,12 +59,14 @@ def save_model(
     network's (``net.task``).
     """
     if is_export_file(path):
+        if state is not None:
+            raise BirderError(f"{path}: an export traces the network itself; it cannot take separate weights")
         from birder.io.export import export_model
 
         return export_model(net, path, model_info, task=task)
 
     metadata = build_metadata(net, model_info, task=task)
-    return write_checkpoint(path, net.state_dict(), metadata)
+    return write_checkpoint(path, net.state_dict() if state is None else state, metadata)
 
 
 def _describe_mismatch(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor]) -> list[str]:

@@ -158,3 +158,21 @@ def test_shards_benchmark_tiny(tmp_path: Path) -> None:
     assert report["pack_photos_per_s"] > 0 and report["shards"] >= 1 and report["machine"]["cpu_model"]
     assert set(report["training_input_images_per_s"]) == {"folders, 0 workers", "shards, 0 workers"}
     assert set(report["raw_read_mb_per_s"]) == {"folders", "shards"}
+
+
+def test_fsdp_memory_benchmark_tiny(tmp_path: Path) -> None:
+    # About 7 s: two runs (DDP, FSDP) of two processes each, a tiny ViT at 32 px.
+    from benchmarks import fsdp_memory
+
+    output = tmp_path / "fsdp_memory.json"
+    assert fsdp_memory.main(["--tiny", "--networks", "vit_b16", "--threads", "1", "--output", str(output)]) == 0
+    report = json.loads(output.read_text())
+    runs = {run["mode"]: run for run in report["runs"]}
+    assert set(runs) == {"ddp", "fsdp"} and report["machine"]["cpu_model"]
+    (ddp, fsdp) = (runs["ddp"]["per_rank"], runs["fsdp"]["per_rank"])
+    assert len(ddp) == len(fsdp) == 2 and all(rank["peak_rss_bytes"] > 0 for rank in ddp + fsdp)
+    # DDP: every process holds everything; FSDP: each holds its half of every tensor (shards padded to a row).
+    assert ddp[0]["parameter_bytes"] == ddp[1]["parameter_bytes"]
+    for key in ("parameter_bytes", "gradient_bytes", "optimizer_bytes"):
+        assert sum(rank[key] for rank in fsdp) == pytest.approx(ddp[0][key], rel=0.02), key
+    assert report["fsdp_over_ddp_state"]["vit_b16"] == pytest.approx(0.5, abs=0.01)

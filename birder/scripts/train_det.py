@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--scale-range", type=float, nargs=2, default=defaults.scale_range, metavar=("LOW", "HIGH"), help="scale jitter"
     )
     recipe.add_argument("--hflip", type=float, default=defaults.hflip, help="horizontal flip probability")
-    add_training_args(parser, lr=defaults.lr, weight_decay=defaults.weight_decay, epochs=defaults.epochs)
+    # Detectors train with DDP: their saving and evaluation are not written for sharded models.
+    add_training_args(parser, lr=defaults.lr, weight_decay=defaults.weight_decay, epochs=defaults.epochs, fsdp=False)
     parser.set_defaults(batch_size=defaults.batch_size)
     return parser
 

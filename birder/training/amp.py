@@ -26,6 +26,14 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
-    """fp16 gradients underflow without loss scaling; bf16 has float32's range and needs none (disabled scaler)."""
+def grad_scaler(device: torch.device, dtype: torch.dtype | None, *, sharded: bool = False) -> torch.amp.GradScaler:
+    """fp16 gradients underflow without loss scaling; bf16 has float32's range and needs none (disabled scaler).
+
+    ``sharded`` (FSDP): each rank holds only its shard of the gradients, so whether one overflowed is agreed over
+    all ranks before a step is skipped (FSDP's sharded scaler); otherwise ranks could disagree and diverge.
+    """
+    if sharded and dtype == torch.float16:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(device.type)
     return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)

@@ -42,11 +42,11 @@ from birder.model_registry import registry
 from birder.net.base import BaseNet
 from birder.training.distillation import DistillSettings, Teacher, attach_cache, load_teacher
 from birder.training.evaluation import EvalResult, evaluate, write_eval_outputs
+from birder.training.fsdp import full_state_dict
 from birder.training.loop import BatchEvent, EpochProgress, EpochSummary, RunSettings, build_trainer, start_run
 from birder.training.metrics import MetricsCSV
 from birder.training.mixup import MixupCutmix, soft_target_cross_entropy
 from birder.training.setup import IndexedEpochs, make_loader, resolve_rgb_stats, resolve_size, seed_everything
-from birder.training.state import save_training_state
 
 logger = logging.getLogger(__name__)
 
@@ -365,12 +365,18 @@ def _train(config: TrainConfig, dist: DistInfo, on_batch: Callable[[BatchEvent],
             per_class.append(*_per_class_rows(epoch, validation))
 
         if epoch % config.save_every == 0 or epoch == epochs[-1]:
-            state = {**trainer.state_dict(progress, epoch_complete=True), **identity}
+            # Whole weights on rank 0 (gathered from the shards under FSDP: every rank takes part), then dropped
+            # before the training state is written.
+            weights = full_state_dict(evaluated, dist)
             if dist.is_main:
                 info = ModelInfo(dict(class_to_idx), None, rgb_stats)
-                result.model_path = save_model(evaluated, output_dir / f"{stem}_{epoch}.pt", info, task=DEFAULT_TASK)
-                result.states_path = save_training_state(output_dir / f"{stem}_{epoch}_states.pt", state)
+                model_path = output_dir / f"{stem}_{epoch}.pt"
+                result.model_path = save_model(evaluated, model_path, info, task=DEFAULT_TASK, state=weights)
                 logger.info("saved %s", result.model_path)
+            del weights
+            states_path = output_dir / f"{stem}_{epoch}_states.pt"
+            trainer.save_state(states_path, progress, epoch_complete=True, extra=identity)
+            result.states_path = states_path if dist.is_main else None
 
         progress = None
 

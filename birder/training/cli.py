@@ -49,8 +49,11 @@ def size_arg(text: str) -> int | tuple[int, int]:
     raise argparse.ArgumentTypeError(f"expected a size like 224 or 256x192, got '{text}'")
 
 
-def add_training_args(parser: argparse.ArgumentParser, *, lr: float, weight_decay: float, epochs: int) -> None:
-    """Options both trainers take (schedule, precision, checkpoints, resume, devices)."""
+def add_training_args(
+    parser: argparse.ArgumentParser, *, lr: float, weight_decay: float, epochs: int, fsdp: bool = True
+) -> None:
+    """Options both trainers take (schedule, precision, memory, checkpoints, resume, devices); ``fsdp``: offer
+    ``--fsdp`` (birder-train and birder-train-mim)."""
     group = parser.add_argument_group("optimisation")
     group.add_argument("--epochs", type=int, default=epochs, help="length of the schedule (default: %(default)s)")
     group.add_argument("--stop-epoch", type=int, help="stop after this epoch (with a checkpoint); resume later")
@@ -66,6 +69,22 @@ def add_training_args(parser: argparse.ArgumentParser, *, lr: float, weight_deca
     group.add_argument("--drop-path", type=float, help="stochastic depth rate of the last block")
     group.add_argument("--amp", choices=sorted(AMP_DTYPES), help="mixed precision (bf16 needs no loss scaling)")
     group.add_argument("--compile", action="store_true", help="torch.compile the model")
+
+    group = parser.add_argument_group("memory")
+    if fsdp:
+        group.add_argument(
+            "--fsdp",
+            action="store_true",
+            help="under torchrun: shard the weights, gradients and optimizer state over the processes (FSDP), "
+            "each keeping 1/N, for models too large for DDP; model files are still written whole, training states "
+            "as one shard per process (a DCP folder beside *_states.pt). Not with --compile",
+        )
+    group.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="recompute each block's activations in the backward pass instead of keeping them: less memory, "
+        "about a third more compute",
+    )
 
     group = parser.add_argument_group("input")
     group.add_argument(

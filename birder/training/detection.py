@@ -138,6 +138,8 @@ def _loss(model: torch.nn.Module, batch: TrainingBatch) -> torch.Tensor:
 def _train(
     config: DetectionTrainConfig, dist: DistInfo, on_batch: Callable[[BatchEvent], None] | None
 ) -> DetectionTrainResult:
+    if config.fsdp:
+        raise BirderError("--fsdp is for birder-train and birder-train-mim: detectors train with DDP")
     output_dir = Path(config.output_dir)
     seed_everything(config.seed)  # the same on every rank: identical initial weights (and EMA copies)
     (train_data, val_data) = _read_data(config)

@@ -13,10 +13,12 @@ class ModelEMA:
     the first epochs of a long one) is not dominated by the random initial weights.
     """
 
-    def __init__(self, model: nn.Module, decay: float) -> None:
+    def __init__(self, model: nn.Module, decay: float, *, module: nn.Module | None = None) -> None:
+        """``module``: the copy to average into, when ``model`` cannot simply be deep-copied (a sharded copy
+        under FSDP, :func:`birder.training.fsdp.shard_model`)."""
         self.decay = decay
         self.updates = 0
-        self.module = copy.deepcopy(model).eval()
+        self.module = (module if module is not None else copy.deepcopy(model)).eval()
         self.module.requires_grad_(False)
 
     @torch.no_grad()

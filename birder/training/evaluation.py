@@ -28,6 +28,7 @@ from birder.net.base import BaseNet
 from birder.plots import save_confusion_matrix_png
 from birder.training.amp import amp_dtype, autocast
 from birder.training.ddp import distinct_over_ranks
+from birder.training.fsdp import idle_forward, in_lockstep, is_sharded
 from birder.training.metrics import format_value
 
 
@@ -128,9 +129,15 @@ def evaluate(
     meter = ClassificationMeter(len(class_names), top_k=top_k, device=dist.device)
     unreadable: set[str] = set()
     bar = tqdm(loader, desc="evaluating", unit="batch", leave=False, disable=not (dist.is_main and progress_bar))
-    for batch in bar:
-        unreadable.update(batch.unreadable)
-        if batch.indices.numel() == 0:
+    # A sharded (FSDP) model needs every rank in every forward, also past the end of a shorter share.
+    lockstep = is_sharded(model)
+    for batch in in_lockstep(bar, dist) if lockstep else bar:
+        if batch is not None:
+            unreadable.update(batch.unreadable)
+        if batch is None or batch.indices.numel() == 0:
+            if lockstep:
+                with autocast(dist.device, amp_dtype):
+                    idle_forward(model, dist.device)
             continue
 
         with autocast(dist.device, amp_dtype):

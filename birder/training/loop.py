@@ -24,6 +24,7 @@ from tqdm import tqdm
 from birder.data.training import EpochBatches, TrainingBatch
 from birder.distributed import DistInfo, all_gather_objects, all_reduce_sum
 from birder.errors import BirderError, CheckpointError
+from birder.training import fsdp as sharding
 from birder.training.amp import amp_dtype, autocast, grad_scaler
 from birder.training.ddp import distinct_over_ranks, wrap_ddp
 from birder.training.ema import ModelEMA
@@ -83,7 +84,12 @@ class EpochSummary:
 
 
 class Trainer:
-    """Owns the model as trained (compiled and/or wrapped in DDP), the optimizer and their schedule."""
+    """Owns the model as trained (compiled and/or wrapped in DDP, or sharded by FSDP), the optimizer and their
+    schedule.
+
+    ``fsdp``: ``model`` is already sharded (:func:`birder.training.fsdp.shard_model`, before the optimizer was
+    built over its sharded parameters); training states are then saved sharded (:meth:`save_state`).
+    """
 
     def __init__(
         self,
@@ -99,6 +105,7 @@ class Trainer:
         clip_grad_norm: float | None = None,
         ema: ModelEMA | None = None,
         compile: bool = False,
+        fsdp: bool = False,
         progress_bar: bool = True,
         save_every_steps: int | None = None,
         step_checkpoint: Callable[["Trainer", EpochProgress], None] | None = None,
@@ -106,10 +113,13 @@ class Trainer:
     ) -> None:
         if accumulation_steps < 1:
             raise BirderError(f"gradient accumulation steps must be at least 1, got {accumulation_steps}")
+        if fsdp:
+            sharding.check_fsdp_run(dist, compile=compile)
 
-        self.model = model  # the plain module: what is saved and what EMA follows
+        self.model = model  # the plain (or sharded) module: what is saved and what EMA follows
         self.dist = dist
-        self.ddp = wrap_ddp(model, dist)
+        self.fsdp = fsdp
+        self.ddp = model if fsdp else wrap_ddp(model, dist)
         self.train_model = torch.compile(self.ddp) if compile else self.ddp
         (self.optimizer, self.scheduler, self.scaler) = (optimizer, scheduler, scaler)
         (self.loss_fn, self.amp_dtype, self.ema) = (loss_fn, amp_dtype, ema)
@@ -153,8 +163,10 @@ class Trainer:
             batch = TrainingBatch(
                 batch.indices, batch.images.to(device, non_blocking=True), _targets_to(batch.targets, device), []
             )
-            # Between optimizer steps DDP need not all-reduce the gradients: they are only accumulated.
-            sync = contextlib.nullcontext() if step_now or not self.dist.distributed else self.ddp.no_sync()
+            # Between optimizer steps DDP need not all-reduce the gradients: they are only accumulated. FSDP
+            # reduce-scatters every micro-batch, so that the accumulated gradients stay sharded (1/N the memory).
+            unsynced = not (step_now or self.fsdp or not self.dist.distributed)
+            sync = self.ddp.no_sync() if unsynced else contextlib.nullcontext()
             with sync:
                 with autocast(device, self.amp_dtype):
                     loss = self.loss_fn(self.train_model, batch)
@@ -237,21 +249,58 @@ class Trainer:
 
     # Resume
 
-    def state_dict(self, progress: EpochProgress, epoch_complete: bool) -> dict[str, Any]:
-        """Everything needed to continue exactly (a collective call: every rank's RNG state is gathered)."""
+    def _run_state(self, progress: EpochProgress, epoch_complete: bool) -> dict[str, Any]:
+        """The small part of a state: counters, schedule, scaler, every rank's RNG states (a collective call)."""
         return {
             "epoch": progress.epoch,
             "epoch_complete": epoch_complete,
             "global_step": self.global_step,
             "progress": progress.state_dict(),
             "world_size": self.dist.world_size,
-            "model": self.model.state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": all_gather_objects(capture_rng_state(), self.dist),
         }
+
+    def state_dict(self, progress: EpochProgress, epoch_complete: bool) -> dict[str, Any]:
+        """Everything needed to continue exactly (a collective call: every rank's RNG state is gathered).
+
+        Not for a sharded model, whose state no rank holds whole: :meth:`save_state` writes it.
+        """
+        if self.fsdp:
+            raise BirderError("a sharded (FSDP) model's training state is written by Trainer.save_state")
+
+        return {
+            **self._run_state(progress, epoch_complete),
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+        }
+
+    def save_state(
+        self, path: Path, progress: EpochProgress, *, epoch_complete: bool, extra: Mapping[str, Any]
+    ) -> Path:
+        """Write the training state to ``path`` (atomically), with ``extra`` (what a resume must match); a
+        collective call. Sharded (FSDP): every rank writes its shards into a DCP folder beside ``path``, and
+        ``path`` keeps the small things and names the folder."""
+        if not self.fsdp:
+            state = {**self.state_dict(progress, epoch_complete), **extra}
+            if self.dist.is_main:
+                save_training_state(path, state)
+            return path
+
+        ema_module = self.ema.module if self.ema is not None else None
+        folder = sharding.save_shards(path, sharding.training_parts(self.model, self.optimizer, ema_module), self.dist)
+        state = {
+            **self._run_state(progress, epoch_complete),
+            "ema": {"decay": self.ema.decay, "updates": self.ema.updates} if self.ema is not None else None,
+            "sharded": {"folder": folder, "world_size": self.dist.world_size},
+            **extra,
+        }
+        if self.dist.is_main:
+            save_training_state(path, state)
+            sharding.remove_stale_shards(path, keep=folder)
+        return path
 
     def resume(self, path: Path, identity: Mapping[str, Any]) -> tuple[int, EpochProgress | None]:
         """Restore a state file of a run like this one (``identity``: the state keys that must match, e.g. the
@@ -261,24 +310,35 @@ class Trainer:
         if found != dict(identity):
             raise CheckpointError(f"{path}: the state of another run ({found}), not of this one ({dict(identity)})")
 
-        progress = self.load_state_dict(state)
+        progress = self.load_state_dict(state, source=path)
         start_epoch = state["epoch"] + (0 if progress is not None else 1)
         logger.info("resuming from %s: epoch %d, step %d", path, start_epoch, self.global_step)
         return (start_epoch, progress)
 
-    def load_state_dict(self, state: dict[str, Any]) -> EpochProgress | None:
-        """Restore a :meth:`state_dict`; returns the progress of an unfinished epoch, None after a whole one.
+    def load_state_dict(self, state: dict[str, Any], *, source: Path | None = None) -> EpochProgress | None:
+        """Restore a :meth:`state_dict` (or a state file ``source`` written by :meth:`save_state`); returns the
+        progress of an unfinished epoch, None after a whole one.
+
+        States of FSDP and plain runs are interchangeable: a sharded state is read by a plain run (DCP gathers the
+        whole tensors) and a plain one by a sharded run (each rank keeps its shards), on any number of processes.
 
         Call it last, once everything that draws random numbers while being built exists, so that the
         restored generators continue exactly where the interrupted run was.
         """
-        self.model.load_state_dict(state["model"])
-        if self.ema is not None:
-            if state["ema"] is None:
-                logger.warning("the checkpoint has no EMA weights: EMA starts from the current weights")
-            else:
+        if state.get("sharded") is not None:
+            self._load_sharded(state, source)
+        elif self.fsdp:
+            sharding.restore_full_into_sharded(
+                self.model, self.optimizer, self.ema.module if self.ema is not None else None, state
+            )
+            self._restore_ema_counters(state)
+        else:
+            self.model.load_state_dict(state["model"])
+            if self.ema is not None and state["ema"] is not None:
                 self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None and state["ema"] is None:
+            logger.warning("the checkpoint has no EMA weights: EMA starts from the current weights")
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.global_step = state["global_step"]
@@ -295,6 +355,21 @@ class Trainer:
             return None
 
         return _progress_from_state(state["progress"])
+
+    def _load_sharded(self, state: Mapping[str, Any], source: Path | None) -> None:
+        if source is None:
+            raise CheckpointError("a sharded training state is read from its file (Trainer.resume), not a dict")
+
+        # Only what the state holds is asked for: a run with EMA resuming one without starts its EMA afresh.
+        ema_module = self.ema.module if self.ema is not None and state["ema"] is not None else None
+        parts = sharding.training_parts(self.model, self.optimizer, ema_module)
+        sharding.load_shards(Path(source).parent / state["sharded"]["folder"], parts)
+        sharding.restore_parts(self.model, self.optimizer, ema_module, parts)
+        self._restore_ema_counters(state)
+
+    def _restore_ema_counters(self, state: Mapping[str, Any]) -> None:
+        if self.ema is not None and state["ema"] is not None:
+            (self.ema.decay, self.ema.updates) = (state["ema"]["decay"], state["ema"]["updates"])
 
 
 def _targets_to(targets: Any, device: torch.device) -> Any:
@@ -327,6 +402,8 @@ class RunSettings:
     clip_grad_norm: float | None = None
     amp: str | None = None  # "bf16" or "fp16"
     compile: bool = False
+    fsdp: bool = False  # shard weights, gradients and optimizer state over the torchrun processes (FSDP2)
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
     workers: int = 4
     seed: int = 0
     save_every: int = 10  # epochs (the last epoch is always saved)
@@ -349,6 +426,8 @@ class RunConfig(Protocol):
     clip_grad_norm: float | None
     amp: str | None
     compile: bool
+    fsdp: bool
+    activation_checkpointing: bool
     seed: int
     save_every_steps: int | None
     resume: str | Path | None
@@ -377,7 +456,30 @@ def build_trainer(
     ``config.layer_decay``); ``config.ema_decay`` keeps an EMA of the weights (``trainer.ema``). The cosine
     schedule is planned for ``config.epochs`` passes over this rank's ``samples_per_rank`` samples. Step
     checkpoints go to ``<output_dir>/<stem>_step_states.pt``, with ``identity`` (what a resume must match).
+
+    ``config.fsdp`` shards ``model`` in place (and its EMA copy) before the optimizer is built over the shards;
+    ``config.activation_checkpointing`` recomputes each block's activations in the backward pass.
     """
+    if config.activation_checkpointing and config.compile:
+        # The compiled graph and the recomputation disagree on what was saved (torch.utils.checkpoint fails).
+        raise BirderError("--activation-checkpointing with --compile is not supported: drop one of them")
+    dtype = amp_dtype(config.amp)
+    ema_decay = getattr(config, "ema_decay", None)
+    # The EMA copy is taken before the checkpointing hooks are added: it never runs a backward pass.
+    if config.fsdp:
+        sharding.check_fsdp_run(dist, compile=config.compile)
+        ema_module = sharding.shard_model(
+            model,
+            dist,
+            amp_dtype=dtype,
+            with_copy=ema_decay is not None,
+            activation_checkpointing=config.activation_checkpointing,
+        )
+        ema = ModelEMA(model, ema_decay, module=ema_module) if ema_decay is not None else None
+    else:
+        ema = ModelEMA(model, ema_decay) if ema_decay is not None else None
+        if config.activation_checkpointing:
+            sharding.apply_activation_checkpointing(model)
     groups = param_groups(model, config.lr, config.weight_decay, getattr(config, "layer_decay", None))
     optimizer = build_optimizer(
         getattr(config, "optimizer", "adamw"),
@@ -385,8 +487,6 @@ def build_trainer(
         momentum=getattr(config, "momentum", 0.9),
         betas=tuple(config.betas),
     )
-    ema_decay = getattr(config, "ema_decay", None)
-    ema = ModelEMA(model, ema_decay) if ema_decay is not None else None
     scheduler = epoch_cosine_schedule(
         optimizer,
         epochs=config.epochs,
@@ -395,26 +495,24 @@ def build_trainer(
         warmup_epochs=config.warmup_epochs,
         min_lr=config.min_lr,
     )
-    dtype = amp_dtype(config.amp)
     step_states_path = Path(config.output_dir) / f"{stem}_step_states.pt"
 
     def save_step_states(trainer: Trainer, progress: EpochProgress) -> None:
-        state = {**trainer.state_dict(progress, epoch_complete=False), **identity}
-        if dist.is_main:
-            save_training_state(step_states_path, state)
+        trainer.save_state(step_states_path, progress, epoch_complete=False, extra=identity)
 
     return Trainer(
         model,
         dist=dist,
         optimizer=optimizer,
         scheduler=scheduler,
-        scaler=grad_scaler(dist.device, dtype),
+        scaler=grad_scaler(dist.device, dtype, sharded=config.fsdp),
         loss_fn=loss_fn,
         amp_dtype=dtype,
         accumulation_steps=config.accumulation_steps,
         clip_grad_norm=config.clip_grad_norm,
         ema=ema,
         compile=config.compile,
+        fsdp=config.fsdp,
         progress_bar=config.progress_bar,
         save_every_steps=config.save_every_steps,
         step_checkpoint=save_step_states,

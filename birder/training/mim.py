@@ -30,10 +30,10 @@ from birder.loading import load_state_into, save_model
 from birder.model_registry import Task, registry
 from birder.plots import save_image_rows
 from birder.training.amp import amp_dtype, autocast
+from birder.training.fsdp import full_state_dict
 from birder.training.loop import BatchEvent, EpochProgress, RunSettings, build_trainer, start_run
 from birder.training.metrics import MetricsCSV
 from birder.training.setup import IndexedEpochs, resolve_rgb_stats, resolve_size, seed_everything
-from birder.training.state import save_training_state
 from birder.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -82,8 +82,16 @@ def _stem(config: MIMTrainConfig) -> str:
     return f"{config.mim_network}_{config.network}"
 
 
-def save_mim_model(mae: nn.Module, path: str | Path, rgb_stats: Mapping[str, Sequence[float]]) -> Path:
-    """The whole MIM model with the metadata needed to rebuild it (encoder network and both config overrides)."""
+def save_mim_model(
+    mae: nn.Module,
+    path: str | Path,
+    rgb_stats: Mapping[str, Sequence[float]],
+    *,
+    state: Mapping[str, torch.Tensor] | None = None,
+) -> Path:
+    """The whole MIM model with the metadata needed to rebuild it (encoder network and both config overrides).
+
+    ``state``: the weights to write instead of ``mae.state_dict()`` (a sharded model's, gathered whole)."""
     encoder = mae.encoder
     metadata = {
         "birder_version": f"v{__version__}",
@@ -96,7 +104,7 @@ def save_mim_model(mae: nn.Module, path: str | Path, rgb_stats: Mapping[str, Seq
         "encoder_config": dict(encoder.config_override or {}),
         "config": dict(mae.config_override or {}),
     }
-    return write_checkpoint(path, mae.state_dict(), metadata)
+    return write_checkpoint(path, mae.state_dict() if state is None else state, metadata)
 
 
 def load_mim_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -173,6 +181,7 @@ def _visual_batch(
 def _save_reconstruction(
     mae: nn.Module, images: torch.Tensor, config: MIMTrainConfig, dist: DistInfo, rgb_stats, path: Path
 ) -> None:
+    """Rank 0 writes the PNG; a sharded model's forward needs every rank, so under FSDP every rank calls this."""
     devices = [dist.device.index or 0] if dist.device.type == "cuda" else []
     # A fixed mask, drawn from a forked generator: the training random stream must not notice this.
     with torch.random.fork_rng(devices=devices), torch.no_grad(), autocast(dist.device, amp_dtype(config.amp)):
@@ -184,7 +193,8 @@ def _save_reconstruction(
         recon = mae.reconstruct(images, output.pred, output.mask)
         mae.train(was_training)
 
-    save_image_rows([images, recon.masked, recon.pasted], rgb_stats, path)
+    if dist.is_main:
+        save_image_rows([images, recon.masked, recon.pasted], rgb_stats, path)
 
 
 def train_mim(config: MIMTrainConfig, *, on_batch: Callable[[BatchEvent], None] | None = None) -> MIMTrainResult:
@@ -224,7 +234,8 @@ def _train(config: MIMTrainConfig, dist: DistInfo, on_batch: Callable[[BatchEven
     metrics = MetricsCSV(output_dir / METRICS_FILE, METRICS_FIELDS)
     (epochs, progress) = start_run(trainer, config, stem=_stem(config), identity=_identity(config), metrics=[metrics])
     visual = torch.empty(0)
-    if dist.is_main and config.visualize > 0:
+    # Every rank of an FSDP run takes part in the reconstruction's forward (the same images on each).
+    if (dist.is_main or trainer.fsdp) and config.visualize > 0:
         visual = _visual_batch(data, config, size, rgb_stats)
 
     result = MIMTrainResult(metrics_path=metrics.path)
@@ -243,10 +254,10 @@ def _train(config: MIMTrainConfig, dist: DistInfo, on_batch: Callable[[BatchEven
             f", {summary.unreadable} unreadable images skipped" if summary.unreadable else "",
         )
 
+        if visual.numel():
+            png = output_dir / f"mim_reconstruction_{epoch}.png"
+            _save_reconstruction(mae, visual, config, dist, rgb_stats, png)
         if dist.is_main:
-            if visual.numel():
-                png = output_dir / f"mim_reconstruction_{epoch}.png"
-                _save_reconstruction(mae, visual, config, dist, rgb_stats, png)
             metrics.append(
                 {
                     "epoch": epoch,
@@ -258,9 +269,15 @@ def _train(config: MIMTrainConfig, dist: DistInfo, on_batch: Callable[[BatchEven
             )
 
         if epoch % config.save_every == 0 or epoch == epochs[-1]:
-            state = {**trainer.state_dict(progress, epoch_complete=True), **_identity(config)}
+            # Whole weights on rank 0 (gathered from the shards under FSDP: every rank takes part), then dropped
+            # before the training state is written.
+            weights = full_state_dict(mae, dist)
             if dist.is_main:
-                _save_epoch(mae, state, config, output_dir, epoch, rgb_stats, result)
+                _save_models(mae, weights, config, output_dir, epoch, rgb_stats, result)
+            del weights
+            states_path = output_dir / f"{_stem(config)}_{epoch}_states.pt"
+            trainer.save_state(states_path, progress, epoch_complete=True, extra=_identity(config))
+            result.states_path = states_path if dist.is_main else None
 
         progress = None
 
@@ -272,18 +289,23 @@ def _identity(config: MIMTrainConfig) -> dict[str, Any]:
     return {"kind": "mim", "network": config.network, "mim_network": config.mim_network}
 
 
-def _save_epoch(
+def _save_models(
     mae: nn.Module,
-    state: dict[str, Any],
+    weights: Mapping[str, torch.Tensor],
     config: MIMTrainConfig,
     output_dir: Path,
     epoch: int,
     rgb_stats,
     result: MIMTrainResult,
 ) -> None:
+    """The encoder alone and the whole model, from the whole model's ``weights`` (the encoder's are a view of them,
+    not a copy)."""
     encoder = mae.encoder
+    encoder_weights = {
+        key.removeprefix("encoder."): value for key, value in weights.items() if key.startswith("encoder.")
+    }
     info = ModelInfo({}, make_signature(encoder.input_channels, encoder.size, 0), rgb_stats)
-    result.encoder_path = save_model(encoder, output_dir / f"{config.network}_mim_{epoch}.pt", info, task=MIM_TASK)
-    result.model_path = save_mim_model(mae, output_dir / f"{_stem(config)}_{epoch}.pt", rgb_stats)
-    result.states_path = save_training_state(output_dir / f"{_stem(config)}_{epoch}_states.pt", state)
+    encoder_path = output_dir / f"{config.network}_mim_{epoch}.pt"
+    result.encoder_path = save_model(encoder, encoder_path, info, task=MIM_TASK, state=encoder_weights)
+    result.model_path = save_mim_model(mae, output_dir / f"{_stem(config)}_{epoch}.pt", rgb_stats, state=weights)
     logger.info("saved %s and %s", result.encoder_path, result.model_path)

@@ -4,6 +4,9 @@ A state file holds everything a run needs to continue as if never stopped: the r
 the optimizer, scheduler and gradient-scaler states, the epoch and optimizer-step counters, the position within
 the epoch with its running loss, and every rank's random-number-generator states. Files are written atomically,
 so a crash while saving leaves the previous file intact.
+
+An ``--fsdp`` run's file keeps all but the weights, EMA weights and optimizer state, which stay sharded in a
+``torch.distributed.checkpoint`` folder beside it that the file names (``sharded``; :mod:`birder.training.fsdp`).
 """
 
 import logging
