@@ -1,7 +1,8 @@
 """A ``birder-predict`` run as one library call: :func:`run_prediction` plans, predicts and finishes.
 
-1. Plan (rank 0): find the photos (:func:`~birder.inference.dataset.discover_images`) and, on a resume, those
-   already done (:func:`~birder.io.journal.prepare_run`). Every rank gets the same plan, then its own share.
+1. Plan (rank 0): find the photos (under the inputs, or in a manifest; with ``shard``, only this job's block of
+   them: :mod:`birder.inference.photo_lists`) and, on a resume, those already done
+   (:func:`~birder.io.journal.prepare_run`). Every rank gets the same plan, then its own share.
 2. Predict (every rank): the batch loop (:class:`~birder.inference.predictor.Predictor`) writes this rank's
    journals (:class:`~birder.io.journal.JournalSet`); :mod:`birder.inference.tables` shapes the rows.
 3. Finish (rank 0, once every rank's journals are on disk): merge them into the final tables, print the summary,
@@ -38,9 +39,9 @@ from birder.distributed import DistInfo, barrier, compute_on_main, distributed_s
 from birder.errors import BirderError
 from birder.geo.predict import GeoStep, check_geo_options
 from birder.inference import predictor as P
-from birder.inference.dataset import discover_images
 from birder.inference.decision import DecisionPolicy, policy_from_options
 from birder.inference.optimize import DtypeChoice, choose_dtype, optimize_for_inference
+from birder.inference.photo_lists import parse_shard, select_photos
 from birder.inference.tables import COLUMNS_HINT, PredictionTables, write_feature_files
 from birder.io.checkpoint import ModelInfo, get_num_classes_from_signature, get_size_from_signature
 from birder.io.journal import JournalSet, finalize_run, prepare_run
@@ -56,7 +57,10 @@ DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 class PredictionOptions:
     """What to classify and how: ``birder-predict``'s arguments, with the same names and defaults."""
 
-    inputs: Sequence[str | os.PathLike]  # photo files and/or folders (searched recursively)
+    inputs: Sequence[str | os.PathLike] = ()  # photo files and/or folders (searched recursively)
+    # Or a file listing the photos (birder.inference.photo_lists): one path per line, or a Parquet "path" column
+    manifest: str | os.PathLike | None = None
+    shard: str | None = None  # "K/N": only the K-th of N contiguous blocks of the photos (independent jobs)
     # The model: a pretrained name, or a local file (and its network, when the file does not name it)
     model: str | None = None
     weights: str | os.PathLike | None = None
@@ -161,6 +165,7 @@ def run_prediction(options: PredictionOptions) -> RunReport:
             "torch": torch.__version__,
             "dtype": job.dtype.dtype,
             "dtype_reason": job.dtype.reason,
+            **plan.run_info,
         }
         tally = steps.tally(job)
         report = _finish(job, plan, elapsed, run_info, tally)
@@ -214,6 +219,13 @@ class _Job:
 
 
 def _check_options(options: PredictionOptions) -> None:
+    if bool(options.inputs) == (options.manifest is not None):
+        given = "both" if options.inputs else "neither"
+        raise BirderError(
+            f"give photos as INPUT files/folders or as --manifest FILE, exactly one of the two ({given} given)"
+        )
+    if options.shard is not None:
+        parse_shard(options.shard)
     if options.model is None and options.weights is None:
         raise BirderError("no model given: pass a pretrained name (-n vit_l16_mim-eu-common) or --weights FILE")
     if options.size is not None and len(options.size) > 2:
@@ -373,24 +385,28 @@ class _Plan:
     remaining: list[int]
     attempt: int
     include_final: bool  # the final tables of an earlier run are merged in
+    run_info: dict[str, Any] = field(default_factory=dict)  # what run.json records about the photos (the shard)
 
 
 def _plan(job: _Job) -> _Plan:
-    """(rank 0) Find the photos and, on a resume, those already done."""
+    """(rank 0) Find the photos (this shard's) and, on a resume, those already done."""
     options = job.options
-    paths = [str(path) for path in discover_images(options.inputs)]
+    shard = parse_shard(options.shard) if options.shard is not None else None
+    selection = select_photos(options.inputs, options.manifest, shard, PROG)
+    paths = selection.paths
     state = prepare_run(
         options.output_dir,
         job.tables.specs,
         options.table_format,
-        job.settings,
+        # The list and the shard shape which rows a folder holds: a resume or a merge must see the same
+        {**job.settings, **selection.settings},
         options.resume,
         columns_hint=COLUMNS_HINT,
     )
     remaining = [index for (index, path) in enumerate(paths) if path not in state.done]
     if state.done:
         print(f"Resuming: {len(paths) - len(remaining)} of {len(paths)} photos already done", file=sys.stderr)
-    return _Plan(paths, remaining, state.attempt, state.include_final)
+    return _Plan(paths, remaining, state.attempt, state.include_final, selection.run_info)
 
 
 def _batch_rows(job: _Job, batch: P.PredictionBatch, paths: list[str]) -> dict[str, list[list[str]]]:

@@ -53,6 +53,7 @@ from birder.io.table_files import (
 OUTPUT_FORMATS = ("csv", "parquet")
 JOURNAL_DIR = ".partial"
 RUN_INFO_FILE = "run.json"
+_SHOWN_SETTING_CHARS = 40  # a changed setting's values are shown up to this length
 _JOURNAL_NAME = re.compile(r"^(?P<table>[A-Za-z0-9_-]+)\.r(?P<rank>\d+)\.a(?P<attempt>\d+)\.csv$")
 
 
@@ -210,8 +211,9 @@ def prepare_run(
     previous = journal_settings if journal_settings is not None else final_settings
     if previous is not None and previous != settings:
         changed = sorted(key for key in set(previous) | set(settings) if previous.get(key) != settings.get(key))
+        described = ", ".join(_describe_change(key, previous.get(key), settings.get(key)) for key in changed)
         raise BirderError(
-            f"cannot --resume in '{output_dir}': the earlier run used other settings ({', '.join(changed)}); "
+            f"cannot --resume in '{output_dir}': the earlier run used other settings ({described}); "
             "run again without --resume, or choose another --output-dir"
         )
     # Final tables of an older run with other settings (overwritten by the run being resumed) must not count
@@ -240,6 +242,14 @@ def prepare_run(
 
     attempt = max((attempt for (_, _, attempt, _) in journals), default=-1) + 1
     return ResumeState(frozenset(done), attempt, include_final)
+
+
+def _describe_change(key: str, before: Any, now: Any) -> str:
+    """A changed setting as a message says it: with both values when they are short words (a shard: ``shard 1/3
+    then, 2/3 now``), else its name alone (a class list, a manifest's hash)."""
+    if all(isinstance(value, str) and len(value) <= _SHOWN_SETTING_CHARS for value in (before, now)):
+        return f"{key} {before} then, {now} now"
+    return key
 
 
 def _settings_in(path: Path) -> dict[str, Any] | None:

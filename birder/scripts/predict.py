@@ -6,6 +6,8 @@ Examples::
     birder-predict --weights vit_l16_mim-eu-common.pt --network vit_l16 photos/ --save-embeddings
     torchrun --nproc_per_node 4 -m birder.scripts.predict -n vit_l16_mim-eu-common /data/photos --resume
     birder-predict -n vit_l16_mim-eu-common --detector det.pt photos/ --draw boxes/ --export md-json
+    birder-predict -n vit_l16_mim-eu-common --manifest photos.txt --shard 2/8 --output-dir out/2  # job 2 of 8
+    python -m birder.tools merge-results out/* -o merged                                          # once all are done
 
 The run is :func:`birder.inference.run.run_prediction`; this module turns arguments into its options (each
 argument's destination is the option's name) and its errors into exit codes. A mistake the user can fix (bad path,
@@ -53,7 +55,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Classify photos (files and folders, searched recursively) with a birder model."
     )
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="photo files and/or folders")
+    parser.add_argument("inputs", nargs="*", metavar="INPUT", help="photo files and/or folders (or --manifest)")
+    what = parser.add_argument_group("many photos, many jobs (instead of INPUT)")
+    what.add_argument(
+        "--manifest",
+        metavar="FILE",
+        help="the photos, one path per line (relative to FILE's folder; blank lines and # comments ignored), "
+        "or a .parquet file with a 'path' column; results follow its order",
+    )
+    what.add_argument(
+        "--shard",
+        metavar="K/N",
+        help="classify only the K-th of N contiguous blocks of the photos (1 <= K <= N), so N independent jobs "
+        "each take one and together cover every photo once; merge their output folders with "
+        "'python -m birder.tools merge-results'",
+    )
 
     add_model_arguments(parser)
 

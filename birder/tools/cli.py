@@ -4,11 +4,13 @@ A mistake the user can fix (an unknown name, a missing file) ends with one line 
 """
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 
 from birder.errors import BirderError
-from birder.tools import convert_model, download_model, export, list_models, model_info, pack
+from birder.log_setup import configure_logging
+from birder.tools import convert_model, download_model, export, list_models, merge_results, model_info, pack
 
 PROG = "python -m birder.tools"
 EXIT_USAGE = 2
@@ -19,6 +21,7 @@ COMMANDS = {
     "convert-model": convert_model,
     "export": export,
     "pack": pack,
+    "merge-results": merge_results,
 }
 
 
@@ -32,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Library warnings (a shard not given, a table not merged) read like the errors: one line naming the command.
+    configure_logging(logging.WARNING, f"{PROG} {args.command}: warning: %(message)s")
     try:
         return COMMANDS[args.command].run(args)
     except BirderError as exc:
