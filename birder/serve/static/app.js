@@ -123,6 +123,7 @@ async function classify(file) {
   elements.timing.textContent = "Classifying…";
   elements.result.hidden = false;
   elements.dropZone.classList.add("busy");
+  await modelInfoLoaded;
   if (detectServed) {
     detect(file); // alongside: the boxes come when they come
   }
@@ -176,7 +177,9 @@ elements.dropZone.addEventListener("drop", (event) => {
   }
 });
 
-loadModelInfo();
+// A photo chosen before /v1/models answered waits for it: only then is it known whether boxes (and similar photos)
+// are served.
+const modelInfoLoaded = loadModelInfo();
 
 // Explanation overlay and similar photos: they follow the preview, whichever way the photo came in.
 const extras = {
@@ -216,6 +219,7 @@ async function showOverlay() {
 }
 
 async function showSimilar() {
+  await modelInfoLoaded;
   if (!currentPhoto || !similarServed) {
     return;
   }
