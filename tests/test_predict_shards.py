@@ -61,7 +61,7 @@ def _assert_same_tables(got: Path, expected: Path, names: tuple[str, ...] = TABL
 
                 assert pq.read_table(got / expected_file.name).equals(pq.read_table(expected_file)), name
             compared += 1
-    assert compared >= 3
+    assert compared >= min(3, len(names))  # the tables asked for were there to compare
 
 
 def _run_json(folder: Path) -> dict:
@@ -334,6 +334,8 @@ def test_detection_shards_merge_like_one_run(job, tmp_path: Path, capsys: pytest
 
 @pytest.mark.slow
 def test_shard_under_torchrun_matches_single_process(job, tmp_path: Path) -> None:
+    import numpy as np
+    import pyarrow.parquet as pq
     from test_predict_cli import _run_in_own_session, _torchrun
 
     (options, manifest) = job
@@ -343,4 +345,10 @@ def test_shard_under_torchrun_matches_single_process(job, tmp_path: Path) -> Non
     result = _run_in_own_session([*command, *args, "--output-dir", str(tmp_path / "dist")], tmp_path, env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert predict([*args, "--output-dir", str(tmp_path / "single")]) == 0
-    _assert_same_tables(tmp_path / "dist", tmp_path / "single", ("results", "failures", "embeddings"))
+    _assert_same_tables(tmp_path / "dist", tmp_path / "single", ("results", "failures"))
+    # Embeddings to float32 rounding: the torchrun ranks run with 1 thread, this process with its own count, and a
+    # reduction split over other threads rounds differently.
+    (dist, single) = (pq.read_table(tmp_path / name / "embeddings.parquet") for name in ("dist", "single"))
+    assert dist.column("path").to_pylist() == single.column("path").to_pylist()
+    values = [np.array(list(table.drop(["path"]).to_pydict().values()), dtype=np.float64) for table in (dist, single)]
+    np.testing.assert_allclose(values[0], values[1], rtol=1e-5, atol=1e-6)
