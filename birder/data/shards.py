@@ -25,6 +25,7 @@ EpochSampler`) holds for streams too:
   trained on. Augmentation is seeded by ``(seed, epoch, sample id)``, as for folders.
 """
 
+import bisect
 import itertools
 import json
 import logging
@@ -40,7 +41,15 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from birder.data.training import UNLABELED, DataError, TrainingBatch, sample_seed
+from birder.data.training import (
+    UNLABELED,
+    DataError,
+    TrainingBatch,
+    TrainingSample,
+    collate_training_samples,
+    epoch_generator,
+    sample_seed,
+)
 from birder.errors import ImageDecodeError, one_line
 from birder.io.images import IMAGE_EXTENSIONS, load_image_bytes
 
@@ -228,7 +237,7 @@ def rank_segments(
     """
     order = list(range(len(counts)))
     if epoch is not None:
-        order = torch.randperm(len(counts), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+        order = torch.randperm(len(counts), generator=epoch_generator(seed, epoch)).tolist()
     total = sum(counts)
     if pad:
         per_rank = math.ceil(total / world_size)
@@ -243,7 +252,7 @@ def rank_segments(
     position = begin
     while position < end:
         wrapped = position % total
-        slot = max(i for i in range(len(order)) if starts[i] <= wrapped and counts[order[i]] > 0)
+        slot = bisect.bisect_right(starts, wrapped) - 1  # an empty shard shares its start with the next one
         take = min(starts[slot + 1] - wrapped, end - position)
         segments.append((order[slot], wrapped - starts[slot], wrapped - starts[slot] + take))
         position += take
@@ -349,50 +358,41 @@ class ShardStream(IterableDataset):
         for record in self.records():
             batch.append(record)
             if len(batch) == self.batch_size:
-                yield from self._own_batch(number, batch, worker_id, workers)
+                if self._owns(number, worker_id, workers):
+                    yield self.decode(batch)
                 (batch, number) = ([], number + 1)
-        if batch:
-            yield from self._own_batch(number, batch, worker_id, workers)
+        if batch and self._owns(number, worker_id, workers):
+            yield self.decode(batch)
 
-    def _own_batch(
-        self, number: int, batch: list[ShardRecord], worker_id: int, workers: int
-    ) -> Iterator[TrainingBatch]:
+    def _owns(self, number: int, worker_id: int, workers: int) -> bool:
         # The loader asks its workers in turn starting with worker 0, so worker w decodes batches skip + w,
         # skip + w + workers, ...: in a resumed epoch too, batches arrive in the stream's order.
-        if number >= self.skip_batches and (number - self.skip_batches) % workers == worker_id:
-            yield self.decode(batch)
+        return number >= self.skip_batches and (number - self.skip_batches) % workers == worker_id
 
     def decode(self, records: Sequence[ShardRecord]) -> TrainingBatch:
         """Decode and transform a batch; an unreadable image is replaced by the batch's next readable one
         (training) or dropped (evaluation). Its message travels with the batch."""
-        (images, unreadable) = ({}, [])
+        (images, unreadable) = ({}, {})
         for record in records:
             try:
                 images[record.id] = load_image_bytes(record.image, record.name)
             except ImageDecodeError as err:
-                unreadable.append(str(err))
+                unreadable[record.id] = (str(err),)
 
         readable = [record for record in records if record.id in images]
-        if not readable:
-            if self.shuffle:
-                raise DataError(f"none of the {len(records)} images of a batch could be read (first: {unreadable[0]})")
-            return TrainingBatch(
-                torch.empty(0, dtype=torch.long), torch.empty(0), torch.empty(0, dtype=torch.long), unreadable
-            )
+        if not readable and self.shuffle:
+            first = next(iter(unreadable.values()))[0]
+            raise DataError(f"none of the {len(records)} images of a batch could be read (first: {first})")
 
-        kept = []
+        samples = []
         for position, record in enumerate(records):
-            if record.id in images:
-                kept.append((record, record))
-            elif self.shuffle:
-                kept.append((record, readable[position % len(readable)]))
-        tensors = [self._transform(images[source.id], source.id) for (_, source) in kept]
-        return TrainingBatch(
-            torch.tensor([record.id for (record, _) in kept]),
-            torch.stack(tensors),
-            torch.tensor([self._target(source.target) for (_, source) in kept]),
-            unreadable,
-        )
+            (source, image) = (record, None)
+            if record.id not in images and self.shuffle:
+                source = readable[position % len(readable)]
+            if source.id in images:
+                image = self._transform(images[source.id], source.id)
+            samples.append(TrainingSample(record.id, image, self._target(source.target), unreadable.get(record.id, ())))
+        return collate_training_samples(samples)
 
     def _target(self, target: int) -> int:
         if self.target_map is None or target == UNLABELED:

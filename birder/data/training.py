@@ -340,6 +340,12 @@ class EpochBatches(Protocol):
         ...
 
 
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The generator of epoch ``epoch``'s order (of samples, or of shards): a function of ``(seed, epoch)`` only,
+    the same on every rank and in a resumed run."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
 class EpochSampler(Sampler[tuple[int, int]]):
     """A fixed order per epoch, sharded across ranks, that can start mid-epoch; yields ``(epoch, index)`` keys.
 
@@ -388,7 +394,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
 
     def epoch_order(self, epoch: int) -> list[int]:
         """This rank's whole order for ``epoch``."""
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        generator = epoch_generator(self.seed, epoch)
         if self.weights is not None:
             order = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=generator)
         elif self.shuffle:
