@@ -10,7 +10,7 @@ from PIL import Image
 import birder
 from birder.data.transforms import RGB_STATS
 from birder.errors import BirderError, CheckpointError
-from birder.inference.detection import detection_transform, infer_image, rescale_boxes
+from birder.inference.detection import detect_tensors, detection_transform, infer_image, rescale_boxes
 from birder.io.checkpoint import ModelInfo, make_signature
 from birder.model_registry import Task, registry
 from birder.net.detection.checkpoint import load_detector, save_detector
@@ -209,3 +209,38 @@ def test_any_vit_of_the_family_is_a_backbone(name: str, patch: int) -> None:
         levels = det.detector.backbone(torch.randn(1, 3, *size))
         assert levels["1"].shape[-2:] == (4, 6)
         assert det([torch.randn(3, 100, 70)])[0]["boxes"].shape[1] == 4  # any photo size
+
+
+class _FixedDetector(torch.nn.Module):
+    """A detector whose answer is given: one animal scored as two classes, and a second animal beside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        boxes = torch.tensor(
+            [
+                [10.0, 10.0, 50.0, 50.0],  # animal 1, class 0 (best)
+                [12.0, 11.0, 51.0, 52.0],  # animal 1 again, class 1 (IoU ~0.9 with the first)
+                [60.0, 10.0, 90.0, 40.0],  # animal 2, touching but separate (IoU 0)
+                [40.0, 10.0, 80.0, 50.0],  # overlaps both by less than 0.5
+            ]
+        )
+        answer = {"boxes": boxes, "scores": torch.tensor([0.9, 0.8, 0.7, 0.6]), "labels": torch.tensor([0, 1, 1, 0])}
+        return [answer for _ in images]
+
+
+def test_boxes_of_one_object_merge_across_classes() -> None:
+    """A count must be a count: one animal the head scored as two classes is one box, keeping the best box's class
+    and score; boxes overlapping by IoU <= 0.5 stay, and no two kept boxes overlap by more than 0.5."""
+    from torchvision.ops import box_iou
+
+    photo = torch.zeros(3, 100, 100)
+    (found,) = detect_tensors(_FixedDetector(), [photo], [(100, 100)])
+    assert found.labels.tolist() == [0, 1, 0]
+    assert found.scores.tolist() == pytest.approx([0.9, 0.7, 0.6])
+    iou = box_iou(found.boxes, found.boxes).fill_diagonal_(0)
+    assert float(iou.max()) <= 0.5
+    (every_box,) = detect_tensors(_FixedDetector(), [photo], [(100, 100)], merge_iou=None)
+    assert len(every_box.boxes) == 4

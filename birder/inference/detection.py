@@ -11,11 +11,17 @@ from typing import NamedTuple
 
 import torch
 from PIL import Image
+from torchvision.ops import nms
 from torchvision.transforms import v2
 
 from birder.io.images import load_image
 
 ImageInput = str | Path | Image.Image
+
+# Boxes of different detector classes overlapping by more than this are one object: the detector's own suppression
+# works within a class, so one animal scored as two similar classes would otherwise become two rows (two
+# individuals in a count). 0.5 is the IoU at which COCO calls two boxes the same object.
+MERGE_IOU = 0.5
 
 
 class Detections(NamedTuple):
@@ -68,9 +74,13 @@ def detect_tensors(
     photo_sizes: Sequence[tuple[int, int]],
     *,
     score_threshold: float = 0.0,
+    merge_iou: float | None = MERGE_IOU,
 ) -> list[Detections]:
     """Detect objects in transformed photos (``[C, H, W]`` each); each photo's boxes in its own original pixels
     (``photo_sizes``: ``(height, width)``), clipped to it, on the CPU, scores at least ``score_threshold``, best first.
+
+    ``merge_iou``: boxes of any classes that overlap the photo's better-scoring box by more than this IoU are merged
+    into it (class-agnostic suppression: the kept box keeps its own class and score); ``None`` keeps every box.
 
     Photos of the same transformed size run in one forward pass; others apart: a batch of different sizes would be
     padded to the largest, and the backbone's global attention would see the padding, so a photo's boxes would
@@ -94,8 +104,18 @@ def detect_tensors(
         boxes = rescale_boxes(output["boxes"][keep].float().cpu(), tensor.shape[-2:], photo_hw)
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, photo_hw[1])
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, photo_hw[0])
-        results.append(Detections(boxes, output["scores"][keep].float().cpu(), output["labels"][keep].cpu()))
+        found = Detections(boxes, output["scores"][keep].float().cpu(), output["labels"][keep].cpu())
+        results.append(found if merge_iou is None else merge_across_classes(found, merge_iou))
     return results
+
+
+def merge_across_classes(found: Detections, iou: float = MERGE_IOU) -> Detections:
+    """One box per object whatever class the detector gave it: of boxes overlapping by more than ``iou``, the
+    best-scoring one is kept with its class and score. The result stays ordered best first."""
+    if len(found.scores) < 2:
+        return found
+    kept = nms(found.boxes, found.scores, iou)  # indices by decreasing score
+    return Detections(found.boxes[kept], found.scores[kept], found.labels[kept])
 
 
 def infer_image(
@@ -104,6 +124,7 @@ def infer_image(
     transform: Callable[[Image.Image], torch.Tensor],
     *,
     score_threshold: float = 0.0,
+    merge_iou: float | None = MERGE_IOU,
 ) -> Detections:
     """Detect objects in one photo: the detector counterpart of :func:`birder.inference.classification.infer_image`.
 
@@ -112,6 +133,7 @@ def infer_image(
         image: a path or a PIL image; decoded by :func:`~birder.io.images.load_image` (EXIF orientation applied).
         transform: :func:`detection_transform` of the detector's size and rgb stats.
         score_threshold: boxes scoring below it are dropped.
+        merge_iou: boxes of different classes overlapping by more than this are one object (``None``: keep all).
 
     Returns:
         :class:`Detections`: ``boxes`` ``[N, 4]`` (x1, y1, x2, y2) in the original photo's pixels, ``scores``
@@ -119,4 +141,6 @@ def infer_image(
     """
     photo = load_image(image)
     size = (photo.height, photo.width)
-    return detect_tensors(det_net, [transform(photo)], [size], score_threshold=score_threshold)[0]
+    return detect_tensors(
+        det_net, [transform(photo)], [size], score_threshold=score_threshold, merge_iou=merge_iou
+    )[0]
