@@ -9,13 +9,14 @@ place only, or the image's answer alone).
 from __future__ import annotations
 
 import csv
+import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from birder.errors import BirderError
+from birder.errors import BirderError, one_line
 from birder.geo.prior import parse_date
 
 _PATH_COLUMNS = ("path", "file", "filename", "file_name")
@@ -47,32 +48,108 @@ def _key(path: str) -> str:
 def read_locations_file(path: str | os.PathLike) -> dict[str, Place]:
     """Per-photo positions and dates from a CSV (columns ``path``, ``latitude``, ``longitude``, ``date``; either of
     the last two pairs may be absent). Paths are matched as absolute paths, or by file name when the file gives
-    names only."""
+    names only.
+
+    A cell that is given must be usable: a latitude or longitude that is no number or out of range, one of the two
+    without the other, a date that does not exist or a row without a path is a :class:`BirderError` naming the
+    file, the line and the value (a photo would otherwise silently go without its prior). Empty cells are absent
+    values; a photo listed twice must have the same values both times.
+    """
+    places: dict[str, Place] = {}
+    first_line: dict[str, int] = {}
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
-            header = list(reader.fieldnames or [])
-            rows = list(reader)
+            columns = _locations_columns(path, list(reader.fieldnames or []))
+            for row in reader:
+                line = reader.line_num
+                entry = _locations_row(path, line, row, columns)
+                if entry is None:
+                    continue
+                (key, name, place) = entry
+                if key in places and places[key] != place:
+                    raise BirderError(
+                        f"locations file '{path}' lines {first_line[key]} and {line} give different positions or "
+                        f"dates for '{_shown(name)}': keep one row per photo"
+                    )
+                places[key] = place
+                first_line.setdefault(key, line)
     except OSError as exc:
         raise BirderError(f"cannot read locations file '{path}': {' '.join(str(exc).split())}") from None
+    except UnicodeDecodeError as exc:
+        raise BirderError(
+            f"locations file '{path}' is not UTF-8 text ({exc.reason}): give a CSV of path, latitude, longitude, date"
+        ) from None
+    except csv.Error as exc:
+        raise BirderError(f"locations file '{path}' is not a readable CSV: {' '.join(str(exc).split())}") from None
+    return places
+
+
+# (path column, latitude column, longitude column, date column) of a locations file; None: absent
+_LocationsColumns = tuple[str, str | None, str | None, str | None]
+
+
+def _locations_columns(path: str | os.PathLike, header: list[str]) -> _LocationsColumns:
     path_column = _pick(header, _PATH_COLUMNS)
     (lat_column, lon_column, date_column) = (_pick(header, c) for c in (_LAT_COLUMNS, _LON_COLUMNS, _DATE_COLUMNS))
     if path_column is None or (date_column is None and (lat_column is None or lon_column is None)):
         raise BirderError(
             f"locations file '{path}' needs a path column and latitude/longitude and/or date columns "
-            f"(found: {', '.join(header) or 'none'})"
+            f"(found: {_shown(', '.join(header)) or 'none'})"
         )
+    if (lat_column is None) != (lon_column is None):
+        (given, missing) = ("latitude", "longitude") if lon_column is None else ("longitude", "latitude")
+        raise BirderError(f"locations file '{path}' has a {given} column but no {missing} column: add it, or drop both")
+    return (path_column, lat_column, lon_column, date_column)
 
-    places: dict[str, Place] = {}
-    for row in rows:
-        latitude = parse_number(row.get(lat_column)) if lat_column else None
-        longitude = parse_number(row.get(lon_column)) if lon_column else None
-        location = (latitude, longitude) if latitude is not None and longitude is not None else None
-        date = (row.get(date_column) or "").strip() or None if date_column else None
-        name = (row.get(path_column) or "").strip()
-        if name:
-            places[name if os.sep not in name and "/" not in name else _key(name)] = (location, date)
-    return places
+
+def _locations_row(
+    path: str | os.PathLike, line: int, row: dict[str, Any], columns: _LocationsColumns
+) -> tuple[str, str, Place] | None:
+    """``(key, path as written, place)`` of one row of a locations file; None for a row without any value."""
+    (path_column, lat_column, lon_column, date_column) = columns
+    # csv gives None for cells a short row lacks and a list under None for the extra cells of a long one
+    cells = {column: (row.get(column) or "").strip() for column in columns if column is not None}
+    if not any(cells.values()):
+        return None
+    where = f"locations file '{path}' line {line}"
+    name = cells[path_column]
+    if not name:
+        raise BirderError(f"{where}: no path (each row is path, latitude, longitude, date)")
+
+    location = None
+    if lat_column is not None and lon_column is not None:
+        (lat_text, lon_text) = (cells[lat_column], cells[lon_column])
+        if bool(lat_text) != bool(lon_text):
+            missing = "longitude" if lat_text else "latitude"
+            raise BirderError(
+                f"{where}: no {missing} for '{_shown(name)}' (give both latitude and longitude, or neither)"
+            )
+        if lat_text:
+            location = (_coordinate(where, "latitude", lat_text, 90), _coordinate(where, "longitude", lon_text, 180))
+
+    date = None
+    if date_column is not None and cells[date_column]:
+        day = parse_date(cells[date_column])
+        if day is None:
+            raise BirderError(f"{where}: date '{_shown(cells[date_column])}' is not a date (YYYY-MM-DD)")
+        date = day.isoformat()  # one spelling per day: two rows of a photo agree when their days do
+    key = name if os.sep not in name and "/" not in name else _key(name)
+    return (key, name, (location, date))
+
+
+def _coordinate(where: str, what: str, text: str, limit: float) -> float:
+    value = parse_number(text)
+    if value is None or not math.isfinite(value):
+        raise BirderError(f"{where}: {what} '{_shown(text)}' is not a number")
+    if not -limit <= value <= limit:
+        raise BirderError(f"{where}: {what} {_shown(text)} is outside -{limit}..{limit}")
+    return value
+
+
+def _shown(text: str) -> str:
+    """A value of the file as an error message quotes it: on one line, and short."""
+    return one_line(text, 80) if text.split() else ""
 
 
 @dataclass
@@ -83,6 +160,7 @@ class PlaceResolver:
     longitude: float | None = None
     date: str | None = None
     per_photo: Mapping[str, Place] = field(default_factory=dict)
+    source: str = ""  # the locations file that gave ``per_photo``, for messages
 
     def __post_init__(self) -> None:
         if (self.latitude is None) != (self.longitude is None):
@@ -100,7 +178,18 @@ class PlaceResolver:
         date: str | None,
         locations: str | os.PathLike | None,
     ) -> PlaceResolver:
-        return cls(latitude, longitude, date, read_locations_file(locations) if locations is not None else {})
+        if locations is None:
+            return cls(latitude, longitude, date)
+        return cls(latitude, longitude, date, read_locations_file(locations), str(locations))
+
+    def unmatched(self, paths: Iterable[str]) -> list[str]:
+        """The photos of the locations file (absolute paths, or names) that are none of ``paths``, in its order."""
+        if not self.per_photo:
+            return []
+        matched = set()
+        for path in paths:
+            matched.update((_key(path), Path(path).name))
+        return [key for key in self.per_photo if key not in matched]
 
     def resolve(self, path: str, exif_datetime: str | None, gps_latitude: Any, gps_longitude: Any) -> Place:
         """The position and date the prior uses for the photo at ``path`` with this EXIF."""

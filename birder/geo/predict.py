@@ -24,13 +24,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from birder.errors import BirderError
+from birder.errors import BirderError, one_line
 from birder.geo.events import Event, combine_probabilities, group_events, parse_exif_time, parse_gap
 from birder.geo.places import PlaceResolver
 from birder.geo.prior import MODE_NONE, LocationPrior, out_of_range
 from birder.geo.prior_file import load_prior_for
 from birder.geo.results import EVENTS_TABLE, find_table, photo_folder, read_rows, write_rows
-from birder.inference.decision import apply_prior
+from birder.inference.decision import apply_prior, check_prior_strength
+from birder.inference.tables import shown_top_k
 from birder.io.table_files import Column, Row, TableSpec, read_table_rows, write_table
 
 EVENT_ID_COLUMN = "event_id"
@@ -79,13 +80,12 @@ class PhotoPrior:
         top_k: int,
         source: str = "",
     ) -> None:
-        if strength < 0:
-            raise BirderError(f"--prior-strength must be >= 0, got {strength}")
         self.prior = prior
-        self.strength = strength
+        self.strength = check_prior_strength(strength, "--prior-strength")
         self.resolver = resolver
         self.class_indices = class_indices  # the run's classes among the model's (--species), None: all
-        self.top_k = top_k
+        # As many image-only columns as the results' top-k has: never more than the run's classes
+        self.top_k = shown_top_k(top_k, prior.num_classes if class_indices is None else len(class_indices))
         self.source = source
 
     @classmethod
@@ -296,6 +296,7 @@ def _fill_event_ids(path: Path, spec: TableSpec, event_of: dict[str, str]) -> No
 # ---------------------------------------------------------------------------------------------------------------------
 
 GEO_PLACE_OPTIONS = ("lat", "lon", "date", "locations")
+_SHOWN_PATHS = 3  # the unmatched rows of a locations file a warning names
 
 
 def check_geo_options(options: Any) -> None:
@@ -305,8 +306,7 @@ def check_geo_options(options: Any) -> None:
     given = [name for name in GEO_PLACE_OPTIONS if getattr(options, name, None) is not None]
     if given and getattr(options, "prior", None) is None:
         raise BirderError(f"--{given[0]} says where or when photos were taken for the prior: it needs --prior FILE")
-    if getattr(options, "prior_strength", 1.0) < 0:
-        raise BirderError(f"--prior-strength must be >= 0, got {options.prior_strength}")
+    check_prior_strength(getattr(options, "prior_strength", 1.0), "--prior-strength")
     if getattr(options, "events", False):
         parse_gap(options.event_gap)
     if getattr(options, "exports", None):
@@ -334,6 +334,21 @@ class GeoStep:
         if photo_prior is None and not events and not exports:
             return None
         return cls(photo_prior, events, str(getattr(options, "event_gap", "120s")), exports, options)
+
+    def unmatched_locations(self, paths: Sequence[str]) -> str | None:
+        """A warning when rows of the ``--locations`` file match none of the run's photos (a file may cover more
+        photos than one run; a typo in a path would otherwise silently leave its photo without a place)."""
+        if self.photo_prior is None:
+            return None
+        resolver = self.photo_prior.resolver
+        unmatched = resolver.unmatched(paths)
+        if not unmatched:
+            return None
+        shown = one_line(", ".join(unmatched[:_SHOWN_PATHS]), None) + (" ..." if len(unmatched) > _SHOWN_PATHS else "")
+        return (
+            f"{len(unmatched)} of the {len(resolver.per_photo)} photos in {resolver.source} are none of the "
+            f"{len(paths)} photos of this run (not used): {shown}"
+        )
 
     def result_columns(self) -> tuple[Column, ...]:
         columns = self.photo_prior.columns() if self.photo_prior is not None else ()
@@ -388,6 +403,13 @@ class GeoStep:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def _prior_strength(text: str) -> float:
+    try:
+        return check_prior_strength(float(text))
+    except (ValueError, BirderError):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got '{text}'") from None
+
+
 def add_prior_arguments(parser: argparse.ArgumentParser, *, places: bool = True) -> argparse._ArgumentGroup:
     """``--prior FILE`` and ``--prior-strength`` (and, with ``places``, where and when the photos were taken)."""
     group = parser.add_argument_group("location-and-season prior")
@@ -396,7 +418,7 @@ def add_prior_arguments(parser: argparse.ArgumentParser, *, places: bool = True)
     )
     group.add_argument(
         "--prior-strength",
-        type=float,
+        type=_prior_strength,
         default=1.0,
         metavar="L",
         help="posterior ∝ image × prior^L (default: 1; 0: answer unchanged, out_of_range still flagged)",

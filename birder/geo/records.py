@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from birder.errors import BirderError
+from birder.errors import BirderError, one_line
 from birder.geo.grid import valid_coordinates
 from birder.geo.season import day_bins
 
@@ -131,19 +131,27 @@ def read_mapping_file(path: str | os.PathLike, class_names: Sequence[str]) -> di
     known = set(class_names)
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
-            rows = [row for row in csv.reader(handle) if row and any(cell.strip() for cell in row)]
+            reader = csv.reader(handle)
+            # (line in the file, row) of the rows with a value: blank lines are skipped, lines keep their numbers
+            rows = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
     except OSError as exc:
-        raise BirderError(f"cannot read mapping file '{path}': {' '.join(str(exc).split())}") from None
+        raise BirderError(f"cannot read mapping file '{path}': {one_line(exc)}") from None
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise BirderError(
+            f"mapping file '{path}' is not a UTF-8 CSV of record name,class name: {one_line(exc)}"
+        ) from None
 
     mapping: dict[str, str] = {}
-    for number, row in enumerate(rows, start=1):
-        if len(row) < 2:
-            raise BirderError(f"mapping file '{path}' line {number}: expected 'record name,class name'")
+    for position, (line, row) in enumerate(rows):
+        if len(row) < 2 or not row[0].strip() or not row[1].strip():
+            raise BirderError(f"mapping file '{path}' line {line}: expected 'record name,class name'")
         (source, target) = (row[0].strip(), row[1].strip())
         if target not in known:
-            if number == 1:
+            if position == 0:
                 continue  # a header row
-            raise BirderError(f"mapping file '{path}' line {number}: '{target}' is not a class of the model")
+            raise BirderError(
+                f"mapping file '{path}' line {line}: '{one_line(target, 80)}' is not a class of the model"
+            )
         mapping[normalize_name(source)] = target
     return mapping
 

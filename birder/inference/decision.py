@@ -30,6 +30,7 @@ ones on the embeddings; ``--uncalibrated`` therefore drops the fitted thresholds
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -76,6 +77,18 @@ def calibrated_softmax(logits: torch.Tensor, temperature: float = 1.0) -> torch.
     return F.softmax(logits, dim=1)
 
 
+def check_prior_strength(strength: float, name: str = "prior strength") -> float:
+    """``strength`` as a float when it is a finite number >= 0, else a one-line :class:`BirderError` (NaN or
+    infinity would turn every posterior into NaN or zero: the image's answer, said to be the prior's)."""
+    try:
+        value = float(strength)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise BirderError(f"{name} must be a finite number >= 0, got {strength}")
+    return value
+
+
 def apply_prior(
     probabilities: FloatArray, prior: FloatArray | None = None, strength: float = 1.0
 ) -> npt.NDArray[np.float64]:
@@ -85,6 +98,7 @@ def apply_prior(
     prior has nothing to say there rather than a division by zero.
     """
     probabilities = np.asarray(probabilities, dtype=np.float64)
+    strength = check_prior_strength(strength)
     if prior is None or strength == 0.0:
         return probabilities
 

@@ -21,7 +21,6 @@ durable: the same run with ``resume=True`` continues.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import sys
@@ -394,6 +393,9 @@ def _plan(job: _Job) -> _Plan:
     shard = parse_shard(options.shard) if options.shard is not None else None
     selection = select_photos(options.inputs, options.manifest, shard, PROG)
     paths = selection.paths
+    unmatched = job.geo.unmatched_locations(paths) if job.geo is not None else None
+    if unmatched:
+        print(f"{PROG}: warning: {unmatched}", file=sys.stderr)
     state = prepare_run(
         options.output_dir,
         job.tables.specs,
@@ -517,7 +519,7 @@ def journal_batches(
         dynamic_ncols=True,
     )
     # Closed whatever happens: the rows of the batches that finished become durable (a resume skips them)
-    with progress, contextlib.closing(journals):
+    with progress, journals:
         for rows, photos in batches:
             journals.add(rows, photos)
             progress.update(photos)

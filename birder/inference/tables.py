@@ -40,6 +40,12 @@ DECISION_COLUMNS = (
 COLUMNS_HINT = "different --top-k, --species or model?"
 
 
+def shown_top_k(requested: int, num_classes: int) -> int:
+    """The top-k a run's tables show: what was asked, but never more than the run's classes (asking for more is
+    no error) and at least one. Every table with top-k columns takes its count from here, so they agree."""
+    return max(1, min(requested, num_classes))
+
+
 def _result_columns(
     top_k: int, decisions: bool = False, extra: Sequence[Column] = (), lead: Sequence[Column] = ()
 ) -> tuple[Column, ...]:
@@ -72,7 +78,7 @@ class PredictionTables:
         extra_result_columns: Sequence[Column] = (),
         lead_columns: Sequence[Column] = (),
     ) -> None:
-        self.top_k = max(1, min(top_k, len(class_names)))
+        self.top_k = shown_top_k(top_k, len(class_names))
         self.lead = len(lead_columns)
         self.results = TableSpec(
             "results", _result_columns(self.top_k, decisions, extra_result_columns, lead_columns), marks_done=True

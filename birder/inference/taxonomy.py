@@ -73,7 +73,7 @@ class Taxonomy:
                 rows = list(csv.reader(handle))
         except FileNotFoundError:
             raise TaxonomyError(f"taxonomy file '{path}' does not exist") from None
-        except (OSError, UnicodeDecodeError) as err:
+        except (OSError, UnicodeDecodeError, csv.Error) as err:  # csv.Error: a field over csv's size limit
             raise TaxonomyError(f"cannot read taxonomy file '{path}': {' '.join(str(err).split())}") from None
 
         header = [cell.strip().lower() for cell in rows[0]] if rows else []

@@ -74,6 +74,7 @@ class JournalWriter:
         self.path = path
         self.spec = spec
         self._pending: list[Row] = []
+        self.rows_written = 0
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open_text(path, "x")  # "x": never append to or clobber another attempt's journal
         self._writer = csv.writer(self._file, lineterminator="\n")
@@ -86,6 +87,7 @@ class JournalWriter:
 
     def commit(self) -> None:
         if self._pending:
+            self.rows_written += len(self._pending)
             self._writer.writerows(self._pending)
             self._pending.clear()
             self._sync()
@@ -114,6 +116,17 @@ def list_journals(output_dir: Path) -> list[tuple[str, int, int, Path]]:
     return found
 
 
+def _remove_if_no_journals(journal_dir: Path) -> None:
+    """Remove a journal folder that holds no journal (only its ``run.json``, if that)."""
+    try:
+        entries = list(journal_dir.iterdir())
+        if all(entry.name == RUN_INFO_FILE for entry in entries):
+            (journal_dir / RUN_INFO_FILE).unlink(missing_ok=True)
+            journal_dir.rmdir()
+    except OSError:
+        pass  # another process of the run wrote into it meanwhile: it stays
+
+
 class JournalSet:
     """This rank's journals for one attempt; rows are committed every ``chunk_size`` inputs.
 
@@ -126,7 +139,8 @@ class JournalSet:
             raise BirderError(f"chunk size must be at least 1, got {chunk_size}")
 
         self.chunk_size = chunk_size
-        journal_dir = output_dir / JOURNAL_DIR
+        self.rank = rank
+        self.journal_dir = journal_dir = output_dir / JOURNAL_DIR
         in_commit_order = sorted(specs, key=lambda spec: spec.marks_done)  # stable: the given order otherwise
         self.writers = {
             spec.name: JournalWriter(journal_dir / f"{spec.name}.r{rank}.a{attempt}.csv", spec)
@@ -152,6 +166,20 @@ class JournalSet:
         self.commit()
         for writer in self.writers.values():
             writer.close()
+
+    def __enter__(self) -> JournalSet:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
+        """Close (the rows of the inputs that finished become durable: a resume skips them). A run that fails
+        before writing any row leaves nothing behind: its journals hold no work, and a ``.partial`` folder of
+        only them would make the next run's ``--resume`` check columns that nothing was written in."""
+        self.close()
+        if exc_type is not None and not any(writer.rows_written for writer in self.writers.values()):
+            for writer in self.writers.values():
+                writer.path.unlink(missing_ok=True)
+            if self.rank == 0:  # the rank that prepared the folder
+                _remove_if_no_journals(self.journal_dir)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -47,6 +47,16 @@ def _add_build(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--pseudo-count", type=float, default=defaults.pseudo_count, metavar="A", help="back-off")
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Location-and-season priors from occurrence records.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -58,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     lookup.add_argument("--lat", type=float, required=True)
     lookup.add_argument("--lon", type=float, required=True)
     lookup.add_argument("--date", help="YYYY-MM-DD (without: the year-round prior)")
-    lookup.add_argument("--top", type=int, default=10, metavar="N")
+    lookup.add_argument("--top", type=_positive, default=10, metavar="N", help="how many species (default: 10)")
     return parser
 
 
