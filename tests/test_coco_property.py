@@ -63,7 +63,10 @@ categories = st.fixed_dictionaries(
 )
 # Shaped like a COCO file (lists of entries with COCO's keys, whose values may be anything), or loosely so
 coco_like = st.fixed_dictionaries(
-    {"images": st.lists(images | json_values, max_size=4), "categories": st.lists(categories | json_values, max_size=3)},
+    {
+        "images": st.lists(images | json_values, max_size=4),
+        "categories": st.lists(categories | json_values, max_size=3),
+    },
     optional={"annotations": st.lists(annotations | json_values, max_size=5), "info": json_values},
 )
 loosely_coco = st.fixed_dictionaries(
