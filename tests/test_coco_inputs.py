@@ -11,6 +11,7 @@ from conftest import TINY_VIT_CONFIG
 from detect_support import save_tiny_detector
 from PIL import Image
 
+from birder.data.detection import read_coco
 from birder.inference.detection import detection_transform, infer_image
 from birder.net.detection.checkpoint import load_detector
 from birder.scripts import evaluate_det, train_det
@@ -123,3 +124,14 @@ def test_an_unreadable_photo_is_left_out_like_a_missing_one(
     assert truncated == removed and "images: 2" in truncated
     map50 = float(re.search(r"mAP@\.5: ([0-9.]+)", truncated)[1])
     assert map50 == float(re.search(r"mAP@\.5: ([0-9.]+)", complete)[1]) and map50 > 0.9
+
+
+def test_a_box_with_no_area_inside_its_image_is_skipped(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # Within the rounding margin of the left edge, but entirely outside the image: clipped, it would have no width
+    # (a degenerate box the detector's training refuses with a traceback)
+    names = _photos(tmp_path, 1)
+    path = _coco(tmp_path, names, [[-0.9, 2, 0.5, 5], [1e9, 2, 1e-8, 5], [4, 4, 20, 20]])
+    data = read_coco(path)
+    assert data.images[0].boxes == [[4.0, 4.0, 24.0, 24.0]]
+    assert sum("has no area inside its image" in problem for problem in data.problems) == 1
+    assert sum("outside its 64x64 image" in problem for problem in data.problems) == 1

@@ -274,6 +274,9 @@ def _add_annotation(
         return
 
     box = [max(x, 0.0), max(y, 0.0), min(x + w, image.width), min(y + h, image.height)]
+    if box[2] <= box[0] or box[3] <= box[1]:  # all in the rounding margin, or too thin to survive float sums
+        problems.add(f"{name} (image {image_id}): box {[x, y, w, h]} has no area inside its image")
+        return
     image.boxes.append(box)
     image.labels.append(label_of[category_id])
 
