@@ -137,7 +137,10 @@ def test_console_script_end_to_end(setup, tmp_path: Path) -> None:
         assert {row["top1_class"], row["top2_class"]} == {"Species B", "Species D"}
         assert row["top1_prob"] + row["top2_prob"] == pytest.approx(1.0, abs=1e-5)
         assert row["prediction"] == "uncertain"
-    assert pq.read_table(out / "embeddings.parquet").num_columns == 1 + 32
+    # The embeddings as one FixedSizeList<float32> column of the model's width (32)
+    embeddings = pq.read_table(out / "embeddings.parquet")
+    assert embeddings.schema.names == ["path", "embedding"] and embeddings.num_rows == len(table)
+    assert embeddings.schema.field("embedding").type.list_size == 32
     assert len(_read_csv(out / "failures.csv")) == len(BAD_PHOTOS)
 
 

@@ -7,9 +7,11 @@ not an animal (negatives).
 Labels are ``0..K-1`` in the order of the categories' ids; ``class_to_idx`` maps the category names to them.
 """
 
+import itertools
 import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -21,6 +23,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from birder.data.training import DataError, SampleKey, load_readable, sample_seed
+from birder.errors import one_line
 from birder.inference.detection import detection_transform
 
 logger = logging.getLogger(__name__)
@@ -55,6 +58,16 @@ class CocoData:
     def num_boxes(self) -> int:
         return sum(len(image.boxes) for image in self.images)
 
+    def without(self, indices: Iterable[int]) -> "CocoData":
+        """The same data without the images at ``indices`` and their boxes: a photo that turns out unreadable is
+        left out of the scores exactly as a missing file is (its boxes would count as objects never found)."""
+        dropped = set(indices)
+        if not dropped:
+            return self
+        kept = [image for (index, image) in enumerate(self.images) if index not in dropped]
+        ground_truth = _ground_truth(kept, self.category_ids, self.class_to_idx)
+        return CocoData(kept, self.class_to_idx, self.category_ids, ground_truth, self.problems)
+
 
 class _Problems:
     def __init__(self, source: Path) -> None:
@@ -74,33 +87,37 @@ def read_coco(
     annotation_file: str | Path, images_root: str | Path | None = None, class_to_idx: Mapping[str, int] | None = None
 ) -> CocoData:
     """The images and boxes of a COCO ``annotation_file``; ``file_name`` s are relative to ``images_root`` (default:
-    the file's folder). ``class_to_idx`` (a validation file read with the training file's) fixes the label order."""
+    the file's folder). ``class_to_idx`` (a validation file read with the training file's) fixes the label order.
+
+    What makes the whole file wrong is a :class:`~birder.data.training.DataError` naming it: not a JSON object with
+    ``images`` and ``categories`` lists, a bad or repeated category, an image id listed twice (two photos would be
+    scored as one), an annotation whose ``image_id`` names no image of the file (its boxes would vanish). A bad
+    item otherwise (a box outside its image, a missing image file, an unknown category id) is a warning, skipped.
+    """
     path = Path(annotation_file)
-    try:
-        coco = json.loads(path.read_text(encoding="utf-8"))
-        categories = {int(cat["id"]): str(cat["name"]) for cat in coco["categories"]}
-        image_entries = list(coco["images"])
-        annotations = list(coco.get("annotations", []))
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such annotation file") from None
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise DataError(f"{path}: not a COCO annotation file ({type(err).__name__}: {err})") from None
+    coco = _load_json(path)
+    categories = _categories(coco, path)
+    image_entries = _entries(coco, "images", path)
+    annotations = _entries(coco, "annotations", path) if "annotations" in coco else []
 
     root = Path(images_root) if images_root is not None else path.parent
     if class_to_idx is None:
         class_to_idx = {categories[cat_id]: idx for idx, cat_id in enumerate(sorted(categories))}
     label_of = {cat_id: class_to_idx[name] for cat_id, name in categories.items() if name in class_to_idx}
     problems = _Problems(path)
-    images = _read_images(image_entries, root, problems)
+    (images, listed) = _read_images(image_entries, root, problems)
     for ann in annotations:
-        _add_annotation(ann, images, label_of, problems)
+        _add_annotation(ann, images, listed, label_of, problems)
     problems.summarize()
 
     kept = list(images.values())
     if not kept:
-        raise DataError(f"{path}: no usable image ({len(problems.items)} bad items, first: {problems.items[:1]})")
+        first = one_line(problems.items[0]) if problems.items else "the file lists none"
+        raise DataError(f"{path}: no usable image ({len(problems.items)} bad items, first: {first})")
 
-    category_ids = [0] * len(class_to_idx)
+    # A class of the model the file has no category for gets an id no category of the file uses
+    unused = itertools.count(max(categories, default=0) + 1)
+    category_ids = [next(unused) for _ in range(len(class_to_idx))]
     for cat_id, idx in label_of.items():
         category_ids[idx] = cat_id
     return CocoData(
@@ -108,55 +125,158 @@ def read_coco(
     )
 
 
-def _read_images(entries: Sequence[Any], root: Path, problems: _Problems) -> dict[int, CocoImage]:
-    images: dict[int, CocoImage] = {}
-    for entry in entries:
+def _load_json(path: Path) -> dict[str, Any]:
+    try:
+        coco = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such annotation file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise DataError(f"{path}: not a readable JSON file ({type(err).__name__}: {one_line(err, 200)})") from None
+    if not isinstance(coco, dict):
+        raise DataError(f"{path}: not a COCO annotation file (expected a JSON object with 'images' and 'categories')")
+    return coco
+
+
+def _entries(coco: dict[str, Any], key: str, path: Path) -> list[Any]:
+    if not isinstance(coco.get(key), list):
+        found = "none" if key not in coco else type(coco[key]).__name__
+        raise DataError(f"{path}: not a COCO annotation file ('{key}' must be a list, found {found})")
+    return coco[key]
+
+
+def _shown(item: Any, limit: int = 80) -> str:
+    """An item of the file as a message shows it: on one line, cut short."""
+    text = " ".join((item if isinstance(item, str) else json.dumps(item, default=str)).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _integer_id(value: Any) -> int | None:
+    """A COCO id (an integer, also as an integral float or a numeric string), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
         try:
-            (image_id, file_name) = (int(entry["id"]), str(entry["file_name"]))
-        except (KeyError, TypeError, ValueError):
-            problems.add(f"image entry {str(entry)[:80]} has no id or file_name")
+            return int(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _positive_number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        return None
+    return float(value)
+
+
+def _categories(coco: dict[str, Any], path: Path) -> dict[int, str]:
+    """Category id -> name. A bad or repeated category is an error: the categories are the classes."""
+    categories: dict[int, str] = {}
+    ids_of: dict[str, int] = {}
+    for entry in _entries(coco, "categories", path):
+        cat_id = _integer_id(entry.get("id")) if isinstance(entry, dict) else None
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if cat_id is None or not isinstance(name, str) or not name:
+            raise DataError(f"{path}: category {_shown(entry)} needs an integer 'id' and a 'name'")
+        if cat_id in categories:
+            raise DataError(f"{path}: category id {cat_id} is listed twice: category ids must be unique")
+        if name in ids_of:
+            raise DataError(
+                f"{path}: category name {_shown(name)} is used by ids {ids_of[name]} and {cat_id}: names must be "
+                "unique (they are the class names)"
+            )
+        (categories[cat_id], ids_of[name]) = (name, cat_id)
+    return categories
+
+
+def _read_images(entries: Sequence[Any], root: Path, problems: _Problems) -> tuple[dict[int, CocoImage], set[int]]:
+    """The usable images by id, and the ids of every image the file lists (usable or not)."""
+    images: dict[int, CocoImage] = {}
+    listed: dict[int, str] = {}  # id -> file_name as given
+    for entry in entries:
+        image_id = _integer_id(entry.get("id")) if isinstance(entry, dict) else None
+        if image_id is None:
+            problems.add(f"image entry {_shown(entry)} has no integer id")
+            continue
+        file_name = entry.get("file_name")
+        if image_id in listed:
+            raise DataError(
+                f"{problems.source}: image id {image_id} is listed twice ({_shown(listed[image_id])} and "
+                f"{_shown(file_name)}): image ids must be unique"
+            )
+        listed[image_id] = file_name
+        if not isinstance(file_name, str) or not file_name:
+            problems.add(f"image {image_id}: no file_name")
             continue
 
         image_path = root / file_name
         if not image_path.is_file():
-            problems.add(f"image {image_id} ({file_name}): no such file {image_path}")
+            problems.add(f"image {image_id} ({_shown(file_name)}): no such file {_shown(str(image_path), 200)}")
             continue
-        (height, width) = (entry.get("height"), entry.get("width"))
-        if not height or not width:
-            try:
-                with Image.open(image_path) as handle:
-                    (width, height) = handle.size
-            except OSError as err:
-                problems.add(f"image {image_id} ({file_name}): unreadable ({err})")
-                continue
-        images[image_id] = CocoImage(image_id, image_path, int(height), int(width))
+        size = _image_size(entry, image_id, image_path, problems)
+        if size is not None:
+            images[image_id] = CocoImage(image_id, image_path, *size)
 
-    return images
+    return (images, set(listed))
 
 
-def _add_annotation(ann: Any, images: dict[int, CocoImage], label_of: Mapping[int, int], problems: _Problems) -> None:
-    name = f"annotation {ann.get('id', '?')}" if isinstance(ann, dict) else f"annotation {str(ann)[:40]}"
+def _image_size(entry: dict[str, Any], image_id: int, image_path: Path, problems: _Problems) -> tuple[int, int] | None:
+    """``(height, width)`` as the entry gives them, else from the file's header; None (reported) when neither."""
+    given = (entry.get("height"), entry.get("width"))
+    (height, width) = (_positive_number(value) for value in given)
+    if height is not None and width is not None:
+        return (int(height), int(width))
+    if any(value not in (None, 0) for value in given):
+        problems.add(f"image {image_id}: height and width must be positive numbers, got {_shown(list(given))}")
+        return None
     try:
-        (image_id, category_id) = (int(ann["image_id"]), int(ann["category_id"]))
-        (x, y, w, h) = (float(v) for v in ann["bbox"])
-    except (KeyError, TypeError, ValueError):
-        problems.add(f"{name}: needs image_id, category_id and bbox [x, y, width, height]")
+        with Image.open(image_path) as handle:
+            (width, height) = handle.size
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        problems.add(f"image {image_id} ({_shown(image_path.name)}): unreadable ({one_line(err, 120)})")
+        return None
+    return (int(height), int(width))
+
+
+def _add_annotation(
+    ann: Any, images: dict[int, CocoImage], listed: set[int], label_of: Mapping[int, int], problems: _Problems
+) -> None:
+    name = f"annotation {_shown(ann.get('id', '?'), 40)}" if isinstance(ann, dict) else f"annotation {_shown(ann, 40)}"
+    fields = (ann.get("image_id"), ann.get("category_id"), ann.get("bbox")) if isinstance(ann, dict) else (None,) * 3
+    (image_id, category_id) = (_integer_id(fields[0]), _integer_id(fields[1]))
+    bbox = fields[2]
+    box_ok = isinstance(bbox, list) and len(bbox) == 4
+    box_ok = box_ok and all(not isinstance(v, bool) and isinstance(v, int | float) and math.isfinite(v) for v in bbox)
+    if image_id is None or category_id is None or not box_ok:
+        problems.add(f"{name}: needs an integer image_id and category_id and a bbox [x, y, width, height] of numbers")
         return
 
+    if image_id not in listed:
+        raise DataError(
+            f"{problems.source}: {name} names image id {image_id}, which no image of the file has: "
+            "its boxes would be lost; fix the image_id or list the image"
+        )
     image = images.get(image_id)
     if image is None:
-        return  # its image was reported (missing file) or is not listed: nothing to attach it to
+        return  # its image was reported (missing or unreadable file): nothing to attach it to
     if category_id not in label_of:
         problems.add(f"{name} (image {image_id}): unknown category id {category_id}")
         return
     if ann.get("iscrowd", 0):
         return  # crowd regions are neither objects to find nor background
+    (x, y, w, h) = (float(v) for v in bbox)
     tol = _BOX_TOLERANCE
     if w <= 0 or h <= 0 or x < -tol or y < -tol or x + w > image.width + tol or y + h > image.height + tol:
         problems.add(f"{name} (image {image_id}): box {[x, y, w, h]} outside its {image.width}x{image.height} image")
         return
 
     box = [max(x, 0.0), max(y, 0.0), min(x + w, image.width), min(y + h, image.height)]
+    if box[2] <= box[0] or box[3] <= box[1]:  # all in the rounding margin, or too thin to survive float sums
+        problems.add(f"{name} (image {image_id}): box {[x, y, w, h]} has no area inside its image")
+        return
     image.boxes.append(box)
     image.labels.append(label_of[category_id])
 
@@ -225,6 +345,7 @@ class DetectionBatch(NamedTuple):
     targets: list[dict[str, torch.Tensor]]
     unreadable: list[str]
     original_sizes: list[tuple[int, int]]
+    dropped: list[int]  # indices of the unreadable images dropped (evaluation)
 
 
 class DetectionDataset(Dataset):
@@ -280,6 +401,7 @@ def collate_detection(samples: Sequence[DetectionSample]) -> DetectionBatch:
         [sample.target for sample in kept],
         [message for sample in samples for message in sample.unreadable],
         [sample.original_size for sample in kept],
+        [sample.index for sample in samples if sample.image is None],
     )
 
 

@@ -34,7 +34,14 @@ from birder.inference.dataset import discover_images
 from birder.inference.photo_lists import WHOLE, Manifest, Shard, parse_shard, photo_list_sha256, read_manifest
 from birder.io.atomic import atomic_write_path, atomic_write_text
 from birder.io.journal import JOURNAL_DIR, RUN_INFO_FILE
-from birder.io.table_files import open_text, read_csv_table, read_table_header_and_paths
+from birder.io.table_files import (
+    flat_header,
+    open_text,
+    read_csv_table,
+    read_table_header_and_paths,
+    stored_batch,
+    stored_schema,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -346,8 +353,9 @@ def merge_table(sources: Sequence[Path], destination: Path) -> int:
 def _merge_parquet(sources: Sequence[Path], destination: Path) -> int:
     import pyarrow.parquet as pq
 
-    schemas = [pq.read_schema(source) for source in sources]
-    _check_same_columns(sources, [schema.names for schema in schemas])
+    # Embeddings are merged into the list column (FixedSizeList<float32>), also from shards written before it
+    schemas = [stored_schema(pq.read_schema(source)) for source in sources]
+    _check_same_columns(sources, [flat_header(schema) for schema in schemas])
     for source, schema in zip(sources[1:], schemas[1:], strict=True):
         if not schema.equals(schemas[0], check_metadata=False):
             raise BirderError(f"'{source}' and '{sources[0]}' have columns of different types: not one run's")
@@ -356,7 +364,7 @@ def _merge_parquet(sources: Sequence[Path], destination: Path) -> int:
         for source in sources:
             with pq.ParquetFile(source) as parquet:
                 for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS):
-                    writer.write_batch(batch)
+                    writer.write_batch(stored_batch(batch))
                     count += batch.num_rows
     return count
 

@@ -6,7 +6,8 @@
   ``label_probability`` and ``unknown_score``.
 - ``failures``: path, error (the one-line reason). Always CSV: failures are few and read by people.
 - optional ``probabilities`` (one column per class), ``logits`` (per class of the model), ``embeddings``
-  (``e0`` .. ``e<D-1>``) and ``features`` (path, the name of the photo's feature file).
+  (``e0`` .. ``e<D-1>`` in CSV; in Parquet one ``embedding`` column, ``FixedSizeList<float32>``:
+  :func:`~birder.io.table_files.embedding_table`) and ``features`` (path, the name of the photo's feature file).
 
 A photo is done once it has a results or a failures row (a failed photo is not retried on resume: its reason is
 known). How the tables are journaled, resumed and merged is :mod:`birder.io.journal`'s business.
@@ -21,7 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from birder.io.atomic import atomic_write_path
-from birder.io.table_files import PATH_COLUMN, Column, Row, TableSpec, float_columns, string_columns
+from birder.io.table_files import (
+    PATH_COLUMN,
+    Column,
+    Row,
+    TableSpec,
+    embedding_table,
+    float_columns,
+    string_columns,
+)
 
 UNCERTAIN = "uncertain"
 METADATA_COLUMNS = (
@@ -91,7 +100,7 @@ class PredictionTables:
         if logits:
             extra.append(_per_path_table("logits", float_columns(all_class_names or class_names)))
         if embedding_dim is not None:
-            extra.append(_per_path_table("embeddings", float_columns(f"e{i}" for i in range(embedding_dim))))
+            extra.append(embedding_table(embedding_dim))
         if features:
             extra.append(_per_path_table("features", string_columns("file")))
         # Also the commit order: the photo tables last, so "done" implies every other row of the photo is on disk

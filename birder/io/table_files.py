@@ -11,13 +11,16 @@ Reading forgives a torn last line (a process killed in the middle of a write); w
 from __future__ import annotations
 
 import csv
+import itertools
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from birder.errors import BirderError
+import numpy as np
+
+from birder.errors import BirderError, one_line
 from birder.io.atomic import atomic_write_path
 
 PATH_COLUMN = "path"
@@ -69,16 +72,22 @@ class TableSpec:
 
     ``fixed_format``: always stored in this format, whatever the run's (e.g. a table read by people: ``csv``).
     ``marks_done``: a path in this table is done; a resumed run does not redo it (see :mod:`birder.io.journal`).
+    ``vector_column``: in Parquet, the columns after the path (float32) are one ``FixedSizeList<float32>`` column
+    of this name (the embeddings: :func:`embedding_table`); in CSV and as rows they stay one column per value.
     """
 
     name: str
     columns: tuple[Column, ...]
     fixed_format: str | None = None
     marks_done: bool = False
+    vector_column: str | None = None
 
     def __post_init__(self) -> None:
         if not self.columns or self.columns[0].name != PATH_COLUMN:
             raise ValueError(f"table '{self.name}': the first column must be '{PATH_COLUMN}'")
+        values = self.columns[1:]
+        if self.vector_column is not None and (not values or any(column.kind != "float32" for column in values)):
+            raise ValueError(f"table '{self.name}': a vector column needs float32 columns after the path")
 
     @property
     def header(self) -> list[str]:
@@ -94,6 +103,126 @@ def string_columns(*names: str) -> tuple[Column, ...]:
 
 def float_columns(names: Iterable[str], kind: str = "float32", fmt: str = ".9g") -> tuple[Column, ...]:
     return tuple(Column(name, kind, fmt) for name in names)
+
+
+# The embeddings table: ``path, e0 .. e<D-1>`` in CSV; ``path, embedding`` (FixedSizeList<float32> of D) in
+# Parquet, the form vector stores and dataset libraries read. Files of either layout (and Parquet files written
+# before the list column, one float column per value) are read alike.
+EMBEDDING_COLUMN = "embedding"
+EMBEDDING_PREFIX = "e"
+
+
+def embedding_table(dim: int, name: str = "embeddings") -> TableSpec:
+    """The spec of an embeddings table of ``dim`` values per photo."""
+    columns = float_columns(f"{EMBEDDING_PREFIX}{i}" for i in range(dim))
+    return TableSpec(name, (Column(PATH_COLUMN), *columns), vector_column=EMBEDDING_COLUMN)
+
+
+def _value_names(vector_column: str, size: int) -> list[str]:
+    """The per-value column names a Parquet list column stands for (``embedding`` -> ``e0`` .. ``e<size-1>``)."""
+    prefix = EMBEDDING_PREFIX if vector_column == EMBEDDING_COLUMN else f"{vector_column}_"
+    return [f"{prefix}{i}" for i in range(size)]
+
+
+def _is_vector(arrow_type: Any) -> bool:
+    pa = _import_pyarrow()
+    return bool(pa.types.is_fixed_size_list(arrow_type) and pa.types.is_floating(arrow_type.value_type))
+
+
+def flat_header(schema: Any) -> list[str]:
+    """The column names of a Parquet schema as its CSV twin has them: a list column spread into one per value."""
+    names: list[str] = []
+    for field in schema:
+        names += _value_names(field.name, field.type.list_size) if _is_vector(field.type) else [field.name]
+    return names
+
+
+def _flat_embedding_size(schema: Any) -> int | None:
+    """D when ``schema`` is an embeddings table of the old Parquet layout (``path, e0 .. e<D-1>``, floats)."""
+    pa = _import_pyarrow()
+    names = schema.names
+    size = len(names) - 1
+    if size < 1 or names[0] != PATH_COLUMN or names[1:] != _value_names(EMBEDDING_COLUMN, size):
+        return None
+    return size if all(pa.types.is_floating(schema.field(i).type) for i in range(1, size + 1)) else None
+
+
+def stored_schema(schema: Any) -> Any:
+    """The schema a table is written with now: an embeddings table of the old layout (one float column per value)
+    becomes ``path, embedding`` (FixedSizeList<float32>); any other schema is unchanged."""
+    pa = _import_pyarrow()
+    size = _flat_embedding_size(schema)
+    if size is None:
+        return schema
+    return pa.schema([schema.field(0), pa.field(EMBEDDING_COLUMN, pa.list_(pa.float32(), size))])
+
+
+def stored_batch(batch: Any) -> Any:
+    """A record batch in :func:`stored_schema`'s layout (the old embeddings layout converted, others as they are)."""
+    pa = _import_pyarrow()
+    size = _flat_embedding_size(batch.schema)
+    if size is None:
+        return batch
+    matrix = np.column_stack(
+        [batch.column(i).to_numpy(zero_copy_only=False).astype(np.float32) for i in range(1, size + 1)]
+    )
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1), pa.float32()), size)
+    return pa.RecordBatch.from_arrays([batch.column(0), vectors], schema=stored_schema(batch.schema))
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """An embeddings table in memory: the photos' paths and their vectors, ``[N, D]`` float32, row for row."""
+
+    paths: list[str]
+    vectors: np.ndarray
+
+
+def read_embeddings(path: str | os.PathLike) -> Embeddings:
+    """An embeddings table (``birder-predict --save-embeddings``) of any layout: CSV ``path, e0 ..``, Parquet
+    ``path, embedding`` (FixedSizeList), or Parquet ``path, e0 ..`` (written before the list column)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BirderError(f"{path}: no such embeddings file")
+    if path.suffix == ".parquet":
+        return _read_parquet_embeddings(path)
+
+    try:
+        (header, rows) = read_csv_table(path)
+        size = len(header) - 1
+        if size < 1 or header[0] != PATH_COLUMN or header[1:] != _value_names(EMBEDDING_COLUMN, size):
+            raise BirderError(f"{path}: not an embeddings table (expected the columns path, e0, e1, ...)")
+        (paths, values) = ([], [])
+        for row in rows:
+            paths.append(row[0])
+            values.append(row[1:])
+        vectors = np.array(values, dtype=np.float64).reshape(len(paths), size).astype(np.float32)
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise BirderError(f"{path}: unreadable embeddings table ({one_line(err, 200)})") from None
+    return Embeddings(paths, vectors)
+
+
+def _read_parquet_embeddings(path: Path) -> Embeddings:
+    pa = _import_pyarrow()
+    pq = _import_parquet()
+    try:
+        schema = stored_schema(pq.read_schema(path))
+        if schema.names != [PATH_COLUMN, EMBEDDING_COLUMN] or not _is_vector(schema.field(1).type):
+            raise BirderError(
+                f"{path}: not an embeddings table (columns {', '.join(schema.names[:4])}; expected path and "
+                f"{EMBEDDING_COLUMN}, or path, e0, e1, ...)"
+            )
+        size = schema.field(1).type.list_size
+        (paths, vectors) = ([], [np.zeros((0, size), np.float32)])
+        with pq.ParquetFile(path) as parquet:
+            for batch in parquet.iter_batches(batch_size=_PARQUET_ROWS_PER_GROUP):
+                batch = stored_batch(batch)
+                paths += batch.column(0).to_pylist()
+                flat = batch.column(1).flatten().to_numpy(zero_copy_only=False)
+                vectors.append(flat.astype(np.float32).reshape(batch.num_rows, size))
+    except (OSError, pa.ArrowException) as err:
+        raise BirderError(f"{path}: unreadable Parquet file ({one_line(err, 200)})") from None
+    return Embeddings(paths, np.concatenate(vectors))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -147,9 +276,10 @@ def _csv_rows(path: Path, width: int) -> Iterator[Row]:
 
 
 def read_table_header_and_paths(path: Path) -> tuple[list[str], Iterator[str]]:
-    """The column names of a table file (CSV or Parquet, by suffix) and its path column."""
+    """The column names of a table file (CSV or Parquet, by suffix; a Parquet list column spread into one name per
+    value, as in CSV) and its path column."""
     if path.suffix == ".parquet":
-        header = _import_parquet().read_schema(path).names
+        header = flat_header(_import_parquet().read_schema(path))
         return (header, (values[0] for values in _parquet_rows(path, columns=[PATH_COLUMN])))
 
     (header, rows) = read_csv_table(path)
@@ -167,10 +297,19 @@ def read_table_rows(path: Path, spec: TableSpec) -> Iterator[Row]:
 
 
 def _parquet_rows(path: Path, columns: list[str] | None = None) -> Iterator[tuple[Any, ...]]:
-    """The typed values of a Parquet table, row by row, one row group in memory at a time (opened lazily)."""
+    """The typed values of a Parquet table, row by row, one row group in memory at a time (opened lazily); a list
+    column's values spread in its row as CSV has them."""
     with _import_parquet().ParquetFile(path) as parquet:
         for batch in parquet.iter_batches(columns=columns, batch_size=_PARQUET_ROWS_PER_GROUP):
-            yield from zip(*(batch.column(i).to_pylist() for i in range(batch.num_columns)), strict=True)
+            parts = []
+            for column in batch.columns:
+                if _is_vector(column.type):
+                    matrix = column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), column.type.list_size)
+                    parts.append([tuple(values) for values in matrix.tolist()])
+                else:
+                    parts.append([(value,) for value in column.to_pylist()])
+            for row_parts in zip(*parts, strict=True):
+                yield tuple(itertools.chain.from_iterable(row_parts))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -199,7 +338,11 @@ def _write_parquet(path: Path, spec: TableSpec, rows: Iterable[Row]) -> int:
     pa = _import_pyarrow()
     pq = _import_parquet()
     types = {"string": pa.string(), "int64": pa.int64(), "float32": pa.float32(), "float64": pa.float64()}
-    schema = pa.schema([pa.field(column.name, types[column.kind]) for column in spec.columns])
+    if spec.vector_column is not None:
+        vector = pa.list_(pa.float32(), len(spec.columns) - 1)
+        schema = pa.schema([pa.field(PATH_COLUMN, pa.string()), pa.field(spec.vector_column, vector)])
+    else:
+        schema = pa.schema([pa.field(column.name, types[column.kind]) for column in spec.columns])
     count = 0
     with pq.ParquetWriter(path, schema) as writer:
         batch: list[Row] = []
@@ -217,6 +360,12 @@ def _write_parquet(path: Path, spec: TableSpec, rows: Iterable[Row]) -> int:
 
 
 def _arrow_table(pa: Any, schema: Any, spec: TableSpec, rows: list[Row]) -> Any:
+    if spec.vector_column is not None:
+        size = len(spec.columns) - 1
+        # The text is float32's 9 significant digits: parsed as float64, then rounded, it is the float32 written
+        values = np.array([row[1:] for row in rows], dtype=np.float64).reshape(len(rows), size).astype(np.float32)
+        vectors = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), pa.float32()), size)
+        return pa.Table.from_arrays([pa.array([row[0] for row in rows], pa.string()), vectors], schema=schema)
     columns = [[column.parse(row[i]) for row in rows] for (i, column) in enumerate(spec.columns)]
     return pa.Table.from_arrays(
         [pa.array(values, type=field.type) for (values, field) in zip(columns, schema, strict=True)], schema=schema

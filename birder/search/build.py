@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import itertools
 import os
 import shutil
 import sys
@@ -252,13 +253,25 @@ def _finish(
     dim = loaded.net.embedding_size
     old_count = old_info.count if old_info is not None else 0
     records = _records(merged_rows(journal_dir, PHOTOS_SPEC, "csv", order, False))
-    total = write_photos(output, dim, old_count, records)
-
     new_failures = list(merged_rows(journal_dir, FAILURES_SPEC, "csv", order, False))
     old_failures: list[Row] = []
-    if (output / FAILURES_FILE).is_file():
-        old_failures = list(read_csv_table(output / FAILURES_FILE)[1])
+    if old_info is not None and (output / FAILURES_FILE).is_file():
+        # Rows of this run already there (a crash after this write, then a resume) are not listed twice
+        this_run = {row[0] for row in new_failures}
+        old_failures = [row for row in read_csv_table(output / FAILURES_FILE)[1] if row[0] not in this_run]
     write_table(output / FAILURES_FILE, FAILURES_SPEC, old_failures + new_failures)
+
+    first = next(records, None)
+    if first is None and old_info is None:
+        # An index of no photo answers every query with nothing: refuse to write one, and say where the reasons are
+        shutil.rmtree(journal_dir, ignore_errors=True)
+        raise BirderError(
+            f"none of the {len(new_failures)} photos could be read, so no index was written: the reasons are in "
+            f"{output / FAILURES_FILE}"
+        )
+    if first is not None:
+        records = itertools.chain([first], records)
+    total = write_photos(output, dim, old_count, records)
 
     index = _vector_index(output, total, dim, old_info)
     index.save(output)

@@ -26,6 +26,8 @@ from birder.training.amp import autocast
 from birder.training.ddp import distinct_over_ranks
 
 logger = logging.getLogger(__name__)
+# Unreadable images named in the warning before the rest are only counted
+_NAMED_UNREADABLE = 5
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,8 @@ def evaluate_detector(
     progress_bar: bool = True,
 ) -> tuple[DetectionEvalResult | None, frozenset[str]]:
     """Detect on every image of ``data`` (sharded over ranks) and score on the main process (None elsewhere).
-    A collective call; returns the scores and the unreadable images (dropped, named by their error messages)."""
+    A collective call; returns the scores and the unreadable images, named by their error messages: they are left
+    out of the scores with their boxes, as a missing file is."""
     dataset = evaluation_dataset(data, size, rgb_stats)
     sampler = EpochSampler(len(dataset), shuffle=False, rank=dist.rank, world_size=dist.world_size, pad=False)
     loader = torch.utils.data.DataLoader(
@@ -116,9 +119,10 @@ def evaluate_detector(
     )
     was_training = model.training
     model.eval()
-    (results, unreadable) = ([], set())
+    (results, unreadable, dropped) = ([], set(), [])
     for batch in tqdm(loader, desc="detecting", unit="batch", leave=False, disable=not (dist.is_main and progress_bar)):
         unreadable.update(batch.unreadable)
+        dropped += batch.dropped
         if batch.indices.numel() == 0:
             continue
         images = [image.to(dist.device) for image in batch.images]
@@ -131,12 +135,13 @@ def evaluate_detector(
     model.train(was_training)
 
     gathered = [row for rank_rows in all_gather_objects(results, dist) for row in rank_rows]
+    dropped_all = [index for rank_dropped in all_gather_objects(dropped, dist) for index in rank_dropped]
     unreadable_all = distinct_over_ranks(unreadable, dist)
     if not dist.is_main:
         return (None, unreadable_all)
 
     names = sorted(data.class_to_idx, key=data.class_to_idx.__getitem__)
-    return (coco_scores(data.ground_truth, gathered, names), unreadable_all)
+    return (coco_scores(data.without(dropped_all).ground_truth, gathered, names), unreadable_all)
 
 
 def _coco_results(data: CocoData, index: int, output: dict, tensor_hw, original_hw) -> list[dict[str, Any]]:
@@ -184,7 +189,14 @@ def evaluate_detector_file(
         workers=workers,
         progress_bar=progress_bar,
     )
-    for message in sorted(unreadable):
-        logger.warning("skipped (unreadable): %s", message)
+    if unreadable:
+        shown = sorted(unreadable)
+        more = f"; and {len(shown) - _NAMED_UNREADABLE} more" if len(shown) > _NAMED_UNREADABLE else ""
+        logger.warning(
+            "%d image(s) could not be read, left out of the scores with their boxes (as missing files are): %s%s",
+            len(shown),
+            "; ".join(shown[:_NAMED_UNREADABLE]),
+            more,
+        )
     assert result is not None
     return result
