@@ -150,7 +150,7 @@ def test_a_training_folder_with_checkpoints_needs_resume(tmp_path: Path) -> None
     (tmp_path / "run" / "metrics.csv").write_text("epoch\n")
     check_training_folder(tmp_path / "run", None)  # no checkpoint yet
     (tmp_path / "run" / "vit_b16_1_states.pt").write_bytes(b"state")
-    with pytest.raises(BirderError, match="holds checkpoints of an earlier run .*add --resume"):
+    with pytest.raises(BirderError, match=r"holds checkpoints of an earlier run .*add --resume"):
         check_training_folder(tmp_path / "run", None)
     check_training_folder(tmp_path / "run", "latest")
 
@@ -283,10 +283,17 @@ def test_predict_with_a_detector_never_mixes_two_runs_in_one_folder(tmp_path: Pa
     assert predict_script.main(_predict_args(model, photos, out, *det, "--det-threshold", "0.9")) == 2
     assert "add --resume to continue it or --overwrite" in one_line_error(capsys, "birder-predict")
     assert snapshot(out) == before
-    # The photo folders of a run: never inside the photos (the next run would classify them)
-    drawn = photos / "drawn"
-    assert predict_script.main(_predict_args(model, photos, tmp_path / "o2", *det, "--draw", str(drawn))) == 2
-    assert "inside the input folder" in one_line_error(capsys, "birder-predict")
+    # The folders of drawings and crops follow the same rule
+    drawn = tmp_path / "drawn"
+    drawn.mkdir()
+    (drawn / "holiday.jpg").write_bytes(b"the user's photo")
+    assert predict_script.main(_predict_args(model, photos, tmp_path / "o2", *det, "--draw", str(drawn))) == 0
+    drawings = snapshot(drawn)
+    assert predict_script.main(_predict_args(model, photos, tmp_path / "o3", *det, "--draw", str(drawn))) == 2
+    assert "--draw" in one_line_error(capsys, "birder-predict") and snapshot(drawn) == drawings
+    argv = _predict_args(model, photos, tmp_path / "o3", *det, "--draw", str(drawn), "--overwrite")
+    assert predict_script.main(argv) == 0 and snapshot(drawn) == drawings  # the same drawings again
+    assert (drawn / "holiday.jpg").read_bytes() == b"the user's photo"
 
     assert predict_script.main(_predict_args(model, photos, out, *det, "--det-threshold", "0.9", "--overwrite")) == 0
     assert not (out / "megadetector.json").exists()

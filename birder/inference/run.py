@@ -45,7 +45,7 @@ from birder.inference.photo_lists import parse_shard, select_photos
 from birder.inference.tables import COLUMNS_HINT, PredictionTables, write_feature_files
 from birder.io.checkpoint import ModelInfo, get_num_classes_from_signature, get_size_from_signature
 from birder.io.journal import JOURNAL_DIR, RUN_INFO_FILE, JournalSet, finalize_run, prepare_run
-from birder.io.outputs import OutputFolder, check_not_inside, check_output_file
+from birder.io.outputs import OutputFolder, check_output_file
 from birder.net.base import BaseNet
 from birder.plots import plot_predictions
 
@@ -280,9 +280,8 @@ def output_folders(options: PredictionOptions) -> list[OutputFolder]:
     for name, (option, patterns) in PHOTO_FOLDER_OUTPUTS.items():
         folder = getattr(options, name)
         if folder is not None:
-            # Images written among the photos would be classified by the next run over them
-            check_not_inside(folder, [path for path in options.inputs if Path(path).is_dir()], option)
-            folders.append(OutputFolder(Path(folder), PROG, patterns, option))
+            # No manifest among the images: their names (a photo's stem and hash) say which are a run's
+            folders.append(OutputFolder(Path(folder), PROG, patterns, option, record=False))
     return folders
 
 

@@ -101,21 +101,6 @@ def same_spelling(first: PathLike, second: PathLike) -> bool:
     return os.path.abspath(first) == os.path.abspath(second)
 
 
-def check_not_inside(folder: PathLike, input_folders: Iterable[PathLike | None], option: str) -> None:
-    """Refuse an output ``folder`` of photos (drawings, crops, overlays) that is, or is inside, an input folder of
-    photos: the next run over that folder would take the outputs for photos."""
-    resolved = Path(os.path.realpath(folder))
-    for candidate in input_folders:
-        if candidate is None or not Path(candidate).is_dir():
-            continue
-        root = Path(os.path.realpath(candidate))
-        if resolved == root or root in resolved.parents:
-            raise BirderError(
-                f"{option} '{folder}' is inside the input folder '{candidate}': a later run over it would take "
-                "the images written there for photos; choose a folder outside it"
-            )
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # File outputs
 # ---------------------------------------------------------------------------------------------------------------------
