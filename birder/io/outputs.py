@@ -90,14 +90,14 @@ def check_not_input(path: PathLike, inputs: Iterable[PathLike | None] | InputFil
     known = inputs if isinstance(inputs, InputFiles) else InputFiles(inputs)
     found = known.find(path)
     if found is not None:
-        alias = "" if same_spelling(found, path) else f" ('{found}')"
+        alias = "" if _same_spelling(found, path) else f" ('{found}')"
         raise BirderError(
             f"{option} '{path}' is one of this command's inputs{alias}: the output must be a new file, never an "
             "input; choose another path"
         )
 
 
-def same_spelling(first: PathLike, second: PathLike) -> bool:
+def _same_spelling(first: PathLike, second: PathLike) -> bool:
     return os.path.abspath(first) == os.path.abspath(second)
 
 

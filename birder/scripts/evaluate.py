@@ -123,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         taxonomy = Taxonomy.from_csv(args.taxonomy) if args.taxonomy else None
         report_folder = None
         if args.output_dir:
-            report_folder = OutputFolder(Path(args.output_dir), PROG, REPORT_OUTPUTS, can_resume=False)
+            # Fixed names say which files are a report's: no manifest beside them
+            report = Path(args.output_dir)
+            report_folder = OutputFolder(report, PROG, REPORT_OUTPUTS, record=False, can_resume=False)
             report_folder.check(inputs=(args.weights, args.data, args.taxonomy), overwrite=args.overwrite)
         scores = score_checkpoint(
             args.weights,
