@@ -376,3 +376,23 @@ def test_calibrate_and_eval_outputs_follow_the_rule(tmp_path: Path, capsys) -> N
     assert evaluate_script.main(argv) == 2
     assert "add --overwrite" in one_line_error(capsys, "birder-eval")
     assert (report / "confusion_matrix.csv").read_text() == "an earlier report"
+
+
+def test_a_teacher_cache_is_never_written_onto_the_teacher_or_another_file(tmp_path: Path) -> None:
+    from test_training_classification import tiny_config
+    from test_training_data import make_split_dataset
+
+    from birder.training.classification import train_classifier
+
+    data = make_split_dataset(tmp_path / "birds", train_per_class=2, val_per_class=1, classes=2)
+    teacher = train_classifier(tiny_config(data, tmp_path / "teacher", epochs=1)).model_path
+    teacher_bytes = teacher.read_bytes()
+    common = {"epochs": 1, "aug_level": 0, "teacher": teacher}
+    with pytest.raises(BirderError, match=r"--teacher-cache .* is one of this command's inputs"):
+        train_classifier(tiny_config(data, tmp_path / "student", teacher_cache=teacher, **common))
+    assert teacher.read_bytes() == teacher_bytes
+
+    (tmp_path / "notes.pt").write_bytes(b"the user's, not teacher logits")
+    with pytest.raises(BirderError, match="holds no teacher logits: choose another file"):
+        train_classifier(tiny_config(data, tmp_path / "student2", teacher_cache=tmp_path / "notes.pt", **common))
+    assert (tmp_path / "notes.pt").read_bytes() == b"the user's, not teacher logits"
