@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import TINY_VIT_CONFIG
 from detect_support import save_tiny_detector
-from test_predict import CLASSES, make_photo_folder, save_tiny_model
+from test_predict import CLASSES, make_photo_folder, random_photo, save_tiny_model
 
 from benchmarks.synthetic import make_class_folder, write_coco_scenes
 from birder.errors import BirderError
@@ -211,8 +211,8 @@ def test_prior_build_never_writes_onto_its_model_or_records(tmp_path: Path, caps
     (model_bytes, records_bytes) = (model.read_bytes(), records.read_bytes())
     build = ["build", str(records), "--classes", str(model), "-o"]
 
-    for output in (model, records):
-        assert prior_script.main([*build, str(output), "--overwrite"]) == 2
+    for output in (model, records):  # with --overwrite too: an input is never an output
+        assert prior_script.main([*build, str(output), *(["--overwrite"] if output == records else [])]) == 2
         assert "is one of this command's inputs" in one_line_error(capsys, "birder-prior")
     assert model.read_bytes() == model_bytes and records.read_bytes() == records_bytes
 
@@ -359,14 +359,17 @@ def test_train_and_train_mim_refuse_a_folder_with_checkpoints_without_resume(tmp
 
 def test_calibrate_and_eval_outputs_follow_the_rule(tmp_path: Path, capsys) -> None:
     model = save_tiny_model(tmp_path / "model.pt")
-    photos = make_photo_folder(tmp_path / "photos")
+    photos = tmp_path / "val"
+    for number, name in enumerate(CLASSES * 2):  # labelled photos: a folder per class of the model
+        (photos / name).mkdir(parents=True, exist_ok=True)
+        random_photo(number).save(photos / name / f"{number}.png")
     os.link(model, tmp_path / "same-model.pt")
     (tmp_path / "calibrated.pt").write_bytes(b"an earlier calibration")
     base = ["--weights", str(model), "--val", str(photos), "-j", "0", "--no-progress", "-o"]
-    assert calibrate_script.main([*base, str(tmp_path / "same-model.pt"), "--overwrite"]) == 2
-    assert "the output must be a new file" in one_line_error(capsys, "birder-calibrate")
     assert calibrate_script.main([*base, str(tmp_path / "calibrated.pt")]) == 2
     assert "already exists: add --overwrite" in one_line_error(capsys, "birder-calibrate")
+    assert calibrate_script.main([*base, str(tmp_path / "same-model.pt"), "--overwrite"]) == 2
+    assert "the output must be a new file" in one_line_error(capsys, "birder-calibrate")
     assert (tmp_path / "calibrated.pt").read_bytes() == b"an earlier calibration"
 
     report = tmp_path / "report"
