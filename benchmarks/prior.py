@@ -257,7 +257,7 @@ def scale_figures(workdir: Path, sizes: list[int], seed: int) -> list[dict]:
         options = pyarrow.csv.WriteOptions(delimiter="\t", quoting_style="none")
         pyarrow.csv.write_csv(pyarrow.parquet.read_table(parquet), tsv, write_options=options)
         for path in (parquet, tsv):
-            built = build_prior_file(path, species_names(), workdir / f"prior_{size}.bpr")
+            built = build_prior_file(path, species_names(), workdir / f"prior_{size}_{path.suffix.lstrip('.')}.bpr")
             results.append(
                 {
                     "records": size,

@@ -196,7 +196,7 @@ def test_shards_of_found_inputs_merge_through_the_console(
     # New photos since: the list cannot be found again, so the missing photos (shard 2's) are counted, not named
     random_photo(99).save(tmp_path / "photos" / "new.jpg")
     capsys.readouterr()
-    assert tools(["merge-results", "a", "-o", "merged"]) == 0
+    assert tools(["merge-results", "a", "-o", "merged", "--overwrite"]) == 0  # the same folder again: --overwrite
     err = capsys.readouterr().err
     warned = caplog.text  # in this process the library's warnings go to pytest's log capture
     assert "cannot name the missing photos: the photos under" in warned and "changed since the shards ran" in warned

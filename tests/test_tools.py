@@ -152,7 +152,7 @@ def test_convert_round_trip_keeps_predictions(tmp_path: Path, capsys: pytest.Cap
     capsys.readouterr()
 
     assert main(["convert-model", str(source), str(tmp_path / "back.pt")]) == 2
-    assert "already exists (pass --force" in capsys.readouterr().err
+    assert "already exists: add --overwrite to replace it" in capsys.readouterr().err
     assert main(["convert-model", str(source), str(tmp_path / "back.pt"), "--force"]) == 0
     assert main(["convert-model", str(source), str(tmp_path / "model.txt")]) == 2
     assert "extension must be one of .pt, .safetensors, .pts, .pt2, .onnx" in capsys.readouterr().err

@@ -31,10 +31,14 @@ from birder.data.training import DataError, csv_files, image_folder_files, list_
 from birder.errors import ImageDecodeError, one_line
 from birder.io.atomic import atomic_write_path, atomic_write_text
 from birder.io.images import load_image_bytes
+from birder.io.outputs import OutputFolder
 
 logger = logging.getLogger(__name__)
 
 UNREADABLE_FILE = "unreadable.csv"
+PACK_COMMAND = "python -m birder.tools pack"
+# What a packing writes in its folder (birder.io.outputs: --overwrite deletes these and nothing else)
+PACK_OUTPUTS = (INDEX_FILE, SHARD_PATTERN.split("{")[0] + "*.tar", UNREADABLE_FILE)
 LABELS_FROM_FOLDERS = "folders"
 DEFAULT_SHARD_SIZE = 1 << 30
 # Bytes a tar adds per member (a 512-byte header, padding to 512): counted so shards end near the size asked for.
@@ -125,13 +129,17 @@ def pack(
     shard_size: int = DEFAULT_SHARD_SIZE,
     workers: int = 0,
     progress_bar: bool = True,
+    overwrite: bool = False,
 ) -> PackReport:
     """Write ``source`` into ``output_dir`` as shards of about ``shard_size`` bytes (see the module's notes).
 
-    ``workers`` processes read and check the photos (0: this process).
+    ``workers`` processes read and check the photos (0: this process). A folder that holds a packing of the same
+    photos is continued; of others, refused unless ``overwrite``, which deletes that packing (its files only).
     """
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    # Continuing a packing of the same photos is the same command again (_resume_index checks which photos)
+    folder = OutputFolder(output_dir, PACK_COMMAND, PACK_OUTPUTS, option="-o")
+    folder.claim(resume=not overwrite, overwrite=overwrite)
     fingerprint = source.fingerprint()
     index = _resume_index(output_dir, source, fingerprint)
     report = PackReport(output_dir)
@@ -187,6 +195,7 @@ def pack(
     index["complete"] = True
     _write_unreadable(output_dir, report.unreadable)
     _write_index(output_dir, index)
+    folder.finish()
     report.packed_now = len(source.paths) - done
     return _summarize(report, index, time.perf_counter() - started)
 
@@ -217,7 +226,10 @@ def _resume_index(output_dir: Path, source: PackSource, fingerprint: str) -> dic
     if index is None:
         leftovers = sorted(output_dir.glob("*.tar"))
         if leftovers:
-            raise DataError(f"{output_dir}: holds .tar files but no {INDEX_FILE}: pack into an empty folder")
+            raise DataError(
+                f"{output_dir}: holds .tar files but no {INDEX_FILE}: pack into an empty folder, or add --overwrite "
+                "to replace the shards"
+            )
         return {
             "format": INDEX_FORMAT,
             "version": INDEX_VERSION,
@@ -232,7 +244,7 @@ def _resume_index(output_dir: Path, source: PackSource, fingerprint: str) -> dic
     if index.get("fingerprint") != fingerprint:
         raise DataError(
             f"{output_dir}: already holds a packing of other photos or labels ({index.get('photos')} photos); "
-            "pack into a new folder, or delete this one to start over"
+            "pack into a new folder, or add --overwrite to replace that packing"
         )
     for entry in index["shards"]:
         if not (output_dir / entry["name"]).is_file():

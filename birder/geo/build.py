@@ -12,6 +12,7 @@ from birder.errors import BirderError
 from birder.geo.prior import LocationPrior, PriorSettings
 from birder.geo.prior_file import save_prior
 from birder.geo.records import RecordReport, read_mapping_file, read_records
+from birder.io.outputs import check_output_file
 
 CLASS_LIST_SUFFIXES = (".txt",)
 
@@ -56,10 +57,13 @@ def build_prior_file(
     mapping: str | os.PathLike | None = None,
     columns: Mapping[str, str] | None = None,
     settings: PriorSettings | None = None,
+    overwrite: bool = False,
 ) -> BuildReport:
     """Read ``records``, count them for ``classes`` (a model file, a class-list file or the names) and write the
-    prior to ``output`` atomically."""
+    prior to ``output`` atomically (an existing ``output`` only with ``overwrite``; never one of the inputs)."""
     started = time.perf_counter()
+    class_file = None if isinstance(classes, (list, tuple)) else classes
+    check_output_file(output, inputs=(records, class_file, mapping), overwrite=overwrite, option="-o")
     class_names = list(classes) if isinstance(classes, (list, tuple)) else class_names_of(classes)
     names_map = read_mapping_file(mapping, class_names) if mapping is not None else None
     (usable, report) = read_records(records, class_names, mapping=names_map, columns=columns)

@@ -42,6 +42,7 @@ from birder.inference.unknown import (
 )
 from birder.io.calibration import Calibration, head_digest, stats_path_for
 from birder.io.checkpoint import CHECKPOINT_FORMATS, checkpoint_format, get_size_from_signature, is_export_file
+from birder.io.outputs import check_output_file
 from birder.loading import load_named_or_file_model, save_model
 
 PROG = "birder-calibrate"
@@ -66,6 +67,7 @@ class CalibrateOptions:
     workers: int = DEFAULT_WORKERS
     device: str = "auto"
     progress: bool = True
+    overwrite: bool = False  # replace an existing output file (never the input model)
 
 
 @dataclass(frozen=True)
@@ -157,11 +159,13 @@ def _check_options(options: CalibrateOptions) -> Path:
     output = Path(options.output)
     if output.suffix.lower().lstrip(".") not in CHECKPOINT_FORMATS:
         checkpoint_format(output)  # raises the one-line error naming the expected extensions
-    if options.weights is not None:
-        if is_export_file(options.weights):
-            raise BirderError(f"{options.weights}: an export; calibrate the .pt or .safetensors file, then export it")
-        if Path(options.weights).resolve() == output.resolve():
-            raise BirderError(f"-o {output}: the output must be a new file (the input model is never modified)")
+    if options.weights is not None and is_export_file(options.weights):
+        raise BirderError(f"{options.weights}: an export; calibrate the .pt or .safetensors file, then export it")
+    # The input model is never modified: the output is a new file (or, with overwrite, an earlier calibration's)
+    inputs = (options.weights, options.val, options.train)
+    check_output_file(output, inputs=inputs, overwrite=options.overwrite, option="-o")
+    if options.train is not None:
+        check_output_file(stats_path_for(output), inputs=inputs, overwrite=options.overwrite, option="-o (statistics)")
     for option, value in (("--target-precision", options.target_precision), ("--keep-known", options.keep_known)):
         if value is not None and not 0.0 < value <= 1.0:
             raise BirderError(f"{option} must be in (0, 1], got {value}")

@@ -34,6 +34,7 @@ from birder.inference.dataset import discover_images
 from birder.inference.photo_lists import WHOLE, Manifest, Shard, parse_shard, photo_list_sha256, read_manifest
 from birder.io.atomic import atomic_write_path, atomic_write_text
 from birder.io.journal import JOURNAL_DIR, RUN_INFO_FILE
+from birder.io.outputs import OutputFolder, same_file
 from birder.io.table_files import (
     flat_header,
     open_text,
@@ -405,14 +406,27 @@ class MergeReport:
 
 
 def merge_results(
-    outputs: Sequence[str | os.PathLike], output_dir: str | os.PathLike, manifest: str | os.PathLike | None = None
+    outputs: Sequence[str | os.PathLike],
+    output_dir: str | os.PathLike,
+    manifest: str | os.PathLike | None = None,
+    *,
+    overwrite: bool = False,
 ) -> MergeReport:
-    """Merge the shards in ``outputs`` into ``output_dir`` (see the module's docstring)."""
+    """Merge the shards in ``outputs`` into ``output_dir`` (see the module's docstring); a folder that holds an
+    earlier run's results is refused unless ``overwrite`` (:mod:`birder.io.outputs`)."""
+    from birder.inference.run import PREDICTION_OUTPUTS
+    from birder.inference.run import PROG as PREDICT_PROG
+
     output_dir = Path(output_dir)
     shards = check_shards([read_shard_output(folder) for folder in outputs])
     for output in shards:
-        if output_dir.resolve() == output.folder.resolve():
+        if same_file(output_dir, output.folder):
             raise BirderError(f"the merged folder '{output_dir}' is one of the shards: choose another -o")
+    # The merged folder is a birder-predict output (a resume there classifies the missing photos)
+    folder = OutputFolder(output_dir, PREDICT_PROG, PREDICTION_OUTPUTS, option="-o", can_resume=False)
+    shard_files = [output.folder / RUN_INFO_FILE for output in shards]
+    shard_files += [_table_file(output, name) for output in shards for name in output.settings.get("tables", ())]
+    folder.check(inputs=shard_files, overwrite=overwrite)
     count = shards[0].shard.count
     absent = sorted(set(range(1, count + 1)) - {output.shard.index for output in shards})
     if absent:
@@ -420,7 +434,7 @@ def merge_results(
         logger.warning("shard(s) %s of %d not given: their photos count as missing", shown, count)
 
     photos = find_photo_list(shards, manifest)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    folder.claim(inputs=shard_files, overwrite=overwrite)
     (missing, missing_file) = write_missing(shards, photos, count, output_dir / MISSING_FILE)
 
     tables: dict[str, tuple[Path, int]] = {}
@@ -453,6 +467,7 @@ def merge_results(
     not_merged = _not_merged(shards, table_files)
     if not_merged:
         logger.warning("not merged (made from each shard's photos alone): %s", ", ".join(not_merged))
+    folder.finish()
     return MergeReport(
         output_dir,
         tables,

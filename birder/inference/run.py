@@ -43,13 +43,34 @@ from birder.inference.optimize import DtypeChoice, choose_dtype, optimize_for_in
 from birder.inference.photo_lists import parse_shard, select_photos
 from birder.inference.tables import COLUMNS_HINT, PredictionTables, write_feature_files
 from birder.io.checkpoint import ModelInfo, get_num_classes_from_signature, get_size_from_signature
-from birder.io.journal import JournalSet, finalize_run, prepare_run
+from birder.io.journal import JOURNAL_DIR, RUN_INFO_FILE, JournalSet, finalize_run, prepare_run
+from birder.io.outputs import OutputFolder, check_output_file
 from birder.net.base import BaseNet
 from birder.plots import plot_predictions
 
 # The name the run's messages go by
 PROG = "birder-predict"
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
+# What a run (or a merge of shards: birder.inference.merge) writes in its --output-dir, whatever its options: a
+# later run there needs --resume or --overwrite, and --overwrite clears these and nothing else
+_TABLE_NAMES = ("results", "failures", "probabilities", "logits", "embeddings", "features", "photos", "events")
+PREDICTION_OUTPUTS = (
+    *(f"{name}.{fmt}" for name in _TABLE_NAMES for fmt in ("csv", "parquet")),
+    RUN_INFO_FILE,
+    f"{JOURNAL_DIR}/*",
+    "features/*.safetensors",
+    "camtrap-dp/*",
+    "coco-ct.json",
+    "megadetector.json",
+    "missing.txt",
+)
+# Files written per photo in the folders of --explain, --save-crops and --draw (birder.inference.tables.photo_file_stem)
+_PHOTO_STEM = "*-" + "[0-9a-f]" * 12
+PHOTO_FOLDER_OUTPUTS = {
+    "explain": ("--explain", (f"{_PHOTO_STEM}.png",)),
+    "save_crops": ("--save-crops", (f"{_PHOTO_STEM}_box*.jpg",)),
+    "draw": ("--draw", (f"{_PHOTO_STEM}.jpg",)),
+}
 
 
 @dataclass
@@ -89,6 +110,7 @@ class PredictionOptions:
     save_embeddings: bool = False
     save_features: bool = False
     resume: bool = False
+    overwrite: bool = False  # replace what an earlier run wrote in output_dir (and the other output folders)
     chunk_size: int = 256
     show: bool = False
     plot: str | os.PathLike | None = None
@@ -173,6 +195,8 @@ def run_prediction(options: PredictionOptions) -> RunReport:
         steps.after(job, plan)
         if options.plot is not None or options.show:
             plot_predictions(tally.shown, options.plot, options.show)
+        for folder in plan.outputs:
+            folder.finish()
         return report
 
 
@@ -235,6 +259,29 @@ def _check_options(options: PredictionOptions) -> None:
         raise BirderError("--quantize int8 runs on the CPU only: drop it, or use --device cpu")
     check_detection_options(options)
     check_geo_options(geo_options(options))
+    for folder in output_folders(options):
+        folder.check(inputs=input_files(options), resume=options.resume, overwrite=options.overwrite)
+    if options.plot is not None:
+        # The picture is redrawn by a resumed run
+        overwrite = options.overwrite or options.resume
+        check_output_file(options.plot, inputs=input_files(options), overwrite=overwrite, option="--plot")
+
+
+def input_files(options: PredictionOptions) -> list[str | os.PathLike]:
+    """The files a run reads besides the photos: no output may be one of them."""
+    named = (options.weights, options.detector, options.manifest, options.species, options.taxonomy)
+    return [path for path in (*named, options.prior, options.locations) if path is not None]
+
+
+def output_folders(options: PredictionOptions) -> list[OutputFolder]:
+    """The folders a run writes into: ``output_dir``, and those of ``--explain``, ``--save-crops``, ``--draw``."""
+    folders = [OutputFolder(options.output_dir, PROG, PREDICTION_OUTPUTS)]
+    for name, (option, patterns) in PHOTO_FOLDER_OUTPUTS.items():
+        folder = getattr(options, name)
+        if folder is not None:
+            # No manifest among the images: their names (a photo's stem and hash) say which are a run's
+            folders.append(OutputFolder(Path(folder), PROG, patterns, option, record=False))
+    return folders
 
 
 def check_detection_options(options: PredictionOptions) -> None:
@@ -385,6 +432,7 @@ class _Plan:
     attempt: int
     include_final: bool  # the final tables of an earlier run are merged in
     run_info: dict[str, Any] = field(default_factory=dict)  # what run.json records about the photos (the shard)
+    outputs: list[OutputFolder] = field(default_factory=list)  # the folders claimed for this run (rank 0's)
 
 
 def _plan(job: _Job) -> _Plan:
@@ -396,6 +444,12 @@ def _plan(job: _Job) -> _Plan:
     unmatched = job.geo.unmatched_locations(paths) if job.geo is not None else None
     if unmatched:
         print(f"{PROG}: warning: {unmatched}", file=sys.stderr)
+    # Only now, with the model loaded and the photos found, is an earlier run's output cleared (--overwrite)
+    inputs = input_files(options)
+    outputs = [
+        folder.claim(inputs=inputs, resume=options.resume, overwrite=options.overwrite)
+        for folder in output_folders(options)
+    ]
     state = prepare_run(
         options.output_dir,
         job.tables.specs,
@@ -408,7 +462,7 @@ def _plan(job: _Job) -> _Plan:
     remaining = [index for (index, path) in enumerate(paths) if path not in state.done]
     if state.done:
         print(f"Resuming: {len(paths) - len(remaining)} of {len(paths)} photos already done", file=sys.stderr)
-    return _Plan(paths, remaining, state.attempt, state.include_final, selection.run_info)
+    return _Plan(paths, remaining, state.attempt, state.include_final, selection.run_info, outputs)
 
 
 def _batch_rows(job: _Job, batch: P.PredictionBatch, paths: list[str]) -> dict[str, list[list[str]]]:

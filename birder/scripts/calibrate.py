@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-o", "--output", required=True, type=Path, metavar="FILE", help="the calibrated .pt/.safetensors"
     )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace FILE (and its statistics) if it exists; never the input"
+    )
 
     fit = parser.add_argument_group("thresholds")
     fit.add_argument("--target-precision", type=float, metavar="P", help="per-species thresholds for precision P")

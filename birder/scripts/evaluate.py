@@ -12,10 +12,12 @@ each unknown test; ``--taxonomy`` the precision and species-level share of the f
 
 import argparse
 import math
+from pathlib import Path
 from typing import Any
 
 from birder.inference.eval_reports import answer_reports
 from birder.inference.taxonomy import Taxonomy
+from birder.io.outputs import OutputFolder
 from birder.scripts.common import add_model_arguments
 from birder.training.amp import AMP_DTYPES
 from birder.training.cli import run_cli
@@ -58,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--amp", choices=sorted(AMP_DTYPES), help="mixed precision")
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--output-dir", help="write per_class.csv, confusion_matrix.csv and confusion_matrix.png")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier report in --output-dir (only its files go)"
+    )
     parser.add_argument("--unknown-dir", metavar="DIR", help="photos of classes outside the model: unknown detection")
     parser.add_argument("--taxonomy", metavar="CSV", help="species,genus,family,order rows: fallback per threshold")
     return parser
@@ -97,12 +102,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+# What birder-eval writes in --output-dir (birder.io.outputs: --overwrite deletes these and nothing else)
+REPORT_OUTPUTS = (
+    "per_class.csv",
+    "confusion_matrix.csv",
+    "confusion_matrix.png",
+    "calibration.csv",
+    "reliability_diagram.png",
+    "unknown_detection.csv",
+    "taxonomy_coverage.csv",
+    "taxonomy_coverage.png",
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def run() -> None:
-        # A bad taxonomy file is refused before the model runs, and nothing is written
+        # A bad taxonomy file, or a folder of an earlier report, is refused before the model runs: nothing written
         taxonomy = Taxonomy.from_csv(args.taxonomy) if args.taxonomy else None
+        report_folder = None
+        if args.output_dir:
+            # Fixed names say which files are a report's: no manifest beside them
+            report = Path(args.output_dir)
+            report_folder = OutputFolder(report, PROG, REPORT_OUTPUTS, record=False, can_resume=False)
+            report_folder.check(inputs=(args.weights, args.data, args.taxonomy), overwrite=args.overwrite)
         scores = score_checkpoint(
             args.weights,
             args.data,
@@ -123,9 +147,11 @@ def main(argv: list[str] | None = None) -> int:
         print(format_report(scores.result, scores.unreadable))
         if reports.format():
             print(reports.format())
-        if args.output_dir:  # after every report is computed: a user error leaves no partial report behind
+        if report_folder is not None:  # after every report is computed: a user error leaves no partial report
+            report_folder.claim(inputs=(args.weights, args.data, args.taxonomy), overwrite=args.overwrite)
             write_eval_outputs(scores.result, args.output_dir)
             reports.write(args.output_dir)
+            report_folder.finish()
 
     return run_cli(PROG, run)
 

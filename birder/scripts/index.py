@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda:N, mps")
         add_dtype_argument(sub)
         sub.add_argument("--resume", action="store_true", help="continue an interrupted run")
+        if name == "build":
+            sub.add_argument("--overwrite", action="store_true", help="replace the index in DIR (only its files go)")
         sub.add_argument("--chunk-size", type=_positive, default=256, metavar="N", help="photos per durable write")
         sub.add_argument("--no-progress", dest="progress", action="store_false")
 
@@ -75,12 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_index_dir(duplicates)
     duplicates.add_argument("--threshold", type=_fraction, default=0.97, help="cosine similarity (default: 0.97)")
     duplicates.add_argument("--output", type=Path, help="table of the groups (default: DIR/duplicates.csv)")
+    duplicates.add_argument("--overwrite", action="store_true", help="replace the table if it exists")
 
     cluster = commands.add_parser("cluster", help="group the photos the model could not name, to review together")
     _add_index_dir(cluster)
     cluster.add_argument("--below-prob", type=_fraction, help="also take photos whose top probability is below P")
     cluster.add_argument("--min-cluster-size", type=_positive, default=5, metavar="N")
     cluster.add_argument("--output-dir", type=Path, help="contact sheets and clusters.csv (default: DIR/clusters)")
+    cluster.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier cluster run's files in the folder (only those)"
+    )
     return parser
 
 
@@ -118,12 +124,14 @@ def _query(args: argparse.Namespace) -> None:
 
 
 def _duplicates(args: argparse.Namespace) -> None:
+    from birder.io.outputs import check_output_file
     from birder.search.duplicates import find_duplicates, write_duplicates
-    from birder.search.store import PhotoIndex
+    from birder.search.store import PhotoIndex, index_inputs
 
     index = PhotoIndex(args.index)
-    groups = find_duplicates(index, args.threshold)
     output = args.output or args.index / "duplicates.csv"
+    check_output_file(output, inputs=index_inputs(index), overwrite=args.overwrite, option="--output")
+    groups = find_duplicates(index, args.threshold)
     write_duplicates(output, index, groups)
     extra = sum(len(group.members) - 1 for group in groups)
     print(f"{len(groups)} groups of near-identical photos ({extra} photos could go); table: {output}")
@@ -133,11 +141,17 @@ def _duplicates(args: argparse.Namespace) -> None:
 
 
 def _cluster(args: argparse.Namespace) -> None:
-    from birder.search.cluster import review_clusters
-    from birder.search.store import PhotoIndex
+    from birder.io.outputs import prepare_output_folder
+    from birder.search.cluster import CLUSTER_OUTPUTS, review_clusters
+    from birder.search.store import PhotoIndex, index_inputs
 
     output = args.output_dir or args.index / "clusters"
-    report = review_clusters(PhotoIndex(args.index), output, args.below_prob, args.min_cluster_size)
+    index = PhotoIndex(args.index)
+    folder = prepare_output_folder(
+        output, "birder-index cluster", CLUSTER_OUTPUTS, inputs=index_inputs(index), overwrite=args.overwrite
+    )
+    report = review_clusters(index, output, args.below_prob, args.min_cluster_size)
+    folder.finish()
     if report.photos == 0:
         print("No photos to review (none labelled unknown; --below-prob P takes uncertain ones too)")
         return

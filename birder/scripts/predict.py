@@ -109,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--save-embeddings", action="store_true", help="the embeddings table")
     out.add_argument("--save-features", action="store_true", help="detection feature maps, one file per photo")
     out.add_argument("--resume", action="store_true", help="continue an interrupted run, skipping photos done")
+    out.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier run's results in --output-dir (and --explain/--save-crops/--draw, --plot): only "
+        "the files birder-predict wrote are deleted; without it (or --resume) such a folder is refused",
+    )
     out.add_argument("--chunk-size", type=_positive, default=256, metavar="N", help="photos per durable write")
     out.add_argument("--show", action="store_true", help="show photos with their top-k species (matplotlib)")
     out.add_argument("--plot", type=Path, metavar="FILE", help="save that picture to FILE (.png, .pdf, ...)")

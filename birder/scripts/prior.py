@@ -35,6 +35,7 @@ def _add_build(subparsers: argparse._SubParsersAction) -> None:
         "--classes", required=True, metavar="MODEL", help="the model file whose classes the prior is for (or a .txt)"
     )
     build.add_argument("-o", "--output", type=Path, required=True, metavar="FILE", help="the prior file (.bpr)")
+    build.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
     build.add_argument("--mapping", type=Path, metavar="CSV", help="record name,class name rows for other names")
     build.add_argument(
         "--column", action="append", default=[], metavar="FIELD=NAME", help="a column name the file uses for a field"
@@ -90,6 +91,7 @@ def run_build(args: argparse.Namespace) -> int:
         mapping=args.mapping,
         columns=parse_column_overrides(args.column),
         settings=settings,
+        overwrite=args.overwrite,
     )
     for line in report.records.lines():
         print(line)

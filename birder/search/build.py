@@ -32,6 +32,7 @@ from birder.inference.optimize import DtypeChoice, choose_dtype, optimize_for_in
 from birder.inference.predictor import PredictionBatch, Predictor, load_inference_model
 from birder.io.checkpoint import get_size_from_signature
 from birder.io.journal import JournalSet, merged_rows, prepare_run
+from birder.io.outputs import OutputFolder
 from birder.io.table_files import PATH_COLUMN, Column, Row, TableSpec, read_csv_table, string_columns, write_table
 from birder.net.base import BaseNet
 from birder.search.fingerprint import model_fingerprint, preprocessing_of
@@ -39,6 +40,7 @@ from birder.search.store import (
     BUILD_DIR,
     FAILURES_FILE,
     INDEX_FILE,
+    INDEX_OUTPUTS,
     IndexInfo,
     PhotoIndex,
     PhotoRecord,
@@ -81,6 +83,7 @@ class IndexOptions:
     device: str = "auto"
     dtype: str = "auto"  # as birder-predict's: bfloat16 where native, else float32 (embeddings stored float32)
     resume: bool = False
+    overwrite: bool = False  # build: replace the index in ``output`` (its files only)
     chunk_size: int = 256
     progress: bool = True
 
@@ -199,12 +202,20 @@ def run_index(options: IndexOptions, *, add: bool, loaded: LoadedModel | None = 
     """Build a new index in ``options.output`` (``add=False``) or add photos to the one there (``add=True``)."""
     started = time.perf_counter()
     output = Path(options.output)
-    if not add and (output / INDEX_FILE).exists():
-        raise BirderError(f"'{output}' already holds an index: add photos with 'birder-index add', or pick another -o")
+    folder = OutputFolder(output, "birder-index build", INDEX_OUTPUTS, option="-o")
+    if not add:
+        if (output / INDEX_FILE).exists() and not options.overwrite:
+            raise BirderError(
+                f"'{output}' already holds an index: add photos with 'birder-index add', replace it with "
+                "--overwrite, or pick another -o"
+            )
+        folder.check(resume=options.resume, overwrite=options.overwrite)
     old_info = read_info(output) if add else None
     loaded = loaded or load_embedding_model(
         options.model, options.weights, options.network, options.device, options.dtype
     )
+    if not add:  # the model loaded: only now does --overwrite clear the earlier index
+        folder.claim(resume=options.resume, overwrite=options.overwrite)
     if old_info is not None:
         check_model(old_info, loaded.fingerprint, output)
 
@@ -221,6 +232,8 @@ def run_index(options: IndexOptions, *, add: bool, loaded: LoadedModel | None = 
 
     _embed(options, loaded, paths, remaining, journal_dir, state.attempt)
     (total, added, failures, index) = _finish(output, loaded, paths, old_info)
+    if not add:
+        folder.finish()
     seconds = time.perf_counter() - started
     return IndexReport(total, added, failures, index.plan.describe(), seconds, str(loaded.dtype))
 

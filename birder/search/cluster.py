@@ -29,6 +29,8 @@ _SHEET_MAX = 36
 CLUSTERS_SPEC = TableSpec(
     "clusters", (Column(PATH_COLUMN), Column("cluster"), Column("prediction"), Column("probability", "float32", ".4f"))
 )
+# What review_clusters writes in its folder (birder.io.outputs: a later run there needs --overwrite)
+CLUSTER_OUTPUTS = ("clusters.csv", "cluster_[0-9][0-9][0-9]*.png")
 
 
 def select_for_review(

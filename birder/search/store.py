@@ -24,12 +24,15 @@ import numpy as np
 from birder.errors import BirderError
 from birder.io.atomic import atomic_write_path
 from birder.io.table_files import _import_parquet, _import_pyarrow
-from birder.search.vectors import VECTORS_FILE, Floats, IndexPlan, VectorIndex, chunks, load_index
+from birder.search.vectors import FAISS_FILE, VECTORS_FILE, Floats, IndexPlan, VectorIndex, chunks, load_index
 
 INDEX_FILE = "index.json"
 PHOTOS_FILE = "photos.parquet"
 FAILURES_FILE = "failures.csv"
 BUILD_DIR = ".build"
+# What an index folder is made of (birder.io.outputs): no command writes onto these files of an index it reads, and
+# a build's --overwrite clears them, and nothing else
+INDEX_OUTPUTS = (INDEX_FILE, PHOTOS_FILE, VECTORS_FILE, FAISS_FILE, FAILURES_FILE, f"{BUILD_DIR}/*")
 FORMAT_VERSION = 1
 # Columns beside path and embedding, in order
 INFO_COLUMNS = ("exif_datetime", "gps_latitude", "gps_longitude", "prediction", "probability")
@@ -212,3 +215,9 @@ class PhotoIndex:
         """Unit embeddings of ``ids`` (all photos when None), as stored for search."""
         vectors = self.vectors.vectors
         return np.asarray(vectors if ids is None else vectors[np.asarray(ids, dtype=np.int64)])
+
+
+def index_inputs(index: PhotoIndex) -> list[str | os.PathLike]:
+    """What a command reading ``index`` reads (its outputs must be none of them): the index's files and photos."""
+    own = [index.directory / name for name in INDEX_OUTPUTS if "/" not in name]
+    return [*own, *index.photos.column("path").to_pylist()]

@@ -28,10 +28,13 @@ def add_parser(subparsers: Any, name: str) -> None:
     parser.add_argument("-o", "--output-dir", type=Path, required=True, metavar="MERGED", help="the merged folder")
     manifest_help = "where the shards' manifest is now (default: the path their run.json records); checked by sha256"
     parser.add_argument("--manifest", type=Path, metavar="FILE", help=manifest_help)
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier merge (or run) in MERGED: only its files go"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    report = merge_results(args.outputs, args.output_dir, args.manifest)
+    report = merge_results(args.outputs, args.output_dir, args.manifest, overwrite=args.overwrite)
     print(
         f"Merged {len(report.shards)} of {report.count} shards ({report.photos} photos "
         f"{report.described}) into {report.output_dir}"

@@ -34,13 +34,23 @@ def add_parser(subparsers: Any, name: str) -> None:
         help="about this many bytes per shard, e.g. 1GB, 500MB (default: %(default)s)",
     )
     parser.add_argument("--workers", type=int, default=0, help="processes reading and checking photos (default: 0)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a packing of other photos in the folder (only its files)"
+    )
     parser.add_argument("--no-progress", dest="progress_bar", action="store_false", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
     shard_size = parse_size(args.shard_size)
     source = pack_source(args.photos, args.labels)
-    report = pack(source, args.output_dir, shard_size=shard_size, workers=args.workers, progress_bar=args.progress_bar)
+    report = pack(
+        source,
+        args.output_dir,
+        shard_size=shard_size,
+        workers=args.workers,
+        progress_bar=args.progress_bar,
+        overwrite=args.overwrite,
+    )
     labelled = f", {len(source.class_names)} classes" if source.class_names else ", unlabelled"
     print(
         f"{report.output_dir}: {report.samples} photos in {report.shards} shards "

@@ -37,6 +37,7 @@ from birder.data.transforms import classification_transform
 from birder.distributed import DistInfo, distributed_session
 from birder.errors import BirderError
 from birder.io.checkpoint import DEFAULT_TASK, ModelInfo
+from birder.io.outputs import check_training_folder
 from birder.loading import load_model, save_model
 from birder.model_registry import registry
 from birder.net.base import BaseNet
@@ -306,6 +307,7 @@ def _teacher(
 
 def _train(config: TrainConfig, dist: DistInfo, on_batch: Callable[[BatchEvent], None] | None) -> TrainResult:
     output_dir = Path(config.output_dir)
+    check_training_folder(output_dir, config.resume)  # before anything slow: the data, the model
     seed_everything(config.seed)  # the same on every rank: identical initial weights (and EMA copies)
     sources = _data_sources(config)
     class_to_idx = _classes_of(sources[0])

@@ -97,7 +97,11 @@ def add_training_args(
     group.add_argument("--seed", type=int, default=0)
 
     group = parser.add_argument_group("checkpoints")
-    group.add_argument("--output-dir", required=True, help="where checkpoints, metrics and images go")
+    group.add_argument(
+        "--output-dir",
+        required=True,
+        help="where checkpoints, metrics and images go (a folder that holds checkpoints needs --resume)",
+    )
     group.add_argument("--save-every", type=int, default=10, help="epochs between checkpoints (last always saved)")
     group.add_argument("--save-every-steps", type=int, help="also save a resumable state every N optimizer steps")
     group.add_argument(

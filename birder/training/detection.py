@@ -26,6 +26,7 @@ from birder.data.training import EpochSampler, TrainingBatch
 from birder.distributed import DistInfo, distributed_session
 from birder.errors import BirderError
 from birder.io.checkpoint import ModelInfo, make_signature
+from birder.io.outputs import check_training_folder
 from birder.loading import load_model
 from birder.model_registry import Task, registry
 from birder.net.detection.base import DetectionBaseNet
@@ -141,6 +142,7 @@ def _train(
     if config.fsdp:
         raise BirderError("--fsdp is for birder-train and birder-train-mim: detectors train with DDP")
     output_dir = Path(config.output_dir)
+    check_training_folder(output_dir, config.resume)  # before anything slow: the data, the model
     seed_everything(config.seed)  # the same on every rank: identical initial weights (and EMA copies)
     (train_data, val_data) = _read_data(config)
     class_to_idx = train_data.class_to_idx

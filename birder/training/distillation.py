@@ -27,6 +27,7 @@ from birder.distributed import DistInfo, main_first
 from birder.errors import BirderError
 from birder.inference.optimize import choose_dtype, optimize_for_inference
 from birder.io.atomic import atomic_write_path
+from birder.io.outputs import check_not_input
 from birder.loading import load_model
 from birder.net.base import BaseNet
 from birder.training.setup import make_loader
@@ -153,6 +154,8 @@ def attach_cache(teacher: Teacher, train_set: ImageDataset, batch_size: int, wor
     """Fill ``teacher.cached`` from ``settings.cache``, computing and writing the file (rank 0) when it is missing or
     was made for another teacher or data set. Only valid when ``train_set``'s transform is deterministic."""
     path = Path(teacher.settings.cache)
+    # The cache is rewritten when stale: never onto the teacher or a training photo (birder.io.outputs)
+    check_not_input(path, [teacher.settings.teacher, *train_set.paths], "--teacher-cache")
     key = _cache_key(teacher, train_set)
     teacher.cached = main_first(dist, lambda: _load_or_compute(path, key, teacher, train_set, batch_size, workers))
 
@@ -175,8 +178,13 @@ def _load_or_compute(
     path: Path, key: str, teacher: Teacher, train_set: ImageDataset, batch_size: int, workers: int
 ) -> torch.Tensor:
     if path.is_file():
-        stored = torch.load(path, map_location="cpu", weights_only=True)
-        if stored.get("key") == key:
+        try:
+            stored = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # torch.load raises many types for files it cannot read
+            stored = None
+        if not isinstance(stored, dict) or "key" not in stored or "logits" not in stored:
+            raise BirderError(f"--teacher-cache '{path}' exists and holds no teacher logits: choose another file")
+        if stored["key"] == key:
             logger.info("teacher logits from %s", path)
             return stored["logits"]
         logger.info("%s was made for another teacher or data set: computing it again", path)

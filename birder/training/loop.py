@@ -24,6 +24,7 @@ from tqdm import tqdm
 from birder.data.training import EpochBatches, TrainingBatch
 from birder.distributed import DistInfo, all_gather_objects, all_reduce_sum
 from birder.errors import BirderError, CheckpointError
+from birder.io.outputs import refuse_unrelated_checkpoints
 from birder.training import fsdp as sharding
 from birder.training.amp import amp_dtype, autocast, grad_scaler
 from birder.training.ddp import distinct_over_ranks, wrap_ddp
@@ -543,6 +544,8 @@ def start_run(
     if resume_path is not None:
         (start_epoch, progress) = trainer.resume(resume_path, identity)
     elif config.resume is not None:
+        # Starting afresh is fine in an empty folder, not beside checkpoints this run would replace or mix with
+        refuse_unrelated_checkpoints(output_dir, stem)
         logger.info("nothing to resume in %s: starting from scratch", output_dir)
 
     if trainer.dist.is_main:

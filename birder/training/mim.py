@@ -26,6 +26,7 @@ from birder.distributed import DistInfo, distributed_session
 from birder.errors import BirderError, CheckpointError, ImageDecodeError
 from birder.io.checkpoint import ModelInfo, make_signature, read_checkpoint, write_checkpoint
 from birder.io.images import load_image
+from birder.io.outputs import check_training_folder
 from birder.loading import load_state_into, save_model
 from birder.model_registry import Task, registry
 from birder.plots import save_image_rows
@@ -212,6 +213,7 @@ def _train(config: MIMTrainConfig, dist: DistInfo, on_batch: Callable[[BatchEven
         raise BirderError(f"unknown MIM network '{config.mim_network}' (known: {known})")
 
     output_dir = Path(config.output_dir)
+    check_training_folder(output_dir, config.resume)  # before anything slow: the data, the model
     seed_everything(config.seed)  # the same on every rank: identical initial weights (and EMA copies)
     size = resolve_size(config.size)
     rgb_stats = resolve_rgb_stats(config.rgb_stats)
