@@ -5,6 +5,11 @@ the rest is used. Nothing valid left is an error. Images without boxes are kept:
 not an animal (negatives).
 
 Labels are ``0..K-1`` in the order of the categories' ids; ``class_to_idx`` maps the category names to them.
+
+COCO Camera Traps files (LILA's layout) are read as they are: string image ids, extra keys (``location``,
+``seq_id``...) ignored, and annotations without ``bbox`` taken as image-level labels: an ``empty``/``blank`` one
+marks a negative image (those categories are no classes), any other leaves its image out unless it also has boxes
+(an unboxed animal must not be taught as background).
 """
 
 import json
@@ -29,6 +34,8 @@ logger = logging.getLogger(__name__)
 _BOX_TOLERANCE = 1.0
 # Bad items named one by one before the rest are only counted.
 _MAX_NAMED_PROBLEMS = 20
+# Categories of COCO Camera Traps files that say nothing is there: image-level labels of negatives, no classes
+EMPTY_CATEGORY_NAMES = frozenset({"empty", "blank"})
 
 
 @dataclass
@@ -87,16 +94,27 @@ def read_coco(
         raise DataError(f"{path}: not a COCO annotation file ({type(err).__name__}: {err})") from None
 
     root = Path(images_root) if images_root is not None else path.parent
+    empty_ids = {cat_id for cat_id, name in categories.items() if name.strip().lower() in EMPTY_CATEGORY_NAMES}
     if class_to_idx is None:
-        class_to_idx = {categories[cat_id]: idx for idx, cat_id in enumerate(sorted(categories))}
+        classes = sorted(set(categories) - empty_ids)
+        class_to_idx = {categories[cat_id]: idx for idx, cat_id in enumerate(classes)}
     label_of = {cat_id: class_to_idx[name] for cat_id, name in categories.items() if name in class_to_idx}
     problems = _Problems(path)
     images = _read_images(image_entries, root, problems)
+    unboxed: dict[int | str, set[int]] = {}  # image -> categories labelled on it without a box
     for ann in annotations:
-        _add_annotation(ann, images, label_of, problems)
+        _add_annotation(ann, images, label_of, problems, empty_ids, unboxed)
+    for key, category_ids in unboxed.items():
+        if not images[key].boxes:
+            labels = ", ".join(sorted(categories.get(cat_id, str(cat_id)) for cat_id in category_ids))
+            problems.add(f"image {key} ({images[key].path.name}): labelled {labels} without a box")
+            del images[key]
     problems.summarize()
 
     kept = list(images.values())
+    if any(not isinstance(key, int) for key in images):  # string ids (COCO Camera Traps): numbered for training
+        for number, image in enumerate(kept, start=1):
+            image.image_id = number
     if not kept:
         raise DataError(f"{path}: no usable image ({len(problems.items)} bad items, first: {problems.items[:1]})")
 
@@ -108,11 +126,21 @@ def read_coco(
     )
 
 
-def _read_images(entries: Sequence[Any], root: Path, problems: _Problems) -> dict[int, CocoImage]:
-    images: dict[int, CocoImage] = {}
+def _image_key(value: Any) -> int | str:
+    """An image id as COCO (integers, or digits) or COCO Camera Traps (any string) writes it."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        if isinstance(value, str) and value:
+            return value
+        raise ValueError(f"bad image id {value!r}") from None
+
+
+def _read_images(entries: Sequence[Any], root: Path, problems: _Problems) -> dict[int | str, CocoImage]:
+    images: dict[int | str, CocoImage] = {}
     for entry in entries:
         try:
-            (image_id, file_name) = (int(entry["id"]), str(entry["file_name"]))
+            (image_id, file_name) = (_image_key(entry["id"]), str(entry["file_name"]))
         except (KeyError, TypeError, ValueError):
             problems.add(f"image entry {str(entry)[:80]} has no id or file_name")
             continue
@@ -129,15 +157,27 @@ def _read_images(entries: Sequence[Any], root: Path, problems: _Problems) -> dic
             except OSError as err:
                 problems.add(f"image {image_id} ({file_name}): unreadable ({err})")
                 continue
-        images[image_id] = CocoImage(image_id, image_path, int(height), int(width))
+        number = image_id if isinstance(image_id, int) else 0  # string ids are numbered once all are read
+        images[image_id] = CocoImage(number, image_path, int(height), int(width))
 
     return images
 
 
-def _add_annotation(ann: Any, images: dict[int, CocoImage], label_of: Mapping[int, int], problems: _Problems) -> None:
+def _add_annotation(
+    ann: Any,
+    images: dict[int | str, CocoImage],
+    label_of: Mapping[int, int],
+    problems: _Problems,
+    empty_ids: set[int],
+    unboxed: dict[int | str, set[int]],
+) -> None:
     name = f"annotation {ann.get('id', '?')}" if isinstance(ann, dict) else f"annotation {str(ann)[:40]}"
     try:
-        (image_id, category_id) = (int(ann["image_id"]), int(ann["category_id"]))
+        (image_id, category_id) = (_image_key(ann["image_id"]), int(ann["category_id"]))
+        if ann.get("bbox") is None:  # an image-level label (COCO Camera Traps)
+            if category_id not in empty_ids and image_id in images:
+                unboxed.setdefault(image_id, set()).add(category_id)
+            return
         (x, y, w, h) = (float(v) for v in ann["bbox"])
     except (KeyError, TypeError, ValueError):
         problems.add(f"{name}: needs image_id, category_id and bbox [x, y, width, height]")
