@@ -251,19 +251,25 @@ def test_output_refusals_resume_and_too_few_locations(
     assert tools_main(["crops", str(survey), "-o", str(output), "--overwrite", "--seed", "4"]) == 0
     assert not (output / "train" / "stale").exists()
 
-    two = json.loads(survey.read_text())
-    two["images"] = [image for image in two["images"] if image["location"] in ("site3", "site4")]
-    (survey.parent / "two.json").write_text(json.dumps(two))
-    assert tools_main(["crops", str(survey.parent / "two.json"), "-o", str(tmp_path / "few")]) == 2
+    # Two locations, one species each: a location is never split, so with train and val one species has no
+    # training crop, and the command names it
+    document = json.loads(survey.read_text())
+    document["images"] = [image for image in document["images"] if image["id"] in ("site3_0", "site4_0")]
+    document["annotations"] = [
+        {"id": "a", "image_id": "site3_0", "category_id": 1, "bbox": [4.0, 4.0, 30.0, 20.0]},
+        {"id": "b", "image_id": "site4_0", "category_id": 2, "bbox": [10.0, 8.0, 24.0, 30.0]},
+    ]
+    two = survey.parent / "two.json"
+    two.write_text(json.dumps(document))
+    assert tools_main(["crops", str(two), "-o", str(tmp_path / "few")]) == 2
     error = capsys.readouterr().err
     assert "2 locations for 3 splits" in error and "--split 0.8,0.2,0" in error and error.count("\n") == 1
-    assert tools_main(["crops", str(survey.parent / "two.json"), "-o", str(tmp_path / "few"), "--split", "1,1,0"]) == 0
+    assert tools_main(["crops", str(two), "-o", str(tmp_path / "few"), "--split", "1,1,0"]) == 0
     printed = capsys.readouterr().out
-    summary = {row["class"]: row for row in _read_csv(tmp_path / "few" / "summary.csv")}
-    untrained = sorted(name for (name, row) in summary.items() if row["train"] == "0")
-    assert (f"no training crops (all their locations went to val/test): {', '.join(untrained)}" in printed) == bool(
-        untrained
-    )
+    located = {row["location"]: row["split"] for row in _read_csv(tmp_path / "few" / "locations.csv")}
+    assert sorted(located.values()) == ["train", "val"]
+    untrained = "Rubra flava" if located["site3"] == "val" else "Caerula alba"
+    assert f"no training crops (all their locations went to val/test): {untrained}\n" in printed
 
 
 def test_train_det_reads_coco_camera_traps(survey: Path) -> None:
