@@ -172,7 +172,9 @@ def test_megadetector_batch_output_follows_the_standard(setup: dict[str, Path], 
     by_file = {image["file"]: image for image in document["images"]}
     assert set(by_file) == {*GOOD_PHOTOS, *BAD_PHOTOS}  # relative to the folder given, in its own separators
     for name in BAD_PHOTOS:
-        assert set(by_file[name]) == {"file", "failure"} and by_file[name]["failure"]
+        # MegaDetector's format: a failure comes with "detections": null (its validator warns otherwise)
+        assert set(by_file[name]) == {"file", "failure", "detections"} and by_file[name]["failure"]
+        assert by_file[name]["detections"] is None
 
     rows = _read_csv(out / "results.csv")
     sizes = {row["path"]: (int(row["width"]), int(row["height"])) for row in _read_csv(out / "photos.csv")}
@@ -197,7 +199,7 @@ def test_megadetector_batch_output_follows_the_standard(setup: dict[str, Path], 
     # Photos without a box are listed with no detections; the file stays valid
     assert main(_args(setup, tmp_path / "none", "--export", "md-json", "--det-threshold", "0.95")) == 0
     empty = json.loads((tmp_path / "none" / "megadetector.json").read_text())
-    assert all(image.get("detections", []) == [] for image in empty["images"])
+    assert all(image["detections"] == (None if "failure" in image else []) for image in empty["images"])
     assert validate_md_json(tmp_path / "none" / "megadetector.json") == []
 
 
@@ -233,7 +235,7 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(
                 elif key != "error":
                     assert value == b[key], key
     md = json.loads((resumed / "megadetector.json").read_text())
-    assert sum(len(image.get("detections", [])) for image in md["images"]) == BOXES_PER_PHOTO * len(GOOD_PHOTOS)
+    assert sum(len(image["detections"] or []) for image in md["images"]) == BOXES_PER_PHOTO * len(GOOD_PHOTOS)
 
 
 def test_the_merge_takes_an_inputs_rows_from_the_attempt_that_finished_it(tmp_path: Path) -> None:

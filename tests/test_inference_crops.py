@@ -56,5 +56,16 @@ def test_megadetector_batch_output(tmp_path: Path) -> None:
     path = write_md_json(tmp_path / "md.json", output)
     loaded = json.loads(path.read_text())
     assert loaded["info"]["format_version"] == "1.4" and loaded["detection_categories"] == {"1": "animal"}
-    assert loaded["images"][1] == {"file": "b.jpg", "failure": "unreadable"}
+    # A failure comes with "detections": null, as MegaDetector's format (and its validator) wants
+    assert loaded["images"][1] == {"file": "b.jpg", "failure": "unreadable", "detections": None}
     assert "classification_categories" in loaded
+
+
+def test_taxonomy_descriptions_in_speciesnets_form() -> None:
+    from birder.inference.crops import md_taxonomy_description
+
+    lineage = ("Turdus", "Turdidae", "Passeriformes")
+    assert md_taxonomy_description("Turdus merula", lineage) == ";;passeriformes;turdidae;turdus;merula;Turdus merula"
+    # A class name that is no binomial of its genus keeps the genus as the most specific rank
+    assert md_taxonomy_description("Blackbird", lineage) == ";;passeriformes;turdidae;turdus;;Blackbird"
+    assert md_taxonomy_description("Erithacus rubecula", None) == ";;;;;;Erithacus rubecula"

@@ -5,6 +5,11 @@ the rest is used. Nothing valid left is an error. Images without boxes are kept:
 not an animal (negatives).
 
 Labels are ``0..K-1`` in the order of the categories' ids; ``class_to_idx`` maps the category names to them.
+
+COCO Camera Traps files (LILA's layout) are read as they are: string image ids, extra keys (``location``,
+``seq_id``...) ignored, and annotations without ``bbox`` taken as image-level labels: an ``empty``/``blank`` one
+marks a negative image (those categories are no classes), any other leaves its image out unless it also has boxes
+(an unboxed animal must not be taught as background).
 """
 
 import itertools
@@ -32,6 +37,8 @@ logger = logging.getLogger(__name__)
 _BOX_TOLERANCE = 1.0
 # Bad items named one by one before the rest are only counted.
 _MAX_NAMED_PROBLEMS = 20
+# Categories of COCO Camera Traps files that say nothing is there: image-level labels of negatives, no classes
+EMPTY_CATEGORY_NAMES = frozenset({"empty", "blank"})
 
 
 @dataclass
@@ -101,16 +108,27 @@ def read_coco(
     annotations = _entries(coco, "annotations", path) if "annotations" in coco else []
 
     root = Path(images_root) if images_root is not None else path.parent
+    empty_ids = {cat_id for cat_id, name in categories.items() if name.strip().lower() in EMPTY_CATEGORY_NAMES}
     if class_to_idx is None:
-        class_to_idx = {categories[cat_id]: idx for idx, cat_id in enumerate(sorted(categories))}
+        classes = sorted(set(categories) - empty_ids)
+        class_to_idx = {categories[cat_id]: idx for idx, cat_id in enumerate(classes)}
     label_of = {cat_id: class_to_idx[name] for cat_id, name in categories.items() if name in class_to_idx}
     problems = _Problems(path)
     (images, listed) = _read_images(image_entries, root, problems)
+    unboxed: dict[int | str, set[int]] = {}  # image -> categories labelled on it without a box
     for ann in annotations:
-        _add_annotation(ann, images, listed, label_of, problems)
+        _add_annotation(ann, images, listed, label_of, problems, empty_ids, unboxed)
+    for key, category_ids in unboxed.items():
+        if not images[key].boxes:
+            labels = ", ".join(sorted(categories.get(cat_id, str(cat_id)) for cat_id in category_ids))
+            problems.add(f"image {key} ({images[key].path.name}): labelled {labels} without a box")
+            del images[key]
     problems.summarize()
 
     kept = list(images.values())
+    if any(not isinstance(key, int) for key in images):  # string ids (COCO Camera Traps): numbered for training
+        for number, image in enumerate(kept, start=1):
+            image.image_id = number
     if not kept:
         first = one_line(problems.items[0]) if problems.items else "the file lists none"
         raise DataError(f"{path}: no usable image ({len(problems.items)} bad items, first: {first})")
@@ -166,6 +184,14 @@ def _integer_id(value: Any) -> int | None:
     return None
 
 
+def _image_key(value: Any) -> int | str | None:
+    """An image id as COCO (an integer, or digits) or COCO Camera Traps (any non-empty string) writes it."""
+    number = _integer_id(value)
+    if number is not None:
+        return number
+    return value if isinstance(value, str) and value else None
+
+
 def _positive_number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
         return None
@@ -192,14 +218,16 @@ def _categories(coco: dict[str, Any], path: Path) -> dict[int, str]:
     return categories
 
 
-def _read_images(entries: Sequence[Any], root: Path, problems: _Problems) -> tuple[dict[int, CocoImage], set[int]]:
+def _read_images(
+    entries: Sequence[Any], root: Path, problems: _Problems
+) -> tuple[dict[int | str, CocoImage], set[int | str]]:
     """The usable images by id, and the ids of every image the file lists (usable or not)."""
-    images: dict[int, CocoImage] = {}
-    listed: dict[int, str] = {}  # id -> file_name as given
+    images: dict[int | str, CocoImage] = {}
+    listed: dict[int | str, str] = {}  # id -> file_name as given
     for entry in entries:
-        image_id = _integer_id(entry.get("id")) if isinstance(entry, dict) else None
+        image_id = _image_key(entry.get("id")) if isinstance(entry, dict) else None
         if image_id is None:
-            problems.add(f"image entry {_shown(entry)} has no integer id")
+            problems.add(f"image entry {_shown(entry)} has no id (an integer or a string)")
             continue
         file_name = entry.get("file_name")
         if image_id in listed:
@@ -218,12 +246,13 @@ def _read_images(entries: Sequence[Any], root: Path, problems: _Problems) -> tup
             continue
         size = _image_size(entry, image_id, image_path, problems)
         if size is not None:
-            images[image_id] = CocoImage(image_id, image_path, *size)
+            number = image_id if isinstance(image_id, int) else 0  # string ids are numbered once all are read
+            images[image_id] = CocoImage(number, image_path, *size)
 
     return (images, set(listed))
 
 
-def _image_size(entry: dict[str, Any], image_id: int, image_path: Path, problems: _Problems) -> tuple[int, int] | None:
+def _image_size(entry: dict[str, Any], image_id: int | str, image_path: Path, problems: _Problems) -> tuple[int, int] | None:
     """``(height, width)`` as the entry gives them, else from the file's header; None (reported) when neither."""
     given = (entry.get("height"), entry.get("width"))
     (height, width) = (_positive_number(value) for value in given)
@@ -242,16 +271,23 @@ def _image_size(entry: dict[str, Any], image_id: int, image_path: Path, problems
 
 
 def _add_annotation(
-    ann: Any, images: dict[int, CocoImage], listed: set[int], label_of: Mapping[int, int], problems: _Problems
+    ann: Any,
+    images: dict[int | str, CocoImage],
+    listed: set[int | str],
+    label_of: Mapping[int, int],
+    problems: _Problems,
+    empty_ids: set[int],
+    unboxed: dict[int | str, set[int]],
 ) -> None:
     name = f"annotation {_shown(ann.get('id', '?'), 40)}" if isinstance(ann, dict) else f"annotation {_shown(ann, 40)}"
     fields = (ann.get("image_id"), ann.get("category_id"), ann.get("bbox")) if isinstance(ann, dict) else (None,) * 3
-    (image_id, category_id) = (_integer_id(fields[0]), _integer_id(fields[1]))
+    (image_id, category_id) = (_image_key(fields[0]), _integer_id(fields[1]))
     bbox = fields[2]
+    image_level = isinstance(ann, dict) and bbox is None  # no "bbox", or null
     box_ok = isinstance(bbox, list) and len(bbox) == 4
     box_ok = box_ok and all(not isinstance(v, bool) and isinstance(v, int | float) and math.isfinite(v) for v in bbox)
-    if image_id is None or category_id is None or not box_ok:
-        problems.add(f"{name}: needs an integer image_id and category_id and a bbox [x, y, width, height] of numbers")
+    if image_id is None or category_id is None or not (box_ok or image_level):
+        problems.add(f"{name}: needs an image_id, an integer category_id and a bbox [x, y, width, height] of numbers")
         return
 
     if image_id not in listed:
@@ -259,6 +295,10 @@ def _add_annotation(
             f"{problems.source}: {name} names image id {image_id}, which no image of the file has: "
             "its boxes would be lost; fix the image_id or list the image"
         )
+    if image_level:  # an image-level label (COCO Camera Traps): nothing to learn a box from
+        if category_id not in empty_ids and image_id in images:
+            unboxed.setdefault(image_id, set()).add(category_id)
+        return
     image = images.get(image_id)
     if image is None:
         return  # its image was reported (missing or unreadable file): nothing to attach it to

@@ -4,8 +4,8 @@ The facts are in docs/compatibility.md ("Camera-trap export formats"). Images ar
 (``id`` and ``file_name``: the path relative to the photos' common folder; ``width``/``height`` read from the file
 header; ``location``: the camera folder; ``datetime``: the EXIF time; with events, ``seq_id`` = the event and
 ``seq_num_frames``/``frame_num``). Categories: 0 ``empty`` (the convention), then the predicted species in name
-order. Each photo with a species prediction gets one annotation without ``bbox`` (an image-level label); a photo
-where the model abstained gets none.
+order. Each photo with a species prediction gets one annotation without ``bbox`` (an image-level label, its ``id``
+a string as in LILA's files: ``<file_name>#label``); a photo where the model abstained gets none.
 """
 
 from __future__ import annotations
@@ -84,7 +84,9 @@ def export_coco_ct(results: ResultsFolder, output: str | os.PathLike) -> ExportR
         images.append(image)
         if answer_of(photo)[0] in category_ids:
             category = category_ids[answer_of(photo)[0]]
-            annotations.append({"id": len(annotations) + 1, "image_id": file_name, "category_id": category})
+            # String ids, as COCO Camera Traps has them (MegaDetector's integrity check refuses integer ones)
+            annotation_id = f"{file_name}#label"
+            annotations.append({"id": annotation_id, "image_id": file_name, "category_id": category})
 
     document = {
         "info": {

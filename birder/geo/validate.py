@@ -98,9 +98,12 @@ def validate_md_json(path: str | os.PathLike) -> list[str]:
         return errors
     detection_categories = document["detection_categories"]
     classification_categories = document.get("classification_categories", {})
+    for key in document.get("classification_category_descriptions", {}):
+        if key not in classification_categories:
+            errors.append(f"description of no classification category '{key}'")
     for image in document["images"]:
         name = image["file"]
-        for number, detection in enumerate(image.get("detections", [])):
+        for number, detection in enumerate(image.get("detections") or []):  # null for a failed image
             where = f"{name}, detection {number}"
             if detection["category"] not in detection_categories:
                 errors.append(f"{where}: no detection category '{detection['category']}'")

@@ -86,6 +86,28 @@ def md_detection(
     return entry
 
 
+def md_image(record: Mapping[str, Any]) -> dict[str, Any]:
+    """An image record as the format wants it: a failed image carries ``"detections": null`` beside its
+    ``failure`` (MegaDetector's validator warns about a failure without it)."""
+    image = dict(record)
+    if image.get("failure"):
+        image["detections"] = None
+    return image
+
+
+def md_taxonomy_description(name: str, lineage: tuple[str, str, str] | None) -> str:
+    """A classification category's description in the form SpeciesNet and MegaDetector's classifiers write
+    (``id;class;order;family;genus;species;common name``, ranks in lower case), which CamTrapTools reads into a
+    scientific name: the species epithet when ``name`` is ``"<genus> <epithet>"``, else the name is kept only as
+    the common name and the genus is the most specific rank. ``lineage``: (genus, family, order); None: no ranks."""
+    (genus, family, order) = lineage or ("", "", "")
+    epithet = ""
+    if genus and name.lower().startswith(genus.lower() + " "):
+        epithet = name[len(genus) + 1 :].strip()
+    fields = ["", "", order, family, genus, epithet]
+    return ";".join(field.replace(";", ",").lower() for field in fields) + ";" + name.replace(";", ",")
+
+
 def md_batch_output(
     images: Sequence[Mapping[str, Any]],
     detection_categories: Mapping[str, str],
@@ -93,9 +115,11 @@ def md_batch_output(
     *,
     detector: str = "birder",
     info: Mapping[str, Any] | None = None,
+    classification_descriptions: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The whole MegaDetector batch output object; ``images`` are ``{"file", "detections"}`` or ``{"file",
-    "failure"}`` records; ``info`` adds keys to the info block (e.g. ``classifier``)."""
+    "failure"}`` records; ``info`` adds keys to the info block (e.g. ``classifier``);
+    ``classification_descriptions``: the taxonomy of each classification category (:func:`md_taxonomy_description`)."""
     output: dict[str, Any] = {
         "info": {
             "format_version": MD_FORMAT_VERSION,
@@ -104,10 +128,14 @@ def md_batch_output(
             **(info or {}),
         },
         "detection_categories": {str(key): str(value) for key, value in detection_categories.items()},
-        "images": list(images),
+        "images": [md_image(image) for image in images],
     }
     if classification_categories:
         output["classification_categories"] = {str(k): str(v) for k, v in classification_categories.items()}
+    if classification_descriptions:
+        output["classification_category_descriptions"] = {
+            str(k): str(v) for k, v in classification_descriptions.items()
+        }
     return output
 
 

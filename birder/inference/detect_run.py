@@ -41,7 +41,14 @@ from PIL import Image, ImageDraw, ImageFont
 from birder.distributed import DistInfo
 from birder.errors import BirderError, CheckpointError
 from birder.inference import predictor as P
-from birder.inference.crops import crop_box, md_batch_output, md_detection, md_timestamp, write_md_json
+from birder.inference.crops import (
+    crop_box,
+    md_batch_output,
+    md_detection,
+    md_taxonomy_description,
+    md_timestamp,
+    write_md_json,
+)
 from birder.inference.dataset import PhotoBatch
 from birder.inference.detection import detect_tensors, detection_transform
 from birder.inference.run import (
@@ -57,6 +64,7 @@ from birder.inference.run import (
     make_predictor,
 )
 from birder.inference.tables import PredictionTables, photo_file_stem
+from birder.inference.taxonomy import Taxonomy
 from birder.io.journal import final_path
 from birder.io.table_files import PATH_COLUMN, Column, Row, TableSpec, read_table_rows
 
@@ -428,12 +436,19 @@ def write_md_results(job: _Job, plan: _Plan) -> Path:
         "classification_completion_time": md_timestamp(),
         "detector_metadata": {"typical_detection_threshold": options.det_threshold},
     }
+    # With a taxonomy, each species' ranks as SpeciesNet writes them: review tools read the scientific name there
+    lineage = Taxonomy.from_csv(options.taxonomy).lineage if options.taxonomy else None
     output = md_batch_output(
         images,
         {index: name for (name, index) in categories.items()},
         {index: name for (name, index) in species.items()},
         detector=Path(options.detector).name,  # type: ignore[arg-type]
         info=info,
+        classification_descriptions=(
+            {index: md_taxonomy_description(name, lineage.get(name)) for (name, index) in species.items()}
+            if lineage is not None
+            else None
+        ),
     )
     return write_md_json(folder / MD_JSON_FILE, output)
 

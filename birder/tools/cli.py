@@ -10,7 +10,16 @@ from collections.abc import Sequence
 
 from birder.errors import BirderError
 from birder.log_setup import configure_logging
-from birder.tools import convert_model, download_model, export, list_models, merge_results, model_info, pack
+from birder.tools import (
+    convert_model,
+    crops,
+    download_model,
+    export,
+    list_models,
+    merge_results,
+    model_info,
+    pack,
+)
 
 PROG = "python -m birder.tools"
 EXIT_USAGE = 2
@@ -22,6 +31,7 @@ COMMANDS = {
     "export": export,
     "pack": pack,
     "merge-results": merge_results,
+    "crops": crops,
 }
 
 
