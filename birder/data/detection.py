@@ -252,7 +252,9 @@ def _read_images(
     return (images, set(listed))
 
 
-def _image_size(entry: dict[str, Any], image_id: int | str, image_path: Path, problems: _Problems) -> tuple[int, int] | None:
+def _image_size(
+    entry: dict[str, Any], image_id: int | str, image_path: Path, problems: _Problems
+) -> tuple[int, int] | None:
     """``(height, width)`` as the entry gives them, else from the file's header; None (reported) when neither."""
     given = (entry.get("height"), entry.get("width"))
     (height, width) = (_positive_number(value) for value in given)
