@@ -12,23 +12,36 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import make_tiny_vit
 from detect_support import BOXES_PER_PHOTO, save_tiny_detector
+from PIL import ImageFile
 from test_geo_export import camera_exif
 from test_predict import MODEL_SIZE, RGB_STATS, random_photo
 
 import birder
 from birder.scripts.predict import main as predict_main
 
+# megadetector's visualization module turns on decoding of truncated JPEGs for the whole process when imported (here,
+# at collection): every other test of unreadable photos would then see them decoded. Kept as it was before.
+_LOAD_TRUNCATED = ImageFile.LOAD_TRUNCATED_IMAGES
 validate_batch_results = pytest.importorskip("megadetector.postprocessing.validate_batch_results")
 integrity_check = pytest.importorskip("megadetector.data_management.integrity_check_json_db")
 cct_json_utils = pytest.importorskip("megadetector.data_management.cct_json_utils")
 camtraptools_cli = pytest.importorskip("camtraptools.cli")
 camtrapdp = pytest.importorskip("camtrapdp")
 pycocotools_coco = pytest.importorskip("pycocotools.coco")
+ImageFile.LOAD_TRUNCATED_IMAGES = _LOAD_TRUNCATED
+
+
+@pytest.fixture(autouse=True)
+def _truncated_images_stay_unreadable() -> Iterator[None]:
+    yield
+    ImageFile.LOAD_TRUNCATED_IMAGES = _LOAD_TRUNCATED
+
 
 SPECIES = ["Rubra flava", "Rubra alba", "Caerula flava", "Caerula nigra", "Caerula rosea"]
 LINEAGE = {"Rubra": ("Rubridae", "Disciformes"), "Caerula": ("Caerulidae", "Disciformes")}
