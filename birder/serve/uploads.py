@@ -5,7 +5,6 @@ Everything here turns a client's mistake (or an overload) into an :class:`ApiErr
 which the app renders as ``{"error": "..."}``. Decoding itself is the library's :func:`~birder.io.images.load_image`.
 """
 
-import base64
 import binascii
 import io
 import json
@@ -168,11 +167,9 @@ def _short(text: str) -> str:
     return text if len(text) <= _MAX_NAME_CHARS else text[: _MAX_NAME_CHARS - 3] + "..."
 
 
-def decode_upload(data: bytes, name: str, max_pixels: int) -> Image.Image:
-    """Bytes of an uploaded file -> 8-bit RGB image through :func:`load_image`, or an :class:`ApiError`.
-
-    The pixel count is checked on the header, before anything is decompressed.
-    """
+def open_upload(data: bytes, name: str, max_pixels: int) -> Image.Image:
+    """The header of an uploaded file, its pixels not decoded yet, or an :class:`ApiError`: a file that is not an
+    image, or one of more than ``max_pixels`` pixels."""
     shown = _short(name)
     if not data:
         raise ApiError(422, f"cannot read image '{shown}': empty file (0 bytes)")
@@ -192,11 +189,24 @@ def decode_upload(data: bytes, name: str, max_pixels: int) -> Image.Image:
         raise ApiError(
             413, f"image '{shown}' is {width}x{height} = {width * height} pixels; the server's limit is {max_pixels}"
         )
+    return opened
+
+
+def decode_opened(opened: Image.Image, name: str) -> Image.Image:
+    """The pixels of an image :func:`open_upload` opened, as 8-bit RGB through :func:`load_image`."""
     try:
         return load_image(opened)
     except ImageDecodeError as err:
         # load_image names an in-memory image generically; the client knows it by its file name
-        raise ApiError(422, str(err).replace("'<in-memory image>'", f"'{shown}'", 1)) from None
+        raise ApiError(422, str(err).replace("'<in-memory image>'", f"'{_short(name)}'", 1)) from None
+
+
+def decode_upload(data: bytes, name: str, max_pixels: int) -> Image.Image:
+    """Bytes of an uploaded file -> 8-bit RGB image through :func:`load_image`, or an :class:`ApiError`.
+
+    The pixel count is checked on the header, before anything is decompressed.
+    """
+    return decode_opened(open_upload(data, name, max_pixels), name)
 
 
 async def read_image_request(request: Request) -> tuple[bytes, str, dict[str, str]]:
@@ -248,22 +258,46 @@ async def _read_multipart(request: Request) -> tuple[bytes, str, dict[str, str]]
 
 async def _read_json(request: Request) -> tuple[bytes, str, dict[str, str]]:
     try:
+        # The body is let go once parsed, and the photo's text once encoded: a JSON upload holds at most twice its
+        # size at any moment (what the server's memory bound counts: birder.serve.memory)
         body = json.loads(await _read_body(request))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ApiError(400, f"request body is not valid JSON: {_short(str(err))}") from None
+    except (ValueError, RecursionError) as err:  # not JSON, not UTF-8, nested too deep, an integer too long
+        raise ApiError(400, f"request body is not valid JSON: {_short(one_line(err))}") from None
     if not isinstance(body, dict) or not isinstance(body.get("image"), str):
         raise ApiError(400, 'JSON requests need a string field "image" holding the base64-encoded photo')
 
-    encoded = body["image"]
+    encoded = body.pop("image")
     if encoded.startswith("data:") and "," in encoded:  # a data URL, as browsers make them
         encoded = encoded.split(",", 1)[1]
     try:
-        data = base64.b64decode("".join(encoded.split()), validate=True)
-    except (binascii.Error, ValueError):
+        text = encoded.encode("ascii")
+    except UnicodeEncodeError:
+        raise ApiError(400, 'field "image" is not valid base64') from None
+    del encoded
+    data = _base64_decode(text)
+    del text
+
+    fields = {key: _field_text(value) for key, value in body.items() if value is not None}
+    return (data, _short(fields.pop("filename", "") or "upload"), fields)
+
+
+def _base64_decode(text: bytes) -> bytes:
+    try:
+        return binascii.a2b_base64(text, strict_mode=True)
+    except binascii.Error:
+        pass
+    try:  # base64 wrapped over lines, as many encoders write it
+        return binascii.a2b_base64(text.translate(None, b" \t\r\n\v\f"), strict_mode=True)
+    except binascii.Error:
         raise ApiError(400, 'field "image" is not valid base64') from None
 
-    fields = {key: str(value) for key, value in body.items() if key != "image" and isinstance(value, str | int)}
-    return (data, str(body.get("filename") or "upload"), fields)
+
+def _field_text(value: Any) -> str:
+    """A JSON field's value as the text a form field would carry: numbers as written (``48.2``, ``16``), strings
+    as they are, anything else as JSON (so that a field's parser names it in its error: ``true``, ``[1, 2]``)."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value)
 
 
 def parse_top_k(raw: str | None, default: int, num_classes: int) -> int:
