@@ -48,7 +48,7 @@ import torch
 from PIL import Image
 
 from birder.data.transforms import classification_transform
-from birder.errors import BirderError
+from birder.errors import BirderError, one_line
 from birder.geo.prior import LocationPrior
 from birder.geo.serve import prior_answer, request_place
 from birder.inference.classification import infer_batch, logits_from_embeddings
@@ -65,12 +65,12 @@ from birder.serve.uploads import (
     BodySizeLimit,
     InflightBytes,
     InflightLimit,
-    _short,
     decode_opened,
     error_response,
     open_upload,
     parse_top_k,
     read_image_request,
+    short_text,
 )
 
 try:
@@ -190,7 +190,7 @@ class ModelService:
         if cost > self.decoding.limit:
             raise ApiError(
                 413,
-                f"image '{_short(name)}' ({opened.width}x{opened.height}, mode {opened.mode}) needs about "
+                f"image '{short_text(name)}' ({opened.width}x{opened.height}, mode {opened.mode}) needs about "
                 f"{cost / 2**20:.0f} MiB to decode; this server decodes at most {self.decoding.limit / 2**20:.0f} "
                 "MiB at once (--max-decode-mb): send it smaller, or with 8 bits a channel",
             )
@@ -429,10 +429,13 @@ def create_app(
             described["detector"] = detector.describe()
         return described
 
-    @app.api_route("/healthz", methods=["GET", "HEAD"])
+    @app.get("/healthz")
     async def healthz() -> JSONResponse:
         health = service.health()
         return JSONResponse(health, status_code=200 if health["status"] == "ok" else 503)
+
+    # Load balancers and uptime checks often ask with HEAD: the same answer, without its body
+    app.add_api_route("/healthz", healthz, methods=["HEAD"], operation_id="healthz_head")
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
@@ -461,7 +464,9 @@ def _add_error_handlers(app: FastAPI, service: ModelService) -> None:
     async def validation_error(_request: Request, err: RequestValidationError) -> JSONResponse:
         service.requests_refused += 1
         first = err.errors()[0] if err.errors() else {}
-        return error_response(400, f"invalid request: {first.get('msg', 'bad parameters')}")
+        where = ".".join(str(part) for part in first.get("loc", ()) if part not in ("path", "query", "body"))
+        reason = one_line(str(first.get("msg", "bad parameters")), 200)
+        return error_response(400, f"invalid request: {where + ': ' if where else ''}{reason}")
 
     @app.exception_handler(Exception)
     async def internal_error(_request: Request, err: Exception) -> JSONResponse:

@@ -38,7 +38,7 @@ from birder.inference.crops import crop_box
 from birder.inference.detection import Detections, detect_tensors, detection_transform
 from birder.io.checkpoint import ModelInfo
 from birder.serve.openapi import DATE, LAT, LON, TOP_K, photo_route
-from birder.serve.uploads import ApiError, parse_top_k, read_image_request
+from birder.serve.uploads import ApiError, parse_top_k, read_image_request, short_text
 
 # The photo's place and date, and the answer: (probs, embedding, place, top_k) -> predictions and answer
 AnswerFor = Callable[[np.ndarray, np.ndarray, dict[str, str], int], dict[str, Any]]
@@ -101,7 +101,7 @@ def _threshold(raw: str | None, default: float) -> float:
     try:
         value = float(raw)
     except ValueError:
-        raise ApiError(400, f"threshold must be a number, got '{raw[:40]}'") from None
+        raise ApiError(400, f"threshold must be a number, got '{short_text(raw)}'") from None
     if not 0.0 <= value <= 1.0:
         raise ApiError(400, f"threshold must be between 0 and 1, got {value}")
     return value

@@ -33,7 +33,7 @@ from birder.introspection.overlay import heat_rgba
 from birder.io.images import load_image
 from birder.serve.memory import decode_cost, run_held, run_holding
 from birder.serve.openapi import error_responses, photo_route
-from birder.serve.uploads import ApiError, read_image_request
+from birder.serve.uploads import ApiError, read_image_request, short_text
 
 OVERLAY_MAX_SIDE = 512
 THUMBNAIL_SIDE = 256
@@ -77,10 +77,10 @@ def add_extra_routes(app: FastAPI, service: Any, index: Any | None = None) -> No
         place = {**fields, **request.query_params}
         method = place.get("method") or "rollout"
         if method not in EXPLAIN_METHODS:
-            raise ApiError(400, f"unknown method '{method[:40]}'; choose one of: {', '.join(EXPLAIN_METHODS)}")
+            raise ApiError(400, f"unknown method '{short_text(method)}'; choose one of: {', '.join(EXPLAIN_METHODS)}")
         species = place.get("target")
         if species is not None and species not in service.class_names:
-            raise ApiError(400, f"'{species[:100]}' is not a class of this model")
+            raise ApiError(400, f"'{short_text(species)}' is not a class of this model")
         target = service.class_names.index(species) if species is not None else None
         if not service.explanations.try_acquire(1):
             raise ApiError(
@@ -118,7 +118,7 @@ def add_extra_routes(app: FastAPI, service: Any, index: Any | None = None) -> No
         try:
             k = int(raw)
         except ValueError:
-            raise ApiError(400, f"k must be a whole number, got '{raw[:40]}'") from None
+            raise ApiError(400, f"k must be a whole number, got '{short_text(raw)}'") from None
         if not 1 <= k <= MAX_SIMILAR:
             raise ApiError(400, f"k must be between 1 and {MAX_SIMILAR}, got {k}")
         ((_, embedding), facts) = await service.infer(data, file_name)

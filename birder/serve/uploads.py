@@ -161,7 +161,7 @@ def _content_length(scope: Scope) -> int | None:
     return int(declared) if declared is not None and declared.isdigit() else None
 
 
-def _short(text: str) -> str:
+def short_text(text: str) -> str:
     """One short line of user-supplied text (a file name) fit to quote in an error message."""
     text = "".join(char if char.isprintable() else "?" for char in text)
     return text if len(text) <= _MAX_NAME_CHARS else text[: _MAX_NAME_CHARS - 3] + "..."
@@ -170,7 +170,7 @@ def _short(text: str) -> str:
 def open_upload(data: bytes, name: str, max_pixels: int) -> Image.Image:
     """The header of an uploaded file, its pixels not decoded yet, or an :class:`ApiError`: a file that is not an
     image, or one of more than ``max_pixels`` pixels."""
-    shown = _short(name)
+    shown = short_text(name)
     if not data:
         raise ApiError(422, f"cannot read image '{shown}': empty file (0 bytes)")
     try:
@@ -181,7 +181,7 @@ def open_upload(data: bytes, name: str, max_pixels: int) -> Image.Image:
         raise ApiError(413, f"image '{shown}' has too many pixels (a decompression bomb?)") from None
     except Exception as err:  # any parser failure on untrusted bytes is the client's bad file
         raise ApiError(
-            422, f"cannot read image '{shown}': truncated or corrupt image: {_short(one_line(err))}"
+            422, f"cannot read image '{shown}': truncated or corrupt image: {short_text(one_line(err))}"
         ) from None
 
     (width, height) = opened.size
@@ -198,7 +198,7 @@ def decode_opened(opened: Image.Image, name: str) -> Image.Image:
         return load_image(opened)
     except ImageDecodeError as err:
         # load_image names an in-memory image generically; the client knows it by its file name
-        raise ApiError(422, str(err).replace("'<in-memory image>'", f"'{_short(name)}'", 1)) from None
+        raise ApiError(422, str(err).replace("'<in-memory image>'", f"'{short_text(name)}'", 1)) from None
 
 
 def decode_upload(data: bytes, name: str, max_pixels: int) -> Image.Image:
@@ -221,7 +221,7 @@ async def read_image_request(request: Request) -> tuple[bytes, str, dict[str, st
 
     raise ApiError(
         415,
-        f"unsupported content type '{_short(content_type) or 'none'}': send multipart/form-data with a file field "
+        f"unsupported content type '{short_text(content_type) or 'none'}': send multipart/form-data with a file field "
         '\'image\', JSON {"image": "<base64>"}, or the image bytes with an image/* content type',
     )
 
@@ -242,7 +242,7 @@ async def _read_multipart(request: Request) -> tuple[bytes, str, dict[str, str]]
         raise
     except Exception as err:  # python-multipart's and Starlette's parser errors
         detail = getattr(err, "detail", None) or str(err) or type(err).__name__
-        raise ApiError(400, f"malformed multipart form: {_short(str(detail))}") from None
+        raise ApiError(400, f"malformed multipart form: {short_text(str(detail))}") from None
 
     files = {key: value for key, value in form.multi_items() if hasattr(value, "read")}
     fields = {key: value for key, value in form.multi_items() if isinstance(value, str)}
@@ -262,7 +262,7 @@ async def _read_json(request: Request) -> tuple[bytes, str, dict[str, str]]:
         # size at any moment (what the server's memory bound counts: birder.serve.memory)
         body = json.loads(await _read_body(request))
     except (ValueError, RecursionError) as err:  # not JSON, not UTF-8, nested too deep, an integer too long
-        raise ApiError(400, f"request body is not valid JSON: {_short(one_line(err))}") from None
+        raise ApiError(400, f"request body is not valid JSON: {short_text(one_line(err))}") from None
     if not isinstance(body, dict) or not isinstance(body.get("image"), str):
         raise ApiError(400, 'JSON requests need a string field "image" holding the base64-encoded photo')
 
@@ -278,7 +278,7 @@ async def _read_json(request: Request) -> tuple[bytes, str, dict[str, str]]:
     del text
 
     fields = {key: _field_text(value) for key, value in body.items() if value is not None}
-    return (data, _short(fields.pop("filename", "") or "upload"), fields)
+    return (data, short_text(fields.pop("filename", "") or "upload"), fields)
 
 
 def _base64_decode(text: bytes) -> bytes:
@@ -306,7 +306,7 @@ def parse_top_k(raw: str | None, default: int, num_classes: int) -> int:
     try:
         top_k = int(raw)
     except ValueError:
-        raise ApiError(400, f"top_k must be a whole number, got '{_short(raw)}'") from None
+        raise ApiError(400, f"top_k must be a whole number, got '{short_text(raw)}'") from None
     if top_k < 1:
         raise ApiError(400, f"top_k must be at least 1, got {top_k}")
     return min(top_k, num_classes)  # asking for more than there are is not an error
