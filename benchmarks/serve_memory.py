@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import io
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -104,7 +105,10 @@ def _free_port() -> int:
 def start_server(model: Path, options: list[str]) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     command = [sys.executable, "-m", "birder.scripts.serve", "--weights", str(model), "--port", str(port)]
-    process = subprocess.Popen([*command, "--log-level", "warning", *options])
+    # The server runs this checkout's birder, whatever the working directory
+    root = str(Path(birder.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    process = subprocess.Popen([*command, "--log-level", "warning", *options], env=env)
     url = f"http://127.0.0.1:{port}"
     import httpx
 

@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-decode-mb",
         type=float,
         help="memory for decoding photos at once, in MiB; a photo waits for room (default: 24 bytes per pixel of "
-        "--max-pixels, 1144 MiB at 50 MP: one 8-bit photo with alpha at the pixel limit)",
+        "--max-pixels, 1148 MiB at 50 MP: one 8-bit photo with alpha at the pixel limit)",
     )
     parser.add_argument(
         "--max-explanations",

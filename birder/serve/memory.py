@@ -29,12 +29,12 @@ T = TypeVar("T")
 # of image (measured in fresh processes, 6 MP photos: tests/test_serve_memory.py keeps them above what decoding
 # takes). PIL holds 8-bit RGB in 4 bytes a pixel; alpha is composited on white through three RGBA images; 16-bit,
 # 32-bit and float images are scaled through float64 arrays.
-BYTES_PER_PIXEL_8BIT = 6  # RGB, grayscale, palette (measured 4.7 to 5.4)
-BYTES_PER_PIXEL_CMYK = 9  # measured 8.4
-BYTES_PER_PIXEL_ALPHA = 22  # an alpha band or a transparent colour (measured 17.4 to 20.4)
-BYTES_PER_PIXEL_HIGH_DEPTH = 42  # 16-bit, 32-bit integer, float, and any mode not named here (measured 39 to 40)
+BYTES_PER_PIXEL_8BIT = 6  # RGB, grayscale, palette (measured 4.8 to 5.8)
+BYTES_PER_PIXEL_CMYK = 10  # measured 8.9
+BYTES_PER_PIXEL_ALPHA = 22  # an alpha band or a transparent colour (measured 17.0 to 20.0)
+BYTES_PER_PIXEL_HIGH_DEPTH = 42  # 16-bit, 32-bit integer, float, and any mode not named here (measured 39 to 41)
 BYTES_PER_PIXEL_ROTATED = 4  # EXIF-rotated: one rotated copy
-BYTES_PER_PIXEL_CROPS = 4  # /v1/detect: one crop of the photo at a time, at most the whole photo
+BYTES_PER_PIXEL_CROPS = 6  # /v1/detect: the detector's own copy (3 bytes a pixel), then one crop at a time (4)
 # Allocator and decoder state beside the pixels, per image
 DECODE_OVERHEAD_BYTES = 4 * 2**20
 # Default of --max-decode-mb, per pixel of --max-pixels: an 8-bit photo with alpha at the pixel limit fits
