@@ -198,7 +198,7 @@ def test_explanations_beyond_the_limit_get_503_while_one_waits_its_turn(everythi
 
 def test_a_photo_needing_more_memory_to_decode_than_the_server_has_is_a_413(everything: tuple[str, Any, Path]) -> None:
     (url, _, _) = everything
-    # 1000 x 1000 at 16 bits a pixel: about 42 MB to decode (float64 scaling), over the 24 MiB given
+    # 1000 x 1000 at 16 bits a pixel: about 50 MB counted to decode (float64 scaling), over the 24 MiB given
     deep = encode(Image.fromarray(np.full((1000, 1000), 30_000, dtype=np.uint16)), "PNG")
     refused = httpx.post(f"{url}/v1/classify", files={"image": ("deep.png", deep)}, timeout=CLIENT_TIMEOUT)
     assert refused.status_code == 413, refused.text

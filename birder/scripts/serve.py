@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-decode-mb",
         type=float,
-        help="memory for decoding photos at once, in MiB; a photo waits for room (default: 24 bytes per pixel of "
-        "--max-pixels, 1148 MiB at 50 MP: one 8-bit photo with alpha at the pixel limit)",
+        help="memory for decoding photos at once, in MiB; a photo waits for room (default: 26 bytes per pixel of "
+        "--max-pixels, 1244 MiB at 50 MP: one 8-bit photo with alpha at the pixel limit)",
     )
     parser.add_argument(
         "--max-explanations",

@@ -104,7 +104,7 @@ class ServeSettings:
     # A 50 MP camera frame fits; PIL's own decompression-bomb guard (about 89 MP) stays behind this one.
     max_pixels: int = 50_000_000
     # Bytes that photos being decoded may take at once (birder.serve.memory.decode_cost): a photo waits for room.
-    # None: 24 bytes per pixel of max_pixels, so that an 8-bit photo with alpha at the pixel limit fits.
+    # None: 26 bytes per pixel of max_pixels, so that an 8-bit photo with alpha at the pixel limit fits.
     max_decode_bytes: int = None  # type: ignore[assignment]  # set in __post_init__
     timeout_s: float = 30.0
     default_top_k: int = 5

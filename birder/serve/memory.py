@@ -32,13 +32,14 @@ T = TypeVar("T")
 BYTES_PER_PIXEL_8BIT = 6  # RGB, grayscale, palette (measured 4.8 to 5.8)
 BYTES_PER_PIXEL_CMYK = 10  # measured 8.9
 BYTES_PER_PIXEL_ALPHA = 22  # an alpha band or a transparent colour (measured 17.0 to 20.0)
-BYTES_PER_PIXEL_HIGH_DEPTH = 42  # 16-bit, 32-bit integer, float, and any mode not named here (measured 39 to 41)
+BYTES_PER_PIXEL_HIGH_DEPTH = 46  # 16-bit, 32-bit integer, float, and any mode not named here (measured 39 to 41)
 BYTES_PER_PIXEL_ROTATED = 4  # EXIF-rotated: one rotated copy
 BYTES_PER_PIXEL_CROPS = 6  # /v1/detect: the detector's own copy (3 bytes a pixel), then one crop at a time (4)
 # Allocator and decoder state beside the pixels, per image
 DECODE_OVERHEAD_BYTES = 4 * 2**20
-# Default of --max-decode-mb, per pixel of --max-pixels: an 8-bit photo with alpha at the pixel limit fits
-DEFAULT_DECODE_BYTES_PER_MAX_PIXEL = 24
+# Default of --max-decode-mb, per pixel of --max-pixels: an 8-bit photo with alpha (and maybe rotated: a PNG) at the
+# pixel limit fits
+DEFAULT_DECODE_BYTES_PER_MAX_PIXEL = 26
 
 _8BIT_MODES = frozenset({"1", "L", "P", "RGB", "YCbCr", "LAB", "HSV", "RGBX"})
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
