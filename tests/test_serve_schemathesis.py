@@ -137,6 +137,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         for name, strategy in saved.items():
             if strategy is not None:
                 formats.STRING_FORMATS[name] = strategy
+        formats._invalidate_caches()  # as the public registration does
         for media_type in PHOTO_MEDIA_TYPES:
             schemathesis.core.media_types.MEDIA_TYPE_STRATEGIES.pop(media_type, None)
 
