@@ -21,6 +21,12 @@ from birder.geo.prior import MODE_NONE, LocationPrior, out_of_range, parse_date
 from birder.inference.decision import apply_prior
 
 
+def _shown(text: str) -> str:
+    """A client's field value fit to quote in a one-line error: printable, and short."""
+    text = "".join(char if char.isprintable() else "?" for char in text)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _field_number(fields: Mapping[str, str], name: str, limit: float) -> float | None:
     text = (fields.get(name) or "").strip()
     if not text:
@@ -28,7 +34,7 @@ def _field_number(fields: Mapping[str, str], name: str, limit: float) -> float |
     try:
         value = float(text)
     except ValueError:
-        raise BirderError(f"'{name}' must be a number in degrees, got '{text}'") from None
+        raise BirderError(f"'{name}' must be a number in degrees, got '{_shown(text)}'") from None
     if not -limit <= value <= limit:
         raise BirderError(f"'{name}' must be within -{limit:g}..{limit:g}, got {value:g}")
     return value
@@ -41,7 +47,7 @@ def request_place(fields: Mapping[str, str]) -> tuple[tuple[float, float] | None
         raise BirderError("give both 'lat' and 'lon', or neither")
     date = (fields.get("date") or "").strip() or None
     if date is not None and parse_date(date) is None:
-        raise BirderError(f"'date' must be a date (YYYY-MM-DD), got '{date}'")
+        raise BirderError(f"'date' must be a date (YYYY-MM-DD), got '{_shown(date)}'")
     return ((latitude, longitude) if latitude is not None else None, date)
 
 

@@ -5,11 +5,13 @@
 >>> result = infer_image(det_net, "photo.jpg", transform)   # result.boxes [N, 4] xyxy, .scores, .labels
 """
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torchvision.ops import nms
 from torchvision.transforms import v2
@@ -87,14 +89,15 @@ def detect_tensors(
     depend on the photos it was batched with.
     """
     reference = next(det_net.parameters())
+    padded = [_pad_thin(det_net, tensor) for tensor in tensors]
     by_shape: dict[tuple[int, ...], list[int]] = {}
-    for index, tensor in enumerate(tensors):
+    for index, tensor in enumerate(padded):
         by_shape.setdefault(tuple(tensor.shape), []).append(index)
 
     outputs: dict[int, dict[str, torch.Tensor]] = {}
     with torch.inference_mode():
         for indices in by_shape.values():
-            batch = [tensors[i].to(device=reference.device, dtype=reference.dtype) for i in indices]
+            batch = [padded[i].to(device=reference.device, dtype=reference.dtype) for i in indices]
             outputs.update(zip(indices, det_net(batch), strict=True))
 
     results = []
@@ -116,6 +119,25 @@ def merge_across_classes(found: Detections, iou: float = MERGE_IOU) -> Detection
         return found
     kept = nms(found.boxes, found.scores, iou)  # indices by decreasing score
     return Detections(found.boxes[kept], found.scores[kept], found.labels[kept])
+
+
+def _pad_thin(det_net: torch.nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` ``[C, H, W]``, padded with zeros (the mean colour, once normalised) at the bottom or the right
+    when it is so thin that the detector's own resize (long side to at most ``max(det_net.size)``) would leave its
+    short side under two patches: the feature pyramid's coarser levels would be empty and the network would fail.
+    The padding lies outside the photo's box coordinates (they start at the top left), which are clipped to it.
+    """
+    (patch, size) = (getattr(det_net, "patch_size", None), getattr(det_net, "size", None))
+    if not isinstance(patch, int) or not size:
+        return tensor
+    (height, width) = tensor.shape[-2:]
+    # floor(short * max_size / long) must reach patch + 1 pixels: padded to the patch size, two patches
+    shortest = math.ceil((patch + 2) * max(height, width) / max(size))
+    if min(height, width) >= shortest:
+        return tensor
+    if height < width:
+        return F.pad(tensor, (0, 0, 0, shortest - height))
+    return F.pad(tensor, (0, shortest - width, 0, 0))
 
 
 def infer_image(
@@ -141,6 +163,4 @@ def infer_image(
     """
     photo = load_image(image)
     size = (photo.height, photo.width)
-    return detect_tensors(
-        det_net, [transform(photo)], [size], score_threshold=score_threshold, merge_iou=merge_iou
-    )[0]
+    return detect_tensors(det_net, [transform(photo)], [size], score_threshold=score_threshold, merge_iou=merge_iou)[0]

@@ -101,10 +101,11 @@ def _crop_origin(resized: int, crop: int) -> int:
     return round((resized - crop) / 2.0)
 
 
-def _axis_matrix(photo_len: int, resized_len: int, crop_len: int, origin: int) -> npt.NDArray[np.float32]:
-    """``[photo_len, crop_len]`` linear-interpolation weights: photo pixel -> input pixels (none outside the crop)."""
-    centres = (np.arange(photo_len) + 0.5) * (resized_len / photo_len) - 0.5 - origin  # in input pixels
-    matrix = np.zeros((photo_len, crop_len), dtype=np.float32)
+def _axis_matrix(samples: int, resized_len: int, crop_len: int, origin: int) -> npt.NDArray[np.float32]:
+    """``[samples, crop_len]`` linear-interpolation weights: ``samples`` points evenly over a photo axis -> input
+    pixels (none outside the crop). A photo axis spans ``resized_len`` input pixels, whatever its own length."""
+    centres = (np.arange(samples) + 0.5) * (resized_len / samples) - 0.5 - origin  # in input pixels
+    matrix = np.zeros((samples, crop_len), dtype=np.float32)
     inside = (centres >= -0.5) & (centres <= crop_len - 0.5)
     position = np.clip(centres, 0, crop_len - 1)
     low = np.floor(position).astype(np.int64)
@@ -117,15 +118,21 @@ def _axis_matrix(photo_len: int, resized_len: int, crop_len: int, origin: int) -
 
 
 def map_to_photo(
-    input_map: npt.NDArray[np.float32], photo_size: tuple[int, int], transform: Any
+    input_map: npt.NDArray[np.float32],
+    photo_size: tuple[int, int],
+    transform: Any,
+    out_size: tuple[int, int] | None = None,
 ) -> npt.NDArray[np.float32]:
     """An ``[H, W]`` map over the network's input -> ``photo_size`` ``(height, width)``, undoing resize and crop.
 
+    ``out_size`` ``(height, width)``: the map over the whole photo drawn at that size instead (a preview of a
+    large photo: the memory is that of ``out_size``, not of the photo).
     ``transform`` needs ``size``, ``center_crop`` and ``simple_crop`` (a ``ClassificationTransform``); any other
     callable is taken as a plain resize of the whole photo to the input size.
     """
     (crop_h, crop_w) = input_map.shape
     (photo_h, photo_w) = photo_size
+    (out_h, out_w) = out_size if out_size is not None else photo_size
     if all(hasattr(transform, name) for name in ("size", "center_crop", "simple_crop")):
         (resized_h, resized_w) = _resized_size(
             photo_h, photo_w, tuple(transform.size), transform.center_crop, transform.simple_crop
@@ -134,6 +141,13 @@ def map_to_photo(
         (resized_h, resized_w) = (crop_h, crop_w)
 
     # Resize and crop act on each axis alone, so the inverse is one matrix per axis: rows @ map @ columns^T
-    rows = _axis_matrix(photo_h, resized_h, crop_h, _crop_origin(resized_h, crop_h))
-    columns = _axis_matrix(photo_w, resized_w, crop_w, _crop_origin(resized_w, crop_w))
-    return (rows @ input_map.astype(np.float32) @ columns.T).astype(np.float32)
+    rows = _axis_matrix(out_h, resized_h, crop_h, _crop_origin(resized_h, crop_h))
+    columns = _axis_matrix(out_w, resized_w, crop_w, _crop_origin(resized_w, crop_w))
+    return (rows @ input_map.astype(np.float32) @ columns.T).astype(np.float32, copy=False)
+
+
+def preview_size(photo_size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """``photo_size`` ``(height, width)`` scaled down (never up) so that its longer side is at most ``max_side``."""
+    (height, width) = photo_size
+    scale = min(1.0, max_side / max(height, width))
+    return (max(1, round(height * scale)), max(1, round(width * scale)))

@@ -40,11 +40,16 @@ def _import_grad_cam(method: str) -> tuple[Any, Any]:
 
 
 def token_grid_reshape(net: ViT, grid: tuple[int, int]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Tokens ``[B, special + h*w, D]`` -> ``[B, D, h, w]`` over the patch grid."""
+    """Tokens ``[B, special + h*w, D]`` -> ``[B, D, h, w]`` over the patch grid, in float32.
+
+    The package applies this to the activations and to their gradients before it turns them into NumPy arrays,
+    which have no bfloat16 (and float16 sums lose the map's small values): converting here runs the map's maths in
+    float32 on a network that stays in its own dtype (no float32 copy of the weights).
+    """
 
     def reshape(tokens: torch.Tensor) -> torch.Tensor:
         patches = tokens[:, net.num_special_tokens :]
-        return patches.reshape(tokens.shape[0], grid[0], grid[1], -1).permute(0, 3, 1, 2)
+        return patches.reshape(tokens.shape[0], grid[0], grid[1], -1).permute(0, 3, 1, 2).float()
 
     return reshape
 

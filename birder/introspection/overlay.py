@@ -16,18 +16,34 @@ _RAMP = np.array(
 )
 
 
-def heat_colours(values: npt.NDArray[np.float32]) -> npt.NDArray[np.uint8]:
-    """``[H, W]`` values in [0, 1] -> ``[H, W, 3]`` RGB colours."""
-    position = np.clip(values, 0.0, 1.0) * (len(_RAMP) - 1)
+def _ramp_table(levels: int = 256) -> npt.NDArray[np.uint8]:
+    """The ramp at ``levels`` evenly spaced values of [0, 1]: ``[levels, 3]`` RGB."""
+    position = np.linspace(0.0, 1.0, levels, dtype=np.float32) * (len(_RAMP) - 1)
     low = np.floor(position).astype(np.int64).clip(0, len(_RAMP) - 2)
-    frac = (position - low)[..., None]
+    frac = (position - low)[:, None]
     return (_RAMP[low] * (1.0 - frac) + _RAMP[low + 1] * frac).round().astype(np.uint8)
+
+
+_RAMP_TABLE = _ramp_table()
+
+
+def _levels(values: npt.NDArray[np.float32]) -> npt.NDArray[np.uint8]:
+    """Values in [0, 1] -> 0..255, one byte a pixel: colours and opacity are looked up from them, so a map the
+    size of a large photo costs a few bytes a pixel, not the float arrays of computing each colour."""
+    scaled = np.clip(values, 0.0, 1.0, dtype=np.float32)
+    scaled *= 255.0
+    return np.rint(scaled, out=scaled).astype(np.uint8)
+
+
+def heat_colours(values: npt.NDArray[np.float32]) -> npt.NDArray[np.uint8]:
+    """``[H, W]`` values in [0, 1] -> ``[H, W, 3]`` RGB colours (the ramp in 256 steps)."""
+    return _RAMP_TABLE[_levels(values)]
 
 
 def heat_rgba(values: npt.NDArray[np.float32], max_alpha: float = 0.6) -> Image.Image:
     """The map as an RGBA layer: coloured by value, more opaque where higher (0 is fully transparent)."""
-    alpha = (np.clip(values, 0.0, 1.0) * (255 * max_alpha)).round().astype(np.uint8)
-    return Image.fromarray(np.dstack([heat_colours(values), alpha]), mode="RGBA")
+    table = np.concatenate([_RAMP_TABLE, (np.arange(256) * max_alpha).round().astype(np.uint8)[:, None]], axis=1)
+    return Image.fromarray(table[_levels(values)], mode="RGBA")
 
 
 def overlay(photo: Image.Image, photo_map: npt.NDArray[np.float32], label: str | None = None) -> Image.Image:

@@ -63,7 +63,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-pixels", type=int, default=50_000_000, help="largest image, in pixels (default: %(default)s)"
     )
-    parser.add_argument("--timeout", type=float, default=30.0, help="request timeout in seconds (default: %(default)s)")
+    parser.add_argument(
+        "--max-decode-mb",
+        type=float,
+        help="memory for decoding photos at once, in MiB; a photo waits for room (default: 26 bytes per pixel of "
+        "--max-pixels, 1244 MiB at 50 MP: one 8-bit photo with alpha at the pixel limit)",
+    )
+    parser.add_argument(
+        "--max-explanations",
+        type=int,
+        default=8,
+        help="/v1/explain requests waiting or running at once (one runs at a time); more get 503 "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=30.0, help="request timeout in seconds, every route (default: %(default)s)"
+    )
     parser.add_argument("--top-k", type=int, default=5, help="species returned by default (default: %(default)s)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument(
@@ -93,6 +108,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         "--max-pixels": args.max_pixels,
         "--timeout": args.timeout,
         "--top-k": args.top_k,
+        "--max-explanations": args.max_explanations,
     }
     for option, value in positive.items():
         if value <= 0:
@@ -102,6 +118,15 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             f"--max-inflight-mb ({args.max_inflight_mb:g}) must be at least --max-upload-mb ({args.max_upload_mb:g}), "
             "or the largest uploads could never be admitted"
         )
+    if args.max_decode_mb is not None:
+        from birder.serve.memory import BYTES_PER_PIXEL_8BIT, DECODE_OVERHEAD_BYTES
+
+        smallest = (args.max_pixels * BYTES_PER_PIXEL_8BIT + DECODE_OVERHEAD_BYTES) / 2**20
+        if not args.max_decode_mb >= smallest:  # NaN too
+            parser.error(
+                f"--max-decode-mb ({args.max_decode_mb:g}) cannot hold one 8-bit photo of --max-pixels "
+                f"({args.max_pixels}): give at least {smallest:.0f}, or lower --max-pixels"
+            )
     if args.batch_window_ms < 0:
         parser.error(f"--batch-window-ms cannot be negative, got {args.batch_window_ms}")
     if not 0 <= args.port <= 65535:
@@ -145,8 +170,8 @@ def load_serving_prior(args: argparse.Namespace, model_info: object) -> "Locatio
     """The ``--prior`` file for the served model's classes (refused in one line when built for others)."""
     if args.prior is None:
         return None
-    if args.prior_strength < 0:
-        raise BirderError(f"--prior-strength must be >= 0, got {args.prior_strength}")
+    if not 0 <= args.prior_strength < float("inf"):  # NaN and infinity would give every species the same answer
+        raise BirderError(f"--prior-strength must be a number >= 0, got {args.prior_strength}")
     from birder.geo.prior_file import load_prior_for
 
     class_to_idx = model_info.class_to_idx  # type: ignore[attr-defined]
@@ -195,6 +220,8 @@ def settings_from_args(args: argparse.Namespace) -> "ServeSettings":
         max_upload_bytes=int(args.max_upload_mb * 2**20),
         max_inflight_bytes=int(args.max_inflight_mb * 2**20),
         max_pixels=args.max_pixels,
+        max_decode_bytes=int(args.max_decode_mb * 2**20) if args.max_decode_mb is not None else None,
+        max_explanations=args.max_explanations,
         timeout_s=args.timeout,
         default_top_k=args.top_k,
     )

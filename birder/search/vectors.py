@@ -64,6 +64,9 @@ Ids = npt.NDArray[np.int64]
 
 
 def import_faiss() -> Any:
+    # faiss's loader logs which build it tries (8 lines at INFO, one a failure to find an AVX2 build) through
+    # Python logging as it is imported: noise on every command's stderr. Its warnings still show.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     try:
         import faiss
     except ImportError:

@@ -9,8 +9,10 @@
   ``similar``: whether ``/v1/similar`` is served (an index was given), ``detect``: whether ``/v1/detect`` is (a
   detector was given; ``detector`` then says which)
 - ``POST /v1/detect`` (with a detector): every box found in the photo, each with its species and answer
-- ``GET /healthz``: status and batching figures (mean batch size served)
+- ``GET /healthz`` (and ``HEAD``): status and batching figures (mean batch size served)
 - ``GET /``: a page to drop a photo on and see its species as a bar chart (assets served from ``/static``)
+- ``GET /openapi.json``: the OpenAPI schema of all of these (:mod:`birder.serve.openapi`); no ``/docs`` page (the
+  Swagger UI it would show loads from a CDN: blank on a machine offline)
 
 An image can be sent as multipart form data (a file field, ``image`` by preference), as JSON
 ``{"image": "<base64>"}`` or as the raw bytes of the request body. Every image goes through the library's one
@@ -21,8 +23,12 @@ path: :func:`~birder.io.images.load_image` (after a size check on the header), t
 Every refused request gets a JSON body ``{"error": "<one line>"}``: 413 for an upload or an image (in pixels)
 over the limits, 422 for an image that cannot be decoded, 400 for a malformed request, 415 for an unknown
 content type, 503 when overloaded (too many images waiting, or the request bodies in flight would pass
-``max_inflight_bytes``: refused from the declared size, before the body is read) and 504 when the request timed
-out.
+``max_inflight_bytes``: refused from the declared size, before the body is read) and 504 when the request took
+longer than ``timeout_s`` (every route).
+
+The memory the requests hold at once is bounded (:mod:`birder.serve.memory`): bodies by ``max_inflight_bytes``,
+decoding by ``max_decode_bytes`` (a photo waits for room, and is dropped as soon as it is at the model's input
+resolution), waiting photos by ``max_queue`` and ``max_explanations``.
 """
 
 import asyncio
@@ -35,15 +41,16 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
+from PIL import Image
 
 from birder.data.transforms import classification_transform
-from birder.errors import BirderError
+from birder.errors import BirderError, one_line
 from birder.geo.prior import LocationPrior
-from birder.geo.serve import prior_answer
+from birder.geo.serve import prior_answer, request_place
 from birder.inference.classification import infer_batch, logits_from_embeddings
 from birder.inference.decision import DecisionPolicy, build_policy
 from birder.inference.optimize import DtypeChoice
@@ -51,15 +58,19 @@ from birder.io.checkpoint import ModelInfo, get_size_from_signature
 from birder.serve.batcher import BatchInfo, DynamicBatcher, QueueFullError
 from birder.serve.detect import ServedDetector, add_detect_route
 from birder.serve.extras import add_extra_routes
+from birder.serve.memory import Budget, decode_cost, default_decode_bytes, run_holding
+from birder.serve.openapi import DATE, LAT, LON, TOP_K, photo_route
 from birder.serve.uploads import (
     ApiError,
     BodySizeLimit,
     InflightBytes,
     InflightLimit,
-    decode_upload,
+    decode_opened,
     error_response,
+    open_upload,
     parse_top_k,
     read_image_request,
+    short_text,
 )
 
 try:
@@ -77,6 +88,8 @@ STATIC_DIR = Path(__file__).parent / "static"
 # The page loads nothing from anywhere else; the browser enforces it.
 _PAGE_CSP = "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'"
 
+T = TypeVar("T")
+
 
 @dataclass(frozen=True)
 class ServeSettings:
@@ -90,11 +103,20 @@ class ServeSettings:
     max_inflight_bytes: int = 256 * 1024 * 1024
     # A 50 MP camera frame fits; PIL's own decompression-bomb guard (about 89 MP) stays behind this one.
     max_pixels: int = 50_000_000
+    # Bytes that photos being decoded may take at once (birder.serve.memory.decode_cost): a photo waits for room.
+    # None: 26 bytes per pixel of max_pixels, so that an 8-bit photo with alpha at the pixel limit fits.
+    max_decode_bytes: int = None  # type: ignore[assignment]  # set in __post_init__
     timeout_s: float = 30.0
     default_top_k: int = 5
     # Images waiting for a batch beyond this are refused with 503 instead of queueing without bound.
     max_queue: int = 1024
+    # Explanations waiting or running (one runs at a time) beyond this are refused with 503.
+    max_explanations: int = 8
     decode_workers: int = max(2, min(8, os.cpu_count() or 2))
+
+    def __post_init__(self) -> None:
+        if self.max_decode_bytes is None:
+            object.__setattr__(self, "max_decode_bytes", default_decode_bytes(self.max_pixels))
 
 
 class ModelService:
@@ -115,11 +137,15 @@ class ModelService:
             max_queue=settings.max_queue,
         )
         self.inflight = InflightBytes(settings.max_inflight_bytes)
+        self.decoding = Budget(settings.max_decode_bytes)
+        self.explanations = Budget(settings.max_explanations)
         # Batches and explanations (birder.serve.extras: they switch attention recording on) take turns
         self.model_lock = threading.Lock()
         self.dtype: DtypeChoice | None = None  # set by create_app
         self.policy = DecisionPolicy(self.class_names)  # set by create_app
         self.decode_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        # One explanation at a time (each holds the model lock anyway); the others wait their turn in its queue
+        self.explain_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.started_at = time.time()
         self.requests_ok = 0
         self.requests_refused = 0
@@ -136,22 +162,53 @@ class ModelService:
         self.decode_pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=self.settings.decode_workers, thread_name_prefix="birder-decode"
         )
+        self.explain_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="birder-explain")
         await self.batcher.start()
 
     async def stop(self) -> None:
         await self.batcher.stop()
-        if self.decode_pool is not None:
-            self.decode_pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self.decode_pool, self.explain_pool):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
 
-    def _preprocess(self, data: bytes, name: str) -> tuple[torch.Tensor, tuple[int, int]]:
-        image = decode_upload(data, name, self.settings.max_pixels)
-        return (self.transform(image), image.size)
+    async def with_timeout(self, handler: Callable[[], Awaitable[T]]) -> T:
+        """``handler()``, answered 504 past ``timeout_s`` (from the request's start: reading the body counts)."""
+        try:
+            async with asyncio.timeout(self.settings.timeout_s):
+                response = await handler()
+        except TimeoutError:
+            raise ApiError(504, f"request timed out after {self.settings.timeout_s:g} s (server busy?)") from None
+        self.requests_ok += 1
+        return response
+
+    async def decoded(self, data: bytes, name: str, work: Callable[[Image.Image], T], *, crops: bool = False) -> T:
+        """``work(photo)`` on the decoded upload, in a decode thread, within the decoding budget; the photo is let
+        go when ``work`` returns (it should return nothing of the photo's size). ``crops``: ``work`` crops the
+        photo (:func:`~birder.serve.memory.decode_cost`)."""
+        loop = asyncio.get_running_loop()
+        (opened, cost) = await loop.run_in_executor(self.decode_pool, self._open, data, name, crops)
+        if cost > self.decoding.limit:
+            raise ApiError(
+                413,
+                f"image '{short_text(name)}' ({opened.width}x{opened.height}, mode {opened.mode}) needs about "
+                f"{cost / 2**20:.0f} MiB to decode; this server decodes at most {self.decoding.limit / 2**20:.0f} "
+                "MiB at once (--max-decode-mb): send it smaller, or with 8 bits a channel",
+            )
+        return await run_holding(self.decoding, cost, self.decode_pool, _decode_then, opened, name, work)
+
+    def _open(self, data: bytes, name: str, crops: bool) -> tuple[Image.Image, int]:
+        opened = open_upload(data, name, self.settings.max_pixels)
+        return (opened, decode_cost(opened, crops=crops))
+
+    async def preprocess(self, data: bytes, name: str) -> tuple[torch.Tensor, tuple[int, int]]:
+        """An upload at the model's input resolution (the decoded photo dropped), and the photo's ``(width,
+        height)``."""
+        return await self.decoded(data, name, lambda photo: (self.transform(photo), photo.size))
 
     async def infer(self, data: bytes, name: str) -> tuple[tuple[np.ndarray, np.ndarray], dict[str, Any]]:
         """Decode and run one uploaded image; returns its ``(probs, embedding)`` and facts for the response."""
         started = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        (inputs, (width, height)) = await loop.run_in_executor(self.decode_pool, self._preprocess, data, name)
+        (inputs, (width, height)) = await self.preprocess(data, name)
         decoded = time.perf_counter()
         (result, info) = await self.run_tensor(inputs)
         facts = {
@@ -211,6 +268,10 @@ class ModelService:
         logits = logits_from_embeddings(self.net, embedding[None]) if self.policy.needs_logits else None
         decisions = self.policy.decide(probs[None], logits=logits, embeddings=embedding[None])
         return decisions.row(0)
+
+
+def _decode_then(opened: Image.Image, name: str, work: Callable[[Image.Image], T]) -> T:
+    return work(decode_opened(opened, name))
 
 
 def _with_prior(
@@ -305,7 +366,8 @@ def create_app(
         finally:
             await service.stop()
 
-    app = FastAPI(title="birder", summary="Bird species from photos", lifespan=lifespan)
+    # No /docs or /redoc: their pages load Swagger UI and ReDoc from a CDN. The schema is /openapi.json.
+    app = FastAPI(title="birder", summary="Bird species from photos", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.service = service
     # The last added runs first: an upload over the size limit gets 413 (retrying cannot help) before the
     # in-flight bound is asked.
@@ -313,29 +375,30 @@ def create_app(
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
     _add_error_handlers(app, service)
 
-    async def with_timeout(handler: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
-        try:
-            async with asyncio.timeout(settings.timeout_s):
-                response = await handler()
-        except TimeoutError:
-            raise ApiError(504, f"request timed out after {settings.timeout_s:g} s (server busy?)") from None
-        service.requests_ok += 1
-        return response
+    with_timeout = service.with_timeout
+    classify_fields = {"top_k": TOP_K, "lat": LAT, "lon": LON, "date": DATE}
 
-    @app.post("/v1/classify")
+    @app.post("/v1/classify", openapi_extra=photo_route(classify_fields, (400, 409, 413, 415, 422, 503, 504)))
     async def classify(request: Request) -> dict[str, Any]:
         if not service.class_names:
             raise ApiError(409, f"model '{name}' has no classes (a headless encoder): use /v1/embed")
 
         async def handle() -> dict[str, Any]:
             (data, file_name, fields) = await read_image_request(request)
-            raw_top_k = request.query_params.get("top_k", fields.get("top_k"))
-            top_k = parse_top_k(raw_top_k, settings.default_top_k, len(service.class_names))
-            ((probs, embedding), facts) = await service.infer(data, file_name)
             place = {**fields, **request.query_params}
+            top_k = parse_top_k(place.get("top_k"), settings.default_top_k, len(service.class_names))
+            check_place(place)  # a bad field is refused before the photo is decoded
+            ((probs, embedding), facts) = await service.infer(data, file_name)
             return {"model": name, **answer_for(probs, embedding, place, top_k), **facts}
 
         return await with_timeout(handle)
+
+    def check_place(place: dict[str, str]) -> None:
+        if prior is not None:
+            try:
+                request_place(place)
+            except BirderError as err:
+                raise ApiError(400, str(err)) from None
 
     def answer_for(probs: np.ndarray, embedding: np.ndarray, place: dict[str, str], top_k: int) -> dict[str, Any]:
         """The top-k species and the answer of one image (a photo, or a detected box's crop): the decision order
@@ -348,7 +411,7 @@ def create_app(
         ]
         return {"predictions": predictions, **service.answer(probs, embedding), **geo}
 
-    @app.post("/v1/embed")
+    @app.post("/v1/embed", openapi_extra=photo_route())
     async def embed(request: Request) -> dict[str, Any]:
         async def handle() -> dict[str, Any]:
             (data, file_name, _) = await read_image_request(request)
@@ -371,6 +434,9 @@ def create_app(
         health = service.health()
         return JSONResponse(health, status_code=200 if health["status"] == "ok" else 503)
 
+    # Load balancers and uptime checks often ask with HEAD: the same answer, without its body
+    app.add_api_route("/healthz", healthz, methods=["HEAD"], operation_id="healthz_head")
+
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", headers={"Content-Security-Policy": _PAGE_CSP})
@@ -378,7 +444,7 @@ def create_app(
     # Explanation maps, and similar photos with an index (birder.search.store.PhotoIndex): birder.serve.extras
     add_extra_routes(app, service, photo_index)
     if detector is not None:
-        add_detect_route(app, service, detector, answer_for, with_timeout)
+        add_detect_route(app, service, detector, answer_for, check_place)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
 
@@ -398,7 +464,9 @@ def _add_error_handlers(app: FastAPI, service: ModelService) -> None:
     async def validation_error(_request: Request, err: RequestValidationError) -> JSONResponse:
         service.requests_refused += 1
         first = err.errors()[0] if err.errors() else {}
-        return error_response(400, f"invalid request: {first.get('msg', 'bad parameters')}")
+        where = ".".join(str(part) for part in first.get("loc", ()) if part not in ("path", "query", "body"))
+        reason = one_line(str(first.get("msg", "bad parameters")), 200)
+        return error_response(400, f"invalid request: {where + ': ' if where else ''}{reason}")
 
     @app.exception_handler(Exception)
     async def internal_error(_request: Request, err: Exception) -> JSONResponse:

@@ -1,6 +1,7 @@
 """``POST /v1/detect`` of ``birder-serve --detector``: every box the detector finds, each classified.
 
-The photo is decoded once (:func:`~birder.serve.uploads.decode_upload`), the detector runs on it
+The photo is decoded once, within the server's decoding budget (:meth:`~birder.serve.app.ModelService.decoded`: the
+photo and its crops are counted), the detector runs on it
 (:func:`~birder.inference.detection.detect_tensors`, boxes scoring at least the threshold: ``--det-threshold``,
 or ``threshold`` in the query or form), each box is cropped with the margin (:func:`~birder.inference.crops.crop_box`)
 and its crop goes through the served classifier's own path: its transform and the batcher that
@@ -23,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,11 +37,18 @@ from PIL import Image
 from birder.inference.crops import crop_box
 from birder.inference.detection import Detections, detect_tensors, detection_transform
 from birder.io.checkpoint import ModelInfo
-from birder.serve.uploads import ApiError, decode_upload, parse_top_k, read_image_request
+from birder.serve.openapi import DATE, LAT, LON, TOP_K, photo_route
+from birder.serve.uploads import ApiError, parse_top_k, read_image_request, short_text
 
 # The photo's place and date, and the answer: (probs, embedding, place, top_k) -> predictions and answer
 AnswerFor = Callable[[np.ndarray, np.ndarray, dict[str, str], int], dict[str, Any]]
-WithTimeout = Callable[[Callable[[], Awaitable[dict[str, Any]]]], Awaitable[dict[str, Any]]]
+DETECT_FIELDS = {
+    "threshold": {"type": "number", "minimum": 0, "maximum": 1, "description": "boxes scoring at least this"},
+    "top_k": TOP_K,
+    "lat": LAT,
+    "lon": LON,
+    "date": DATE,
+}
 
 
 @dataclass
@@ -93,24 +101,29 @@ def _threshold(raw: str | None, default: float) -> float:
     try:
         value = float(raw)
     except ValueError:
-        raise ApiError(400, f"threshold must be a number, got '{raw[:40]}'") from None
+        raise ApiError(400, f"threshold must be a number, got '{short_text(raw)}'") from None
     if not 0.0 <= value <= 1.0:
         raise ApiError(400, f"threshold must be between 0 and 1, got {value}")
     return value
 
 
 def add_detect_route(
-    app: FastAPI, service: Any, detector: ServedDetector, answer_for: AnswerFor, with_timeout: WithTimeout
+    app: FastAPI,
+    service: Any,
+    detector: ServedDetector,
+    answer_for: AnswerFor,
+    check_place: Callable[[dict[str, str]], None],
 ) -> None:
-    """``POST /v1/detect`` on ``app`` (see the module's docstring)."""
+    """``POST /v1/detect`` on ``app`` (see the module's docstring); ``check_place`` refuses a bad ``lat``, ``lon``
+    or ``date`` before the photo is decoded."""
 
-    def find(data: bytes, file_name: str, threshold: float) -> tuple[Image.Image, Detections, list[torch.Tensor]]:
-        photo = decode_upload(data, file_name, service.settings.max_pixels)
+    def find(photo: Image.Image, threshold: float) -> tuple[tuple[int, int], Detections, list[torch.Tensor]]:
+        """In a decode thread: the boxes, and each box's crop at the model's input (the photo is let go after)."""
         found = detector.detect(photo, threshold)
         crops = [service.transform(crop_box(photo, box, detector.margin)) for box in found.boxes.tolist()]
-        return (photo, found, crops)
+        return (photo.size, found, crops)
 
-    @app.post("/v1/detect")
+    @app.post("/v1/detect", openapi_extra=photo_route(DETECT_FIELDS))
     async def detect(request: Request) -> dict[str, Any]:
         async def handle() -> dict[str, Any]:
             started = time.perf_counter()
@@ -118,8 +131,10 @@ def add_detect_route(
             place = {**fields, **request.query_params}
             top_k = parse_top_k(place.get("top_k"), service.settings.default_top_k, len(service.class_names))
             threshold = _threshold(place.get("threshold"), detector.threshold)
-            loop = asyncio.get_running_loop()
-            (photo, found, crops) = await loop.run_in_executor(service.decode_pool, find, data, file_name, threshold)
+            check_place(place)
+            (photo_size, found, crops) = await service.decoded(
+                data, file_name, lambda photo: find(photo, threshold), crops=True
+            )
             detected = time.perf_counter()
             results = await asyncio.gather(*(service.run_tensor(crop) for crop in crops))
             boxes = []
@@ -138,7 +153,7 @@ def add_detect_route(
             return {
                 "model": service.name,
                 "detector": detector.name,
-                "image": {"width": photo.width, "height": photo.height},
+                "image": {"width": photo_size[0], "height": photo_size[1]},
                 "detections": boxes,
                 "timing_ms": {
                     "detect": round((detected - started) * 1000, 3),  # reading, decoding and the detector
@@ -147,4 +162,4 @@ def add_detect_route(
                 },
             }
 
-        return await with_timeout(handle)
+        return await service.with_timeout(handle)

@@ -5,7 +5,6 @@ Everything here turns a client's mistake (or an overload) into an :class:`ApiErr
 which the app renders as ``{"error": "..."}``. Decoding itself is the library's :func:`~birder.io.images.load_image`.
 """
 
-import base64
 import binascii
 import io
 import json
@@ -162,18 +161,16 @@ def _content_length(scope: Scope) -> int | None:
     return int(declared) if declared is not None and declared.isdigit() else None
 
 
-def _short(text: str) -> str:
+def short_text(text: str) -> str:
     """One short line of user-supplied text (a file name) fit to quote in an error message."""
     text = "".join(char if char.isprintable() else "?" for char in text)
     return text if len(text) <= _MAX_NAME_CHARS else text[: _MAX_NAME_CHARS - 3] + "..."
 
 
-def decode_upload(data: bytes, name: str, max_pixels: int) -> Image.Image:
-    """Bytes of an uploaded file -> 8-bit RGB image through :func:`load_image`, or an :class:`ApiError`.
-
-    The pixel count is checked on the header, before anything is decompressed.
-    """
-    shown = _short(name)
+def open_upload(data: bytes, name: str, max_pixels: int) -> Image.Image:
+    """The header of an uploaded file, its pixels not decoded yet, or an :class:`ApiError`: a file that is not an
+    image, or one of more than ``max_pixels`` pixels."""
+    shown = short_text(name)
     if not data:
         raise ApiError(422, f"cannot read image '{shown}': empty file (0 bytes)")
     try:
@@ -184,7 +181,7 @@ def decode_upload(data: bytes, name: str, max_pixels: int) -> Image.Image:
         raise ApiError(413, f"image '{shown}' has too many pixels (a decompression bomb?)") from None
     except Exception as err:  # any parser failure on untrusted bytes is the client's bad file
         raise ApiError(
-            422, f"cannot read image '{shown}': truncated or corrupt image: {_short(one_line(err))}"
+            422, f"cannot read image '{shown}': truncated or corrupt image: {short_text(one_line(err))}"
         ) from None
 
     (width, height) = opened.size
@@ -192,11 +189,24 @@ def decode_upload(data: bytes, name: str, max_pixels: int) -> Image.Image:
         raise ApiError(
             413, f"image '{shown}' is {width}x{height} = {width * height} pixels; the server's limit is {max_pixels}"
         )
+    return opened
+
+
+def decode_opened(opened: Image.Image, name: str) -> Image.Image:
+    """The pixels of an image :func:`open_upload` opened, as 8-bit RGB through :func:`load_image`."""
     try:
         return load_image(opened)
     except ImageDecodeError as err:
         # load_image names an in-memory image generically; the client knows it by its file name
-        raise ApiError(422, str(err).replace("'<in-memory image>'", f"'{shown}'", 1)) from None
+        raise ApiError(422, str(err).replace("'<in-memory image>'", f"'{short_text(name)}'", 1)) from None
+
+
+def decode_upload(data: bytes, name: str, max_pixels: int) -> Image.Image:
+    """Bytes of an uploaded file -> 8-bit RGB image through :func:`load_image`, or an :class:`ApiError`.
+
+    The pixel count is checked on the header, before anything is decompressed.
+    """
+    return decode_opened(open_upload(data, name, max_pixels), name)
 
 
 async def read_image_request(request: Request) -> tuple[bytes, str, dict[str, str]]:
@@ -211,7 +221,7 @@ async def read_image_request(request: Request) -> tuple[bytes, str, dict[str, st
 
     raise ApiError(
         415,
-        f"unsupported content type '{_short(content_type) or 'none'}': send multipart/form-data with a file field "
+        f"unsupported content type '{short_text(content_type) or 'none'}': send multipart/form-data with a file field "
         '\'image\', JSON {"image": "<base64>"}, or the image bytes with an image/* content type',
     )
 
@@ -232,7 +242,7 @@ async def _read_multipart(request: Request) -> tuple[bytes, str, dict[str, str]]
         raise
     except Exception as err:  # python-multipart's and Starlette's parser errors
         detail = getattr(err, "detail", None) or str(err) or type(err).__name__
-        raise ApiError(400, f"malformed multipart form: {_short(str(detail))}") from None
+        raise ApiError(400, f"malformed multipart form: {short_text(str(detail))}") from None
 
     files = {key: value for key, value in form.multi_items() if hasattr(value, "read")}
     fields = {key: value for key, value in form.multi_items() if isinstance(value, str)}
@@ -248,22 +258,46 @@ async def _read_multipart(request: Request) -> tuple[bytes, str, dict[str, str]]
 
 async def _read_json(request: Request) -> tuple[bytes, str, dict[str, str]]:
     try:
+        # The body is let go once parsed, and the photo's text once encoded: a JSON upload holds at most twice its
+        # size at any moment (what the server's memory bound counts: birder.serve.memory)
         body = json.loads(await _read_body(request))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ApiError(400, f"request body is not valid JSON: {_short(str(err))}") from None
+    except (ValueError, RecursionError) as err:  # not JSON, not UTF-8, nested too deep, an integer too long
+        raise ApiError(400, f"request body is not valid JSON: {short_text(one_line(err))}") from None
     if not isinstance(body, dict) or not isinstance(body.get("image"), str):
         raise ApiError(400, 'JSON requests need a string field "image" holding the base64-encoded photo')
 
-    encoded = body["image"]
+    encoded = body.pop("image")
     if encoded.startswith("data:") and "," in encoded:  # a data URL, as browsers make them
         encoded = encoded.split(",", 1)[1]
     try:
-        data = base64.b64decode("".join(encoded.split()), validate=True)
-    except (binascii.Error, ValueError):
+        text = encoded.encode("ascii")
+    except UnicodeEncodeError:
+        raise ApiError(400, 'field "image" is not valid base64') from None
+    del encoded
+    data = _base64_decode(text)
+    del text
+
+    fields = {key: _field_text(value) for key, value in body.items() if value is not None}
+    return (data, short_text(fields.pop("filename", "") or "upload"), fields)
+
+
+def _base64_decode(text: bytes) -> bytes:
+    try:
+        return binascii.a2b_base64(text, strict_mode=True)
+    except binascii.Error:
+        pass
+    try:  # base64 wrapped over lines, as many encoders write it
+        return binascii.a2b_base64(text.translate(None, b" \t\r\n\v\f"), strict_mode=True)
+    except binascii.Error:
         raise ApiError(400, 'field "image" is not valid base64') from None
 
-    fields = {key: str(value) for key, value in body.items() if key != "image" and isinstance(value, str | int)}
-    return (data, str(body.get("filename") or "upload"), fields)
+
+def _field_text(value: Any) -> str:
+    """A JSON field's value as the text a form field would carry: numbers as written (``48.2``, ``16``), strings
+    as they are, anything else as JSON (so that a field's parser names it in its error: ``true``, ``[1, 2]``)."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value)
 
 
 def parse_top_k(raw: str | None, default: int, num_classes: int) -> int:
@@ -272,7 +306,7 @@ def parse_top_k(raw: str | None, default: int, num_classes: int) -> int:
     try:
         top_k = int(raw)
     except ValueError:
-        raise ApiError(400, f"top_k must be a whole number, got '{_short(raw)}'") from None
+        raise ApiError(400, f"top_k must be a whole number, got '{short_text(raw)}'") from None
     if top_k < 1:
         raise ApiError(400, f"top_k must be at least 1, got {top_k}")
     return min(top_k, num_classes)  # asking for more than there are is not an error
