@@ -273,9 +273,11 @@ def test_cli_refuses_a_prior_strength_that_is_not_a_finite_number(
     monkeypatch.setattr(uvicorn, "run", lambda app, **_: served.append(app))
     for strength in ("nan", "inf"):
         argv = ["--weights", str(tmp_path / "tiny_birds.safetensors"), "--prior", str(prior)]
-        assert serve.main([*argv, "--prior-strength", strength]) == 2
-        error = capsys.readouterr().err.strip()
-        assert "--prior-strength must be a number >= 0" in error and len(error.splitlines()) == 1
+        with pytest.raises(SystemExit) as refused:  # refused by the option's type, as in birder-predict
+            serve.main([*argv, "--prior-strength", strength])
+        assert refused.value.code == 2
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "--prior-strength: must be a finite number >= 0" in error
     assert served == []
 
 
