@@ -116,7 +116,7 @@ class World:
         )
 
     def sample(self, count: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """``count`` sightings: species, planar place (km), latitude, longitude and date."""
+        """``count`` sightings: species, planar place (km), latitude, longitude, day of the year (0-364) and date."""
         species = rng.choice(NUM_SPECIES, size=count, p=self.abundance)
         blob = np.empty(count, dtype=np.int64)
         for s in range(NUM_SPECIES):  # a blob of the species, by its weight
@@ -135,7 +135,7 @@ class World:
         dates = np.array([f"{y}-01-01" for y in range(YEARS[0], YEARS[1] + 1)], dtype="datetime64[D]")
         date = dates[year - YEARS[0]] + day.astype("timedelta64[D]")
         (lat, lon) = to_lat_lon(xy[:, 0], xy[:, 1])
-        return {"species": species, "xy": xy, "lat": lat, "lon": lon, "date": date}
+        return {"species": species, "xy": xy, "lat": lat, "lon": lon, "day": day, "date": date}
 
 
 def species_names() -> list[str]:
