@@ -270,9 +270,9 @@ class LocationPrior:
             counts = level.dense_rows(level.rows_of(level_cells), self.num_classes)
             if neighbour_weight > 0:
                 (owner, neighbours) = neighbour_cells(level_cells)
-                np.add.at(
-                    counts, owner, neighbour_weight * level.dense_rows(level.rows_of(neighbours), self.num_classes)
-                )
+                ring = level.dense_rows(level.rows_of(neighbours), self.num_classes)
+                # owner is sorted and every cell has a ring (five or six cells): sum each point's run of rows
+                counts += neighbour_weight * np.add.reduceat(ring, np.searchsorted(owner, np.arange(len(cells))))
             # A cell without records leaves the estimate as it is (n = N = 0 in the formula)
             estimate = (counts + alpha * estimate) / (counts.sum(axis=1, keepdims=True) + alpha)
         return estimate

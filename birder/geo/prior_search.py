@@ -1,23 +1,28 @@
 """The prior's settings chosen from the records themselves: held-out log-likelihood over spatial blocks.
 
-The prior (:mod:`birder.geo.prior`) has four things to set: how fine its cells go, how many records a cell needs
-before it outweighs its parent (the pseudo-count), how wide the season kernel is (and how much a species' days are
-shrunk toward year-round presence), and the floor. The right values depend on how many records there are and how
-they lie: dense records support fine cells and narrow kernels, sparse ones do not. So they are measured, not
-fixed:
+What there is to set (:class:`birder.geo.prior.PriorSettings`): how fine the cells go and how strongly each finer
+level is shrunk toward its parent (pseudo-count, and its growth per level), how much the ring of neighbouring
+cells counts, how wide the season kernel is and how far a species' days are shrunk toward year-round presence,
+whether seasons differ from place to place (local seasons on coarse cells, and their shrinkage), and the floor.
+The right values depend on how many records there are and how they lie: dense records support fine cells and
+narrow kernels, sparse ones do not. So they are measured, not fixed:
 
 - **Spatial blocks.** Records are grouped into blocks (H3 cells at :data:`BLOCK_RESOLUTION`, about 6 km across,
-  finer than any cell the prior may use) and whole blocks are assigned to ``folds`` folds. Records at one spot
-  (a hide, a hotspot, a checklist, a duplicate from two datasets) are never split between fitting and scoring,
-  so they cannot vouch for each other; each prior cell still keeps records of its other blocks.
+  finer than any cell the prior may use) and whole blocks are dealt to ``folds`` folds. Records at one spot (a
+  hide, a hotspot, a checklist, a duplicate from two datasets) are never split between fitting and scoring, so
+  they cannot vouch for each other; each prior cell keeps the records of its other blocks.
 - **Score.** For each fold, a prior counted from the other folds gives each held-out record the probability of
-  its species at its place and day (its place alone when undated): exactly what the prior does for a photo. The
-  score of a candidate is the mean log of that probability over every record.
-- **Search.** Coordinate-wise from the defaults: each setting in turn takes the candidate value with the best
-  score with the others held, until a whole round changes nothing. Settings the user gives stay fixed.
+  its species at its place and day (its place alone when undated): what the prior does for a photo. A candidate's
+  score is the mean log of that probability (at most :data:`MAX_SCORED` records are scored, every record
+  counts). The scores are exact: the prior of :mod:`birder.geo.prior` is linear in the counts, so the recursion
+  over its levels runs on two numbers per record (its own species' estimate and the sum over all species, each
+  times the seasonal factors), and each fold's counts are all records' minus the fold's.
+- **Search.** Coordinate-wise from the fixed defaults: each step tries every candidate value of one setting (the
+  resolutions together with the pseudo-count's growth) with the others held and keeps the best, round after round
+  until a round gains less than :data:`CONVERGED`. Settings the user gives stay fixed.
 
-Counts per fold are the counts of all records minus those of the fold (a block lies in one cell of every
-resolution the prior uses), so a candidate costs a pass over the records per resolution, not a rebuild.
+Every candidate locates places at the blocks' resolution (``base_resolution``), so the prior that is built is the
+one that was scored.
 """
 
 from __future__ import annotations
@@ -64,11 +69,11 @@ class SearchSpace:
 
     finest_resolutions: tuple[int, ...] = (1, 2, 3, 4, 5)  # the prior's cells go from COARSEST_RESOLUTION to this
     pseudo_counts: tuple[float, ...] = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
-    kernel_days: tuple[float, ...] = (2.0, 4.0, 8.0, 15.0, 30.0, 60.0)
+    kernel_days: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0)
     season_pseudo_counts: tuple[float, ...] = (1.0, 10.0, 100.0)
-    floors: tuple[float, ...] = (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1)
+    floors: tuple[float, ...] = (0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1)
     neighbour_weights: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0)
-    pseudo_count_growths: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0)
+    pseudo_count_growths: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
     season_resolutions: tuple[int | None, ...] = (None, 1, 2)  # None: one season per species everywhere
     local_season_pseudo_counts: tuple[float, ...] = (3.0, 10.0, 30.0, 100.0)
 
