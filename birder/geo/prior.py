@@ -2,16 +2,24 @@
 
 The model, and why:
 
-- **Place.** Records are counted per species on H3 cells at several resolutions (default 2, 3, 4, 5: cells of
-  about 87,000, 12,000, 1,800 and 250 km²). A place's estimate starts from all records (Laplace-smoothed) and
+- **Place.** Records are counted per species on H3 cells at several resolutions (say 1-5: cells of about
+  610,000, 87,000, 12,000, 1,800 and 250 km²). A place's estimate starts from all records (Laplace-smoothed) and
   goes down the cells that contain it, coarse to fine; at each level ``p = (n + a * p_parent) / (N + a)``, where
-  ``n`` are the cell's counts per species, ``N`` their sum and ``a`` the pseudo-count. A cell with many records
-  speaks for itself; a cell with few is mostly its parent's estimate (back-off where data are thin).
+  ``n`` are the cell's counts per species (plus ``neighbour_weight`` times those of the ring of cells around it,
+  so a place near a cell's edge hears from across it), ``N`` their sum and ``a`` the pseudo-count, multiplied by
+  ``pseudo_count_growth`` at each finer level (a finer cell differs less from its parent). A cell with many
+  records speaks for itself; a cell with few is mostly its parent's estimate (back-off where data are thin).
 - **Day.** Each species' record days are smoothed by a circular Gaussian kernel (``kernel_days`` standard
-  deviation, 31 December next to 1 January) and shrunk toward year-round presence; the place estimate is
-  multiplied by the species' seasonal factor and renormalised (species' place and season taken as independent).
-- **Floor.** A share ``floor`` of the mass is spread evenly over the classes, so no species ever gets zero:
-  a vagrant is made less likely, never impossible.
+  deviation, 31 December next to 1 January) and shrunk toward year-round presence; with ``season_resolution``
+  set, a coarse cell's own dated records of a species give it a season of its own there, shrunk toward the
+  species' season everywhere (a migrant that winters in the south and breeds in the north). The place estimate is
+  multiplied by the species' seasonal factor and renormalised.
+- **Floor.** A share ``floor`` of the mass spread evenly over the classes, so no species ever gets zero: a vagrant
+  is made less likely, never impossible.
+
+The settings are chosen from the records by :mod:`birder.geo.prior_search` (held-out log-likelihood over spatial
+blocks) when ``birder-prior build`` makes a prior; :class:`PriorSettings`'s defaults are the fixed settings of
+before, which a file of format version 1 was built with.
 
 A photo's probabilities are then adjusted as ``posterior ∝ p(species | photo) * prior ** strength`` at the
 prior's place in the decision order (:mod:`birder.inference.decision`). A photo with a place but no date gets the

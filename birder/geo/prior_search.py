@@ -28,6 +28,7 @@ one that was scored.
 from __future__ import annotations
 
 import itertools
+import textwrap
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -44,6 +45,8 @@ from birder.geo.season import DAY_BINS, seasonal_factors, smooth_days
 
 # Blocks: H3 cells of about 36 km² (6 km across). The prior's cells are coarser, so a block never straddles one.
 BLOCK_RESOLUTION = 6
+# The prior's levels go from this resolution (cells of about 610,000 km²) to the finest one searched
+COARSEST_RESOLUTION = 1
 DEFAULT_FOLDS = 5
 # Fewer usable records or blocks than this and held-out scores mean little: the defaults are kept, and said so
 MIN_RECORDS = 200
@@ -57,8 +60,8 @@ TIE = 1e-5
 _LOCAL_ELEMENTS = 8_000_000
 # At most this many held-out records are scored (all of them count for training)
 MAX_SCORED = 50_000
-# Elements of fine levels' rows kept between candidates (about 16 bytes each)
-_CACHED_ELEMENTS = 20_000_000
+# Elements of fine levels' rows kept between candidates (16 bytes each)
+_CACHED_ELEMENTS = 10_000_000
 # Stored elements expanded at once when a season candidate is scored (bounds memory at any class count)
 _CHUNK_ELEMENTS = 4_000_000
 
@@ -98,9 +101,6 @@ class SearchSpace:
                 f"the settings search validates cells up to resolution {BLOCK_RESOLUTION - 1} (its blocks are "
                 f"resolution {BLOCK_RESOLUTION}); give finer resolutions with --resolutions to fix them"
             )
-
-
-COARSEST_RESOLUTION = 1
 
 
 def resolutions_to(finest: int) -> tuple[int, ...]:
@@ -153,13 +153,20 @@ class SettingsChoice:
         if self.skipped is not None:
             return [f"settings: not chosen from the records ({self.skipped}): {describe_settings(self.settings)}"]
         fixed = f"; fixed: {', '.join(self.fixed)}" if self.fixed else ""
-        out = [
+        out = textwrap.wrap(
             "settings chosen by held-out log-likelihood (mean log-probability of a record's species at its place and "
             f"day, counted from the other folds; {self.records:,} records in {self.blocks:,} spatial blocks of H3 "
-            f"resolution {self.block_resolution}, {self.folds} folds{fixed}; {self.seconds:.1f} s):"
-        ]
+            f"resolution {self.block_resolution}, {self.folds} folds{fixed}; {self.seconds:.1f} s):",
+            width,
+            subsequent_indent=" " * 4,
+        )
         start = self.candidates[0]
-        out.append(f"  start: {describe_settings(start.settings)}: {start.heldout_loglik:.5f}")
+        out += textwrap.wrap(
+            f"start: {describe_settings(start.settings)}: {start.heldout_loglik:.5f}",
+            width,
+            initial_indent="  ",
+            subsequent_indent=" " * 4,
+        )
         for step in self.steps:
             items = [
                 " ".join(_value_text(name, getattr(option, name)) for name in step.varied)
@@ -286,8 +293,8 @@ class _Level:
     indptr: npt.NDArray[np.int64]  # cell i's species are classes[indptr[i]:indptr[i + 1]]
     classes: npt.NDArray[np.int64]
     training: list[npt.NDArray[np.float64]]  # per fold: the (cell, species) counts without the fold's records
-    row: npt.NDArray[np.int64]  # each record's cell
-    own: npt.NDArray[np.float64]  # each record's species' training count in its cell (its own fold left out)
+    row: npt.NDArray[np.int64]  # each scored record's cell
+    own: npt.NDArray[np.float64]  # each scored record's species' training count in its cell (its fold left out)
     total: npt.NDArray[np.float64]  # all species' training count in its cell
     # The same for the ring of cells around each record's cell (summed), when neighbours are searched
     ring: list[Any] | None = None  # per fold: the ring's training counts per (cell, species) as a CSR matrix
@@ -299,9 +306,10 @@ class _Level:
 class _LocalSeasons:
     """Dated records per (season cell, species) pair, for local seasons at one resolution."""
 
-    season_row: npt.NDArray[np.int64]  # each record's season cell
+    season_row: npt.NDArray[np.int64]  # each scored record's season cell
+    seasons: int  # season cells holding records
     pair_keys: npt.NDArray[np.int64]  # season cell * classes + species, sorted
-    pair_of_record: npt.NDArray[np.int64]  # -1: undated
+    pair_of_record: npt.NDArray[np.int64]  # each scored record's pair (-1: undated)
     pair_days: npt.NDArray[np.int64]  # pair * DAY_BINS + day of the (pair, day) entries holding records
     training: list[npt.NDArray[np.float64]]  # per fold: the entries' training counts
 
@@ -342,6 +350,9 @@ class HeldOutScorer:
         rng = np.random.default_rng(seed)
         self.held = [np.sort(rng.choice(m, size=round(len(m) * share), replace=False)) for m in self.members]
         self.scored = np.concatenate(self.held)
+        # Per-record results are kept for the scored records only, fold after fold: fold f's are at slots[f]
+        ends = np.cumsum([len(held) for held in self.held])
+        self.slots = [slice(int(end - len(held)), int(end)) for (end, held) in zip(ends, self.held, strict=True)]
         self._season_cache: dict[tuple[float, float], tuple[npt.NDArray[np.float64], dict[str, Any]]] = {}
 
         all_day_counts = self._day_counts(np.ones(len(records), dtype=bool))
@@ -379,16 +390,16 @@ class HeldOutScorer:
         cell_of_pair = pairs // self.num_classes
         indptr = np.searchsorted(cell_of_pair, np.arange(int(row.max()) + 2)).astype(np.int64)
         all_pairs = np.bincount(pair_of_record, weights=self.weights, minlength=len(pairs))
-        (training, own, total) = ([], np.zeros(len(row)), np.zeros(len(row)))
+        (training, own, total) = ([], np.zeros(len(self.scored)), np.zeros(len(self.scored)))
         for fold in range(self.num_folds):
-            (members, held) = (self.members[fold], self.held[fold])
+            (members, held, slot) = (self.members[fold], self.held[fold], self.slots[fold])
             counts = all_pairs - np.bincount(
                 pair_of_record[members], weights=self.weights[members], minlength=len(pairs)
             )
             training.append(counts)
-            own[held] = counts[pair_of_record[held]]
-            total[held] = np.add.reduceat(counts, indptr[:-1])[row[held]]
-        level = _Level(indptr, pairs % self.num_classes, training, row, own, total)
+            own[slot] = counts[pair_of_record[held]]
+            total[slot] = np.add.reduceat(counts, indptr[:-1])[row[held]]
+        level = _Level(indptr, pairs % self.num_classes, training, row[self.scored], own, total)
         if self.neighbours:
             self._ring(level, distinct)
         return level
@@ -406,13 +417,13 @@ class HeldOutScorer:
         )
         (level.ring, level.ring_own, level.ring_total) = ([], np.zeros(len(level.row)), np.zeros(len(level.row)))
         for fold in range(self.num_folds):
-            held = self.held[fold]
+            (held, slot) = (self.held[fold], self.slots[fold])
             counts = csr_matrix((level.training[fold], level.classes, level.indptr), shape=(cells, self.num_classes))
             ring = (adjacency @ counts).tocsr()
             ring.sort_indices()
             level.ring.append(ring)
-            level.ring_own[held] = np.asarray(ring[level.row[held], self.classes[held]]).reshape(-1)
-            level.ring_total[held] = np.asarray(ring.sum(axis=1)).reshape(-1)[level.row[held]]
+            level.ring_own[slot] = np.asarray(ring[level.row[slot], self.classes[held]]).reshape(-1)
+            level.ring_total[slot] = np.asarray(ring.sum(axis=1)).reshape(-1)[level.row[slot]]
 
     def _season(self, kernel_days: float, season_pseudo_count: float) -> tuple[npt.NDArray[np.float64], dict]:
         """For a season kernel: each record's seasonal factor of its own species, and the season-weighted
@@ -421,39 +432,39 @@ class HeldOutScorer:
         key = (kernel_days, season_pseudo_count)
         if key in self._season_cache:
             return self._season_cache[key]
-        count = len(self.classes)
+        count = len(self.scored)
         own_factor = np.ones(count)
         weighted = {resolution: np.zeros(count) for resolution in self.levels}
         ring_weighted = {resolution: np.zeros(count) for resolution in self.levels}
         (global_weighted, base_own) = (np.zeros(count), np.zeros(count))
         for fold in range(self.num_folds):
-            held = self.held[fold]
+            (held, slot) = (self.held[fold], self.slots[fold])
             factors = np.ones((self.num_classes, DAY_BINS + 1))
             factors[:, :DAY_BINS] = seasonal_factors(self.train_day_counts[fold], kernel_days, season_pseudo_count)
             days = self.days[held]
-            own_factor[held] = factors[self.classes[held], days]
+            own_factor[slot] = factors[self.classes[held], days]
             counts = self.train_global[fold]
             base = (counts + 1.0) / (counts.sum() + self.num_classes)
-            global_weighted[held] = (base @ factors)[days]
-            base_own[held] = base[self.classes[held]]
+            global_weighted[slot] = (base @ factors)[days]
+            base_own[slot] = base[self.classes[held]]
             for resolution, level in self.levels.items():
-                weighted[resolution][held] = self._weighted(
+                weighted[resolution][slot] = self._weighted(
                     ("level", resolution, fold),
                     level.indptr,
                     level.classes,
                     level.training[fold],
-                    level.row[held],
+                    level.row[slot],
                     factors,
                     days,
                 )
                 if level.ring is not None:
                     ring = level.ring[fold]
-                    ring_weighted[resolution][held] = self._weighted(
+                    ring_weighted[resolution][slot] = self._weighted(
                         ("ring", resolution, fold),
                         ring.indptr.astype(np.int64),
-                        ring.indices,
+                        ring.indices.astype(np.int64),
                         ring.data,
-                        level.row[held],
+                        level.row[slot],
                         factors,
                         days,
                     )
@@ -489,7 +500,7 @@ class HeldOutScorer:
         pair_of_record[dated] = pair_of_dated.reshape(-1)
         # (pair, day) counts, sparse: all records', and each fold's training share
         (pair_days, entry_of_dated) = np.unique(
-            pair_of_record[dated] * DAY_BINS + self.days[dated], return_inverse=True
+            pair_of_dated.reshape(-1) * DAY_BINS + self.days[dated], return_inverse=True
         )
         entry_of_dated = entry_of_dated.reshape(-1)
         all_counts = np.bincount(entry_of_dated, weights=self.weights[dated], minlength=len(pair_days))
@@ -498,7 +509,10 @@ class HeldOutScorer:
             mine = self.folds[dated] == fold
             fold_counts = np.bincount(entry_of_dated[mine], weights=self.weights[dated][mine], minlength=len(pair_days))
             training.append(all_counts - fold_counts)
-        local = _LocalSeasons(season_row, pair_keys, pair_of_record, pair_days, training)
+        seasons = int(season_row.max()) + 1
+        local = _LocalSeasons(
+            season_row[self.scored], seasons, pair_keys, pair_of_record[self.scored], pair_days, training
+        )
         self._local_cache[season_resolution] = local
         return local
 
@@ -510,12 +524,12 @@ class HeldOutScorer:
         level_row: npt.NDArray[np.int64],
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
         """Sparse rows over the (season cell, species) pairs: one row per (level cell, season cell) combination
-        of the records, holding the level cell's species that have dated records in that season cell.
+        of the scored records, holding the level cell's species that have dated records in that season cell.
 
         Returns the rows' ``indptr``, the pair of each element, the element's position in the level's counts, and
-        each record's row.
+        each scored record's row.
         """
-        seasons = int(local.season_row.max()) + 1
+        seasons = local.seasons
         key = (id(local), id(level_row))
         if key not in self._combos:
             self._combos[key] = np.unique(level_row * seasons + local.season_row, return_inverse=True)
@@ -553,7 +567,7 @@ class HeldOutScorer:
         local = self._local(season_resolution)
         if local is None:
             return None
-        count = len(self.classes)
+        count = len(self.scored)
         out: dict[str, Any] = {
             "own": np.zeros(count),
             "global": np.zeros(count),
@@ -562,40 +576,40 @@ class HeldOutScorer:
         }
         species_of_pair = local.pair_keys % self.num_classes
         season_of_pair = local.pair_keys // self.num_classes
-        seasons_indptr = np.searchsorted(season_of_pair, np.arange(int(local.season_row.max()) + 2)).astype(np.int64)
+        seasons_indptr = np.searchsorted(season_of_pair, np.arange(local.seasons + 1)).astype(np.int64)
         structures = {
             resolution: self._pair_rows(local, level.indptr, level.classes, level.row)
             for (resolution, level) in self.levels.items()
         }
         for fold in range(self.num_folds):
-            held = self.held[fold]
+            (held, slot) = (self.held[fold], self.slots[fold])
             days = self.days[held]
             everywhere = seasonal_factors(self.train_day_counts[fold], kernel_days, season_pseudo_count)
             (smoothed, totals) = self._smoothed_pairs(local, season_resolution, kernel_days, fold)
             # factor there - factor everywhere, for each pair and day (0 on the undated column)
             difference = np.zeros((len(smoothed), DAY_BINS + 1))
             difference[:, :DAY_BINS] = (smoothed - totals * everywhere[species_of_pair]) / (totals + pseudo_count)
-            own_pair = local.pair_of_record[held]
-            out["own"][held] = np.where(own_pair >= 0, difference[np.maximum(own_pair, 0), days], 0.0)
+            own_pair = local.pair_of_record[slot]
+            out["own"][slot] = np.where(own_pair >= 0, difference[np.maximum(own_pair, 0), days], 0.0)
             base = self.train_global[fold]
             base = (base + 1.0) / (base.sum() + self.num_classes)
-            out["global"][held] = self._weighted(
+            out["global"][slot] = self._weighted(
                 ("local", season_resolution, fold),
                 seasons_indptr,
                 np.arange(len(local.pair_keys)),
                 base[species_of_pair],
-                local.season_row[held],
+                local.season_row[slot],
                 difference,
                 days,
             )
             for resolution, level in self.levels.items():
                 (indptr, pairs, positions, rows) = structures[resolution]
-                out["levels"][resolution][held] = self._weighted(
+                out["levels"][resolution][slot] = self._weighted(
                     ("local level", season_resolution, resolution, fold),
                     indptr,
                     pairs,
                     level.training[fold][positions],
-                    rows[held],
+                    rows[slot],
                     difference,
                     days,
                 )
@@ -607,12 +621,12 @@ class HeldOutScorer:
                             local, ring.indptr.astype(np.int64), ring.indices.astype(np.int64), level.row
                         )
                     (indptr, pairs, positions, rows) = self._ring_structures[ring_key]
-                    out["rings"][resolution][held] = self._weighted(
+                    out["rings"][resolution][slot] = self._weighted(
                         ("local ring", season_resolution, resolution, fold),
                         indptr,
                         pairs,
                         ring.data[positions],
-                        rows[held],
+                        rows[slot],
                         difference,
                         days,
                     )
@@ -623,12 +637,9 @@ class HeldOutScorer:
         """The mean held-out log-likelihood of the scored records under ``settings``: the recursion of
         :meth:`birder.geo.prior.LocationPrior.place_probabilities_many` on two numbers per record, the
         probability of its own species and the sum over all species, each times its seasonal factor."""
-        at = self.scored
         (own_factor, weighted) = self._season(settings.kernel_days, settings.season_pseudo_count)
-        own_factor = own_factor[at]
-        denominator = weighted["global"][at]
-        levels = {resolution: values[at] for (resolution, values) in weighted["levels"].items()}
-        rings = {resolution: values[at] for (resolution, values) in weighted["rings"].items()}
+        denominator = weighted["global"]
+        (levels, rings) = (dict(weighted["levels"]), dict(weighted["rings"]))
         if settings.season_resolution is not None:
             corrections = self._corrections(
                 settings.kernel_days,
@@ -638,22 +649,22 @@ class HeldOutScorer:
             )
             if corrections is None:
                 return float("-inf")  # not scored: too many (season cell, species) pairs
-            own_factor = own_factor + corrections["own"][at]
-            denominator = denominator + corrections["global"][at]
+            own_factor = own_factor + corrections["own"]
+            denominator = denominator + corrections["global"]
             for resolution in levels:
-                levels[resolution] = levels[resolution] + corrections["levels"][resolution][at]
-                rings[resolution] = rings[resolution] + corrections["rings"][resolution][at]
-        numerator = weighted["base_own"][at] * own_factor
+                levels[resolution] = levels[resolution] + corrections["levels"][resolution]
+                rings[resolution] = rings[resolution] + corrections["rings"][resolution]
+        numerator = weighted["base_own"] * own_factor
         beta = settings.neighbour_weight
         if beta > 0 and not self.neighbours:
             raise BirderError("this scorer was built without the neighbour counts")
         for depth, resolution in enumerate(settings.resolutions):
             alpha = settings.pseudo_count * settings.pseudo_count_growth**depth
             level = self.levels[resolution]
-            (own, total, season_weighted) = (level.own[at], level.total[at], levels[resolution])
+            (own, total, season_weighted) = (level.own, level.total, levels[resolution])
             if beta > 0:
-                own = own + beta * level.ring_own[at]
-                total = total + beta * level.ring_total[at]
+                own = own + beta * level.ring_own
+                total = total + beta * level.ring_total
                 season_weighted = season_weighted + beta * rings[resolution]
             scale = total + alpha
             numerator = (own * own_factor + alpha * numerator) / scale
@@ -701,7 +712,8 @@ class _WeightedCounts:
         if self._cached + elements <= _CACHED_ELEMENTS:
             (owner, positions) = expand_rows(indptr, rows)
             flat = classes[positions] * columns + days[owner]
-            self._expansions[key] = (owner, flat, counts[positions])
+            index_type = np.int32 if factors.size < 2**31 else np.int64
+            self._expansions[key] = (owner.astype(np.int32), flat.astype(index_type), counts[positions])
             self._cached += elements
             return self(key, indptr, classes, counts, rows, factors, days)
 
