@@ -125,6 +125,7 @@ class Step:
     options: list[PriorSettings]
     scores: list[float]
     picked: int
+    new: int  # options scored for the first time here
 
 
 @dataclass
@@ -149,7 +150,8 @@ class SettingsChoice:
 
     def lines(self, width: int = 118) -> list[str]:
         """What ``birder-prior build`` prints: each step of the search with the held-out log-likelihood of every
-        value it tried (``*``: the value kept), then the choice."""
+        value it tried (``*``: the value kept; a step that only met candidates scored before is left out), then the
+        choice."""
         if self.skipped is not None:
             return [f"settings: not chosen from the records ({self.skipped}): {describe_settings(self.settings)}"]
         fixed = f"; fixed: {', '.join(self.fixed)}" if self.fixed else ""
@@ -168,6 +170,8 @@ class SettingsChoice:
             subsequent_indent=" " * 4,
         )
         for step in self.steps:
+            if not step.new:
+                continue
             items = [
                 " ".join(_value_text(name, getattr(option, name)) for name in step.varied)
                 + f" {value:.5f}"
@@ -829,10 +833,11 @@ def choose_settings(
             if step == ("local_season_pseudo_count",) and current.season_resolution is None:
                 continue  # no local seasons: nothing to shrink
             options = _options(current, step, candidates_of)
+            before_step = len(choice.candidates)
             values = [score(option, "+".join(step), round_number) for option in options]
             # Near-ties go to the first option: the coarser, smoother or more shrunk one
             picked = int(np.flatnonzero(np.array(values) >= max(values) - TIE)[0])
-            choice.steps.append(Step(round_number, step, options, values, picked))
+            choice.steps.append(Step(round_number, step, options, values, picked, len(choice.candidates) - before_step))
             current = options[picked]
         if current == before or scores[current] - scores[before] < CONVERGED:
             break
