@@ -7,10 +7,12 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from birder.errors import BirderError
 from birder.geo.prior import LocationPrior, PriorSettings
 from birder.geo.prior_file import save_prior
+from birder.geo.prior_search import SettingsChoice, choose_settings
 from birder.geo.records import RecordReport, read_mapping_file, read_records
 from birder.io.outputs import check_output_file
 
@@ -47,6 +49,7 @@ class BuildReport:
     records: RecordReport
     seconds: float
     file_bytes: int
+    choice: SettingsChoice | None = None  # how the settings were chosen (None: given)
 
 
 def build_prior_file(
@@ -57,10 +60,17 @@ def build_prior_file(
     mapping: str | os.PathLike | None = None,
     columns: Mapping[str, str] | None = None,
     settings: PriorSettings | None = None,
+    fixed: Mapping[str, Any] | None = None,
+    search: bool = True,
     overwrite: bool = False,
 ) -> BuildReport:
     """Read ``records``, count them for ``classes`` (a model file, a class-list file or the names) and write the
-    prior to ``output`` atomically (an existing ``output`` only with ``overwrite``; never one of the inputs)."""
+    prior to ``output`` atomically (an existing ``output`` only with ``overwrite``; never one of the inputs).
+
+    The prior's settings: ``settings`` as given; else chosen from the records by held-out log-likelihood
+    (:func:`birder.geo.prior_search.choose_settings`, ``fixed`` holding those the user set), or without
+    ``search`` the defaults with ``fixed``.
+    """
     started = time.perf_counter()
     class_file = None if isinstance(classes, (list, tuple)) else classes
     check_output_file(output, inputs=(records, class_file, mapping), overwrite=overwrite, option="-o")
@@ -70,7 +80,14 @@ def build_prior_file(
     if len(usable) == 0:
         raise BirderError(f"no usable records in '{records}': " + "; ".join(report.lines()[1:] or ["it is empty"]))
 
+    choice = None
+    if settings is None and search:
+        choice = choose_settings(usable, len(class_names), fixed=dict(fixed or {}))
+        settings = choice.settings
+    elif settings is None:
+        settings = PriorSettings(**dict(fixed or {}))
     prior = LocationPrior.build(usable, class_names, settings, records_report=report.as_dict(), source=str(records))
+    prior.settings_search = choice.as_dict() if choice is not None else None
     save_prior(prior, output)
     seconds = time.perf_counter() - started
-    return BuildReport(prior, report, seconds, Path(output).stat().st_size)
+    return BuildReport(prior, report, seconds, Path(output).stat().st_size, choice)

@@ -63,6 +63,21 @@ def parent_cells(cells: npt.NDArray[np.uint64], resolution: int) -> npt.NDArray[
     return with_resolution | unused_digits
 
 
+def neighbour_cells(cells: npt.NDArray[np.uint64]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint64]]:
+    """The ring of cells around each of ``cells`` (six; five round a pentagon) as ``(owner, neighbour)`` pairs,
+    ``owner`` indexing ``cells`` (h3 is asked once per distinct cell)."""
+    h3 = import_h3()
+    (unique, inverse) = np.unique(np.asarray(cells, dtype=np.uint64), return_inverse=True)
+    rings = [[other for other in h3.grid_disk(cell, 1) if other != cell] for cell in unique.tolist()]
+    lengths = np.array([len(ring) for ring in rings], dtype=np.int64)
+    flat = np.fromiter((other for ring in rings for other in ring), dtype=np.uint64, count=int(lengths.sum()))
+    inverse = inverse.reshape(-1)
+    per_cell = lengths[inverse]
+    owner = np.repeat(np.arange(len(inverse)), per_cell)
+    offsets = np.arange(int(per_cell.sum())) - np.repeat(np.cumsum(per_cell) - per_cell, per_cell)
+    return (owner, flat[np.repeat((np.cumsum(lengths) - lengths)[inverse], per_cell) + offsets])
+
+
 def cell_of_point(latitude: float, longitude: float, resolution: int) -> int:
     return int(import_h3().latlng_to_cell(float(latitude), float(longitude), resolution))
 

@@ -2,16 +2,24 @@
 
 The model, and why:
 
-- **Place.** Records are counted per species on H3 cells at several resolutions (default 2, 3, 4, 5: cells of
-  about 87,000, 12,000, 1,800 and 250 km²). A place's estimate starts from all records (Laplace-smoothed) and
+- **Place.** Records are counted per species on H3 cells at several resolutions (say 1-5: cells of about
+  610,000, 87,000, 12,000, 1,800 and 250 km²). A place's estimate starts from all records (Laplace-smoothed) and
   goes down the cells that contain it, coarse to fine; at each level ``p = (n + a * p_parent) / (N + a)``, where
-  ``n`` are the cell's counts per species, ``N`` their sum and ``a`` the pseudo-count. A cell with many records
-  speaks for itself; a cell with few is mostly its parent's estimate (back-off where data are thin).
+  ``n`` are the cell's counts per species (plus ``neighbour_weight`` times those of the ring of cells around it,
+  so a place near a cell's edge hears from across it), ``N`` their sum and ``a`` the pseudo-count, multiplied by
+  ``pseudo_count_growth`` at each finer level (a finer cell differs less from its parent). A cell with many
+  records speaks for itself; a cell with few is mostly its parent's estimate (back-off where data are thin).
 - **Day.** Each species' record days are smoothed by a circular Gaussian kernel (``kernel_days`` standard
-  deviation, 31 December next to 1 January) and shrunk toward year-round presence; the place estimate is
-  multiplied by the species' seasonal factor and renormalised (species' place and season taken as independent).
-- **Floor.** A share ``floor`` of the mass is spread evenly over the classes, so no species ever gets zero:
-  a vagrant is made less likely, never impossible.
+  deviation, 31 December next to 1 January) and shrunk toward year-round presence; with ``season_resolution``
+  set, a coarse cell's own dated records of a species give it a season of its own there, shrunk toward the
+  species' season everywhere (a migrant that winters in the south and breeds in the north). The place estimate is
+  multiplied by the species' seasonal factor and renormalised.
+- **Floor.** A share ``floor`` of the mass spread evenly over the classes, so no species ever gets zero: a vagrant
+  is made less likely, never impossible.
+
+The settings are chosen from the records by :mod:`birder.geo.prior_search` (held-out log-likelihood over spatial
+blocks) when ``birder-prior build`` makes a prior; :class:`PriorSettings`'s defaults are the fixed settings of
+before, which a file of format version 1 was built with.
 
 A photo's probabilities are then adjusted as ``posterior ∝ p(species | photo) * prior ** strength`` at the
 prior's place in the decision order (:mod:`birder.inference.decision`). A photo with a place but no date gets the
@@ -34,9 +42,9 @@ import numpy as np
 import numpy.typing as npt
 
 from birder.errors import BirderError
-from birder.geo.grid import cell_of_point, check_resolutions, parent_cells, valid_coordinates
+from birder.geo.grid import cells_of_points, check_resolutions, neighbour_cells, parent_cells, valid_coordinates
 from birder.geo.records import Records
-from birder.geo.season import DAY_BINS, day_bin_of_date, seasonal_factors
+from birder.geo.season import DAY_BINS, day_bin_of_date, local_seasonal_factors, seasonal_factors
 
 # How a photo's answer used the prior (the `prior` column)
 MODE_PLACE_DAY = "place_day"  # place and day known: the full prior
@@ -55,13 +63,45 @@ class PriorSettings:
     floor: float = 0.01  # share of the mass spread evenly over every class
     pseudo_count: float = 10.0  # records a cell needs to weigh as much as its parent's estimate
     season_pseudo_count: float = 10.0  # records a species needs to weigh as much as year-round presence
+    neighbour_weight: float = 0.0  # how much the ring of cells around a place counts with its own cell (0 .. 1)
+    pseudo_count_growth: float = 1.0  # each finer level's pseudo-count is this many times its parent level's
+    # Where the season may differ from place to place: the H3 resolution of the season cells (None: one season
+    # per species everywhere), and the dated records a species needs in a season cell to weigh as much as its
+    # season everywhere
+    season_resolution: int | None = None
+    local_season_pseudo_count: float = 30.0
+    # The resolution a place is located at before its cells at ``resolutions`` are found (from the index bits; a
+    # coarse cell is then exactly the union of its fine ones). None: the finest of ``resolutions``.
+    base_resolution: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "resolutions", check_resolutions(self.resolutions))
+        if self.base_resolution is not None:
+            object.__setattr__(self, "base_resolution", check_resolutions([self.base_resolution])[0])
+            if self.base_resolution < max(self.resolutions):
+                raise BirderError(
+                    f"the base resolution ({self.base_resolution}) must be at least the finest resolution "
+                    f"({max(self.resolutions)})"
+                )
+        if self.season_resolution is not None:
+            object.__setattr__(self, "season_resolution", int(self.season_resolution))
+            if not 0 <= self.season_resolution <= max(self.resolutions):
+                raise BirderError(
+                    f"the season resolution must be between 0 and the finest resolution ({max(self.resolutions)}), "
+                    f"got {self.season_resolution}"
+                )
+        if not 0.0 <= self.neighbour_weight <= 1.0:
+            raise BirderError(f"the prior's neighbour weight must be between 0 and 1, got {self.neighbour_weight}")
         if not 0.0 < self.floor < 1.0:
             raise BirderError(f"the prior's floor must be between 0 and 1 (exclusive), got {self.floor}")
-        if self.kernel_days < 0 or self.pseudo_count <= 0 or self.season_pseudo_count <= 0:
-            raise BirderError("the kernel width must be >= 0 and the pseudo-counts > 0")
+        counts = (self.pseudo_count, self.season_pseudo_count, self.local_season_pseudo_count, self.pseudo_count_growth)
+        if self.kernel_days < 0 or min(counts) <= 0:
+            raise BirderError("the kernel width must be >= 0, the pseudo-counts and their growth > 0")
+
+    @property
+    def point_resolution(self) -> int:
+        """The resolution places are located at (see ``base_resolution``)."""
+        return max(self.resolutions) if self.base_resolution is None else self.base_resolution
 
 
 def classes_sha256(class_names: Sequence[str]) -> str:
@@ -96,6 +136,25 @@ class CellCounts:
             pair_counts.astype(np.float32),
         )
 
+    def rows_of(self, cells: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]:
+        """The row of each of ``cells`` (-1: no record fell in it)."""
+        cells = np.asarray(cells, dtype=np.uint64)
+        if len(self.cells) == 0:
+            return np.full(len(cells), -1, dtype=np.int64)
+        positions = np.minimum(np.searchsorted(self.cells, cells), len(self.cells) - 1)
+        return np.where(self.cells[positions] == cells, positions, -1).astype(np.int64)
+
+    def dense_rows(self, rows: npt.NDArray[np.int64], num_classes: int) -> npt.NDArray[np.float64]:
+        """``[len(rows), classes]`` counts of the given rows (zeros for row -1)."""
+        dense = np.zeros((len(rows), num_classes), dtype=np.float64)
+        (owner, positions) = expand_rows(self.indptr, rows)
+        dense[owner, self.classes[positions]] = self.counts[positions]
+        return dense
+
+    def totals(self) -> npt.NDArray[np.float64]:
+        """Each row's summed counts."""
+        return np.add.reduceat(self.counts.astype(np.float64), self.indptr[:-1]) if len(self.cells) else np.zeros(0)
+
     def counts_of(self, cell: int, num_classes: int) -> npt.NDArray[np.float64] | None:
         """The dense counts of one cell, or None when no record fell in it."""
         position = int(np.searchsorted(self.cells, np.uint64(cell)))
@@ -105,6 +164,20 @@ class CellCounts:
         dense = np.zeros(num_classes, dtype=np.float64)
         dense[self.classes[start:end]] = self.counts[start:end]
         return dense
+
+
+def expand_rows(
+    indptr: npt.NDArray[np.int64], rows: npt.NDArray[np.int64]
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """The stored elements of CSR ``rows`` (-1: an empty row): for each, its output row and its position."""
+    rows = np.asarray(rows, dtype=np.int64)
+    present = rows >= 0
+    safe = np.where(present, rows, 0)
+    starts = np.where(present, indptr[safe], 0)
+    lengths = np.where(present, indptr[safe + 1] - starts, 0)
+    owner = np.repeat(np.arange(len(rows)), lengths)
+    offsets = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return (owner, np.repeat(starts, lengths) + offsets)
 
 
 @dataclass
@@ -126,7 +199,12 @@ class LocationPrior:
     levels: dict[int, CellCounts]  # resolution -> counts
     day_counts: npt.NDArray[np.float32]  # [classes, DAY_BINS]
     info: dict[str, Any] = field(default_factory=dict)  # what it was built from (records report, time)
+    # Dated counts per season cell (settings.season_resolution), the "class" of an entry being class * DAY_BINS + bin
+    season_counts: CellCounts | None = None
+    # How the settings were chosen from the records (birder.geo.prior_search.SettingsChoice.as_dict; None: given)
+    settings_search: dict[str, Any] | None = None
     _season: npt.NDArray[np.float32] | None = field(default=None, repr=False)
+    _local_seasons: dict[int, npt.NDArray[np.float32]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(
@@ -135,21 +213,29 @@ class LocationPrior:
         """Count ``records`` (already matched to ``class_names``) into a prior."""
         settings = settings or PriorSettings()
         num_classes = len(class_names)
-        finest = max(settings.resolutions)
-        from birder.geo.grid import cells_of_points
-
-        cells = cells_of_points(records.latitudes, records.longitudes, finest)
+        cells = cells_of_points(records.latitudes, records.longitudes, settings.point_resolution)
         levels = {
-            resolution: CellCounts.from_records(
-                cells if resolution == finest else parent_cells(cells, resolution), records.classes, records.weights
-            )
+            resolution: CellCounts.from_records(parent_cells(cells, resolution), records.classes, records.weights)
             for resolution in settings.resolutions
         }
         global_counts = np.bincount(records.classes, weights=records.weights, minlength=num_classes)
         dated = records.day_bins >= 0
         day_counts = np.zeros((num_classes, DAY_BINS), dtype=np.float64)
         np.add.at(day_counts, (records.classes[dated], records.day_bins[dated]), records.weights[dated])
-        return cls(list(class_names), settings, global_counts, levels, day_counts.astype(np.float32), dict(info))
+        season_counts = None
+        if settings.season_resolution is not None:
+            season_cells = parent_cells(cells[dated], settings.season_resolution)
+            keys = records.classes[dated].astype(np.int64) * DAY_BINS + records.day_bins[dated]
+            season_counts = CellCounts.from_records(season_cells, keys.astype(np.int32), records.weights[dated])
+        return cls(
+            list(class_names),
+            settings,
+            global_counts,
+            levels,
+            day_counts.astype(np.float32),
+            dict(info),
+            season_counts,
+        )
 
     @property
     def num_classes(self) -> int:
@@ -175,33 +261,84 @@ class LocationPrior:
 
     def place_probabilities(self, latitude: float, longitude: float) -> npt.NDArray[np.float64]:
         """p(species | place), year-round, before the floor (see the module's docstring)."""
+        return self.place_probabilities_many(np.array([latitude]), np.array([longitude]))[0]
+
+    def place_probabilities_many(
+        self, latitudes: npt.NDArray[np.float64], longitudes: npt.NDArray[np.float64]
+    ) -> npt.NDArray[np.float64]:
+        """``[points, classes]`` p(species | place) of valid coordinates, year-round, before the floor."""
         total = self.global_counts.sum()
-        estimate = (self.global_counts + 1.0) / (total + self.num_classes)
-        finest = max(self.settings.resolutions)
-        cell = cell_of_point(latitude, longitude, finest)
-        alpha = self.settings.pseudo_count
-        for resolution in self.settings.resolutions:
-            counts = self.levels[resolution].counts_of(
-                int(parent_cells(np.array([cell]), resolution)[0]), len(estimate)
-            )
-            if counts is not None:
-                estimate = (counts + alpha * estimate) / (counts.sum() + alpha)
+        estimate = np.tile((self.global_counts + 1.0) / (total + self.num_classes), (len(latitudes), 1))
+        cells = cells_of_points(latitudes, longitudes, self.settings.point_resolution)
+        neighbour_weight = self.settings.neighbour_weight
+        for depth, resolution in enumerate(self.settings.resolutions):
+            alpha = self.settings.pseudo_count * self.settings.pseudo_count_growth**depth
+            level = self.levels[resolution]
+            level_cells = parent_cells(cells, resolution)
+            counts = level.dense_rows(level.rows_of(level_cells), self.num_classes)
+            if neighbour_weight > 0:
+                (owner, neighbours) = neighbour_cells(level_cells)
+                ring = level.dense_rows(level.rows_of(neighbours), self.num_classes)
+                # owner is sorted and every cell has a ring (five or six cells): sum each point's run of rows
+                counts += neighbour_weight * np.add.reduceat(ring, np.searchsorted(owner, np.arange(len(cells))))
+            # A cell without records leaves the estimate as it is (n = N = 0 in the formula)
+            estimate = (counts + alpha * estimate) / (counts.sum(axis=1, keepdims=True) + alpha)
         return estimate
 
     def seasonal_factors(self) -> npt.NDArray[np.float32]:
-        """``[classes, DAY_BINS]`` seasonal factors (computed once)."""
+        """``[classes, DAY_BINS]`` seasonal factors everywhere (computed once)."""
         if self._season is None:
             self._season = seasonal_factors(
                 self.day_counts, self.settings.kernel_days, self.settings.season_pseudo_count
             )
         return self._season
 
+    def local_seasonal_factors(self, season_cell: int) -> npt.NDArray[np.float32]:
+        """``[classes, DAY_BINS]`` seasonal factors in one season cell: its own records' season, shrunk toward
+        the season everywhere (computed once per cell; the seasons everywhere without local seasons)."""
+        if self.season_counts is None:
+            return self.seasonal_factors()
+        if season_cell not in self._local_seasons:
+            row = self.season_counts.rows_of(np.array([season_cell], dtype=np.uint64))
+            flat = self.season_counts.dense_rows(row, self.num_classes * DAY_BINS)[0]
+            self._local_seasons[season_cell] = local_seasonal_factors(
+                self.seasonal_factors(),
+                flat.reshape(self.num_classes, DAY_BINS),
+                self.settings.kernel_days,
+                self.settings.local_season_pseudo_count,
+            )
+        return self._local_seasons[season_cell]
+
     def probabilities(self, latitude: float, longitude: float, day_bin: int | None = None) -> npt.NDArray[np.float32]:
         """p(species | place, day) with the floor; year-round when ``day_bin`` is None."""
-        place = self.place_probabilities(latitude, longitude)
-        if day_bin is not None:
-            place = place * self.seasonal_factors()[:, day_bin]
-            place /= place.sum()
+        days = np.array([-1 if day_bin is None else day_bin])
+        return self.probabilities_many(np.array([latitude]), np.array([longitude]), days)[0]
+
+    def probabilities_many(
+        self,
+        latitudes: npt.NDArray[np.float64],
+        longitudes: npt.NDArray[np.float64],
+        day_bins: npt.NDArray[np.integer],
+    ) -> npt.NDArray[np.float32]:
+        """``[points, classes]`` p(species | place, day) with the floor, for valid coordinates; a day bin of -1
+        gives the year-round prior of that place."""
+        place = self.place_probabilities_many(latitudes, longitudes)
+        day_bins = np.asarray(day_bins, dtype=np.int64)
+        dated = np.flatnonzero(day_bins >= 0)
+        if len(dated) and self.season_counts is None:
+            factors = self.seasonal_factors()[:, day_bins[dated]].T
+        elif len(dated):
+            season_cells = parent_cells(
+                cells_of_points(latitudes[dated], longitudes[dated], self.settings.point_resolution),
+                self.settings.season_resolution,
+            )
+            factors = np.empty((len(dated), self.num_classes), dtype=np.float32)
+            for cell in np.unique(season_cells).tolist():
+                mine = np.flatnonzero(season_cells == cell)
+                factors[mine] = self.local_seasonal_factors(cell)[:, day_bins[dated[mine]]].T
+        if len(dated):
+            seasonal = place[dated] * factors
+            place[dated] = seasonal / seasonal.sum(axis=1, keepdims=True)
         floor = self.settings.floor
         return ((1.0 - floor) * place + floor / self.num_classes).astype(np.float32)
 
@@ -231,7 +368,23 @@ class LocationPrior:
             "cells": {str(resolution): len(level.cells) for (resolution, level) in self.levels.items()},
             **asdict(self.settings),
             **self.info,
+            **({"settings_search": self._search_summary()} if self.settings_search else {}),
         }
+
+    def _search_summary(self) -> dict[str, Any]:
+        """The settings search without its list of candidates (``birder-prior info`` says how many there were)."""
+        search = dict(self.settings_search or {})
+        candidates = search.pop("candidates", [])
+        chosen = [c["heldout_loglik"] for c in candidates if _same_settings(c, self.settings)]
+        return {**search, "candidates": len(candidates), "chosen_heldout_loglik": chosen[0] if chosen else None}
+
+
+def _same_settings(values: dict[str, Any], settings: PriorSettings) -> bool:
+    """Whether a stored candidate (its settings' fields among ``values``) is ``settings``."""
+    try:
+        return PriorSettings(**{name: values[name] for name in asdict(settings)}) == settings
+    except (KeyError, TypeError, BirderError):
+        return False
 
 
 def parse_date(value: dt.date | dt.datetime | str | None) -> dt.date | None:

@@ -2,13 +2,21 @@
 
 A ZIP archive (deflate-compressed; ``numpy.load`` opens it too) holding:
 
-- ``metadata.json``: ``{"format": "birder-prior", "version": 1, "classes": [names in index order],
+- ``metadata.json``: ``{"format": "birder-prior", "version": 2, "classes": [names in index order],
   "classes_sha256": ..., "settings": {"resolutions": [...], "kernel_days": ..., "floor": ...,
-  "pseudo_count": ..., "season_pseudo_count": ...}, "info": {records read and used, build time, ...}}``;
+  "pseudo_count": ..., "season_pseudo_count": ..., "neighbour_weight": ..., "pseudo_count_growth": ...,
+  "season_resolution": ... or null, "local_season_pseudo_count": ..., "base_resolution": ... or null},
+  "settings_search": {how the settings were chosen: method, folds, blocks, and each candidate's settings and
+  held-out log-likelihood} or null, "info": {records read and used, build time, ...}}``;
 - ``global_counts.npy``: float64 ``[classes]``, weighted record counts per class;
 - ``day_counts.npy``: float32 ``[classes, 365]``, dated record counts per class and day-of-year bin;
 - for each resolution ``R``, the sparse counts per (H3 cell, class): ``r<R>_cells.npy`` (uint64, sorted),
-  ``r<R>_indptr.npy`` (int64, ``cells + 1``), ``r<R>_classes.npy`` (int32) and ``r<R>_counts.npy`` (float32).
+  ``r<R>_indptr.npy`` (int64, ``cells + 1``), ``r<R>_classes.npy`` (int32) and ``r<R>_counts.npy`` (float32);
+- with local seasons (``season_resolution`` set), the dated counts per (season cell, class, day bin) in the same
+  sparse form, ``season_cells.npy`` ... ``season_counts.npy``, an entry's "class" being ``class * 365 + bin``.
+
+Version 1 files (before the settings were chosen from the records) have the first five settings only and no
+``settings_search``; they load with the others at the values that make the same prior as before.
 
 Counts are stored, not probabilities: the smoothing happens at lookup, so the file is small (most cells hold a few
 species) and the settings it was built with are all it needs. Written atomically; read without pickle.
@@ -20,6 +28,7 @@ import io
 import json
 import os
 import zipfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +40,8 @@ from birder.geo.prior import CellCounts, LocationPrior, PriorSettings
 from birder.io.atomic import atomic_write_path
 
 FORMAT_NAME = "birder-prior"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 SUFFIX = ".bpr"
 _METADATA = "metadata.json"
 _LEVEL_ARRAYS = ("cells", "indptr", "classes", "counts")
@@ -51,13 +61,8 @@ def save_prior(prior: LocationPrior, path: str | os.PathLike) -> Path:
         "version": FORMAT_VERSION,
         "classes": prior.classes,
         "classes_sha256": prior.classes_sha256,
-        "settings": {
-            "resolutions": list(prior.settings.resolutions),
-            "kernel_days": prior.settings.kernel_days,
-            "floor": prior.settings.floor,
-            "pseudo_count": prior.settings.pseudo_count,
-            "season_pseudo_count": prior.settings.season_pseudo_count,
-        },
+        "settings": {**asdict(prior.settings), "resolutions": list(prior.settings.resolutions)},
+        "settings_search": prior.settings_search,
         "info": prior.info,
     }
     with atomic_write_path(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
@@ -67,6 +72,9 @@ def save_prior(prior: LocationPrior, path: str | os.PathLike) -> Path:
         for resolution, level in prior.levels.items():
             for name in _LEVEL_ARRAYS:
                 _write_array(archive, f"r{resolution}_{name}", getattr(level, name))
+        if prior.season_counts is not None:
+            for name in _LEVEL_ARRAYS:
+                _write_array(archive, f"season_{name}", getattr(prior.season_counts, name))
     return path
 
 
@@ -92,22 +100,34 @@ def load_prior(path: str | os.PathLike) -> LocationPrior:
             }
             global_counts = _read_array(archive, "global_counts")
             day_counts = _read_array(archive, "day_counts")
+            season_counts = None
+            if settings.season_resolution is not None:
+                season_counts = CellCounts(*(_read_array(archive, f"season_{name}") for name in _LEVEL_ARRAYS))
     except (zipfile.BadZipFile, KeyError, ValueError, OSError, TypeError) as exc:
         raise BirderError(f"'{path}' is not a readable prior file ({' '.join(str(exc).split())})") from None
 
     classes = list(metadata["classes"])
     if len(global_counts) != len(classes) or day_counts.shape[0] != len(classes):
         raise BirderError(f"'{path}' is damaged: its arrays do not match its {len(classes)} classes")
-    return LocationPrior(classes, settings, global_counts, levels, day_counts, dict(metadata.get("info") or {}))
+    return LocationPrior(
+        classes,
+        settings,
+        global_counts,
+        levels,
+        day_counts,
+        dict(metadata.get("info") or {}),
+        season_counts,
+        metadata.get("settings_search"),
+    )
 
 
 def _check_format(metadata: Any, path: Path) -> None:
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT_NAME:
         raise BirderError(f"'{path}' is not a birder prior file")
-    if metadata.get("version") != FORMAT_VERSION:
+    if metadata.get("version") not in READABLE_VERSIONS:
         raise BirderError(
-            f"'{path}' is a prior file of format version {metadata.get('version')}; this birder reads version "
-            f"{FORMAT_VERSION}: rebuild it with birder-prior build"
+            f"'{path}' is a prior file of format version {metadata.get('version')}; this birder reads versions "
+            f"{', '.join(str(version) for version in READABLE_VERSIONS)}: rebuild it with birder-prior build"
         )
 
 

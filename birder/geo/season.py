@@ -26,6 +26,16 @@ def day_bin_of_date(date: dt.date) -> int:
     return int(day_bins(np.array([date.timetuple().tm_yday]), np.array([leap]))[0])
 
 
+def _kernel_row(width_days: float) -> npt.NDArray[np.float64]:
+    """Row 0 of :func:`circular_kernel` (every other row is it turned)."""
+    distance = np.arange(DAY_BINS)
+    distance = np.minimum(distance, DAY_BINS - distance)
+    if width_days <= 0:
+        return (distance == 0).astype(np.float64)
+    row = np.exp(-0.5 * (distance / width_days) ** 2)
+    return row / row.sum()
+
+
 def circular_kernel(width_days: float) -> npt.NDArray[np.float64]:
     """``[bins, bins]``: row ``b`` is a wrapped Gaussian of standard deviation ``width_days`` around bin ``b``,
     summing to 1 (0 days: no smoothing)."""
@@ -39,6 +49,14 @@ def circular_kernel(width_days: float) -> npt.NDArray[np.float64]:
     return kernel / kernel.sum(axis=1, keepdims=True)
 
 
+def smooth_days(counts: npt.NDArray[np.floating], width_days: float) -> npt.NDArray[np.float64]:
+    """``counts[..., DAY_BINS]`` smoothed by :func:`circular_kernel` along the days."""
+    # The kernel is circulant (row b is row 0 turned by b): smoothing is a circular convolution, done by FFT
+    kernel_spectrum = np.fft.rfft(_kernel_row(width_days))
+    smoothed = np.fft.irfft(np.fft.rfft(np.asarray(counts, dtype=np.float64), axis=-1) * kernel_spectrum, n=DAY_BINS)
+    return np.maximum(smoothed, 0.0)  # rounding must not make a count negative
+
+
 def seasonal_factors(
     day_counts: npt.NDArray[np.floating], width_days: float, pseudo_count: float
 ) -> npt.NDArray[np.float32]:
@@ -49,7 +67,24 @@ def seasonal_factors(
     the year. A class without dated records gets 1 everywhere (year-round).
     """
     counts = np.asarray(day_counts, dtype=np.float64)
-    smoothed = counts @ circular_kernel(width_days)  # the kernel is symmetric
+    smoothed = smooth_days(counts, width_days)
     totals = counts.sum(axis=1, keepdims=True)
     density = (smoothed + pseudo_count / DAY_BINS) / (totals + pseudo_count)
     return (density * DAY_BINS).astype(np.float32)
+
+
+def local_seasonal_factors(
+    everywhere: npt.NDArray[np.floating],
+    local_counts: npt.NDArray[np.floating],
+    width_days: float,
+    pseudo_count: float,
+) -> npt.NDArray[np.float32]:
+    """``[classes, bins]`` seasonal factors in one place: the place's own dated records of each class (``local_counts``,
+    smoothed by the kernel) shrunk toward the class's factors ``everywhere`` by ``pseudo_count`` records, so a
+    class seen there a few times keeps nearly its season everywhere, and one seen often there its season there (a
+    migrant that winters in the south and breeds in the north). Averages 1 over the year like the factors
+    everywhere."""
+    counts = np.asarray(local_counts, dtype=np.float64)
+    totals = counts.sum(axis=1, keepdims=True)
+    factors = (smooth_days(counts, width_days) * DAY_BINS + pseudo_count * everywhere) / (totals + pseudo_count)
+    return factors.astype(np.float32)

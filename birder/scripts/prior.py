@@ -26,9 +26,6 @@ EXIT_USAGE = 2
 
 
 def _add_build(subparsers: argparse._SubParsersAction) -> None:
-    from birder.geo.prior import PriorSettings
-
-    defaults = PriorSettings()
     build = subparsers.add_parser("build", help="count occurrence records into a prior for a model's classes")
     build.add_argument("records", type=Path, help="CSV (comma or tab separated) or Parquet of occurrence records")
     build.add_argument(
@@ -40,12 +37,19 @@ def _add_build(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument(
         "--column", action="append", default=[], metavar="FIELD=NAME", help="a column name the file uses for a field"
     )
+    # Settings not given are chosen from the records (held-out log-likelihood over spatial blocks); given ones stay
+    chosen = "(default: chosen from the records)"
+    build.add_argument("--resolutions", type=int, nargs="+", metavar="R", help=f"H3 resolutions {chosen}")
+    build.add_argument("--kernel-days", type=float, metavar="D", help=f"season kernel SD in days {chosen}")
+    build.add_argument("--floor", type=float, metavar="F", help=f"share of the mass spread evenly {chosen}")
     build.add_argument(
-        "--resolutions", type=int, nargs="+", default=list(defaults.resolutions), metavar="R", help="H3 resolutions"
+        "--pseudo-count", type=float, metavar="A", help=f"records a cell needs to outweigh its parent {chosen}"
     )
-    build.add_argument("--kernel-days", type=float, default=defaults.kernel_days, metavar="D", help="season kernel SD")
-    build.add_argument("--floor", type=float, default=defaults.floor, metavar="F", help="mass spread evenly")
-    build.add_argument("--pseudo-count", type=float, default=defaults.pseudo_count, metavar="A", help="back-off")
+    build.add_argument(
+        "--no-search",
+        action="store_true",
+        help="do not choose settings from the records: the given ones, the fixed defaults for the others",
+    )
 
 
 def _positive(text: str) -> int:
@@ -78,22 +82,27 @@ def run_build(args: argparse.Namespace) -> int:
     from birder.geo.prior import PriorSettings
     from birder.geo.records import parse_column_overrides
 
-    settings = PriorSettings(
-        resolutions=tuple(args.resolutions),
-        kernel_days=args.kernel_days,
-        floor=args.floor,
-        pseudo_count=args.pseudo_count,
-    )
+    given = {
+        "resolutions": tuple(args.resolutions) if args.resolutions else None,
+        "kernel_days": args.kernel_days,
+        "floor": args.floor,
+        "pseudo_count": args.pseudo_count,
+    }
+    fixed = {name: value for (name, value) in given.items() if value is not None}
+    PriorSettings(**fixed)  # a bad value is refused before the records are read
     report = build_prior_file(
         args.records,
         args.classes,
         args.output,
         mapping=args.mapping,
         columns=parse_column_overrides(args.column),
-        settings=settings,
+        fixed=fixed,
+        search=not args.no_search,
         overwrite=args.overwrite,
     )
     for line in report.records.lines():
+        print(line)
+    for line in report.choice.lines() if report.choice is not None else []:
         print(line)
     cells = ", ".join(f"r{r}: {len(level.cells):,}" for (r, level) in report.prior.levels.items())
     print(f"wrote {args.output} ({report.file_bytes / 1024:.0f} KiB; cells {cells}) in {report.seconds:.1f} s")
