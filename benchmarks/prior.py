@@ -315,10 +315,15 @@ def gain_figures(workdir: Path, world_name: str, records: int, photos_count: int
         workdir / f"{world_name}_{records}{suffix}", world.sample_records(records, rng), world.all_names(), mess, rng
     )
     names = world.class_names()
-    built = build_prior_file(path, names, workdir / "chosen.bpr")
-    fixed = build_prior_file(path, names, workdir / "fixed.bpr", search=False)  # the settings before the search
+    # One pair of files per world and download size: the benchmark's own outputs, never one run's onto another's
+    (chosen_file, fixed_file) = (
+        workdir / f"{world_name}_{records}_chosen.bpr",
+        workdir / f"{world_name}_{records}_fixed.bpr",
+    )
+    built = build_prior_file(path, names, chosen_file, overwrite=True)
+    fixed = build_prior_file(path, names, fixed_file, search=False, overwrite=True)  # the settings before the search
     path.unlink()
-    chosen_prior = load_prior(workdir / "chosen.bpr")
+    chosen_prior = load_prior(chosen_file)
 
     (photos, truth_prior) = world.sample_photos(photos_count, np.random.default_rng(seed + 2))
     strength = strength_for_top1(IMAGE_TOP1, seed + 3, len(names))

@@ -241,7 +241,7 @@ def test_build_prints_every_candidates_held_out_log_likelihood(tmp_path: Path, c
     assert len(chosen) == 1 and "floor 0.02" in chosen[0]
     assert all(line.count("*") <= 1 for line in out.splitlines())  # one value kept per step
 
-    assert prior_main([*argv, "--no-search", "--pseudo-count", "30"]) == 0
+    assert prior_main([*argv, "--no-search", "--pseudo-count", "30", "--overwrite"]) == 0
     out = capsys.readouterr().out
     assert "held-out" not in out
     assert load_prior(tmp_path / "p.bpr").settings == PriorSettings(pseudo_count=30.0)
