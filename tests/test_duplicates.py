@@ -14,8 +14,9 @@ from PIL import Image
 from benchmarks.duplicates import make_copy, object_family, plant_copy
 from birder.io.table_files import read_csv_table
 from birder.scripts import index as index_script
-from birder.search import pixels
-from birder.search.duplicates import find_duplicates, search_duplicates, star_groups
+from birder.search import duplicates, pixels
+from birder.search.duplicates import find_duplicates, search_duplicates, signature_pairs, star_groups
+from birder.search.pixels import Thumbnail
 from birder.search.store import IndexInfo, PhotoIndex, PhotoRecord, write_info, write_photos
 from birder.search.vectors import VECTORS_FILE, build_index, choose_plan, normalize
 
@@ -57,16 +58,24 @@ def save(image: Image.Image, path: Path) -> Path:
     return path
 
 
-def test_a_cropped_rescaled_recompressed_copy_is_confirmed(scene, tmp_path: Path) -> None:
+def test_a_cropped_rescaled_recompressed_copy_is_confirmed(scene, tmp_path: Path, monkeypatch) -> None:
     original = save(scene[0], tmp_path / "original.jpg")
     # 3 % off the left, 2 % off the right, 4 % off the top; 80 % of the size, 8 % brighter, JPEG quality 55
     copy = save(make_copy(scene[0], (0.03, 0.02, 0.04, 0.0), 0.8, 1.08, 55), tmp_path / "copy.jpg")
+    unrelated = save(scene[1], tmp_path / "unrelated.jpg")
     rng = np.random.default_rng(0)
     vector = normalize(rng.standard_normal((1, DIM)))[0]
     # The copy's embedding moved below the old threshold (the issue's copies were found at 0.55 recall)
-    vectors = np.stack([vector, moved(vector, 0.92, rng)])
-    index = write_index(tmp_path / "index", [original, copy], vectors)
+    vectors = np.stack([vector, moved(vector, 0.92, rng), moved(vector, 0.0, rng)])
+    index = write_index(tmp_path / "index", [original, copy, unrelated], vectors)
 
+    # Only the embeddings' candidates: only their photos are read
+    report = search_duplicates(index, pixel_neighbours=0)
+    assert (report.photos_read, report.candidates, report.confirmed) == (2, 1, 1)
+    reads = []
+    monkeypatch.setattr(duplicates, "read_thumbnail", lambda path: reads.append(path) or pixels.read_thumbnail(path))
+    assert search_duplicates(index).photos_read == 3  # with pixel signatures: every photo, once
+    assert sorted(reads) == sorted(map(str, (original, copy, unrelated)))
     groups = find_duplicates(index)
     assert [index.rows(g.members)[0]["path"] for g in groups] == [str(original)]  # most pixels kept
     (evidence,) = groups[0].evidence[1:]
@@ -177,3 +186,17 @@ def test_unreadable_photos_are_listed_not_fatal(scene, tmp_path: Path, capsys) -
     listed = {row[0]: dict(zip(header, row, strict=True)) for row in rows}
     assert listed[str(gone)]["reason"].startswith("not compared: cannot read image")
     assert listed[str(broken)]["group"] == "" and listed[str(copy)]["suggestion"] == "remove"
+
+
+def test_signature_neighbours_through_an_approximate_index() -> None:
+    # Above the exact limit the signatures get an IVF-PQ index of their own; planted near-copies are still found
+    rng = np.random.default_rng(7)
+    signatures = normalize(rng.standard_normal((2500, pixels.SIGNATURE_CELLS**2)))
+    copies = normalize(signatures[:20] + 0.05 * rng.standard_normal((20, pixels.SIGNATURE_CELLS**2)))
+    vectors = np.concatenate([signatures, copies])
+    blank = np.zeros((pixels.THUMB_SIDE, pixels.THUMB_SIDE), dtype=np.uint8)
+    thumbnails = {photo: Thumbnail(blank, 1, 0.0, vector) for photo, vector in enumerate(vectors)}
+    pairs = signature_pairs(thumbnails, 4, exact_limit=1000)
+    assert {(i, 2500 + i) for i in range(20)} <= set(map(tuple, pairs.tolist()))
+    # Every pair found is alike enough (by the exact signatures): a few random ones are, in 64 dimensions
+    assert (np.einsum("pd,pd->p", vectors[pairs[:, 0]], vectors[pairs[:, 1]]) >= pixels.MIN_SIGNATURE_SIMILARITY).all()

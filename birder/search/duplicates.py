@@ -296,31 +296,27 @@ def read_thumbnails(paths: dict[int, str], workers: int | None = None) -> tuple[
     return (thumbnails, unreadable)
 
 
-def confirm_pairs(
-    pairs: npt.NDArray[np.int64], thumbnails: dict[int, Thumbnail]
-) -> tuple[npt.NDArray[np.bool_], pixels.PixelComparison]:
+def confirm_pairs(pairs: npt.NDArray[np.int64], thumbnails: dict[int, Thumbnail]) -> pixels.PixelComparison:
     """The pixel test of every pair (both photos in ``thumbnails``), ``_PAIR_CHUNK`` at a time."""
-    results = []
+    results = [pixels.PixelComparison(*(np.zeros((0, *shape), dtype=np.float32) for shape in ((), (), (4,))))]
     for part in chunks(len(pairs), _PAIR_CHUNK):
         first = np.stack([thumbnails[a].grey for a in pairs[part, 0]])
         second = np.stack([thumbnails[b].grey for b in pairs[part, 1]])
         results.append(pixels.compare_thumbnails(first, second))
-    if not results:
-        empty = np.zeros(0, dtype=np.float32)
-        results.append(pixels.PixelComparison(empty, empty, np.zeros((0, 4), dtype=np.float32)))
-    comparison = pixels.PixelComparison(
+    return pixels.PixelComparison(
         np.concatenate([r.block_difference for r in results]),
         np.concatenate([r.ssim for r in results]),
         np.concatenate([r.offsets for r in results]),
     )
-    return (comparison.is_copy, comparison)
 
 
-def signature_pairs(thumbnails: dict[int, Thumbnail], neighbours: int) -> npt.NDArray[np.int64]:
+def signature_pairs(
+    thumbnails: dict[int, Thumbnail], neighbours: int, exact_limit: int = EXACT_LIMIT
+) -> npt.NDArray[np.int64]:
     """``[P, 2]`` photo id pairs (``a < b``): each photo with its ``neighbours`` nearest by pixel signature
     (:func:`~.pixels.signatures`), those at least :data:`~.pixels.MIN_SIGNATURE_SIMILARITY` alike.
 
-    Exact search up to :data:`~.vectors.EXACT_LIMIT` photos; above, a faiss index of the signatures built as the
+    Exact search up to ``exact_limit`` photos; above, a faiss index of the signatures built as the
     embeddings' is (:func:`~.vectors.build_index`: IVF-PQ, its best candidates re-scored exactly).
     """
     ids = np.array(sorted(thumbnails), dtype=np.int64)
@@ -328,11 +324,11 @@ def signature_pairs(thumbnails: dict[int, Thumbnail], neighbours: int) -> npt.ND
         return np.zeros((0, 2), dtype=np.int64)
     vectors = np.stack([thumbnails[photo].signature for photo in ids])
     k = min(neighbours + 1, len(ids))
-    if len(ids) <= EXACT_LIMIT:
+    if len(ids) <= exact_limit:
         (scores, found) = exact_search(vectors, vectors, k)
     else:
         logger.info("pixel signatures of %d photos: a vector index of their own", len(ids))
-        signature_index = build_index(vectors, choose_plan(len(ids), vectors.shape[1]))
+        signature_index = build_index(vectors, choose_plan(len(ids), vectors.shape[1], exact_limit))
         (scores, found) = signature_index.search(vectors, k)
     rows = np.broadcast_to(np.arange(len(ids))[:, None], found.shape)
     near = (found >= 0) & (found != rows) & (scores >= pixels.MIN_SIGNATURE_SIMILARITY)
@@ -368,7 +364,8 @@ def search_duplicates(
     alike = np.array([signature_of[a] @ signature_of[b] for (a, b) in pairs.tolist()], dtype=np.float32)
     # Pairs whose signatures differ this much are not copies: no alignment is tried
     compared = pairs[alike >= pixels.MIN_SIGNATURE_SIMILARITY] if len(pairs) else pairs
-    (is_copy, comparison) = confirm_pairs(compared, thumbnails)
+    comparison = confirm_pairs(compared, thumbnails)
+    is_copy = comparison.is_copy
     copies = compared[is_copy]
     # The evidence: exact similarity of the embeddings (the index's scores may be approximate), the pixel test
     similarity = exact_similarity(index.vectors, copies)

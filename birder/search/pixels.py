@@ -22,8 +22,8 @@ three steps (:func:`compare_thumbnails`, batched over pairs):
    background. A copy's worst block stays at most :data:`MAX_BLOCK_DIFFERENCE`.
 
 Why not a perceptual hash of each photo: a crop of a few percent moves the whole frame's hash (imagehash's pHash)
-as far as a distinct look-alike's (measured on the benchmark's first set: planted copies up to 10 bits of 64 away,
-look-alikes from 2), and a global hash cannot see the one block where a look-alike differs.
+as far as a distinct look-alike's (measured on photos drawn as the benchmark's first set: copies up to 10 bits of
+64 away, look-alikes from 2), and a global hash cannot see the one block where a look-alike differs.
 
 The thresholds were chosen on generated photos (``benchmarks/duplicates.py``, first set: planted copies cropped up
 to 5 %, rescaled 0.7-1.3, JPEG quality 50-95, brightness +-10 %, against many distinct look-alikes: copies' worst
@@ -106,23 +106,6 @@ def read_thumbnail(path: str | os.PathLike) -> Thumbnail:
     return Thumbnail(thumbnail, pixels, sharpness(grey), signatures(thumbnail[None])[0])
 
 
-def signatures(grey: npt.ArrayLike) -> Floats:
-    """``[n, SIGNATURE_CELLS ** 2]``: thumbnails ``[n, THUMB_SIDE, THUMB_SIDE]`` reduced to the mean grey level of
-    8 x 8 cells over the central 80 % of the frame (a tenth of the frame's side each), less their mean, unit length.
-
-    A copy's signature is nearly its original's (the cells are larger than what a crop of a few percent moves, and
-    their edges lie inside what it keeps): the cosine similarity of signatures finds copies (nearest neighbours)
-    and rules out most other pairs before any alignment (:data:`MIN_SIGNATURE_SIMILARITY`). A frame without
-    structure (cells within a grey level of each other) gets a zero signature: it is nobody's copy.
-    """
-    grey = np.asarray(grey, dtype=np.float32)
-    cells = (_SIGNATURE_WEIGHTS @ grey @ _SIGNATURE_WEIGHTS.T).reshape(len(grey), -1)
-    cells -= cells.mean(axis=1, keepdims=True)
-    norms = np.linalg.norm(cells, axis=1, keepdims=True)
-    flat = norms < _MIN_PROFILE_CONTRAST * SIGNATURE_CELLS
-    return np.where(flat, 0.0, cells / np.maximum(norms, 1e-6)).astype(np.float32)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Resampling a window of a thumbnail: area weights (what a camera's pixel integrates)
 # ---------------------------------------------------------------------------------------------------------------------
@@ -145,6 +128,25 @@ _SIGNATURE_WEIGHTS = area_weights(SIGNATURE_MARGIN, 1 - SIGNATURE_MARGIN, SIGNAT
 _CUTS = round(MAX_CROP / STEP)  # ends cut, in steps: 0 ... _CUTS
 # _WINDOWS[a, b]: the axis without a steps at its start and b at its end
 _WINDOWS = np.array([[area_weights(a * STEP, 1 - b * STEP) for b in range(_CUTS + 1)] for a in range(_CUTS + 1)])
+
+
+def signatures(grey: npt.ArrayLike) -> Floats:
+    """``[n, SIGNATURE_CELLS ** 2]``: thumbnails ``[n, THUMB_SIDE, THUMB_SIDE]`` reduced to the mean grey level of
+    8 x 8 cells over the central 80 % of the frame (a tenth of the frame's side each), less their mean, unit length.
+
+    A copy's signature is nearly its original's (the cells are larger than what a crop of a few percent moves, and
+    their edges lie inside what it keeps): the cosine similarity of signatures finds copies (nearest neighbours)
+    and rules out most other pairs before any alignment (:data:`MIN_SIGNATURE_SIMILARITY`). A frame without
+    structure (cells within a grey level of each other) gets a zero signature: it is nobody's copy.
+    """
+    grey = np.asarray(grey, dtype=np.float32)
+    cells = (_SIGNATURE_WEIGHTS @ grey @ _SIGNATURE_WEIGHTS.T).reshape(len(grey), -1)
+    cells -= cells.mean(axis=1, keepdims=True)
+    norms = np.linalg.norm(cells, axis=1, keepdims=True)
+    flat = norms < _MIN_PROFILE_CONTRAST * SIGNATURE_CELLS
+    return np.where(flat, 0.0, cells / np.maximum(norms, 1e-6)).astype(np.float32)
+
+
 # Profile search: offsets (d_start, d_end) in steps, every COARSE-th; d > 0: the first photo shows d steps the
 # second lacks at that end, d < 0: the other way round
 _COARSE_WINDOWS = np.ascontiguousarray(_WINDOWS[::COARSE, ::COARSE])
@@ -215,7 +217,7 @@ def _refine(grey: Floats, offsets: npt.NDArray[np.int64], best: Floats) -> None:
             moved = value + sign
             valid = np.abs(moved) <= _CUTS
             photo = np.where(np.maximum(value, moved) > 0, 0, 1)  # whose window changes
-            new_cut = cut[active, photo].copy()
+            new_cut = cut[active, photo]  # a copy (fancy indexing)
             new_cut[:, edge] = np.minimum(np.abs(moved), _CUTS)  # an invalid move is scored, then ignored
             if edge < 2:
                 window = _WINDOWS[new_cut[:, 0], new_cut[:, 1]]
@@ -239,10 +241,12 @@ def _refine(grey: Floats, offsets: npt.NDArray[np.int64], best: Floats) -> None:
         rendered[active, photo] = trials[better][np.arange(len(active)), choice]
         # The changed photo's half-resampled copy along its other axis
         (x_moved, y_moved) = (edge < 2, edge >= 2)
-        (ax, px_) = (active[x_moved], photo[x_moved])
-        columns_done[ax, px_] = grey[ax, px_] @ _WINDOWS[cut[ax, px_, 0], cut[ax, px_, 1]].transpose(0, 2, 1)
-        (ay, py) = (active[y_moved], photo[y_moved])
-        rows_done[ay, py] = _WINDOWS[cut[ay, py, 2], cut[ay, py, 3]] @ grey[ay, py]
+        (pair, side) = (active[x_moved], photo[x_moved])
+        columns_done[pair, side] = grey[pair, side] @ _WINDOWS[cut[pair, side, 0], cut[pair, side, 1]].transpose(
+            0, 2, 1
+        )
+        (pair, side) = (active[y_moved], photo[y_moved])
+        rows_done[pair, side] = _WINDOWS[cut[pair, side, 2], cut[pair, side, 3]] @ grey[pair, side]
 
 
 @dataclass(frozen=True)
