@@ -84,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
         "duplicates",
         help="copies among the photos (same pixels up to a small crop, rescaling, re-encoding); nothing is deleted",
         description=(
-            "Copies among the photos of an index: the embeddings find candidates (each photo's nearest ones), the "
-            "pixels decide (aligned thumbnails compared block by block, crops of a few percent allowed). Nothing "
+            "Copies among the photos of an index: candidates are each photo's nearest ones by embedding and by "
+            "a pixel signature; the pixels decide (aligned thumbnails compared block by block, crops of a few "
+            "percent allowed), whatever the embeddings' similarity. Nothing "
             "is deleted or moved: the table suggests which photo of each group to keep (most pixels, sharpest, "
             "earliest) and says for each other one why it is a copy of that one. Photos that cannot be read are "
             "listed."
