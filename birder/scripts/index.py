@@ -6,7 +6,7 @@ Examples::
     birder-index add new_photos/ -n vit_l16_mim-eu-common -o index/   # more photos, same model
     birder-index query robin.jpg -n vit_l16_mim-eu-common -o index/ -k 10
     birder-index query --path-in-index photos/robin_01.jpg -o index/
-    birder-index duplicates -o index/ --threshold 0.97                 # bursts and copies, with the one to keep
+    birder-index duplicates -o index/                                  # copies, the one to keep suggested
     birder-index cluster -o index/ --below-prob 0.5                    # unnamed photos grouped, contact sheets
 
 Thin over :mod:`birder.search`. A mistake the user can fix ends with one line on stderr and exit code 2; an
@@ -36,6 +36,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0.0 <= value <= 1.0:
@@ -48,6 +55,8 @@ def _add_index_dir(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from birder.search.duplicates import CANDIDATE_NEIGHBOURS, MIN_SIMILARITY, PIXEL_NEIGHBOURS  # no faiss needed
+
     parser = argparse.ArgumentParser(prog=PROG, description="Similarity search over a photo collection.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, text in (("build", "index photos (a new index)"), ("add", "add photos to an index")):
@@ -73,9 +82,44 @@ def build_parser() -> argparse.ArgumentParser:
     _add_index_dir(query)
     query.add_argument("-k", type=_positive, default=10, help="how many (default: 10)")
 
-    duplicates = commands.add_parser("duplicates", help="groups of near-identical photos, with the one to keep")
+    duplicates = commands.add_parser(
+        "duplicates",
+        help="copies among the photos (same pixels up to a small crop, rescaling, re-encoding); nothing is deleted",
+        description=(
+            "Copies among the photos of an index: candidates are each photo's nearest ones by embedding and by "
+            "a pixel signature; the pixels decide (aligned thumbnails compared block by block, crops of a few "
+            "percent allowed), whatever the embeddings' similarity. Nothing "
+            "is deleted or moved: the table suggests which photo of each group to keep (most pixels, sharpest, "
+            "earliest) and says for each other one why it is a copy of that one. Photos that cannot be read are "
+            "listed."
+        ),
+    )
     _add_index_dir(duplicates)
-    duplicates.add_argument("--threshold", type=_fraction, default=0.97, help="cosine similarity (default: 0.97)")
+    duplicates.add_argument(
+        "--min-similarity",
+        "--threshold",
+        dest="threshold",
+        type=_fraction,
+        default=MIN_SIMILARITY,
+        metavar="S",
+        help="cosine similarity of the embeddings from which a neighbour is compared by pixels; "
+        f"a lower value compares more pairs (default: {MIN_SIMILARITY})",
+    )
+    duplicates.add_argument(
+        "--neighbours",
+        type=_positive,
+        default=CANDIDATE_NEIGHBOURS,
+        metavar="N",
+        help=f"nearest photos by embedding of each photo compared by pixels (default: {CANDIDATE_NEIGHBOURS})",
+    )
+    duplicates.add_argument(
+        "--pixel-neighbours",
+        type=_count,
+        default=PIXEL_NEIGHBOURS,
+        metavar="N",
+        help="nearest photos by pixel signature of each photo compared too; 0: only the embeddings' candidates, "
+        f"and only their photos are read (default: {PIXEL_NEIGHBOURS})",
+    )
     duplicates.add_argument("--output", type=Path, help="table of the groups (default: DIR/duplicates.csv)")
     duplicates.add_argument("--overwrite", action="store_true", help="replace the table if it exists")
 
@@ -125,19 +169,31 @@ def _query(args: argparse.Namespace) -> None:
 
 def _duplicates(args: argparse.Namespace) -> None:
     from birder.io.outputs import check_output_file
-    from birder.search.duplicates import find_duplicates, write_duplicates
+    from birder.search.duplicates import search_duplicates, write_duplicates
     from birder.search.store import PhotoIndex, index_inputs
 
     index = PhotoIndex(args.index)
     output = args.output or args.index / "duplicates.csv"
     check_output_file(output, inputs=index_inputs(index), overwrite=args.overwrite, option="--output")
-    groups = find_duplicates(index, args.threshold)
-    write_duplicates(output, index, groups)
+    report = search_duplicates(
+        index, args.threshold, neighbours=args.neighbours, pixel_neighbours=args.pixel_neighbours
+    )
+    write_duplicates(output, index, report)
+    groups = report.groups
     extra = sum(len(group.members) - 1 for group in groups)
-    print(f"{len(groups)} groups of near-identical photos ({extra} photos could go); table: {output}")
+    print(
+        f"{report.candidates} candidate pairs, {report.compared} compared by pixels, {report.confirmed} copies: "
+        f"{len(groups)} groups, {extra} photos could go (a suggestion: nothing was deleted); table: {output}"
+    )
     for number, group in enumerate(groups[:20], start=1):
         (keep, *others) = index.rows(group.members)
-        print(f"  group {number}: keep {keep['path']}; {len(others)} more: {', '.join(o['path'] for o in others[:3])}")
+        print(f"  group {number}: keep {keep['path']}; copies: {', '.join(o['path'] for o in others[:3])}")
+        if len(others) > 3:
+            print(f"    and {len(others) - 3} more")
+    if report.unreadable:
+        print(f"{len(report.unreadable)} photos could not be read (not compared; in the table):")
+        for reason in list(report.unreadable.values())[:20]:
+            print(f"  {reason}")
 
 
 def _cluster(args: argparse.Namespace) -> None:
