@@ -170,6 +170,8 @@ class OutputFolder:
             return earlier
 
         manifest = read_manifest(self.folder)
+        if manifest is not None and manifest.get("released") and manifest["command"] == self.command:
+            return earlier  # an attempt that produced no results (see release): the next run replaces what it left
         if resume and self.can_resume:
             other = manifest["command"] if manifest is not None else self.command
             if other != self.command:
@@ -193,8 +195,10 @@ class OutputFolder:
         """:meth:`check`, then get the folder ready (once, on the process that writes): with ``overwrite`` the
         earlier run's files are deleted (and only those); the manifest says this command writes here now."""
         earlier = self.check(inputs=inputs, resume=resume, overwrite=overwrite)
+        manifest = read_manifest(self.folder)
+        released = manifest is not None and manifest.get("released") and manifest["command"] == self.command
         kept: list[str] = []
-        if earlier and overwrite:
+        if earlier and (overwrite or released):
             remove_files(self.folder, earlier)
         elif earlier:  # a resume: the earlier files stay this run's
             kept = earlier
@@ -208,7 +212,13 @@ class OutputFolder:
         if self.record:
             self._write_manifest(self.earlier_files(), complete=True)
 
-    def _write_manifest(self, files: Sequence[str], *, complete: bool) -> None:
+    def release(self) -> None:
+        """The run ends without results (e.g. no photo could be read): what it leaves (the list of what failed) is
+        for the user to read, not a result to protect, so the same command may run here again without flags."""
+        if self.record:
+            self._write_manifest(self.earlier_files(), complete=False, released=True)
+
+    def _write_manifest(self, files: Sequence[str], *, complete: bool, released: bool = False) -> None:
         manifest = read_manifest(self.folder)
         patterns = set(self.patterns) | (set(manifest["patterns"]) if manifest is not None else set())
         content = {
@@ -216,6 +226,7 @@ class OutputFolder:
             "version": MANIFEST_VERSION,
             "command": self.command,
             "complete": complete,
+            "released": released,
             "patterns": sorted(patterns),
             "files": sorted(files),
         }
@@ -251,7 +262,12 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
     names = [*(patterns or []), *(files or [])]
     if not isinstance(patterns, list) or not isinstance(files, list) or not all(map(_inside, names)):
         return None
-    return {"command": str(content.get("command", "another command")), "patterns": patterns, "files": files}
+    return {
+        "command": str(content.get("command", "another command")),
+        "patterns": patterns,
+        "files": files,
+        "released": content.get("released") is True,
+    }
 
 
 def remove_files(folder: Path, names: Iterable[str]) -> None:

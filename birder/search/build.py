@@ -198,6 +198,10 @@ def _known_paths(directory: Path) -> set[str]:
     return known
 
 
+class NothingReadableError(BirderError):
+    """No photo of a build could be read: no index is written, only the list of what failed."""
+
+
 def run_index(options: IndexOptions, *, add: bool, loaded: LoadedModel | None = None) -> IndexReport:
     """Build a new index in ``options.output`` (``add=False``) or add photos to the one there (``add=True``)."""
     started = time.perf_counter()
@@ -231,7 +235,12 @@ def run_index(options: IndexOptions, *, add: bool, loaded: LoadedModel | None = 
         print(f"Resuming: {len(paths) - len(remaining)} of {len(paths)} photos already done", file=sys.stderr)
 
     _embed(options, loaded, paths, remaining, journal_dir, state.attempt)
-    (total, added, failures, index) = _finish(output, loaded, paths, old_info)
+    try:
+        (total, added, failures, index) = _finish(output, loaded, paths, old_info)
+    except NothingReadableError:
+        if not add:  # only the list of unreadable photos is left: the same command may run here again
+            folder.release()
+        raise
     if not add:
         folder.finish()
     seconds = time.perf_counter() - started
@@ -278,7 +287,7 @@ def _finish(
     if first is None and old_info is None:
         # An index of no photo answers every query with nothing: refuse to write one, and say where the reasons are
         shutil.rmtree(journal_dir, ignore_errors=True)
-        raise BirderError(
+        raise NothingReadableError(
             f"none of the {len(new_failures)} photos could be read, so no index was written: the reasons are in "
             f"{output / FAILURES_FILE}"
         )
