@@ -54,8 +54,18 @@ def test_the_five_commands_agree_on_every_shared_option() -> None:
     assert {run_options(_parse(command, [])).device for command in COMMANDS} == {"auto"}
 
 
-def test_the_options_reach_each_run() -> None:
+def test_the_options_reach_each_run(monkeypatch: pytest.MonkeyPatch) -> None:
     argv = ["--device", "cuda:1", "-j", "2", "-b", "3"]
+    indexed = []
+
+    def run_index(options, add: bool) -> None:  # what birder-index build would index, and how
+        indexed.append(options)
+        raise BirderError("stopped before indexing")
+
+    monkeypatch.setattr("birder.search.build.run_index", run_index)
+    with pytest.raises(BirderError, match="stopped before indexing"):
+        index._build_or_add(_parse("birder-index", argv))
+    assert (indexed[0].device, indexed[0].num_workers, indexed[0].batch_size) == ("cuda:1", 2, 3)
     predicted = predict.options_from_args(_parse("birder-predict", argv))
     assert (predicted.device, predicted.num_workers, predicted.batch_size) == ("cuda:1", 2, 3)
     calibrated = calibrate.options_from_args(_parse("birder-calibrate", argv))
