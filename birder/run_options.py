@@ -23,7 +23,7 @@ This module imports only argparse and :mod:`birder.errors`: every layer may use 
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,7 +84,7 @@ def add_run_arguments(
     batch_size: int | None = None,
     num_workers: int | None = None,
     workers_default_text: str | None = None,
-    dtype: bool = False,
+    dtype: Sequence[str] | None = None,
     amp: bool = False,
     batch_help: str = "",
     workers_help: str = "processes decoding photos",
@@ -94,9 +94,10 @@ def add_run_arguments(
     """Add the ``execution`` group to ``parser`` and return it (a command adds its own options to it).
 
     ``batch_size`` / ``num_workers``: the defaults, None to leave the option out (``num_workers`` may default to
-    None when the run picks the number itself, ``workers_default_text`` then says how). ``dtype`` / ``amp``:
-    offer ``--dtype`` / ``--amp``; ``progress``: offer ``--no-progress``. Destinations: ``device``,
-    ``num_workers``, ``batch_size``, ``dtype``, ``amp``, ``progress`` (read them with :func:`run_options`).
+    None when the run picks the number itself, ``workers_default_text`` then says how). ``dtype``: offer
+    ``--dtype`` with these choices (:data:`birder.inference.optimize.DTYPE_CHOICES`); ``amp``: offer ``--amp``;
+    ``progress``: offer ``--no-progress``. Destinations: ``device``, ``num_workers``, ``batch_size``, ``dtype``,
+    ``amp``, ``progress`` (read them with :func:`run_options`).
     """
     group = parser.add_argument_group(title)
     group.add_argument(
@@ -125,12 +126,10 @@ def add_run_arguments(
             metavar="N",
             help=f"{workers_help} (default: {shown})",
         )
-    if dtype:
-        from birder.inference.optimize import DTYPE_CHOICES
-
+    if dtype is not None:
         group.add_argument(
             "--dtype",
-            choices=DTYPE_CHOICES,
+            choices=dtype,
             default="auto",
             help="the weights' dtype; auto (default): bfloat16 on CUDA and on CPUs with native bf16 (AMX, "
             "AVX512-BF16), float32 elsewhere",

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from birder.errors import BirderError
+from birder.inference.optimize import DTYPE_CHOICES
 from birder.log_setup import configure_logging
 from birder.scripts.common import add_model_arguments, add_run_arguments, run_command
 
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("inputs", nargs="+", metavar="PHOTOS", help="photo files and/or folders")
         add_model_arguments(sub)
         _add_index_dir(sub)
-        add_run_arguments(sub, batch_size=32, workers_default_text="min(4, CPU cores)", dtype=True)
+        add_run_arguments(sub, batch_size=32, workers_default_text="min(4, CPU cores)", dtype=DTYPE_CHOICES)
         sub.add_argument("--resume", action="store_true", help="continue an interrupted run")
         if name == "build":
             sub.add_argument("--overwrite", action="store_true", help="replace the index in DIR (only its files go)")
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("photo", nargs="?", metavar="PHOTO", help="a photo file (embedded with the index's model)")
     query.add_argument("--path-in-index", metavar="P", help="a photo already in the index (no model needed)")
     add_model_arguments(query)
-    add_run_arguments(query, dtype=True, progress=False)  # one photo: no batches, no decoding processes
+    add_run_arguments(query, dtype=DTYPE_CHOICES, progress=False)  # one photo: no batches, no decoding processes
     _add_index_dir(query)
     query.add_argument("-k", type=_positive, default=10, help="how many (default: 10)")
 

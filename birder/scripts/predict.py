@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from birder.geo.predict import add_geo_arguments
+from birder.inference.optimize import DTYPE_CHOICES
 from birder.inference.run import DEFAULT_WORKERS, PROG, PredictionOptions, run_prediction
 from birder.introspection.explain import EXPLAIN_METHODS
 from birder.io.journal import OUTPUT_FORMATS
@@ -83,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--simple-crop", action="store_true", help="resize the shorter side, keeping the aspect ratio")
     prep.add_argument("--tta", action="store_true", help="average five crops per photo (5x slower)")
 
-    run = add_run_arguments(parser, batch_size=32, num_workers=DEFAULT_WORKERS, dtype=True, amp=True)
+    run = add_run_arguments(parser, batch_size=32, num_workers=DEFAULT_WORKERS, dtype=DTYPE_CHOICES, amp=True)
     run.add_argument("--quantize", choices=("int8",), help="int8 dynamic quantization of linear layers (CPU only)")
     run.add_argument("--compile", action="store_true", help="torch.compile the network (slow start, faster run)")
 

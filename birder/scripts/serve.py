@@ -22,6 +22,7 @@ import torch
 
 from birder.errors import BirderError
 from birder.geo.predict import add_prior_arguments
+from birder.inference.optimize import DTYPE_CHOICES
 from birder.log_setup import configure_logging
 from birder.scripts.common import add_decision_arguments, add_model_arguments, add_run_arguments, run_command
 
@@ -49,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
     # --device, --dtype, -j/--num-workers, --no-progress (a download's): the execution options every command shares
     add_run_arguments(
-        parser, workers_default_text="2 to 8, by CPU cores", workers_help="threads decoding photos", dtype=True
+        parser, workers_default_text="2 to 8, by CPU cores", workers_help="threads decoding photos", dtype=DTYPE_CHOICES
     )
     parser.add_argument("--max-batch-size", type=int, default=32, help="images per batch (default: %(default)s)")
     parser.add_argument(
