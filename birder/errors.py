@@ -28,6 +28,10 @@ class ChecksumMismatchError(DownloadError):
     """A file whose sha256 differs from the manifest's."""
 
 
+class RunFailedError(BirderError):
+    """A run that failed for no single input's sake (the model or the transform raised): exit code 1, not 2."""
+
+
 class ImageDecodeError(BirderError):
     """An image file that cannot be decoded (missing, empty, truncated, not an image)."""
 

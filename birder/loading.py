@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import birder.net  # noqa: F401 (registers the network families)
-from birder.data.transforms import classification_transform
+from birder.data.transforms import model_transform
 from birder.errors import BirderError, CheckpointError
 from birder.io.calibration import calibration_from_metadata
 from birder.io.checkpoint import (
@@ -261,6 +261,4 @@ def load_pretrained_model_and_transform(
 ) -> tuple[BaseNet, ModelInfo, Callable[[Image.Image], torch.Tensor]]:
     """:func:`load_pretrained_model` plus the model's inference transform."""
     (net, model_info) = load_pretrained_model(name, **kwargs)
-    size = get_size_from_signature(model_info.signature)
-    transform = classification_transform(size, model_info.rgb_stats, center_crop=center_crop, simple_crop=simple_crop)
-    return (net, model_info, transform)
+    return (net, model_info, model_transform(model_info, center_crop=center_crop, simple_crop=simple_crop))

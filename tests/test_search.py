@@ -211,7 +211,7 @@ def test_index_module_needs_no_model_for_stored_queries(
         raise AssertionError("a model was loaded")
 
     monkeypatch.setattr(build_module, "load_embedding_model", no_model)
-    monkeypatch.setattr(build_module, "load_inference_model", no_model)
+    monkeypatch.setattr(build_module, "load_for_inference", no_model)
     index = tmp_path / "index"
     assert index_script.main(["query", "--path-in-index", str(photos[0]), "-o", str(index), "-k", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()

@@ -30,6 +30,7 @@ from torchvision.transforms import v2
 from birder.data.training import DataError, SampleKey, load_readable, sample_seed
 from birder.errors import one_line
 from birder.inference.detection import detection_transform
+from birder.io.checkpoint import names_by_index
 
 logger = logging.getLogger(__name__)
 
@@ -325,7 +326,7 @@ def _add_annotation(
 
 def _ground_truth(images: list[CocoImage], category_ids: list[int], class_to_idx: Mapping[str, int]) -> dict[str, Any]:
     """The kept images and boxes as a clean COCO dict (what mAP is computed against)."""
-    names = sorted(class_to_idx, key=class_to_idx.__getitem__)
+    names = names_by_index(class_to_idx)
     annotations = []
     for image in images:
         for (x1, y1, x2, y2), label in zip(image.boxes, image.labels, strict=True):

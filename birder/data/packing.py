@@ -30,6 +30,7 @@ from birder.data.shards import INDEX_FILE, INDEX_FORMAT, INDEX_VERSION, SHARD_PA
 from birder.data.training import DataError, csv_files, image_folder_files, list_images
 from birder.errors import ImageDecodeError, one_line
 from birder.io.atomic import atomic_write_path, atomic_write_text
+from birder.io.checkpoint import names_by_index
 from birder.io.images import load_image_bytes
 from birder.io.outputs import OutputFolder
 
@@ -95,7 +96,7 @@ def pack_source(photos: Sequence[str | Path], labels: str | Path | None = None) 
     else:
         raise DataError(f"--labels '{labels}': give a CSV file of path,label rows, or 'folders' for class sub-folders")
 
-    class_names = sorted(files.class_to_idx, key=files.class_to_idx.__getitem__)
+    class_names = names_by_index(files.class_to_idx)
     return PackSource(files.paths, names, list(files.targets), class_names)
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from birder.io.checkpoint import get_size_from_signature
 from birder.io.images import load_image
 
 RGBStats = dict[str, tuple[float, float, float]]
@@ -95,6 +96,18 @@ def classification_transform(
     if not center_crop > 0:
         raise ValueError(f"center_crop must be a positive fraction, got {center_crop!r}")
     return ClassificationTransform(size, _as_rgb_stats(rgb_stats), float(center_crop), bool(simple_crop))
+
+
+def model_transform(
+    model_info: Any,
+    size: Sequence[int] | None = None,
+    center_crop: float = 1.0,
+    simple_crop: bool = False,
+) -> ClassificationTransform:
+    """The inference transform of a model: :func:`classification_transform` of ``model_info``'s input size (or
+    ``size``, ``(H, W)``, when the command asks for another) and ``rgb_stats`` (a :class:`birder.ModelInfo`)."""
+    (height, width) = (size[0], size[-1]) if size is not None else get_size_from_signature(model_info.signature)
+    return classification_transform((height, width), model_info.rgb_stats, center_crop, simple_crop)
 
 
 def tta_crops(image_tensor: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from birder.geo.prior import LocationPrior, PriorSettings
 from birder.geo.prior_file import save_prior
 from birder.geo.prior_search import SettingsChoice, choose_settings
 from birder.geo.records import RecordReport, read_mapping_file, read_records
+from birder.io.checkpoint import names_by_index
 from birder.io.outputs import check_output_file
 
 CLASS_LIST_SUFFIXES = (".txt",)
@@ -40,7 +41,7 @@ def class_names_of(source: str | os.PathLike) -> list[str]:
     class_to_idx = metadata.get("class_to_idx") or {}
     if not class_to_idx:
         raise BirderError(f"{path}: the model has no classes (a pretraining encoder); a prior needs its class list")
-    return sorted(class_to_idx, key=lambda name: class_to_idx[name])
+    return names_by_index(class_to_idx)
 
 
 @dataclass

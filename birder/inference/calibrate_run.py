@@ -20,8 +20,6 @@ from pathlib import Path
 
 import numpy as np
 
-from birder.data.transforms import classification_transform
-from birder.distributed import resolve_device
 from birder.errors import BirderError
 from birder.inference.calibration import (
     CalibrationMetrics,
@@ -32,6 +30,7 @@ from birder.inference.calibration import (
     softmax,
 )
 from birder.inference.labeled import LabeledPhotos, ModelOutputs, collect_outputs, labeled_photos
+from birder.inference.model import load_for_inference
 from birder.inference.run import DEFAULT_WORKERS
 from birder.inference.unknown import (
     EMBEDDING_METHODS,
@@ -41,9 +40,9 @@ from birder.inference.unknown import (
     unknown_scores,
 )
 from birder.io.calibration import Calibration, head_digest, stats_path_for
-from birder.io.checkpoint import CHECKPOINT_FORMATS, checkpoint_format, get_size_from_signature, is_export_file
+from birder.io.checkpoint import CHECKPOINT_FORMATS, checkpoint_format, is_export_file
 from birder.io.outputs import check_output_file
-from birder.loading import load_named_or_file_model, save_model
+from birder.loading import save_model
 
 PROG = "birder-calibrate"
 
@@ -86,19 +85,19 @@ class CalibrationReport:
 def calibrate_model_file(options: CalibrateOptions) -> CalibrationReport:
     """Fit a calibration on ``options.val`` and write the calibrated copy of the model to ``options.output``."""
     output = _check_options(options)
-    device = resolve_device(options.device)
-    (net, info) = load_named_or_file_model(
-        options.model, options.weights, options.network, device=device, progress_bar=options.progress
+    loaded = load_for_inference(
+        options.model, options.weights, options.network, device=options.device, progress_bar=options.progress
     )
+    (net, info) = (loaded.net, loaded.info)
     if not info.class_to_idx:
         raise BirderError("this model has no classification head (a pretraining encoder); it cannot be calibrated")
 
-    class_names = sorted(info.class_to_idx, key=info.class_to_idx.__getitem__)
+    class_names = loaded.class_names
     val_photos = labeled_photos(options.val, info.class_to_idx)
     train_photos = labeled_photos(options.train, info.class_to_idx) if options.train is not None else None
     method = _unknown_method(options)
 
-    transform = classification_transform(get_size_from_signature(info.signature), info.rgb_stats)
+    transform = loaded.transform
 
     def outputs(photos: LabeledPhotos, name: str) -> ModelOutputs:
         return collect_outputs(

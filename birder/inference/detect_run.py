@@ -50,7 +50,7 @@ from birder.inference.crops import (
     write_md_json,
 )
 from birder.inference.dataset import PhotoBatch
-from birder.inference.detection import detect_tensors, detection_transform
+from birder.inference.detection import detect_tensors
 from birder.inference.run import (
     DETECTION_EXPORTS,
     PredictionOptions,
@@ -175,14 +175,13 @@ class DetectionStep:
 
 def load_detection_step(options: PredictionOptions, device: torch.device) -> DetectionStep:
     """The ``--detector`` file, ready for inference on ``device`` (float32: torchvision's box operations)."""
-    from birder.net.detection.checkpoint import load_detector
+    from birder.inference.model import load_for_inference
 
     try:
-        (net, info) = load_detector(options.detector, inference=True, device=device)  # type: ignore[arg-type]
+        loaded = load_for_inference(weights=options.detector, detector=True, device=device)
     except CheckpointError as err:
         raise BirderError(f"--detector: {err}") from None
-    names = sorted(info.class_to_idx, key=lambda name: info.class_to_idx[name])
-    return DetectionStep(net, detection_transform(net.size, info.rgb_stats), names, options)
+    return DetectionStep(loaded.net, loaded.transform, loaded.class_names, options)
 
 
 def _prepare_detection(options: PredictionOptions, context: DistInfo) -> _Job:

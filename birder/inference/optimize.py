@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 FLOAT_MODES = ("float32", "bfloat16", "float16")
 DTYPE_CHOICES = ("auto", *FLOAT_MODES)
 INFERENCE_MODES = (*DTYPE_CHOICES, "int8")
+# Mixed precision (``--amp``): autocast in one of these; "auto" (a bare --amp) is float16 on GPUs, bfloat16 on the CPU
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ENV = "BIRDER_DTYPE"
 # CPU flags (as Linux names them) of a native bf16 matmul: AMX tiles, or AVX512 dot products of bf16 pairs.
@@ -42,6 +44,18 @@ class DtypeChoice:
 
     def __str__(self) -> str:
         return f"{self.dtype} ({self.reason})"
+
+
+def autocast_dtype(name: str | None, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``--amp NAME`` on ``device``: None (no autocast), ``auto``, ``bf16`` or ``fp16``."""
+    if name is None:
+        return None
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cpu" else torch.float16
+    if name not in AMP_DTYPES:
+        raise BirderError(f"unknown AMP dtype '{name}' (choose one of: {', '.join(AMP_DTYPES)})")
+
+    return AMP_DTYPES[name]
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:

@@ -27,11 +27,10 @@ import numpy.typing as npt
 import torch
 from torch.utils.data import DataLoader
 
-from birder.errors import BirderError
+from birder.errors import BirderError, RunFailedError
 from birder.inference.classification import infer_batch, logits_from_embeddings
 from birder.inference.dataset import ImageFileDataset, PhotoBatch, PhotoMetadata, collate_photos, one_line_error
-from birder.io.checkpoint import ModelInfo
-from birder.loading import load_named_or_file_model
+from birder.io.checkpoint import ModelInfo, names_by_index
 from birder.net.base import BaseNet
 
 logger = logging.getLogger(__name__)
@@ -39,7 +38,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class PredictionError(BirderError):
+class PredictionError(RunFailedError):
     """A failure that is not about one photo (the model or the transform raised): the run cannot go on."""
 
 
@@ -56,8 +55,11 @@ def load_inference_model(
     progress_bar: bool = True,
 ) -> tuple[BaseNet, ModelInfo]:
     """The model the command line asks for, in eval mode without gradients, on the CPU
-    (:func:`birder.loading.load_named_or_file_model`)."""
-    return load_named_or_file_model(model, weights, network, progress_bar=progress_bar)
+    (:func:`birder.inference.model.load_for_inference`, as every command loads one)."""
+    from birder.inference.model import load_for_inference
+
+    loaded = load_for_inference(model, weights, network, device=torch.device("cpu"), progress_bar=progress_bar)
+    return (loaded.net, loaded.info)  # type: ignore[return-value]
 
 
 def compile_for_inference(net: BaseNet) -> BaseNet:
@@ -270,7 +272,7 @@ class ClassSelection:
     """
 
     def __init__(self, class_to_idx: Mapping[str, int], species: Sequence[str] | None = None) -> None:
-        all_names = sorted(class_to_idx, key=lambda name: class_to_idx[name])
+        all_names = names_by_index(class_to_idx)
         self.all_names = all_names
         self.unknown: list[str] = []
         if species is None:

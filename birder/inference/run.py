@@ -39,7 +39,8 @@ from birder.errors import BirderError
 from birder.geo.predict import GeoStep, check_geo_options
 from birder.inference import predictor as P
 from birder.inference.decision import DecisionPolicy, policy_from_options
-from birder.inference.optimize import DtypeChoice, choose_dtype, optimize_for_inference
+from birder.inference.model import load_for_inference
+from birder.inference.optimize import AMP_DTYPES, DtypeChoice, choose_dtype, optimize_for_inference
 from birder.inference.photo_lists import parse_shard, select_photos
 from birder.inference.tables import COLUMNS_HINT, PredictionTables, write_feature_files
 from birder.io.checkpoint import ModelInfo, get_num_classes_from_signature, get_size_from_signature
@@ -96,7 +97,7 @@ class PredictionOptions:
     device: str = "auto"
     dtype: str = "auto"  # auto: bfloat16 where native (CUDA, CPUs with AMX/AVX512-BF16), else float32
     quantize: str | None = None
-    amp: bool = False
+    amp: str | None = None  # autocast: "auto" (a bare --amp: float16 on GPUs, bfloat16 on the CPU), "bf16", "fp16"
     compile: bool = False
     progress: bool = True
     # Outputs
@@ -326,7 +327,7 @@ def _settings(
         "tta": options.tta,
         "dtype": dtype,  # the one resolved: resuming an auto run on another machine must not mix dtypes
         "quantize": options.quantize,
-        "amp": options.amp,
+        "amp": options.amp if options.amp in AMP_DTYPES else options.amp is not None,  # as before: a bare --amp True
         "top_k": options.top_k,
         "min_prob": options.min_prob,
         "species": species,
@@ -340,10 +341,13 @@ def _load_network(
 ) -> tuple[BaseNet, ModelInfo, tuple[int, int]]:
     """The network (rank 0 loads first: a download happens once), converted for inference; its info and size."""
     progress_bar = context.is_main and options.progress
-    (net, model_info) = main_first(
+    loaded = main_first(
         context,
-        lambda: P.load_inference_model(options.model, options.weights, options.network, progress_bar=progress_bar),
+        lambda: load_for_inference(
+            options.model, options.weights, options.network, device=torch.device("cpu"), progress_bar=progress_bar
+        ),
     )
+    (net, model_info) = (loaded.net, loaded.info)
     if not model_info.class_to_idx or get_num_classes_from_signature(model_info.signature) == 0:
         raise BirderError("this model has no classification head (a pretraining encoder); it cannot classify")
 
@@ -534,7 +538,8 @@ def make_predictor(job: _Job) -> P.Predictor:
         return_features="features" in job.tables.names,
         batch_size=options.batch_size,
         num_workers=options.num_workers,
-        amp=options.amp,
+        amp=options.amp is not None,
+        amp_dtype=AMP_DTYPES.get(options.amp or ""),  # None: the device's (auto)
         calibrated=not options.uncalibrated,
     )
 

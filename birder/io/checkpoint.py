@@ -208,6 +208,12 @@ def make_signature(input_channels: int, size: tuple[int, int], num_classes: int)
     }
 
 
+def names_by_index(class_to_idx: Mapping[str, int]) -> list[str]:
+    """The class names in the order of the model's outputs (``class_to_idx`` sorted by index): the one helper
+    every loader, command and table uses."""
+    return sorted(class_to_idx, key=class_to_idx.__getitem__)
+
+
 def get_size_from_signature(signature: Mapping[str, Any]) -> tuple[int, int]:
     """Input ``(height, width)`` of a model signature."""
     return tuple(signature["inputs"][0]["data_shape"][2:4])  # type: ignore[return-value]

@@ -21,7 +21,7 @@ from pathlib import Path
 from birder.inference.calibrate_run import PROG, CalibrateOptions, CalibrationReport, calibrate_model_file
 from birder.inference.run import DEFAULT_WORKERS
 from birder.inference.unknown import METHODS
-from birder.scripts.common import add_model_arguments
+from birder.scripts.common import add_model_arguments, add_run_arguments
 from birder.training.cli import run_cli
 
 # Species named in a line of the report before it summarises
@@ -57,11 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--unknown-threshold", type=float, metavar="S", help="the unknown test's threshold, given directly"
     )
 
-    run = parser.add_argument_group("execution")
-    run.add_argument("-b", "--batch-size", type=int, default=32, metavar="N")
-    run.add_argument("-j", "--workers", type=int, default=DEFAULT_WORKERS, metavar="N", help="decoding processes")
-    run.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then the CPU), cpu, cuda, cuda:N or mps")
-    run.add_argument("--no-progress", dest="progress", action="store_false")
+    add_run_arguments(parser, batch_size=32, num_workers=DEFAULT_WORKERS)
     return parser
 
 
@@ -96,12 +92,15 @@ def format_report(report: CalibrationReport) -> str:
 
 
 def options_from_args(args: argparse.Namespace) -> CalibrateOptions:
-    return CalibrateOptions(**vars(args))  # every argument's destination is the name of its option
+    # every argument's destination is the name of its option, the shared -j/--num-workers aside
+    values = vars(args).copy()
+    values["workers"] = values.pop("num_workers")
+    return CalibrateOptions(**values)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_cli(PROG, lambda: print(format_report(calibrate_model_file(options_from_args(args)))))
+    return run_cli(PROG, lambda: print(format_report(calibrate_model_file(options_from_args(args)))), resume_hint=False)
 
 
 if __name__ == "__main__":

@@ -7,15 +7,16 @@ is given).
 """
 
 import argparse
-import sys
-from collections.abc import Callable
-from typing import Any
 
-from birder.errors import BirderError
-
-EXIT_FAILED = 1  # the run failed for no single input's sake (the model or the transform raised)
-EXIT_USAGE = 2  # a mistake the user can fix
-EXIT_INTERRUPTED = 130
+# The execution options and the error wrapper every command shares (re-exported: scripts import them from here)
+from birder.run_options import (  # noqa: F401
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    add_run_arguments,
+    run_command,
+    run_options,
+)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,18 +32,6 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--weights", metavar="FILE", help="a local model file: .pt, .safetensors, .pts, .pt2 or .onnx")
     group.add_argument("--network", help="network of --weights when the file does not name it (e.g. vit_l16)")
-
-
-def add_dtype_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """``--dtype`` of the commands that run a model: :func:`birder.inference.optimize.choose_dtype` decides "auto"."""
-    from birder.inference.optimize import DTYPE_CHOICES
-
-    parser.add_argument(
-        "--dtype",
-        choices=DTYPE_CHOICES,
-        default="auto",
-        help="auto (default): bfloat16 on CUDA and on CPUs with native bf16 (AMX, AVX512-BF16), float32 elsewhere",
-    )
 
 
 def add_decision_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,25 +64,3 @@ def add_decision_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--unknown-threshold", type=float, metavar="S", help="unknown above this score (default: the calibrated one)"
     )
-
-
-def run_command(prog: str, run: Callable[[], Any], *, quiet: bool = False) -> int:
-    """Run a command's work and turn its errors into exit codes (birder-predict, birder-index).
-
-    A :class:`~birder.errors.BirderError` (a mistake the user can fix) is one line on stderr and exit code 2; a
-    :class:`~birder.inference.predictor.PredictionError` (the model or the transform failed: no photo's fault) exit
-    code 1; an interruption exit code 130 and how to continue. ``quiet``: say nothing on error (another process
-    of the same run says it).
-    """
-    from birder.inference.predictor import PredictionError
-
-    try:
-        run()
-    except BirderError as exc:
-        if not quiet:
-            print(f"{prog}: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED if isinstance(exc, PredictionError) else EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; run the same command with --resume to continue", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    return 0

@@ -18,8 +18,7 @@ from typing import Any
 from birder.inference.eval_reports import answer_reports
 from birder.inference.taxonomy import Taxonomy
 from birder.io.outputs import OutputFolder
-from birder.scripts.common import add_model_arguments
-from birder.training.amp import AMP_DTYPES
+from birder.scripts.common import add_model_arguments, add_run_arguments
 from birder.training.cli import run_cli
 from birder.training.evaluation import EvalResult, score_checkpoint, write_eval_outputs
 
@@ -28,21 +27,19 @@ PROG = "birder-eval"
 _MAX_PRINTED_CLASSES = 50
 
 
-def add_run_arguments(parser: argparse.ArgumentParser, *, batch_size: int, workers: int) -> None:
-    """How a scoring run goes (``birder-eval``, ``birder-eval-det``): batch size, loading processes, device and
-    progress bar; :func:`run_options` turns them into the scoring functions' keyword arguments."""
-    parser.add_argument("--batch-size", type=int, default=batch_size)
-    parser.add_argument("--workers", type=int, default=workers)
-    parser.add_argument("--device", help="auto (the default: CUDA, then MPS, then the CPU), cpu, cuda, cuda:N or mps")
-    parser.add_argument("--no-progress", action="store_true")
+def add_scoring_arguments(parser: argparse.ArgumentParser, *, batch_size: int, workers: int, amp: bool) -> None:
+    """How a scoring run goes (``birder-eval``, ``birder-eval-det``): the execution options every command shares
+    (:func:`birder.run_options.add_run_arguments`); :func:`scoring_options` turns them into the scoring functions'
+    keyword arguments."""
+    add_run_arguments(parser, batch_size=batch_size, num_workers=workers, amp=amp)
 
 
-def run_options(args: argparse.Namespace) -> dict[str, Any]:
+def scoring_options(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "batch_size": args.batch_size,
-        "workers": args.workers,
+        "workers": args.num_workers,
         "device": args.device,
-        "progress_bar": not args.no_progress,
+        "progress_bar": args.progress,
     }
 
 
@@ -56,8 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         "model file comes first",
     )
     add_model_arguments(parser)
-    add_run_arguments(parser, batch_size=64, workers=4)
-    parser.add_argument("--amp", choices=sorted(AMP_DTYPES), help="mixed precision")
+    add_scoring_arguments(parser, batch_size=64, workers=4, amp=True)
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--output-dir", help="write per_class.csv, confusion_matrix.csv and confusion_matrix.png")
     parser.add_argument(
@@ -134,15 +130,15 @@ def main(argv: list[str] | None = None) -> int:
             network=args.network,
             amp=args.amp,
             top_k=args.top_k,
-            **run_options(args),
+            **scoring_options(args),
         )
         reports = answer_reports(
             scores,
             unknown_dir=args.unknown_dir,
             taxonomy=taxonomy,
             batch_size=args.batch_size,
-            workers=args.workers,
-            progress=not args.no_progress,
+            workers=args.num_workers,
+            progress=args.progress,
         )
         print(format_report(scores.result, scores.unreadable))
         if reports.format():
@@ -153,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             reports.write(args.output_dir)
             report_folder.finish()
 
-    return run_cli(PROG, run)
+    return run_cli(PROG, run, resume_hint=False)
 
 
 if __name__ == "__main__":

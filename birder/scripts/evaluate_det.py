@@ -6,7 +6,7 @@ birder-eval-det --weights runs/det/faster_rcnn_vit_b16_24.pt test.json [--images
 import argparse
 import math
 
-from birder.scripts.evaluate import add_run_arguments, run_options
+from birder.scripts.evaluate import add_scoring_arguments, scoring_options
 from birder.training.cli import run_cli
 from birder.training.detection_eval import DetectionEvalResult, evaluate_detector_file
 
@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("annotations", help="COCO annotation file")
     parser.add_argument("--weights", required=True, help="detector file (birder-train-det's <stem>_<epoch>.pt)")
     parser.add_argument("--images", help="folder the file_names are relative to (default: the JSON's folder)")
-    add_run_arguments(parser, batch_size=8, workers=2)
+    add_scoring_arguments(parser, batch_size=8, workers=2, amp=False)
     return parser
 
 
@@ -40,10 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def run() -> None:
-        result = evaluate_detector_file(args.weights, args.annotations, images_root=args.images, **run_options(args))
+        result = evaluate_detector_file(
+            args.weights, args.annotations, images_root=args.images, **scoring_options(args)
+        )
         print(format_report(result))
 
-    return run_cli(PROG, run)
+    return run_cli(PROG, run, resume_hint=False)
 
 
 if __name__ == "__main__":

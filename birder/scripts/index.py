@@ -23,8 +23,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from birder.errors import BirderError
+from birder.inference.optimize import DTYPE_CHOICES
 from birder.log_setup import configure_logging
-from birder.scripts.common import add_dtype_argument, add_model_arguments, run_command
+from birder.scripts.common import add_model_arguments, add_run_arguments, run_command
 
 PROG = "birder-index"
 
@@ -64,21 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("inputs", nargs="+", metavar="PHOTOS", help="photo files and/or folders")
         add_model_arguments(sub)
         _add_index_dir(sub)
-        sub.add_argument("-b", "--batch-size", type=_positive, default=32, metavar="N")
-        sub.add_argument("-j", "--num-workers", type=int, default=None, metavar="N", help="decoding processes")
-        sub.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda:N, mps")
-        add_dtype_argument(sub)
+        add_run_arguments(sub, batch_size=32, workers_default_text="min(4, CPU cores)", dtype=DTYPE_CHOICES)
         sub.add_argument("--resume", action="store_true", help="continue an interrupted run")
         if name == "build":
             sub.add_argument("--overwrite", action="store_true", help="replace the index in DIR (only its files go)")
         sub.add_argument("--chunk-size", type=_positive, default=256, metavar="N", help="photos per durable write")
-        sub.add_argument("--no-progress", dest="progress", action="store_false")
 
     query = commands.add_parser("query", help="the photos most similar to one")
     query.add_argument("photo", nargs="?", metavar="PHOTO", help="a photo file (embedded with the index's model)")
     query.add_argument("--path-in-index", metavar="P", help="a photo already in the index (no model needed)")
     add_model_arguments(query)
-    add_dtype_argument(query)
+    add_run_arguments(query, dtype=DTYPE_CHOICES, progress=False)  # one photo: no batches, no decoding processes
     _add_index_dir(query)
     query.add_argument("-k", type=_positive, default=10, help="how many (default: 10)")
 
@@ -158,7 +155,7 @@ def _query(args: argparse.Namespace) -> None:
     if args.photo is not None:
         if args.model is None and args.weights is None:
             raise BirderError("a query photo is embedded with the index's model: pass -n NAME or --weights FILE")
-        loaded = load_embedding_model(args.model, args.weights, args.network, dtype=args.dtype)
+        loaded = load_embedding_model(args.model, args.weights, args.network, args.device, dtype=args.dtype)
         results = query_photo(index, loaded, args.photo, args.k)
     else:
         results = query_recorded(index, args.path_in_index, args.k)

@@ -26,15 +26,20 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from birder.geo.predict import add_geo_arguments
+from birder.inference.optimize import DTYPE_CHOICES
 from birder.inference.run import DEFAULT_WORKERS, PROG, PredictionOptions, run_prediction
 from birder.introspection.explain import EXPLAIN_METHODS
 from birder.io.journal import OUTPUT_FORMATS
 from birder.log_setup import configure_logging
-from birder.scripts.common import add_decision_arguments, add_dtype_argument, add_model_arguments, run_command
-
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
+from birder.scripts.common import (  # noqa: F401 (the exit codes: tests and callers read them here)
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    add_decision_arguments,
+    add_model_arguments,
+    add_run_arguments,
+    run_command,
+)
 
 
 def _probability(text: str) -> float:
@@ -79,22 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--simple-crop", action="store_true", help="resize the shorter side, keeping the aspect ratio")
     prep.add_argument("--tta", action="store_true", help="average five crops per photo (5x slower)")
 
-    run = parser.add_argument_group("execution")
-    run.add_argument("-b", "--batch-size", type=_positive, default=32, metavar="N", help="(default: 32)")
-    run.add_argument(
-        "-j",
-        "--num-workers",
-        type=int,
-        default=DEFAULT_WORKERS,
-        metavar="N",
-        help=f"decoding processes (default: {DEFAULT_WORKERS})",
-    )
-    run.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="auto: cuda > mps > cpu")
-    add_dtype_argument(run)
+    run = add_run_arguments(parser, batch_size=32, num_workers=DEFAULT_WORKERS, dtype=DTYPE_CHOICES, amp=True)
     run.add_argument("--quantize", choices=("int8",), help="int8 dynamic quantization of linear layers (CPU only)")
-    run.add_argument("--amp", action="store_true", help="automatic mixed precision")
     run.add_argument("--compile", action="store_true", help="torch.compile the network (slow start, faster run)")
-    run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
     out = parser.add_argument_group("outputs")
     out.add_argument("--output-dir", type=Path, default=Path("results"), metavar="DIR", help="(default: results)")
@@ -163,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(logging.INFO, "%(message)s")
 
     quiet = os.environ.get("RANK", "0") != "0"  # under torchrun every rank hits an error: rank 0 says it
-    return run_command(PROG, lambda: run_prediction(options_from_args(args)), quiet=quiet)
+    return run_command(PROG, lambda: run_prediction(options_from_args(args)), quiet=quiet, resume_hint=True)
 
 
 if __name__ == "__main__":

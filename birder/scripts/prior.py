@@ -20,9 +20,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from birder.errors import BirderError
+from birder.run_options import EXIT_USAGE, run_command  # noqa: F401 (EXIT_USAGE: read here by callers)
 
 PROG = "birder-prior"
-EXIT_USAGE = 2
 
 
 def _add_build(subparsers: argparse._SubParsersAction) -> None:
@@ -136,11 +136,7 @@ def run_lookup(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"build": run_build, "info": run_info, "lookup": run_lookup}
-    try:
-        return commands[args.command](args)
-    except BirderError as exc:
-        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    return run_command(f"{PROG} {args.command}", lambda: commands[args.command](args))
 
 
 if __name__ == "__main__":

@@ -18,24 +18,29 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+
 from birder.errors import BirderError
 from birder.geo.predict import add_prior_arguments
+from birder.inference.optimize import DTYPE_CHOICES
 from birder.log_setup import configure_logging
-from birder.scripts.common import add_decision_arguments, add_dtype_argument, add_model_arguments
+from birder.scripts.common import add_decision_arguments, add_model_arguments, add_run_arguments, run_command
 
 if TYPE_CHECKING:
     from birder.geo.prior import LocationPrior
     from birder.inference.decision import DecisionPolicy
+    from birder.inference.model import InferenceModel
     from birder.inference.optimize import DtypeChoice
     from birder.serve.app import ServeSettings
     from birder.serve.detect import ServedDetector
 
+PROG = "birder-serve"
 logger = logging.getLogger("birder.serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="birder-serve",
+        prog=PROG,
         description="Serve a birder model over HTTP: POST /v1/classify, POST /v1/embed, GET /v1/models, "
         "GET /healthz, and a web page at /.",
     )
@@ -43,8 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-name", help="name reported by the API (default: the model's name or file stem)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
-    parser.add_argument("--device", default="auto", help="auto (default: cuda, then mps, then cpu), cpu, cuda:N, mps")
-    add_dtype_argument(parser)
+    # --device, --dtype, -j/--num-workers, --no-progress (a download's): the execution options every command shares
+    add_run_arguments(
+        parser, workers_default_text="2 to 8, by CPU cores", workers_help="threads decoding photos", dtype=DTYPE_CHOICES
+    )
     parser.add_argument("--max-batch-size", type=int, default=32, help="images per batch (default: %(default)s)")
     parser.add_argument(
         "--batch-window-ms",
@@ -137,16 +144,15 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"--crop-margin must be a fraction >= 0, got {args.crop_margin}")
 
 
-def load_for_serving(args: argparse.Namespace) -> tuple[object, object, str]:
-    """``(net, model_info, name)`` from ``-n`` or ``--weights``, ready for inference on the chosen device."""
-    from birder.distributed import resolve_device
-    from birder.loading import load_named_or_file_model
+def load_for_serving(args: argparse.Namespace) -> tuple["InferenceModel", str]:
+    """The model of ``-n`` or ``--weights``, ready for inference on the chosen device (float32 as loaded), and the
+    name the API reports (:func:`birder.inference.model.load_for_inference`, as every command loads one)."""
+    from birder.inference.model import load_for_inference
 
-    # Resolved before loading anything: a bad --device is a one-line BirderError, not torch's traceback.
-    device = resolve_device(args.device)
-    (net, model_info) = load_named_or_file_model(args.model, args.weights, args.network, device=device)
+    # --device is resolved before anything loads: a bad one is a one-line BirderError, not torch's traceback.
+    model = load_for_inference(args.model, args.weights, args.network, device=args.device, progress_bar=args.progress)
     default_name = Path(args.weights).stem if args.weights is not None else args.model
-    return (net, model_info, args.model_name or default_name)
+    return (model, args.model_name or default_name)
 
 
 def apply_dtype(net: object, requested: str) -> tuple[object, "DtypeChoice"]:
@@ -154,19 +160,16 @@ def apply_dtype(net: object, requested: str) -> tuple[object, "DtypeChoice"]:
 
     Exports (.pts, .pt2, .onnx) run as they were exported: their dtype is fixed in the file.
     """
-    from birder.inference.optimize import DtypeChoice, choose_dtype, optimize_for_inference
+    from birder.inference.model import convert_dtype
     from birder.net.base import BaseNet
 
-    if not isinstance(net, BaseNet):
-        choice = DtypeChoice("float32", "an export runs in the dtype it was exported in")
-    else:
-        choice = choose_dtype(requested, next(net.parameters()).device)
-        net = optimize_for_inference(net, choice.dtype)
+    device = next(net.parameters()).device if isinstance(net, BaseNet) else torch.device("cpu")
+    (net, choice) = convert_dtype(net, requested, device)  # type: ignore[arg-type]
     logger.info("dtype %s", choice)
     return (net, choice)
 
 
-def load_serving_prior(args: argparse.Namespace, model_info: object) -> "LocationPrior | None":
+def load_serving_prior(args: argparse.Namespace, class_names: list[str]) -> "LocationPrior | None":
     """The ``--prior`` file for the served model's classes (refused in one line when built for others)."""
     if args.prior is None:
         return None
@@ -174,47 +177,45 @@ def load_serving_prior(args: argparse.Namespace, model_info: object) -> "Locatio
         raise BirderError(f"--prior-strength must be a number >= 0, got {args.prior_strength}")
     from birder.geo.prior_file import load_prior_for
 
-    class_to_idx = model_info.class_to_idx  # type: ignore[attr-defined]
-    return load_prior_for(args.prior, sorted(class_to_idx, key=lambda name: class_to_idx[name]))
+    return load_prior_for(args.prior, class_names)
 
 
-def decision_policy(args: argparse.Namespace, net: object, model_info: object) -> "DecisionPolicy":
+def decision_policy(args: argparse.Namespace, model: "InferenceModel") -> "DecisionPolicy":
     """How answers are decided (:mod:`birder.inference.decision`): the model's calibration and the options."""
     from birder.inference.decision import policy_from_options
 
-    class_to_idx = model_info.class_to_idx  # type: ignore[attr-defined]
-    return policy_from_options(net, sorted(class_to_idx, key=lambda name: class_to_idx[name]), args)
+    return policy_from_options(model.net, model.class_names, args)
 
 
-def load_serving_index(directory: Path | None, net: object, model_info: object) -> object:
+def load_serving_index(directory: Path | None, model: "InferenceModel") -> object:
     """The index of ``--index`` (None without it), refused unless built with this model and preprocessing."""
     if directory is None:
         return None
-    from birder.data.transforms import classification_transform
-    from birder.io.checkpoint import get_size_from_signature
     from birder.search.fingerprint import model_fingerprint
     from birder.search.store import PhotoIndex, check_model
 
     index = PhotoIndex(directory)
-    transform = classification_transform(get_size_from_signature(model_info.signature), model_info.rgb_stats)
-    check_model(index.info, model_fingerprint(net, transform), Path(directory))
+    check_model(index.info, model_fingerprint(model.net, model.transform), Path(directory))
     return index
 
 
-def load_serving_detector(args: argparse.Namespace, net: object) -> "ServedDetector | None":
-    """The ``--detector`` file (None without it), on the classifier's device, in float32."""
+def load_serving_detector(args: argparse.Namespace, model: "InferenceModel") -> "ServedDetector | None":
+    """The ``--detector`` file (None without it), on the classifier's device (an export's: the CPU), in float32."""
     if args.detector is None:
         return None
     from birder.serve.detect import load_served_detector
 
-    device = next(net.parameters()).device if hasattr(net, "parameters") else "cpu"  # type: ignore[attr-defined]
+    device = model.device if hasattr(model.net, "parameters") else torch.device("cpu")
     return load_served_detector(args.detector, device, threshold=args.det_threshold, margin=args.crop_margin)
 
 
 def settings_from_args(args: argparse.Namespace) -> "ServeSettings":
     from birder.serve.app import ServeSettings
 
+    # -j 0 (elsewhere: decode in the main process) is one thread here: a server never decodes on its event loop
+    decoding = {} if args.num_workers is None else {"decode_workers": max(1, args.num_workers)}
     return ServeSettings(
+        **decoding,
         max_batch_size=args.max_batch_size,
         batch_window_ms=args.batch_window_ms,
         max_upload_bytes=int(args.max_upload_mb * 2**20),
@@ -233,31 +234,32 @@ def main(argv: list[str] | None = None) -> int:
     _check_args(parser, args)
     configure_logging(args.log_level.upper(), "%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    return run_command(PROG, lambda: serve(args))
+
+
+def serve(args: argparse.Namespace) -> None:
+    """Load what ``args`` names and serve it until stopped (a user error raises a :class:`BirderError`)."""
     try:
         import uvicorn
 
         from birder.serve.app import create_app
     except ImportError as err:
-        print(f"birder-serve: {err}; install the extra: pip install 'birder[serve]'", file=sys.stderr)
-        return 2
+        raise BirderError(f"{err}; install the extra: pip install 'birder[serve]'") from None
 
-    try:
-        (net, model_info, name) = load_for_serving(args)
-        index = load_serving_index(args.index, net, model_info)  # before any dtype change: the weights' hash
-        (net, dtype) = apply_dtype(net, args.dtype)
-        prior = load_serving_prior(args, model_info)
-        policy = decision_policy(args, net, model_info)
-        detector = load_serving_detector(args, net)
-    except BirderError as err:
-        print(f"birder-serve: {err}", file=sys.stderr)
-        return 2
+    (model, name) = load_for_serving(args)
+    index = load_serving_index(args.index, model)  # before any dtype change: the weights' hash
+    model = model.with_dtype(args.dtype)
+    logger.info("dtype %s", model.dtype)
+    prior = load_serving_prior(args, model.class_names)
+    policy = decision_policy(args, model)
+    detector = load_serving_detector(args, model)
 
     app = create_app(
-        net,
-        model_info,
+        model.net,
+        model.info,
         name=name,
         settings=settings_from_args(args),
-        dtype=dtype,
+        dtype=model.dtype,
         prior=prior,
         prior_strength=args.prior_strength,
         policy=policy,
@@ -267,7 +269,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("listening on %s: anyone who can reach this address can use the service", args.host)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
-    return 0
 
 
 if __name__ == "__main__":

@@ -24,13 +24,12 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from birder.data.transforms import ClassificationTransform, classification_transform
-from birder.distributed import resolve_device
+from birder.data.transforms import ClassificationTransform
 from birder.errors import BirderError
 from birder.inference.dataset import discover_images
-from birder.inference.optimize import DtypeChoice, choose_dtype, optimize_for_inference
-from birder.inference.predictor import PredictionBatch, Predictor, load_inference_model
-from birder.io.checkpoint import get_size_from_signature
+from birder.inference.model import AS_LOADED, load_for_inference
+from birder.inference.optimize import DtypeChoice
+from birder.inference.predictor import PredictionBatch, Predictor
 from birder.io.journal import JournalSet, merged_rows, prepare_run
 from birder.io.outputs import OutputFolder
 from birder.io.table_files import PATH_COLUMN, Column, Row, TableSpec, read_csv_table, string_columns, write_table
@@ -64,7 +63,6 @@ PHOTOS_SPEC = TableSpec(
     ),
     marks_done=True,
 )
-AS_LOADED = DtypeChoice("float32", "as loaded")
 FAILURES_SPEC = TableSpec("failures", string_columns(PATH_COLUMN, "error"), fixed_format="csv", marks_done=True)
 SPECS = (FAILURES_SPEC, PHOTOS_SPEC)
 
@@ -123,18 +121,11 @@ def load_embedding_model(
     The fingerprint is taken of the weights as loaded, before any conversion: an index built in bfloat16 is
     queried with the same model in float32 (or the other way round), and birder-serve checks it the same way.
     """
-    (net, info) = load_inference_model(model, weights, network)
-    net = net.to(resolve_device(device))
-    transform = classification_transform(get_size_from_signature(info.signature), info.rgb_stats)
-    fingerprint = model_fingerprint(net, transform)
-    if isinstance(net, BaseNet):
-        choice = choose_dtype(dtype, next(net.parameters()).device)
-        net = optimize_for_inference(net, choice.dtype)
-    else:
-        choice = DtypeChoice("float32", "an export runs in the dtype it was exported in")
-    names = sorted(info.class_to_idx, key=lambda name: info.class_to_idx[name])
+    loaded = load_for_inference(model, weights, network, device=device)
+    fingerprint = model_fingerprint(loaded.net, loaded.transform)
+    loaded = loaded.with_dtype(dtype)
     description = {"name": model, "weights": os.path.abspath(weights) if weights else None, "network": network}
-    return LoadedModel(net, transform, names, fingerprint, description, choice)
+    return LoadedModel(loaded.net, loaded.transform, loaded.class_names, fingerprint, description, loaded.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

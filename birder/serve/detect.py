@@ -36,7 +36,7 @@ from PIL import Image
 
 from birder.inference.crops import crop_box
 from birder.inference.detection import Detections, detect_tensors, detection_transform
-from birder.io.checkpoint import ModelInfo
+from birder.io.checkpoint import ModelInfo, names_by_index
 from birder.serve.openapi import DATE, LAT, LON, TOP_K, photo_route
 from birder.serve.uploads import ApiError, parse_top_k, read_image_request, short_text
 
@@ -65,8 +65,7 @@ class ServedDetector:
     def __post_init__(self) -> None:
         self.net.eval()
         self.transform = detection_transform(self.net.size, self.model_info.rgb_stats)
-        class_to_idx = self.model_info.class_to_idx
-        self.class_names = sorted(class_to_idx, key=lambda name: class_to_idx[name])
+        self.class_names = names_by_index(self.model_info.class_to_idx)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -89,10 +88,10 @@ def load_served_detector(
     path: str | Path, device: torch.device | str, *, threshold: float = 0.5, margin: float = 0.1
 ) -> ServedDetector:
     """``birder-serve --detector FILE``: the detector file, in float32 on ``device``."""
-    from birder.net.detection.checkpoint import load_detector
+    from birder.inference.model import load_for_inference
 
-    (net, info) = load_detector(path, inference=True, device=device)
-    return ServedDetector(net, info, Path(path).stem, threshold, margin)
+    loaded = load_for_inference(weights=path, detector=True, device=torch.device(device))
+    return ServedDetector(loaded.net, loaded.info, Path(path).stem, threshold, margin)
 
 
 def _threshold(raw: str | None, default: float) -> float:

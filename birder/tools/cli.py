@@ -1,15 +1,15 @@
 """The ``birder.tools`` command line: one subcommand per module, each with ``add_parser`` and ``run``.
 
-A mistake the user can fix (an unknown name, a missing file) ends with one line on stderr and exit code 2.
+A mistake the user can fix (an unknown name, a missing file) ends with one line on stderr and exit code 2
+(:func:`birder.run_options.run_command`, as every command).
 """
 
 import argparse
 import logging
-import sys
 from collections.abc import Sequence
 
-from birder.errors import BirderError
 from birder.log_setup import configure_logging
+from birder.run_options import EXIT_USAGE, run_command  # noqa: F401 (EXIT_USAGE: read here by callers)
 from birder.tools import (
     convert_model,
     crops,
@@ -22,7 +22,6 @@ from birder.tools import (
 )
 
 PROG = "python -m birder.tools"
-EXIT_USAGE = 2
 COMMANDS = {
     "list-models": list_models,
     "download-model": download_model,
@@ -47,8 +46,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Library warnings (a shard not given, a table not merged) read like the errors: one line naming the command.
     configure_logging(logging.WARNING, f"{PROG} {args.command}: warning: %(message)s")
-    try:
-        return COMMANDS[args.command].run(args)
-    except BirderError as exc:
-        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    return run_command(f"{PROG} {args.command}", lambda: COMMANDS[args.command].run(args))

@@ -14,6 +14,7 @@ from birder.io.checkpoint import (
     get_num_classes_from_signature,
     get_size_from_signature,
     is_export_file,
+    names_by_index,
     read_checkpoint,
 )
 from birder.model_registry import registry
@@ -56,7 +57,7 @@ def checkpoint_info(path: str | os.PathLike, network: str | None = None) -> dict
         "signature": signature,
         "rgb_stats": {key: list(value) for key, value in metadata["rgb_stats"].items()},
         "config": metadata.get("config"),
-        "classes": sorted(class_to_idx, key=lambda name: class_to_idx[name]),
+        "classes": names_by_index(class_to_idx),
     }
 
 

@@ -4,19 +4,15 @@ import contextlib
 
 import torch
 
-from birder.errors import BirderError
+from birder.inference.optimize import AMP_DTYPES, autocast_dtype
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+__all__ = ["AMP_DTYPES", "amp_dtype", "autocast", "grad_scaler"]
 
 
-def amp_dtype(name: str | None) -> torch.dtype | None:
-    """``"bf16"``, ``"fp16"`` or None (full float32)."""
-    if name is None:
-        return None
-    if name not in AMP_DTYPES:
-        raise BirderError(f"unknown AMP dtype '{name}' (choose one of: {', '.join(AMP_DTYPES)})")
-
-    return AMP_DTYPES[name]
+def amp_dtype(name: str | None, device: torch.device | None = None) -> torch.dtype | None:
+    """``"bf16"``, ``"fp16"``, ``"auto"`` (a bare ``--amp``: float16 on GPUs, bfloat16 on the CPU; needs
+    ``device``) or None (full float32)."""
+    return autocast_dtype(name, device if device is not None else torch.device("cpu"))
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

@@ -36,7 +36,7 @@ from birder.data.training import (
 from birder.data.transforms import classification_transform
 from birder.distributed import DistInfo, distributed_session
 from birder.errors import BirderError
-from birder.io.checkpoint import DEFAULT_TASK, ModelInfo
+from birder.io.checkpoint import DEFAULT_TASK, ModelInfo, names_by_index
 from birder.io.outputs import check_training_folder
 from birder.loading import load_model, save_model
 from birder.model_registry import registry
@@ -206,7 +206,7 @@ def _data(config: TrainConfig, sources: tuple[DataSource, DataSource], size, rgb
     (inference transform, each image once over all ranks)."""
     (train_source, val_source) = sources
     class_to_idx = _classes_of(train_source)
-    class_names = sorted(class_to_idx, key=class_to_idx.__getitem__)
+    class_names = names_by_index(class_to_idx)
     transform = training_transform(size, rgb_stats, config.aug_level)
     (rank, world_size) = (dist.rank, dist.world_size)
     train_set = None

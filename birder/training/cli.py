@@ -6,20 +6,19 @@ The console scripts in :mod:`birder.scripts` stay thin: parse, build a config, c
 import argparse
 import dataclasses
 import json
-import logging
-import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from birder.data.shards import DEFAULT_SHUFFLE_BUFFER
 from birder.data.transforms import RGB_STATS
-from birder.errors import BirderError
-from birder.training.amp import AMP_DTYPES
+from birder.run_options import EXIT_USAGE, add_run_arguments, run_command
 from birder.training.ddp import setup_logging
 from birder.training.setup import RESUME_LATEST
 
 # Exit status of errors a user can cause (as argparse uses for bad arguments).
-USER_ERROR = 2
+USER_ERROR = EXIT_USAGE
+# Config fields named otherwise on the command line (the execution options every command shares)
+_RUN_OPTION_FIELDS = {"workers": "num_workers", "progress_bar": "progress"}
 ConfigT = TypeVar("ConfigT")
 
 
@@ -57,7 +56,6 @@ def add_training_args(
     group = parser.add_argument_group("optimisation")
     group.add_argument("--epochs", type=int, default=epochs, help="length of the schedule (default: %(default)s)")
     group.add_argument("--stop-epoch", type=int, help="stop after this epoch (with a checkpoint); resume later")
-    group.add_argument("--batch-size", type=int, default=64, help="per process (default: %(default)s)")
     group.add_argument("--accumulation-steps", type=int, default=1, help="batches per optimizer step")
     group.add_argument("--lr", type=float, default=lr, help="peak learning rate (default: %(default)s)")
     group.add_argument("--min-lr", type=float, default=0.0, help="end of the cosine decay (default: %(default)s)")
@@ -67,7 +65,6 @@ def add_training_args(
     group.add_argument("--warmup-epochs", type=float, default=0.0, help="linear lr warm-up (default: %(default)s)")
     group.add_argument("--clip-grad-norm", type=float, help="clip the gradient norm to this value")
     group.add_argument("--drop-path", type=float, help="stochastic depth rate of the last block")
-    group.add_argument("--amp", choices=sorted(AMP_DTYPES), help="mixed precision (bf16 needs no loss scaling)")
     group.add_argument("--compile", action="store_true", help="torch.compile the model")
 
     group = parser.add_argument_group("memory")
@@ -93,7 +90,6 @@ def add_training_args(
     group.add_argument(
         "--rgb-stats", choices=sorted(RGB_STATS), help="normalization (default: the --init checkpoint's, else birder)"
     )
-    group.add_argument("--workers", type=int, default=4, help="data-loading processes (default: %(default)s)")
     group.add_argument("--seed", type=int, default=0)
 
     group = parser.add_argument_group("checkpoints")
@@ -110,8 +106,8 @@ def add_training_args(
         const=RESUME_LATEST,
         help="continue from a *_states.pt file, or (no value) from the latest one in --output-dir",
     )
-    group.add_argument("--device", help="auto (the default: CUDA, then MPS, then the CPU), cpu, cuda, cuda:N or mps")
-    group.add_argument("--no-progress", dest="progress_bar", action="store_false", help="no progress bars")
+    # device, batch size, data-loading workers, mixed precision (bf16 needs no loss scaling), progress bars
+    add_run_arguments(parser, batch_size=64, num_workers=4, amp=True, batch_help="per process ")
 
 
 def add_wds_args(group: argparse._ArgumentGroup, *, validation: bool = False) -> None:
@@ -144,20 +140,14 @@ def config_from_args(config_class: type[ConfigT], args: argparse.Namespace, **ov
     """A trainer's config dataclass from the parsed options of the same names (``dest`` says which field an option
     fills); ``overrides`` set fields the script computes itself (defaults that depend on the trainer)."""
     fields = dataclasses.fields(config_class)  # type: ignore[arg-type]
-    values = {field.name: getattr(args, field.name) for field in fields if hasattr(args, field.name)}
+    names = {field.name: _RUN_OPTION_FIELDS.get(field.name, field.name) for field in fields}
+    values = {field: getattr(args, option) for (field, option) in names.items() if hasattr(args, option)}
     return config_class(**{**values, **overrides})
 
 
-def run_cli(prog: str, train: Callable[[], Any]) -> int:
-    """Run ``train`` with logging set up; a user error (bad path, bad checkpoint, ...) is one line, exit 2."""
+def run_cli(prog: str, train: Callable[[], Any], *, resume_hint: bool = True) -> int:
+    """Run ``train`` with logging set up, through :func:`birder.run_options.run_command` (the exit codes every
+    command shares: a user error is one line and exit 2); ``resume_hint``: an interrupted run says to resume with
+    --resume (the trainers; not the commands without it)."""
     setup_logging()
-    try:
-        train()
-    except (BirderError, OSError) as err:  # OSError: an unwritable output folder, a full disk
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return USER_ERROR
-    except KeyboardInterrupt:
-        logging.getLogger(prog).warning("interrupted: resume with --resume")
-        return 130
-
-    return 0
+    return run_command(prog, train, resume_hint=resume_hint)

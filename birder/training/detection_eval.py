@@ -22,6 +22,7 @@ from birder.data.training import EpochSampler
 from birder.distributed import DistInfo, all_gather_objects, resolve_device
 from birder.errors import BirderError
 from birder.inference.detection import rescale_boxes
+from birder.io.checkpoint import names_by_index
 from birder.training.amp import autocast
 from birder.training.ddp import distinct_over_ranks
 
@@ -140,7 +141,7 @@ def evaluate_detector(
     if not dist.is_main:
         return (None, unreadable_all)
 
-    names = sorted(data.class_to_idx, key=data.class_to_idx.__getitem__)
+    names = names_by_index(data.class_to_idx)
     return (coco_scores(data.without(dropped_all).ground_truth, gathered, names), unreadable_all)
 
 

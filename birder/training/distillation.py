@@ -25,10 +25,9 @@ import torch.nn.functional as F
 from birder.data.training import EpochSampler, ImageDataset
 from birder.distributed import DistInfo, main_first
 from birder.errors import BirderError
-from birder.inference.optimize import choose_dtype, optimize_for_inference
+from birder.inference.model import convert_dtype, load_for_inference
 from birder.io.atomic import atomic_write_path
 from birder.io.outputs import check_not_input
-from birder.loading import load_model
 from birder.net.base import BaseNet
 from birder.training.setup import make_loader
 
@@ -132,7 +131,8 @@ def load_teacher(
     device: torch.device,
 ) -> Teacher:
     """The teacher for a student of these classes, input size and colour statistics, ready on ``device``."""
-    (net, info) = load_model(settings.teacher, inference=True)
+    loaded = load_for_inference(weights=settings.teacher, device=torch.device("cpu"))  # moved once resized
+    (net, info) = (loaded.net, loaded.info)
     if dict(info.class_to_idx) != dict(class_to_idx):
         raise BirderError(
             f"{settings.teacher}: the teacher's classes differ from the training data's "
@@ -140,9 +140,7 @@ def load_teacher(
         )
     if tuple(net.size) != tuple(size):
         net.adjust_size(size)  # the teacher sees the student's images as they are
-    net = net.to(device)
-    choice = choose_dtype("auto", device)
-    net = optimize_for_inference(net, choice.dtype)
+    (net, choice) = convert_dtype(net.to(device), "auto", device)
     logger.info("teacher %s (%s) in %s, %s distillation", settings.teacher, net.network_name, choice, settings.kind)
     return Teacher(net, InputAdapter(rgb_stats, info.rgb_stats), settings)
 

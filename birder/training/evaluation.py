@@ -17,13 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from birder.data.transforms import classification_transform
-from birder.distributed import DistInfo, all_reduce_sum, resolve_device
+from birder.distributed import DistInfo, all_reduce_sum
 from birder.errors import CheckpointError
 from birder.inference.labeled import ModelOutputs, collect_outputs, labeled_photos
+from birder.inference.model import load_for_inference
 from birder.io.atomic import atomic_write_path
-from birder.io.checkpoint import get_size_from_signature
-from birder.loading import load_named_or_file_model
 from birder.net.base import BaseNet
 from birder.plots import save_confusion_matrix_png
 from birder.training.amp import amp_dtype, autocast
@@ -181,18 +179,18 @@ def score_checkpoint(
     ``path,label`` rows.
 
     The model is a file (``checkpoint``) or a pretrained ``name``, as every command takes one
-    (:func:`birder.loading.load_named_or_file_model`). Images go through the model's own inference transform and
+    (:func:`birder.inference.model.load_for_inference`). Images go through the model's own inference transform and
     the batch predictor of ``birder-predict`` (:func:`birder.inference.labeled.collect_outputs`); the scores are
     of the raw logits. ``device`` is a name that :func:`birder.distributed.resolve_device` takes (None: auto).
     """
-    target = resolve_device(device)
-    (net, info) = load_named_or_file_model(name, checkpoint, network, device=target, progress_bar=progress_bar)
+    loaded = load_for_inference(name, checkpoint, network, device=device, progress_bar=progress_bar)
+    (net, info, target) = (loaded.net, loaded.info, loaded.device)
     if not info.class_to_idx:
         raise CheckpointError(f"{checkpoint or name}: a model without classes (an MIM encoder?); fine-tune it first")
 
-    class_names = sorted(info.class_to_idx, key=info.class_to_idx.__getitem__)
+    class_names = loaded.class_names
     photos = labeled_photos(data, info.class_to_idx)
-    transform = classification_transform(get_size_from_signature(info.signature), info.rgb_stats)
+    transform = loaded.transform
     outputs = collect_outputs(
         net,
         transform,
@@ -200,7 +198,7 @@ def score_checkpoint(
         photos.targets,
         batch_size=batch_size,
         workers=workers,
-        amp_dtype=amp_dtype(amp),
+        amp_dtype=amp_dtype(amp, target),
         progress=progress_bar,
         description="evaluating",
     )

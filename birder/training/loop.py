@@ -464,7 +464,7 @@ def build_trainer(
     if config.activation_checkpointing and config.compile:
         # The compiled graph and the recomputation disagree on what was saved (torch.utils.checkpoint fails).
         raise BirderError("--activation-checkpointing with --compile is not supported: drop one of them")
-    dtype = amp_dtype(config.amp)
+    dtype = amp_dtype(config.amp, dist.device)
     ema_decay = getattr(config, "ema_decay", None)
     # The EMA copy is taken before the checkpointing hooks are added: it never runs a backward pass.
     if config.fsdp:

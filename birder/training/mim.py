@@ -185,7 +185,8 @@ def _save_reconstruction(
     """Rank 0 writes the PNG; a sharded model's forward needs every rank, so under FSDP every rank calls this."""
     devices = [dist.device.index or 0] if dist.device.type == "cuda" else []
     # A fixed mask, drawn from a forked generator: the training random stream must not notice this.
-    with torch.random.fork_rng(devices=devices), torch.no_grad(), autocast(dist.device, amp_dtype(config.amp)):
+    precision = amp_dtype(config.amp, dist.device)
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), autocast(dist.device, precision):
         torch.manual_seed(config.seed)
         was_training = mae.training
         mae.eval()
