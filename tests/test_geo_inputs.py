@@ -104,14 +104,14 @@ def test_prior_with_fewer_classes_than_the_top_k(world: dict[str, Path], tmp_pat
 def test_a_run_failing_before_any_row_leaves_no_partial_folder(
     world: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import birder.inference.run
+    import birder.runs.predict
 
     def broken(*args, **kwargs):
         raise RuntimeError("the model broke")
 
     out = tmp_path / "out"
     with monkeypatch.context() as patch:
-        patch.setattr(birder.inference.run, "classified_rows", broken)
+        patch.setattr(birder.runs.predict, "classified_rows", broken)
         with pytest.raises(RuntimeError, match="the model broke"):
             predict(world, out, "--prior", str(world["prior"]))
     assert not (out / JOURNAL_DIR).exists()  # nothing was done: nothing to resume, nothing stale

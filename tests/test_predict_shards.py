@@ -15,9 +15,9 @@ from test_predict import BAD_PHOTOS, GOOD_PHOTOS, make_photo_folder, random_phot
 from test_predict_cli import _interrupt_after
 
 from birder.errors import BirderError
-from birder.inference.merge import MISSING_FILE
-from birder.inference.photo_lists import Shard, parse_shard, read_manifest
 from birder.io.journal import JOURNAL_DIR
+from birder.runs.merge import MISSING_FILE
+from birder.runs.photo_lists import Shard, parse_shard, read_manifest
 from birder.scripts.predict import main as predict
 from birder.tools.cli import main as tools
 

@@ -1,7 +1,7 @@
 """A ``birder-predict`` run as one library call: :func:`run_prediction` plans, predicts and finishes.
 
 1. Plan (rank 0): find the photos (under the inputs, or in a manifest; with ``shard``, only this job's block of
-   them: :mod:`birder.inference.photo_lists`) and, on a resume, those already done
+   them: :mod:`birder.runs.photo_lists`) and, on a resume, those already done
    (:func:`~birder.io.journal.prepare_run`). Every rank gets the same plan, then its own share.
 2. Predict (every rank): the batch loop (:class:`~birder.inference.predictor.Predictor`) writes this rank's
    journals (:class:`~birder.io.journal.JournalSet`); :mod:`birder.inference.tables` shapes the rows.
@@ -9,7 +9,7 @@
    draw the picture (:func:`~birder.plots.plot_predictions`).
 
 With a detector (``detector``, ``birder-predict --detector``) the steps that differ are
-:mod:`birder.inference.detect_run`'s (:class:`RunSteps`): each detected box is cropped and classified, a row per
+:mod:`birder.runs.detect`'s (:class:`RunSteps`): each detected box is cropped and classified, a row per
 box, in the same frame (plan, shards, journals, merge, resume).
 
 Under ``torchrun`` every process calls :func:`run_prediction` (devices and process groups: :mod:`birder.distributed`).
@@ -40,18 +40,18 @@ from birder.geo.predict import GeoStep, check_geo_options
 from birder.inference import predictor as P
 from birder.inference.decision import DecisionPolicy, policy_from_options
 from birder.inference.optimize import DtypeChoice, choose_dtype, optimize_for_inference
-from birder.inference.photo_lists import parse_shard, select_photos
 from birder.inference.tables import COLUMNS_HINT, PredictionTables, write_feature_files
 from birder.io.checkpoint import ModelInfo, get_num_classes_from_signature, get_size_from_signature
 from birder.io.journal import JOURNAL_DIR, RUN_INFO_FILE, JournalSet, finalize_run, prepare_run
 from birder.io.outputs import OutputFolder, check_output_file
 from birder.net.base import BaseNet
 from birder.plots import plot_predictions
+from birder.runs.photo_lists import parse_shard, select_photos
 
 # The name the run's messages go by
 PROG = "birder-predict"
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
-# What a run (or a merge of shards: birder.inference.merge) writes in its --output-dir, whatever its options: a
+# What a run (or a merge of shards: birder.runs.merge) writes in its --output-dir, whatever its options: a
 # later run there needs --resume or --overwrite, and --overwrite clears these and nothing else
 _TABLE_NAMES = ("results", "failures", "probabilities", "logits", "embeddings", "features", "photos", "events")
 PREDICTION_OUTPUTS = (
@@ -78,7 +78,7 @@ class PredictionOptions:
     """What to classify and how: ``birder-predict``'s arguments, with the same names and defaults."""
 
     inputs: Sequence[str | os.PathLike] = ()  # photo files and/or folders (searched recursively)
-    # Or a file listing the photos (birder.inference.photo_lists): one path per line, or a Parquet "path" column
+    # Or a file listing the photos (birder.runs.photo_lists): one path per line, or a Parquet "path" column
     manifest: str | os.PathLike | None = None
     shard: str | None = None  # "K/N": only the K-th of N contiguous blocks of the photos (independent jobs)
     # The model: a pretrained name, or a local file (and its network, when the file does not name it)
@@ -138,7 +138,7 @@ class PredictionOptions:
     deployment_lon: float | None = None
     project_title: str = "birder predictions"
     contributor: str = "birder"
-    # Crop-then-classify (birder.inference.detect_run): each box a detector finds is classified, a row per box
+    # Crop-then-classify (birder.runs.detect): each box a detector finds is classified, a row per box
     detector: str | os.PathLike | None = None  # a birder-train-det file
     det_threshold: float = 0.5  # boxes scoring below it are dropped
     crop_margin: float = 0.1  # each crop grows by this fraction of its box's width and height on each side
@@ -203,7 +203,7 @@ def run_prediction(options: PredictionOptions) -> RunReport:
 @dataclass(frozen=True)
 class RunSteps:
     """The steps that differ between kinds of run (classifying photos here; crop-then-classify in
-    :mod:`birder.inference.detect_run`); :func:`run_prediction` runs them in the same frame: ranks, plan, journals,
+    :mod:`birder.runs.detect`); :func:`run_prediction` runs them in the same frame: ranks, plan, journals,
     merge."""
 
     prepare: Callable[[PredictionOptions, DistInfo], _Job]
@@ -214,7 +214,7 @@ class RunSteps:
 
 def _run_steps(options: PredictionOptions) -> RunSteps:
     if options.detector is not None:
-        from birder.inference import detect_run
+        from birder.runs import detect as detect_run
 
         return detect_run.STEPS
     return RunSteps(_prepare, _predict, PhotoTally, lambda job, plan: None)
@@ -238,7 +238,7 @@ class _Job:
     dtype: DtypeChoice  # what the network runs in, and why
     policy: DecisionPolicy = field(default_factory=lambda: DecisionPolicy([]))  # the answer: label, rank, ...
     geo: GeoStep | None = None  # the location prior, events, exports (None: none asked for)
-    detection: Any = None  # with --detector: the detector step (birder.inference.detect_run.DetectionStep)
+    detection: Any = None  # with --detector: the detector step (birder.runs.detect.DetectionStep)
 
 
 def _check_options(options: PredictionOptions) -> None:
@@ -287,7 +287,7 @@ def output_folders(options: PredictionOptions) -> list[OutputFolder]:
 def check_detection_options(options: PredictionOptions) -> None:
     """Refuse the crop-then-classify options without ``--detector`` (with it: ``detect_run`` checks its own)."""
     if options.detector is not None:
-        from birder.inference import detect_run
+        from birder.runs import detect as detect_run
 
         detect_run.check_options(options)
         return
@@ -302,7 +302,7 @@ def check_detection_options(options: PredictionOptions) -> None:
             raise BirderError(f"{option} is about detected boxes: it needs --detector FILE (a birder-train-det file)")
 
 
-# Exports written from a crop-then-classify run's own tables (birder.inference.detect_run), not by birder.geo
+# Exports written from a crop-then-classify run's own tables (birder.runs.detect), not by birder.geo
 DETECTION_EXPORTS = ("md-json",)
 
 

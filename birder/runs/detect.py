@@ -1,6 +1,6 @@
 """Crop-then-classify: ``birder-predict --detector det.pt``, a row per detected box.
 
-The run is :func:`birder.inference.run.run_prediction`'s (plan, ``torchrun`` shards, journals, resume, merge,
+The run is :func:`birder.runs.predict.run_prediction`'s (plan, ``torchrun`` shards, journals, resume, merge,
 failures table); the steps here are those that differ (:data:`STEPS`):
 
 - prepare: the classifier as for any run (``-n NAME`` or ``--weights FILE``), and the detector
@@ -10,7 +10,7 @@ failures table); the steps here are those that differ (:data:`STEPS`):
   ``det_threshold`` are cropped with a margin (:func:`~birder.inference.crops.crop_box`) and every crop goes
   through the classifier's own preprocessing and batch loop (``classification_transform``,
   :meth:`~birder.inference.predictor.Predictor.predict_tensor`) and the decision order
-  (:func:`birder.inference.run.classified_rows`: species list, prior, top-k, ``label`` / ``rank`` /
+  (:func:`birder.runs.predict.classified_rows`: species list, prior, top-k, ``label`` / ``rank`` /
   ``label_probability``);
 - after the merge: the MegaDetector batch output (``--export md-json``), from the final tables.
 
@@ -51,7 +51,11 @@ from birder.inference.crops import (
 )
 from birder.inference.dataset import PhotoBatch
 from birder.inference.detection import detect_tensors, detection_transform
-from birder.inference.run import (
+from birder.inference.tables import PredictionTables, photo_file_stem
+from birder.inference.taxonomy import Taxonomy
+from birder.io.journal import final_path
+from birder.io.table_files import PATH_COLUMN, Column, Row, TableSpec, read_table_rows
+from birder.runs.predict import (
     DETECTION_EXPORTS,
     PredictionOptions,
     RunSteps,
@@ -63,10 +67,6 @@ from birder.inference.run import (
     journal_batches,
     make_predictor,
 )
-from birder.inference.tables import PredictionTables, photo_file_stem
-from birder.inference.taxonomy import Taxonomy
-from birder.io.journal import final_path
-from birder.io.table_files import PATH_COLUMN, Column, Row, TableSpec, read_table_rows
 
 SOURCE_DETECTION = "detection"
 SOURCE_WHOLE_IMAGE = "whole-image"

@@ -32,7 +32,6 @@ from birder.inference.calibration import (
     softmax,
 )
 from birder.inference.labeled import LabeledPhotos, ModelOutputs, collect_outputs, labeled_photos
-from birder.inference.run import DEFAULT_WORKERS
 from birder.inference.unknown import (
     EMBEDDING_METHODS,
     METHODS,
@@ -44,6 +43,7 @@ from birder.io.calibration import Calibration, head_digest, stats_path_for
 from birder.io.checkpoint import CHECKPOINT_FORMATS, checkpoint_format, get_size_from_signature, is_export_file
 from birder.io.outputs import check_output_file
 from birder.loading import load_named_or_file_model, save_model
+from birder.runs.predict import DEFAULT_WORKERS
 
 PROG = "birder-calibrate"
 
