@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +23,14 @@ import numpy as np
 import numpy.typing as npt
 
 from birder.errors import BirderError, one_line
-from birder.geo.events import Event, combine_probabilities, group_events, parse_exif_time, parse_gap
+from birder.geo.events import DEFAULT_GAP, Event, combine_probabilities, group_events, parse_exif_time, parse_gap
 from birder.geo.places import PlaceResolver
 from birder.geo.prior import MODE_NONE, LocationPrior, out_of_range
 from birder.geo.prior_file import load_prior_for
 from birder.geo.results import EVENTS_TABLE, find_table, photo_folder, read_rows, write_rows
 from birder.inference.decision import apply_prior, check_prior_strength
 from birder.inference.tables import shown_top_k
+from birder.io.download import sha256_file
 from birder.io.table_files import Column, Row, TableSpec, read_table_rows, write_table
 
 EVENT_ID_COLUMN = "event_id"
@@ -49,14 +48,6 @@ def _top_k(probabilities: npt.NDArray[np.floating], k: int) -> tuple[npt.NDArray
 
 def _flag(value: bool | None) -> str:
     return "" if value is None else ("true" if value else "false")
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass
@@ -108,7 +99,7 @@ class PhotoPrior:
         """What shapes the rows (a resumed run must match it)."""
         resolver = self.resolver
         return {
-            "prior_sha256": file_sha256(self.source) if self.source else self.prior.classes_sha256,
+            "prior_sha256": sha256_file(self.source) if self.source else self.prior.classes_sha256,
             "prior_strength": self.strength,
             "prior_place": [resolver.latitude, resolver.longitude, resolver.date, bool(resolver.per_photo)],
         }
@@ -319,7 +310,7 @@ class GeoStep:
 
     photo_prior: PhotoPrior | None
     events: bool = False
-    event_gap: str = "120s"
+    event_gap: str = DEFAULT_GAP
     exports: Sequence[str] = ()
     options: Any = None
 
@@ -333,7 +324,7 @@ class GeoStep:
         exports = list(getattr(options, "exports", None) or ())
         if photo_prior is None and not events and not exports:
             return None
-        return cls(photo_prior, events, str(getattr(options, "event_gap", "120s")), exports, options)
+        return cls(photo_prior, events, str(getattr(options, "event_gap", DEFAULT_GAP)), exports, options)
 
     def unmatched_locations(self, paths: Sequence[str]) -> str | None:
         """A warning when rows of the ``--locations`` file match none of the run's photos (a file may cover more
@@ -441,5 +432,7 @@ def add_geo_arguments(parser: argparse.ArgumentParser, extra_exports: Sequence[t
     add_prior_arguments(parser)
     group = parser.add_argument_group("events")
     group.add_argument("--events", action="store_true", help="group photos into events by folder and EXIF time gap")
-    group.add_argument("--event-gap", default="120s", metavar="GAP", help="max time between photos of an event (120s)")
+    group.add_argument(
+        "--event-gap", default=DEFAULT_GAP, metavar="GAP", help=f"max time between photos of an event ({DEFAULT_GAP})"
+    )
     add_export_arguments(parser, extra_formats=extra_exports)

@@ -42,7 +42,7 @@ from birder.io.table_files import (
     stored_batch,
     stored_schema,
 )
-from birder.runs.photo_lists import WHOLE, Manifest, Shard, parse_shard, photo_list_sha256, read_manifest
+from birder.runs.photo_lists import WHOLE, Manifest, PhotoBlock, parse_shard, photo_list_sha256, read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class ShardOutput:
 
     folder: Path
     info: dict[str, Any]
-    shard: Shard
+    shard: PhotoBlock
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -291,7 +291,7 @@ def write_missing(
     """Write the list's photos no shard has (absent shards' blocks included) to ``destination``; returns ``(how
     many, the file or None when none)``. Without the list, the count alone (``destination`` is not written)."""
     by_index = {output.shard.index: output for output in shards}
-    blocks = [(Shard(index, count), by_index.get(index)) for index in range(1, count + 1)]
+    blocks = [(PhotoBlock(index, count), by_index.get(index)) for index in range(1, count + 1)]
     if photos.entries is None:
         destination.unlink(missing_ok=True)  # an earlier merge's list would name the wrong photos
         missing = 0

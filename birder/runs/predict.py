@@ -36,6 +36,7 @@ from tqdm import tqdm
 from birder.data.transforms import classification_transform
 from birder.distributed import DistInfo, barrier, compute_on_main, distributed_session, main_first
 from birder.errors import BirderError
+from birder.geo.events import DEFAULT_GAP
 from birder.geo.predict import GeoStep, check_geo_options
 from birder.inference import predictor as P
 from birder.inference.decision import DecisionPolicy, policy_from_options
@@ -131,7 +132,7 @@ class PredictionOptions:
     date: str | None = None
     locations: str | os.PathLike | None = None  # CSV of path, latitude, longitude, date per photo (over all)
     events: bool = False  # group photos into events by folder and time gap
-    event_gap: str = "120s"
+    event_gap: str = DEFAULT_GAP
     exports: Sequence[str] = ()  # camtrap-dp, coco-ct
     timezone: str | None = None  # the photos' clock (Camtrap DP)
     deployment_lat: float | None = None  # camera position where photos have no GPS (Camtrap DP)
