@@ -36,8 +36,9 @@ from tqdm import tqdm
 from birder.data.transforms import classification_transform
 from birder.distributed import DistInfo, barrier, compute_on_main, distributed_session, main_first
 from birder.errors import BirderError
+from birder.geo.camtrap import CamtrapOptions
 from birder.geo.events import DEFAULT_GAP
-from birder.geo.predict import GeoStep, check_geo_options
+from birder.geo.predict import GeoOptions, GeoStep, check_geo_options
 from birder.inference import predictor as P
 from birder.inference.decision import DecisionPolicy, policy_from_options
 from birder.inference.optimize import DtypeChoice, choose_dtype, optimize_for_inference
@@ -207,10 +208,12 @@ class RunSteps:
     :mod:`birder.runs.detect`); :func:`run_prediction` runs them in the same frame: ranks, plan, journals,
     merge."""
 
-    prepare: Callable[[PredictionOptions, DistInfo], _Job]
-    predict: Callable[[_Job, DistInfo, _Plan, list[int]], float]  # this rank's photos into its journals; seconds
-    tally: Callable[[_Job], Tally]  # what the summary counts in the merged rows
-    after: Callable[[_Job, _Plan], None]  # (rank 0, after the merge) what is written from the final tables
+    prepare: Callable[[PredictionOptions, DistInfo], PredictionJob]
+    predict: Callable[
+        [PredictionJob, DistInfo, RunPlan, list[int]], float
+    ]  # this rank's photos into its journals; seconds
+    tally: Callable[[PredictionJob], Tally]  # what the summary counts in the merged rows
+    after: Callable[[PredictionJob, RunPlan], None]  # (rank 0, after the merge) what is written from the final tables
 
 
 def _run_steps(options: PredictionOptions) -> RunSteps:
@@ -218,7 +221,7 @@ def _run_steps(options: PredictionOptions) -> RunSteps:
         from birder.runs import detect as detect_run
 
         return detect_run.STEPS
-    return RunSteps(_prepare, _predict, PhotoTally, lambda job, plan: None)
+    return RunSteps(prepare_job, _predict, PhotoTally, lambda job, plan: None)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -227,7 +230,7 @@ def _run_steps(options: PredictionOptions) -> RunSteps:
 
 
 @dataclass
-class _Job:
+class PredictionJob:
     """Everything the run needs once the model is loaded; the same on every rank."""
 
     options: PredictionOptions
@@ -307,10 +310,26 @@ def check_detection_options(options: PredictionOptions) -> None:
 DETECTION_EXPORTS = ("md-json",)
 
 
-def geo_options(options: PredictionOptions) -> PredictionOptions:
+def geo_options(options: PredictionOptions) -> GeoOptions:
     """The options as :mod:`birder.geo` sees them: its exports only."""
-    exports = [name for name in options.exports if name not in DETECTION_EXPORTS]
-    return options if len(exports) == len(options.exports) else dataclasses.replace(options, exports=exports)
+    return GeoOptions(
+        prior=options.prior,
+        prior_strength=options.prior_strength,
+        lat=options.lat,
+        lon=options.lon,
+        date=options.date,
+        locations=options.locations,
+        events=options.events,
+        event_gap=options.event_gap,
+        exports=[name for name in options.exports if name not in DETECTION_EXPORTS],
+        camtrap=CamtrapOptions(
+            timezone=options.timezone,
+            deployment_lat=options.deployment_lat,
+            deployment_lon=options.deployment_lon,
+            project_title=options.project_title,
+            contributor=options.contributor,
+        ),
+    )
 
 
 def _settings(
@@ -367,9 +386,9 @@ def _warn_unknown_species(selection: P.ClassSelection, species_file: str | os.Pa
     )
 
 
-def _prepare(
+def prepare_job(
     options: PredictionOptions, context: DistInfo, tables_class: type[PredictionTables] = PredictionTables
-) -> _Job:
+) -> PredictionJob:
     """Load the model and set up the classes, the transform and the tables (of ``tables_class``)."""
     species = P.read_species_file(options.species) if options.species is not None else None
     dtype = _choose_dtype(options, context)
@@ -396,7 +415,7 @@ def _prepare(
     settings = _settings(options, size, tables.names, species, dtype.dtype)
     settings.update(_decision_settings(policy))
     settings.update(geo.settings() if geo is not None else {})
-    return _Job(options, net, transform, selection, tables, settings, dtype, policy=policy, geo=geo)
+    return PredictionJob(options, net, transform, selection, tables, settings, dtype, policy=policy, geo=geo)
 
 
 def _decision_policy(options: PredictionOptions, net: BaseNet, selection: P.ClassSelection) -> DecisionPolicy:
@@ -425,7 +444,7 @@ def _choose_dtype(options: PredictionOptions, context: DistInfo) -> DtypeChoice:
 
 
 @dataclass(frozen=True)
-class _Plan:
+class RunPlan:
     """The same on every rank: the photos, the indices of those still to do, the attempt, what the merge includes."""
 
     paths: list[str]
@@ -436,7 +455,7 @@ class _Plan:
     outputs: list[OutputFolder] = field(default_factory=list)  # the folders claimed for this run (rank 0's)
 
 
-def _plan(job: _Job) -> _Plan:
+def _plan(job: PredictionJob) -> RunPlan:
     """(rank 0) Find the photos (this shard's) and, on a resume, those already done."""
     options = job.options
     shard = parse_shard(options.shard) if options.shard is not None else None
@@ -463,10 +482,10 @@ def _plan(job: _Job) -> _Plan:
     remaining = [index for (index, path) in enumerate(paths) if path not in state.done]
     if state.done:
         print(f"Resuming: {len(paths) - len(remaining)} of {len(paths)} photos already done", file=sys.stderr)
-    return _Plan(paths, remaining, state.attempt, state.include_final, selection.run_info, outputs)
+    return RunPlan(paths, remaining, state.attempt, state.include_final, selection.run_info, outputs)
 
 
-def _batch_rows(job: _Job, batch: P.PredictionBatch, paths: list[str]) -> dict[str, list[list[str]]]:
+def _batch_rows(job: PredictionJob, batch: P.PredictionBatch, paths: list[str]) -> dict[str, list[list[str]]]:
     """The table rows of one batch (feature maps, when asked for, are written to their files here)."""
     rows = job.tables.failure_rows((paths[index], reason) for (index, reason) in batch.failures)
     if not batch.indices:
@@ -482,7 +501,7 @@ def _batch_rows(job: _Job, batch: P.PredictionBatch, paths: list[str]) -> dict[s
 
 
 def classified_rows(
-    job: _Job,
+    job: PredictionJob,
     paths: list[str],
     metadata: Sequence[Any],
     outputs: tuple[Any, Any, Any],
@@ -514,7 +533,7 @@ def classified_rows(
 
 
 def _geo_batch(
-    job: _Job, paths: list[str], metadata: Sequence[Any], probabilities: Any
+    job: PredictionJob, paths: list[str], metadata: Sequence[Any], probabilities: Any
 ) -> tuple[Any, Any, list[list[Any]] | None]:
     """``(adjusted probabilities, prior [B, classes] or None, added cells or None)``: without geo options, the
     probabilities as they are (the tables stay byte for byte what they were)."""
@@ -523,7 +542,7 @@ def _geo_batch(
     return job.geo.batch(paths, metadata, probabilities, job.selection.names)
 
 
-def make_predictor(job: _Job) -> P.Predictor:
+def make_predictor(job: PredictionJob) -> P.Predictor:
     """The batch loop of the run's classifier: what to compute (the outputs the tables need), then how."""
     options = job.options
     return P.Predictor(
@@ -540,7 +559,7 @@ def make_predictor(job: _Job) -> P.Predictor:
     )
 
 
-def _predict(job: _Job, context: DistInfo, plan: _Plan, mine: list[int]) -> float:
+def _predict(job: PredictionJob, context: DistInfo, plan: RunPlan, mine: list[int]) -> float:
     """Classify this rank's photos into its journals; returns the seconds it took."""
     predictor = make_predictor(job)
 
@@ -554,9 +573,9 @@ def _predict(job: _Job, context: DistInfo, plan: _Plan, mine: list[int]) -> floa
 
 
 def journal_batches(
-    job: _Job,
+    job: PredictionJob,
     context: DistInfo,
-    plan: _Plan,
+    plan: RunPlan,
     total: int,
     batches: Iterable[tuple[Mapping[str, list[list[str]]], int]],
     verb: str,
@@ -581,7 +600,7 @@ def journal_batches(
     return time.perf_counter() - started
 
 
-def _write_explanations(job: _Job, batch: P.PredictionBatch, paths: list[str]) -> None:
+def _write_explanations(job: PredictionJob, batch: P.PredictionBatch, paths: list[str]) -> None:
     """``--explain DIR``: an overlay PNG per classified photo, its top species and probability written on it."""
     from birder.introspection.files import write_overlays
 
@@ -605,7 +624,7 @@ _Shown = tuple[str, str, list[tuple[str, float]]]
 class Tally:
     """What the summary counts, fed each merged row of the final tables (``callbacks``: table -> function)."""
 
-    def __init__(self, job: _Job) -> None:
+    def __init__(self, job: PredictionJob) -> None:
         self.job = job
         self.summary = P.RunSummary(job.selection.names, job.tables.top_k)
         self.shown: list[_Shown] = []  # the first photos, for the picture (--plot, --show)
@@ -636,7 +655,7 @@ class PhotoTally(Tally):
             self.shown.append((path, prediction, top))
 
 
-def _finish(job: _Job, plan: _Plan, elapsed: float, run_info: dict[str, Any], tally: Tally) -> RunReport:
+def _finish(job: PredictionJob, plan: RunPlan, elapsed: float, run_info: dict[str, Any], tally: Tally) -> RunReport:
     """(rank 0) Merge every rank's journals into the final tables and print the summary, counted (by ``tally``)
     from the merged rows."""
     written = finalize_run(
@@ -668,7 +687,7 @@ def _print_report(summary: str, report: RunReport) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _finish_geo(job: _Job) -> None:
+def _finish_geo(job: PredictionJob) -> None:
     """(rank 0) Group the photos into events (--events) and write the exports (--export)."""
     assert job.geo is not None
     options = job.options
@@ -678,7 +697,7 @@ def _finish_geo(job: _Job) -> None:
         print(line)
 
 
-def _event_labels(job: _Job, probabilities: Any) -> list[str]:
+def _event_labels(job: PredictionJob, probabilities: Any) -> list[str]:
     """The answers for events' combined probabilities (already through the prior): the run's decision steps 5-8,
     less an unknown test that needs a photo's logits or embeddings (an event has neither)."""
     policy = job.policy
