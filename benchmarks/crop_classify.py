@@ -11,7 +11,7 @@
 2. A small ViT classifier trained on the object photos (``birder.training.classification.train_classifier``).
 3. A class-agnostic detector ("object", as MegaDetector's "animal") trained by ``birder-train-det`` (Faster R-CNN
    on the ViTDet pyramid, its backbone initialised from the classifier), unless ``--detector`` gives one.
-4. The same classifier, through ``birder-predict``'s own run (:func:`birder.inference.run.run_prediction`), on the
+4. The same classifier, through ``birder-predict``'s own run (:func:`birder.runs.predict.run_prediction`), on the
    test scenes: whole images, then ``--detector`` crop-then-classify. A photo's answer with a detector is its
    best-scoring box's top-1; **a photo without a box (none scoring ``--threshold``, 0.1) counts as wrong**. Also:
    the crops of the true boxes (the upper bound a perfect detector would give) and the detector's recall (best box
@@ -35,8 +35,8 @@ from benchmarks.inference import machine_description, machine_label
 from benchmarks.synthetic import class_name, make_class_folder, make_scene, write_coco_scenes
 from birder.inference.classification import infer_batch
 from birder.inference.crops import crop_box
-from birder.inference.run import PredictionOptions, run_prediction
 from birder.io.images import load_image
+from birder.runs.predict import PredictionOptions, run_prediction
 from birder.scripts import train_det
 from birder.training.classification import TrainConfig, train_classifier
 

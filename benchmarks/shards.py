@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from birder.data.packing import pack, pack_source
-from birder.data.shards import ShardStream, open_shards, read_records
+from birder.data.shards import ShardStream, open_shards, read_shard_records
 from birder.data.training import EpochSampler, ImageDataset, image_folder_files, training_transform
 from birder.data.transforms import RGB_STATS
 from birder.inference.optimize import cpu_model
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def read_shards() -> None:
             for shard in shard_set.shards:
-                for _ in read_records(shard):
+                for _ in read_shard_records(shard):
                     pass
 
         read_files()  # warm-up: both sides from the page cache

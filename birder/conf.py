@@ -1,4 +1,8 @@
-"""Settings read from the environment, in one place."""
+"""Settings read from the environment: where downloaded models go.
+
+``BIRDER_DTYPE`` (the dtype an inference run uses) is read where that choice is made, in
+:mod:`birder.inference.optimize`.
+"""
 
 import os
 from pathlib import Path

@@ -22,8 +22,8 @@ import birder
 from benchmarks.synthetic import make_class_folder
 from birder.inference.calibration import softmax
 from birder.inference.decision import build_policy
-from birder.inference.eval_reports import COVERAGE_THRESHOLDS, calibration_report
 from birder.inference.taxonomy import Taxonomy
+from birder.runs.eval_reports import COVERAGE_THRESHOLDS, calibration_report
 from birder.scripts import calibrate as calibrate_script
 from birder.scripts import evaluate as evaluate_script
 from birder.scripts import predict as predict_script

@@ -4,7 +4,6 @@ A model of three classes (fewer than the default ``--top-k 5``), the camera fold
 prior that knows one species around camera A.
 """
 
-import argparse
 import csv
 import os
 from pathlib import Path
@@ -18,7 +17,7 @@ from test_predict import MODEL_SIZE, RGB_STATS
 import birder
 from birder.errors import BirderError
 from birder.geo.places import PlaceResolver, read_locations_file
-from birder.geo.predict import PhotoPrior, check_geo_options
+from birder.geo.predict import GeoOptions, PhotoPrior, check_geo_options
 from birder.geo.prior import LocationPrior
 from birder.geo.prior_file import load_prior, save_prior
 from birder.geo.records import Records
@@ -104,14 +103,14 @@ def test_prior_with_fewer_classes_than_the_top_k(world: dict[str, Path], tmp_pat
 def test_a_run_failing_before_any_row_leaves_no_partial_folder(
     world: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import birder.inference.run
+    import birder.runs.predict
 
     def broken(*args, **kwargs):
         raise RuntimeError("the model broke")
 
     out = tmp_path / "out"
     with monkeypatch.context() as patch:
-        patch.setattr(birder.inference.run, "classified_rows", broken)
+        patch.setattr(birder.runs.predict, "classified_rows", broken)
         with pytest.raises(RuntimeError, match="the model broke"):
             predict(world, out, "--prior", str(world["prior"]))
     assert not (out / JOURNAL_DIR).exists()  # nothing was done: nothing to resume, nothing stale
@@ -154,7 +153,7 @@ def test_library_refuses_a_prior_strength_that_is_no_finite_number(world: dict[s
         with pytest.raises(BirderError, match="--prior-strength must be a finite number >= 0"):
             PhotoPrior(load_prior(world["prior"]), strength, PlaceResolver(), None, 5)
         with pytest.raises(BirderError, match="--prior-strength"):
-            check_geo_options(argparse.Namespace(prior=world["prior"], prior_strength=strength))
+            check_geo_options(GeoOptions(prior=world["prior"], prior_strength=strength))
     assert apply_prior(probabilities, prior, 2.0)[0].argmax() == 1  # a finite strength still works
 
 

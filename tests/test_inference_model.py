@@ -115,8 +115,8 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> _Spy:
     spy = _Spy()
     # Modules that import it by name, and the lazy imports that read it from its module
     monkeypatch.setattr(model_module, "load_for_inference", spy)
-    for module in ("run", "calibrate_run"):
-        monkeypatch.setattr(f"birder.inference.{module}.load_for_inference", spy)
+    for module in ("predict", "calibrate"):
+        monkeypatch.setattr(f"birder.runs.{module}.load_for_inference", spy)
     monkeypatch.setattr("birder.search.build.load_for_inference", spy)
     monkeypatch.setattr("birder.training.evaluation.load_for_inference", spy)
     monkeypatch.setattr("birder.training.distillation.load_for_inference", spy)
@@ -149,8 +149,8 @@ def test_every_command_loads_through_it(
 
 
 def test_the_detector_and_the_teacher_load_through_it(spy: _Spy, tmp_path: Path) -> None:
-    from birder.inference.detect_run import load_detection_step
-    from birder.inference.run import PredictionOptions
+    from birder.runs.detect import load_detection_step
+    from birder.runs.predict import PredictionOptions
     from birder.training.distillation import DistillSettings, load_teacher
 
     detector = tmp_path / "det.pt"

@@ -34,9 +34,9 @@ from test_predict import (
 import birder
 from birder.errors import BirderError
 from birder.inference import predictor as P
-from birder.inference import run as prediction_run
 from birder.inference.classification import infer_image
 from birder.io.journal import JOURNAL_DIR
+from birder.runs import predict as prediction_run
 from birder.scripts.predict import main
 
 ROOT = Path(__file__).resolve().parents[1]

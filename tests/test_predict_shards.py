@@ -15,9 +15,9 @@ from test_predict import BAD_PHOTOS, GOOD_PHOTOS, make_photo_folder, random_phot
 from test_predict_cli import _interrupt_after
 
 from birder.errors import BirderError
-from birder.inference.merge import MISSING_FILE
-from birder.inference.photo_lists import Shard, parse_shard, read_manifest
 from birder.io.journal import JOURNAL_DIR
+from birder.runs.merge import MISSING_FILE
+from birder.runs.photo_lists import PhotoBlock, parse_shard, read_manifest
 from birder.scripts.predict import main as predict
 from birder.tools.cli import main as tools
 
@@ -84,7 +84,7 @@ def _one_line_error(capsys: pytest.CaptureFixture, prog: str = "birder-predict")
 def test_shards_are_contiguous_disjoint_and_cover_every_row() -> None:
     for total in range(0, 23):
         for count in range(1, 8):
-            blocks = [Shard(index, count).bounds(total) for index in range(1, count + 1)]
+            blocks = [PhotoBlock(index, count).bounds(total) for index in range(1, count + 1)]
             rows = [row for (start, stop) in blocks for row in range(start, stop)]
             assert rows == list(range(total)), (total, count)
             sizes = [stop - start for (start, stop) in blocks]
@@ -92,7 +92,7 @@ def test_shards_are_contiguous_disjoint_and_cover_every_row() -> None:
 
 
 def test_bad_shard_values_are_one_line_errors(job, capsys: pytest.CaptureFixture) -> None:
-    assert parse_shard("2/3") == Shard(2, 3) and parse_shard(" 3 / 3 ") == Shard(3, 3) and parse_shard((1, 1))
+    assert parse_shard("2/3") == PhotoBlock(2, 3) and parse_shard(" 3 / 3 ") == PhotoBlock(3, 3) and parse_shard((1, 1))
     (options, manifest) = job
     for bad in ("0/3", "4/3", "3", "a/b", "2/0", "-1/2", "1/2/3"):
         with pytest.raises(BirderError, match=f"got '{bad}'"):
@@ -157,7 +157,7 @@ def test_merged_shards_equal_one_unsharded_run(job, table_format: str, capsys: p
     base = [*options, "--manifest", str(manifest), "--format", table_format, "--save-probabilities"]
     for k in (3, 1, 2):
         assert predict([*base, "--shard", f"{k}/3", "--output-dir", f"shard{k}"]) == 0
-        assert f"Shard {k}/3: photos" in capsys.readouterr().err
+        assert f"PhotoBlock {k}/3: photos" in capsys.readouterr().err
         assert _run_json(Path(f"shard{k}"))["settings"]["shard"] == f"{k}/3"
     assert predict([*base, "--output-dir", "whole"]) == 0
     capsys.readouterr()
@@ -181,7 +181,7 @@ def test_shards_of_found_inputs_merge_through_the_console(
     assert predict([*base, "--shard", "1/2", "--output-dir", "a"]) == 0
     assert predict([*base, "--shard", "2/2", "--output-dir", "b"]) == 0
     assert predict([*base, "--output-dir", "whole"]) == 0
-    assert "Shard 2/2: photos 5-9 of the 9 found" in capsys.readouterr().err
+    assert "PhotoBlock 2/2: photos 5-9 of the 9 found" in capsys.readouterr().err
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "birder.tools", "merge-results", "b", "a", "-o", "merged"]
@@ -217,7 +217,7 @@ def test_absent_shard_is_listed_as_missing_and_a_resume_fills_it(
     captured = capsys.readouterr()
     assert "shard(s) 2 of 3 not given" in caplog.text  # the library's warning (pytest captures the log)
     photos = _photos_in_order(manifest)
-    (start, stop) = Shard(2, 3).bounds(len(photos))
+    (start, stop) = PhotoBlock(2, 3).bounds(len(photos))
     assert f"{stop - start} photo(s) of the list are in no shard's tables" in captured.err
     assert Path("merged", MISSING_FILE).read_text().splitlines() == photos[start:stop]
     assert _run_json(Path("merged"))["missing"] == stop - start

@@ -28,8 +28,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from birder.data.training import DataError, SampleKey, load_readable, sample_seed
+from birder.data.transforms import detection_transform
 from birder.errors import one_line
-from birder.inference.detection import detection_transform
 from birder.io.checkpoint import names_by_index
 
 logger = logging.getLogger(__name__)
@@ -451,5 +451,5 @@ def collate_detection(samples: Sequence[DetectionSample]) -> DetectionBatch:
 def evaluation_dataset(
     data: CocoData, size: tuple[int, int], rgb_stats: Mapping[str, Sequence[float]]
 ) -> DetectionDataset:
-    """The photos as inference sees them (:func:`birder.inference.detection.detection_transform`)."""
+    """The photos as inference sees them (:func:`birder.data.transforms.detection_transform`)."""
     return DetectionDataset(data.images, detection_transform(size, rgb_stats), train=False)

@@ -60,8 +60,6 @@ INDEX_FORMAT = "birder-wds-index"
 INDEX_VERSION = 1
 SHARD_PATTERN = "shard-{:06d}.tar"
 DEFAULT_SHUFFLE_BUFFER = 1000
-# Members of a sample that are not its image.
-META_SUFFIXES = frozenset({"json", "cls"})
 _IMAGE_SUFFIXES = frozenset(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
 
 
@@ -198,7 +196,7 @@ def _tar_samples(path: Path) -> Iterator[dict[str, Any]]:
         raise DataError(f"{path}: damaged or unreadable tar shard ({one_line(err)})") from None
 
 
-def read_records(shard: Shard, start: int = 0, stop: int | None = None) -> Iterator[ShardRecord]:
+def read_shard_records(shard: Shard, start: int = 0, stop: int | None = None) -> Iterator[ShardRecord]:
     """Samples ``start`` to ``stop`` (positions within the shard) of ``shard``."""
     stop = shard.samples if stop is None else stop
     for position, sample in enumerate(_tar_samples(shard.path)):
@@ -342,7 +340,7 @@ class ShardStream(IterableDataset):
         stream = (
             record
             for (number, start, stop) in segments
-            for record in read_records(self.shard_set.shards[number], start, stop)
+            for record in read_shard_records(self.shard_set.shards[number], start, stop)
         )
         if not self.shuffle or self.shuffle_buffer <= 1:
             return stream
@@ -411,7 +409,7 @@ def first_images(shard_set: ShardSet, count: int) -> list[Image.Image]:
     """The first ``count`` readable images of the set, in listed order (e.g. a fixed grid to visualize)."""
     images = []
     for shard in shard_set.shards:
-        for record in read_records(shard):
+        for record in read_shard_records(shard):
             if len(images) == count:
                 return images
             try:

@@ -300,9 +300,6 @@ class ImageDataset(Dataset):
         with sample_seed(self.seed, epoch, position):
             return self.transform(image)
 
-    def class_counts(self) -> Counter:
-        return Counter(self.targets)
-
 
 def collate_training_samples(samples: Sequence[TrainingSample]) -> TrainingBatch:
     """Stack the readable samples; the unreadable ones' messages travel along for the main process to report."""

@@ -8,7 +8,7 @@ checkpoint gives the same predictions here as there. The transform takes PIL ima
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -188,3 +188,39 @@ def _check_pil_image(image: Any) -> None:
             f"classification transform expects a PIL image, got {type(image).__name__}; "
             "decode files with birder.io.images.load_image"
         )
+
+
+def detection_transform(
+    size: tuple[int, int], rgb_stats: Mapping[str, Sequence[float]]
+) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL photo -> normalised tensor with its long side at most ``max(size)`` (aspect kept, antialiased).
+
+    Shrinking here keeps a 24-megapixel photo from being copied at full size into the network, which would resize
+    it anyway; boxes are mapped back by :func:`birder.inference.detection.rescale_boxes`.
+    """
+    from torchvision.transforms import v2  # here, not at import time: see ClassificationTransform
+
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            _LongSideAtMost(max(size)),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=list(rgb_stats["mean"]), std=list(rgb_stats["std"])),
+        ]
+    )
+
+
+class _LongSideAtMost(torch.nn.Module):
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms import v2
+
+        (height, width) = image.shape[-2:]
+        scale = self.limit / max(height, width)
+        if scale >= 1.0:
+            return image
+        new_size = [max(1, round(height * scale)), max(1, round(width * scale))]
+        return v2.functional.resize(image, new_size, antialias=True)

@@ -42,7 +42,6 @@ SCHEMA_DIR = Path(__file__).parent / "schemas"
 # Predictions that are no species: the model abstained
 ABSTENTIONS = frozenset({"", "uncertain", "unknown"})
 SAMPLING_DESIGNS = ("simpleRandom", "systematicRandom", "clusteredRandom", "experimental", "targeted", "opportunistic")
-CAPTURE_METHODS = ("activityDetection", "timeLapse")
 
 
 def table_schema_path(table: str) -> Path:

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +24,15 @@ import numpy as np
 import numpy.typing as npt
 
 from birder.errors import BirderError, one_line
-from birder.geo.events import Event, combine_probabilities, group_events, parse_exif_time, parse_gap
+from birder.geo.camtrap import CamtrapOptions
+from birder.geo.events import DEFAULT_GAP, Event, combine_probabilities, group_events, parse_exif_time, parse_gap
 from birder.geo.places import PlaceResolver
 from birder.geo.prior import MODE_NONE, LocationPrior, out_of_range
 from birder.geo.prior_file import load_prior_for
 from birder.geo.results import EVENTS_TABLE, find_table, photo_folder, read_rows, write_rows
 from birder.inference.decision import apply_prior, check_prior_strength
 from birder.inference.tables import shown_top_k
+from birder.io.download import sha256_file
 from birder.io.table_files import Column, Row, TableSpec, read_table_rows, write_table
 
 EVENT_ID_COLUMN = "event_id"
@@ -51,14 +52,6 @@ def _flag(value: bool | None) -> str:
     return "" if value is None else ("true" if value else "false")
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @dataclass
 class PriorRows:
     """The prior of a batch: ``[B, classes]`` vectors (ones where there is none), modes, out_of_range flags."""
@@ -66,6 +59,24 @@ class PriorRows:
     matrix: npt.NDArray[np.float64]
     modes: list[str]
     out_of_range: list[bool | None]
+
+
+@dataclass(frozen=True)
+class GeoOptions:
+    """Where and when: the geo group of a prediction run's options (``birder-predict``'s arguments of the same
+    names). ``prior`` is a .bpr file (``birder-prior build``); the place and date given here hold for every photo
+    (over EXIF), ``locations`` gives them per photo (over all)."""
+
+    prior: str | os.PathLike | None = None
+    prior_strength: float = 1.0  # posterior ∝ p(species | photo) × prior ** strength; 0: flags only
+    lat: float | None = None
+    lon: float | None = None
+    date: str | None = None
+    locations: str | os.PathLike | None = None  # CSV of path, latitude, longitude, date per photo
+    events: bool = False  # group photos into events by folder and time gap
+    event_gap: str = DEFAULT_GAP
+    exports: Sequence[str] = ()  # camtrap-dp, coco-ct
+    camtrap: CamtrapOptions = field(default_factory=CamtrapOptions)  # what the Camtrap DP export records
 
 
 class PhotoPrior:
@@ -91,14 +102,14 @@ class PhotoPrior:
     @classmethod
     def from_options(
         cls,
-        options: Any,
+        options: GeoOptions,
         model_class_names: Sequence[str],
         class_indices: npt.NDArray[np.int64] | None,
         top_k: int,
     ) -> PhotoPrior | None:
         """The prior step of a run's options (``prior``, ``prior_strength``, ``lat``, ``lon``, ``date``,
         ``locations``); None without ``--prior``."""
-        if getattr(options, "prior", None) is None:
+        if options.prior is None:
             return None
         prior = load_prior_for(options.prior, list(model_class_names))
         resolver = PlaceResolver.from_options(options.lat, options.lon, options.date, options.locations)
@@ -108,7 +119,7 @@ class PhotoPrior:
         """What shapes the rows (a resumed run must match it)."""
         resolver = self.resolver
         return {
-            "prior_sha256": file_sha256(self.source) if self.source else self.prior.classes_sha256,
+            "prior_sha256": sha256_file(self.source) if self.source else self.prior.classes_sha256,
             "prior_strength": self.strength,
             "prior_place": [resolver.latitude, resolver.longitude, resolver.date, bool(resolver.per_photo)],
         }
@@ -299,18 +310,19 @@ GEO_PLACE_OPTIONS = ("lat", "lon", "date", "locations")
 _SHOWN_PATHS = 3  # the unmatched rows of a locations file a warning names
 
 
-def check_geo_options(options: Any) -> None:
+def check_geo_options(options: GeoOptions) -> None:
     """Refuse, in one line and before any photo is classified, geo options that cannot work."""
-    from birder.geo.export import check_export, export_options
+    from birder.geo.export import check_export
 
-    given = [name for name in GEO_PLACE_OPTIONS if getattr(options, name, None) is not None]
-    if given and getattr(options, "prior", None) is None:
+    place = {"lat": options.lat, "lon": options.lon, "date": options.date, "locations": options.locations}
+    given = [name for name in GEO_PLACE_OPTIONS if place[name] is not None]
+    if given and options.prior is None:
         raise BirderError(f"--{given[0]} says where or when photos were taken for the prior: it needs --prior FILE")
-    check_prior_strength(getattr(options, "prior_strength", 1.0), "--prior-strength")
-    if getattr(options, "events", False):
+    check_prior_strength(options.prior_strength, "--prior-strength")
+    if options.events:
         parse_gap(options.event_gap)
-    if getattr(options, "exports", None):
-        check_export(options.exports, export_options(options))
+    if options.exports:
+        check_export(options.exports, options.camtrap)
 
 
 @dataclass
@@ -319,21 +331,19 @@ class GeoStep:
 
     photo_prior: PhotoPrior | None
     events: bool = False
-    event_gap: str = "120s"
+    event_gap: str = DEFAULT_GAP
     exports: Sequence[str] = ()
-    options: Any = None
+    camtrap: CamtrapOptions = field(default_factory=CamtrapOptions)
 
     @classmethod
     def from_options(
-        cls, options: Any, model_class_names: Sequence[str], class_indices: Any, top_k: int
+        cls, options: GeoOptions, model_class_names: Sequence[str], class_indices: Any, top_k: int
     ) -> GeoStep | None:
         """None when the run asks for nothing of this (its tables stay exactly as without this module)."""
         photo_prior = PhotoPrior.from_options(options, model_class_names, class_indices, top_k)
-        events = bool(getattr(options, "events", False))
-        exports = list(getattr(options, "exports", None) or ())
-        if photo_prior is None and not events and not exports:
+        if photo_prior is None and not options.events and not options.exports:
             return None
-        return cls(photo_prior, events, str(getattr(options, "event_gap", "120s")), exports, options)
+        return cls(photo_prior, options.events, options.event_gap, list(options.exports), options.camtrap)
 
     def unmatched_locations(self, paths: Sequence[str]) -> str | None:
         """A warning when rows of the ``--locations`` file match none of the run's photos (a file may cover more
@@ -382,7 +392,7 @@ class GeoStep:
         self, output_dir: Path, table_format: str, results_spec: TableSpec, top_k: int, decide: Decide
     ) -> list[str]:
         """(rank 0, after the tables are merged) Events, then exports; returns the lines to print."""
-        from birder.geo.export import export_options, export_results
+        from birder.geo.export import export_results
 
         lines = []
         if self.events:
@@ -392,7 +402,7 @@ class GeoStep:
             untimed = f", {report.untimed} of them photos without an EXIF time" if report.untimed else ""
             lines.append(f"Events: {report.events}{untimed}")
             lines.append(f"  {'events':<13} {report.path}")
-        for export in export_results(output_dir, self.exports, export_options(self.options)) if self.exports else ():
+        for export in export_results(output_dir, self.exports, self.camtrap) if self.exports else ():
             lines += export.lines
             lines.append(f"  {'export':<13} {export.path}")
         return lines
@@ -441,5 +451,7 @@ def add_geo_arguments(parser: argparse.ArgumentParser, extra_exports: Sequence[t
     add_prior_arguments(parser)
     group = parser.add_argument_group("events")
     group.add_argument("--events", action="store_true", help="group photos into events by folder and EXIF time gap")
-    group.add_argument("--event-gap", default="120s", metavar="GAP", help="max time between photos of an event (120s)")
+    group.add_argument(
+        "--event-gap", default=DEFAULT_GAP, metavar="GAP", help=f"max time between photos of an event ({DEFAULT_GAP})"
+    )
     add_export_arguments(parser, extra_formats=extra_exports)

@@ -42,7 +42,6 @@ from birder.io.atomic import atomic_write_path
 FORMAT_NAME = "birder-prior"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
-SUFFIX = ".bpr"
 _METADATA = "metadata.json"
 _LEVEL_ARRAYS = ("cells", "indptr", "classes", "counts")
 

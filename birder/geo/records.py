@@ -33,6 +33,7 @@ import numpy.typing as npt
 from birder.errors import BirderError, one_line
 from birder.geo.grid import valid_coordinates
 from birder.geo.season import day_bins
+from birder.io.table_files import import_pyarrow
 
 # Column names tried in order (case-insensitively) for each field; the first present wins
 COLUMN_CANDIDATES: dict[str, tuple[str, ...]] = {
@@ -179,17 +180,6 @@ class NameMatcher:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _import_pyarrow() -> Any:
-    try:
-        import pyarrow
-        import pyarrow.compute
-        import pyarrow.csv
-        import pyarrow.parquet
-    except ImportError:
-        raise BirderError("reading occurrence records needs pyarrow: pip install 'birder[geo]'") from None
-    return pyarrow
-
-
 def _resolve_columns(header: Sequence[str], overrides: Mapping[str, str] | None, source: Path) -> dict[str, str]:
     """Field -> the file's column name, for the fields the file has."""
     by_lower = {name.strip().casefold(): name for name in header}
@@ -229,7 +219,7 @@ def _csv_dialect(path: Path) -> tuple[str, str | bool]:
 
 def _read_table(path: Path, overrides: Mapping[str, str] | None) -> tuple[Any, dict[str, str], int]:
     """The file's useful columns (strings for CSV, as stored for Parquet), their names, and malformed lines."""
-    pa = _import_pyarrow()
+    pa = import_pyarrow("reading occurrence records", "geo")
     if not path.is_file():
         raise BirderError(f"records file '{path}' does not exist")
 
@@ -351,7 +341,7 @@ def read_records(
     ``mapping``: record name -> class name (see :func:`read_mapping_file`). ``columns``: field -> column name, for
     files whose columns have other names (fields: species, latitude, longitude, date, count, status).
     """
-    pa = _import_pyarrow()
+    pa = import_pyarrow("reading occurrence records", "geo")
     path = Path(path)
     (table, found, malformed) = _read_table(path, columns)
     report = RecordReport(str(path), read=table.num_rows, malformed_lines=malformed)

@@ -15,12 +15,10 @@ import numpy.typing as npt
 import torch
 from PIL import Image
 
-from birder.data.transforms import tta_crops
+from birder.data.transforms import TTA_NUM_CROPS, tta_crops
 from birder.inference.decision import calibrated_softmax, model_temperature
 from birder.io.images import load_image
 from birder.net.base import BaseNet
-
-NUM_TTA_CROPS = 5
 
 
 def _net_device_and_dtype(net: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -68,8 +66,8 @@ def infer_batch(
         logits = net.classify(embedding)
         output = logits if return_logits else calibrated_softmax(logits, model_temperature(net, calibrated))
         if tta:
-            output = output.reshape(batch_size, NUM_TTA_CROPS, -1).mean(dim=1)
-            embedding = embedding.reshape(batch_size, NUM_TTA_CROPS, -1).mean(dim=1)
+            output = output.reshape(batch_size, TTA_NUM_CROPS, -1).mean(dim=1)
+            embedding = embedding.reshape(batch_size, TTA_NUM_CROPS, -1).mean(dim=1)
 
         probabilities = _to_numpy(output)
         if prior is not None:  # step 4 of the decision order

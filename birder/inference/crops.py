@@ -1,7 +1,7 @@
 """Crop-then-classify building blocks: a detector's boxes as crops for a classifier, and the MegaDetector batch
 output (docs/compatibility.md, "MegaDetector batch output") that review tools such as Timelapse read.
 
-``birder-predict --detector`` (:mod:`birder.inference.detect_run`) and ``birder-serve --detector`` use them.
+``birder-predict --detector`` (:mod:`birder.runs.detect`) and ``birder-serve --detector`` use them.
 """
 
 import json

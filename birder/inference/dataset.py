@@ -42,8 +42,6 @@ _GPS_LATITUDE = 2
 _GPS_LONGITUDE_REF = 3
 _GPS_LONGITUDE = 4
 
-METADATA_FIELDS = ("exif_datetime", "gps_latitude", "gps_longitude")
-
 
 class PhotoMetadata(NamedTuple):
     """What a photo's EXIF block says about when and where it was taken (``None`` when absent)."""

@@ -271,7 +271,7 @@ def policy_from_options(
     net: Any, class_names: Sequence[str], options: Any, *, model_class_names: Sequence[str] | None = None
 ) -> DecisionPolicy:
     """:func:`build_policy` from the answer options of a command, read by name from ``options`` (parsed arguments
-    or :class:`~birder.inference.run.PredictionOptions`): ``uncalibrated``, ``thresholds``, ``min_prob``,
+    or :class:`~birder.runs.predict.PredictionOptions`): ``uncalibrated``, ``thresholds``, ``min_prob``,
     ``taxonomy``, ``unknown_method``, ``unknown_threshold``."""
     return build_policy(
         net,

@@ -6,7 +6,7 @@
 """
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torchvision.ops import nms
-from torchvision.transforms import v2
 
+# The transform is built in the data layer (training's detection datasets share it); it is imported from here too
+from birder.data.transforms import detection_transform as detection_transform
 from birder.io.images import load_image
 
 ImageInput = str | Path | Image.Image
@@ -30,38 +31,6 @@ class Detections(NamedTuple):
     boxes: torch.Tensor  # [N, 4] float, (x1, y1, x2, y2) in the original photo's pixels
     scores: torch.Tensor  # [N], descending
     labels: torch.Tensor  # [N] class indices (the model's class_to_idx)
-
-
-def detection_transform(
-    size: tuple[int, int], rgb_stats: Mapping[str, Sequence[float]]
-) -> Callable[[Image.Image], torch.Tensor]:
-    """PIL photo -> normalised tensor with its long side at most ``max(size)`` (aspect kept, antialiased).
-
-    Shrinking here keeps a 24-megapixel photo from being copied at full size into the network, which would resize
-    it anyway; boxes are mapped back by :func:`rescale_boxes`.
-    """
-    return v2.Compose(
-        [
-            v2.ToImage(),
-            _LongSideAtMost(max(size)),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean=list(rgb_stats["mean"]), std=list(rgb_stats["std"])),
-        ]
-    )
-
-
-class _LongSideAtMost(torch.nn.Module):
-    def __init__(self, limit: int) -> None:
-        super().__init__()
-        self.limit = limit
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        (height, width) = image.shape[-2:]
-        scale = self.limit / max(height, width)
-        if scale >= 1.0:
-            return image
-        new_size = [max(1, round(height * scale)), max(1, round(width * scale))]
-        return v2.functional.resize(image, new_size, antialias=True)
 
 
 def rescale_boxes(boxes: torch.Tensor, from_hw: Sequence[int], to_hw: Sequence[int]) -> torch.Tensor:

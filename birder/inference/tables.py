@@ -58,7 +58,7 @@ def shown_top_k(requested: int, num_classes: int) -> int:
 def _result_columns(
     top_k: int, decisions: bool = False, extra: Sequence[Column] = (), lead: Sequence[Column] = ()
 ) -> tuple[Column, ...]:
-    # ``lead``: what a row is about beside its photo (a detected box: birder.inference.detect_run), after the path
+    # ``lead``: what a row is about beside its photo (a detected box: birder.runs.detect), after the path
     columns = [Column(PATH_COLUMN), *lead, Column("prediction")]
     for rank in range(1, top_k + 1):
         columns += [Column(f"top{rank}_class"), Column(f"top{rank}_prob", "float32", ".6f")]

@@ -31,7 +31,7 @@ PARTIAL_SUFFIX = ".partial"
 STAMP_SUFFIX = ".sha256.json"
 
 
-def sha256_file(path: Path, chunk_size: int = CHUNK_SIZE) -> str:
+def sha256_file(path: str | os.PathLike, chunk_size: int = CHUNK_SIZE) -> str:
     """The hex sha256 of a file, read in chunks so large models do not need to fit in memory."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:

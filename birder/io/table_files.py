@@ -125,7 +125,7 @@ def _value_names(vector_column: str, size: int) -> list[str]:
 
 
 def _is_vector(arrow_type: Any) -> bool:
-    pa = _import_pyarrow()
+    pa = import_pyarrow()
     return bool(pa.types.is_fixed_size_list(arrow_type) and pa.types.is_floating(arrow_type.value_type))
 
 
@@ -139,7 +139,7 @@ def flat_header(schema: Any) -> list[str]:
 
 def _flat_embedding_size(schema: Any) -> int | None:
     """D when ``schema`` is an embeddings table of the old Parquet layout (``path, e0 .. e<D-1>``, floats)."""
-    pa = _import_pyarrow()
+    pa = import_pyarrow()
     names = schema.names
     size = len(names) - 1
     if size < 1 or names[0] != PATH_COLUMN or names[1:] != _value_names(EMBEDDING_COLUMN, size):
@@ -150,7 +150,7 @@ def _flat_embedding_size(schema: Any) -> int | None:
 def stored_schema(schema: Any) -> Any:
     """The schema a table is written with now: an embeddings table of the old layout (one float column per value)
     becomes ``path, embedding`` (FixedSizeList<float32>); any other schema is unchanged."""
-    pa = _import_pyarrow()
+    pa = import_pyarrow()
     size = _flat_embedding_size(schema)
     if size is None:
         return schema
@@ -159,7 +159,7 @@ def stored_schema(schema: Any) -> Any:
 
 def stored_batch(batch: Any) -> Any:
     """A record batch in :func:`stored_schema`'s layout (the old embeddings layout converted, others as they are)."""
-    pa = _import_pyarrow()
+    pa = import_pyarrow()
     size = _flat_embedding_size(batch.schema)
     if size is None:
         return batch
@@ -203,8 +203,8 @@ def read_embeddings(path: str | os.PathLike) -> Embeddings:
 
 
 def _read_parquet_embeddings(path: Path) -> Embeddings:
-    pa = _import_pyarrow()
-    pq = _import_parquet()
+    pa = import_pyarrow()
+    pq = import_parquet()
     try:
         schema = stored_schema(pq.read_schema(path))
         if schema.names != [PATH_COLUMN, EMBEDDING_COLUMN] or not _is_vector(schema.field(1).type):
@@ -279,7 +279,7 @@ def read_table_header_and_paths(path: Path) -> tuple[list[str], Iterator[str]]:
     """The column names of a table file (CSV or Parquet, by suffix; a Parquet list column spread into one name per
     value, as in CSV) and its path column."""
     if path.suffix == ".parquet":
-        header = flat_header(_import_parquet().read_schema(path))
+        header = flat_header(import_parquet().read_schema(path))
         return (header, (values[0] for values in _parquet_rows(path, columns=[PATH_COLUMN])))
 
     (header, rows) = read_csv_table(path)
@@ -299,7 +299,7 @@ def read_table_rows(path: Path, spec: TableSpec) -> Iterator[Row]:
 def _parquet_rows(path: Path, columns: list[str] | None = None) -> Iterator[tuple[Any, ...]]:
     """The typed values of a Parquet table, row by row, one row group in memory at a time (opened lazily); a list
     column's values spread in its row as CSV has them."""
-    with _import_parquet().ParquetFile(path) as parquet:
+    with import_parquet().ParquetFile(path) as parquet:
         for batch in parquet.iter_batches(columns=columns, batch_size=_PARQUET_ROWS_PER_GROUP):
             parts = []
             for column in batch.columns:
@@ -335,8 +335,8 @@ def write_table(path: Path, spec: TableSpec, rows: Iterable[Row]) -> int:
 
 
 def _write_parquet(path: Path, spec: TableSpec, rows: Iterable[Row]) -> int:
-    pa = _import_pyarrow()
-    pq = _import_parquet()
+    pa = import_pyarrow()
+    pq = import_parquet()
     types = {"string": pa.string(), "int64": pa.int64(), "float32": pa.float32(), "float64": pa.float64()}
     if spec.vector_column is not None:
         vector = pa.list_(pa.float32(), len(spec.columns) - 1)
@@ -377,16 +377,20 @@ def _arrow_table(pa: Any, schema: Any, spec: TableSpec, rows: list[Row]) -> Any:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _import_pyarrow() -> Any:
+def import_pyarrow(needed_for: str = "Parquet output", extra: str = "parquet") -> Any:
+    """pyarrow with the parts birder uses (compute, csv, parquet); without it, one line naming the extra to install."""
     try:
         import pyarrow
+        import pyarrow.compute
+        import pyarrow.csv
+        import pyarrow.parquet
     except ImportError:
-        raise BirderError("Parquet output needs pyarrow: pip install 'birder[parquet]'") from None
+        raise BirderError(f"{needed_for} needs pyarrow: pip install 'birder[{extra}]'") from None
     return pyarrow
 
 
-def _import_parquet() -> Any:
-    _import_pyarrow()
+def import_parquet() -> Any:
+    import_pyarrow()
     import pyarrow.parquet
 
     return pyarrow.parquet

@@ -48,7 +48,7 @@ class RegisteredNetwork:
 
 
 class ModelRegistry:
-    """One registry for every task: classifiers, masked-image-modelling wrappers (and detectors next)."""
+    """One registry for every task: classifiers, masked-image-modelling wrappers and detectors."""
 
     def __init__(self) -> None:
         self._networks: dict[str, RegisteredNetwork] = {}

@@ -21,6 +21,14 @@ ConfigOverride = Mapping[str, Any] | None
 InputSize = tuple[int, int] | None
 
 
+class FSDPUnit(nn.Module):
+    """A block a network names as a unit of its own: FSDP shards it separately and ``--activation-checkpointing``
+    recomputes it (:mod:`birder.training.fsdp` finds every module of this kind in a model).
+
+    The network says which of its blocks these are, so the training code needs to know no family.
+    """
+
+
 def resolve_config(owner: str, defaults: Mapping[str, Any], config: ConfigOverride) -> dict[str, Any]:
     """``defaults`` updated with ``config``; unknown keys are an error naming the valid ones, never ignored."""
     resolved = dict(defaults)

@@ -18,7 +18,7 @@ from torch import nn
 
 from birder.errors import BirderError
 from birder.model_registry import registry
-from birder.net.base import BaseNet, ConfigOverride
+from birder.net.base import BaseNet, ConfigOverride, FSDPUnit
 
 
 class StochasticDepth(nn.Module):
@@ -85,7 +85,7 @@ class Attention(nn.Module):
         return weights @ v
 
 
-class EncoderBlock(nn.Module):
+class EncoderBlock(FSDPUnit):
     """Pre-norm residual block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``."""
 
     def __init__(

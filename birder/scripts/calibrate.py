@@ -7,7 +7,7 @@ Examples::
     birder-calibrate -n vit_l16_mim-eu-common --val val.csv --train train.csv -o calibrated.pt \\
         --target-precision 0.95 --keep-known 0.95
 
-The run is :func:`birder.inference.calibrate_run.calibrate_model_file`; this module turns arguments into its options
+The run is :func:`birder.runs.calibrate.calibrate_model_file`; this module turns arguments into its options
 and prints what was fitted. A mistake the user can fix ends with one line on stderr, exit code 2, nothing written.
 """
 
@@ -18,9 +18,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from birder.inference.calibrate_run import PROG, CalibrateOptions, CalibrationReport, calibrate_model_file
-from birder.inference.run import DEFAULT_WORKERS
 from birder.inference.unknown import METHODS
+from birder.runs.calibrate import PROG, CalibrateOptions, CalibrationReport, calibrate_model_file
+from birder.runs.predict import DEFAULT_WORKERS
 from birder.scripts.common import add_model_arguments, add_run_arguments
 from birder.training.cli import run_cli
 

@@ -15,9 +15,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from birder.inference.eval_reports import answer_reports
 from birder.inference.taxonomy import Taxonomy
 from birder.io.outputs import OutputFolder
+from birder.runs.eval_reports import answer_reports
 from birder.scripts.common import add_model_arguments, add_run_arguments
 from birder.training.cli import run_cli
 from birder.training.evaluation import EvalResult, score_checkpoint, write_eval_outputs

@@ -9,7 +9,7 @@ Examples::
     birder-predict -n vit_l16_mim-eu-common --manifest photos.txt --shard 2/8 --output-dir out/2  # job 2 of 8
     python -m birder.tools merge-results out/* -o merged                                          # once all are done
 
-The run is :func:`birder.inference.run.run_prediction`; this module turns arguments into its options (each
+The run is :func:`birder.runs.predict.run_prediction`; this module turns arguments into its options (each
 argument's destination is the option's name) and its errors into exit codes. A mistake the user can fix (bad path,
 unknown model, no photos) ends with one line on stderr and exit code 2. A failure that is no single photo's (the
 model or the transform raising) ends the run with one line and exit code 1; photos that cannot be decoded never
@@ -27,10 +27,10 @@ from pathlib import Path
 
 from birder.geo.predict import add_geo_arguments
 from birder.inference.optimize import DTYPE_CHOICES
-from birder.inference.run import DEFAULT_WORKERS, PROG, PredictionOptions, run_prediction
 from birder.introspection.explain import EXPLAIN_METHODS
 from birder.io.journal import OUTPUT_FORMATS
 from birder.log_setup import configure_logging
+from birder.runs.predict import DEFAULT_WORKERS, PROG, PredictionOptions, run_prediction
 from birder.scripts.common import (  # noqa: F401 (the exit codes: tests and callers read them here)
     EXIT_FAILED,
     EXIT_INTERRUPTED,

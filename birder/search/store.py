@@ -23,7 +23,7 @@ import numpy as np
 
 from birder.errors import BirderError
 from birder.io.atomic import atomic_write_path
-from birder.io.table_files import _import_parquet, _import_pyarrow
+from birder.io.table_files import import_parquet, import_pyarrow
 from birder.search.vectors import FAISS_FILE, VECTORS_FILE, Floats, IndexPlan, VectorIndex, chunks, load_index
 
 INDEX_FILE = "index.json"
@@ -53,7 +53,7 @@ class PhotoRecord:
 
 
 def _schema(dim: int) -> Any:
-    pa = _import_pyarrow()
+    pa = import_pyarrow()
     return pa.schema(
         [
             ("path", pa.string()),
@@ -68,7 +68,7 @@ def _schema(dim: int) -> Any:
 
 
 def _record_batch(records: Sequence[PhotoRecord], schema: Any) -> Any:
-    pa = _import_pyarrow()
+    pa = import_pyarrow()
     dim = schema.field("embedding").type.list_size
     flat = np.concatenate([r.embedding for r in records]).astype(np.float32) if records else np.zeros(0, np.float32)
     embedding = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), dim)
@@ -91,7 +91,7 @@ def _batched(records: Iterable[PhotoRecord], size: int) -> Iterator[list[PhotoRe
 def write_photos(directory: Path, dim: int, old_count: int, records: Iterable[PhotoRecord]) -> int:
     """Write ``photos.parquet`` and ``vectors.npy``: the first ``old_count`` rows of the current files, then
     ``records``; each file atomically. Returns the total number of photos."""
-    pq = _import_parquet()
+    pq = import_parquet()
     schema = _schema(dim)
     from birder.search.vectors import normalize
 
@@ -190,7 +190,7 @@ class PhotoIndex:
         self.info = read_info(self.directory)
         self.vectors: VectorIndex = load_index(self.directory, self.info.plan)
         columns = ["path", *INFO_COLUMNS]
-        self.photos = _import_parquet().read_table(self.directory / PHOTOS_FILE, columns=columns)
+        self.photos = import_parquet().read_table(self.directory / PHOTOS_FILE, columns=columns)
         if self.photos.num_rows != len(self.vectors):
             raise BirderError(f"index '{self.directory}' is inconsistent: run 'birder-index build' again")
         self._ids: dict[str, int] | None = None

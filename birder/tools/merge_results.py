@@ -1,5 +1,5 @@
 """``merge-results``: the output folders of ``birder-predict --shard K/N`` jobs as one folder, in the order of the
-photo list (what is merged and what is refused: :mod:`birder.inference.merge`).
+photo list (what is merged and what is refused: :mod:`birder.runs.merge`).
 
     python -m birder.tools merge-results out/1 out/2 out/3 -o merged
 """
@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from birder.inference.merge import merge_results
+from birder.runs.merge import merge_results
 
 PROG = "python -m birder.tools merge-results"
 

@@ -190,7 +190,7 @@ def build_classifier(config: TrainConfig, class_to_idx: Mapping[str, int]) -> tu
 def train_classifier(config: TrainConfig, *, on_batch: Callable[[BatchEvent], None] | None = None) -> TrainResult:
     """Train a classifier as ``config`` says, in one process or as one rank of a ``torchrun`` job (DDP)."""
     with distributed_session(config.device) as dist:
-        return _train(config, dist, on_batch)
+        return _train_classifier(config, dist, on_batch)
 
 
 @dataclass
@@ -305,7 +305,9 @@ def _teacher(
     return teacher
 
 
-def _train(config: TrainConfig, dist: DistInfo, on_batch: Callable[[BatchEvent], None] | None) -> TrainResult:
+def _train_classifier(
+    config: TrainConfig, dist: DistInfo, on_batch: Callable[[BatchEvent], None] | None
+) -> TrainResult:
     output_dir = Path(config.output_dir)
     check_training_folder(output_dir, config.resume)  # before anything slow: the data, the model
     seed_everything(config.seed)  # the same on every rank: identical initial weights (and EMA copies)

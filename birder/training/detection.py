@@ -112,7 +112,7 @@ def train_detector(
 ) -> DetectionTrainResult:
     """Train a detector as ``config`` says, in one process or as one rank of a ``torchrun`` job (DDP)."""
     with distributed_session(config.device) as dist:
-        return _train(config, dist, on_batch)
+        return _train_detector(config, dist, on_batch)
 
 
 def _read_data(config: DetectionTrainConfig) -> tuple[CocoData, CocoData]:
@@ -136,7 +136,7 @@ def _loss(model: torch.nn.Module, batch: TrainingBatch) -> torch.Tensor:
     return sum(losses.values())
 
 
-def _train(
+def _train_detector(
     config: DetectionTrainConfig, dist: DistInfo, on_batch: Callable[[BatchEvent], None] | None
 ) -> DetectionTrainResult:
     if config.fsdp:

@@ -31,12 +31,10 @@ from torch import nn
 from birder.distributed import DistInfo, all_reduce_sum, broadcast_object
 from birder.errors import BirderError, CheckpointError, one_line
 from birder.io.atomic import fsync_directory
-from birder.net.vit import EncoderBlock
+from birder.net.base import FSDPUnit
 
 logger = logging.getLogger(__name__)
 
-# The modules that become units of their own (and are checkpointed with --activation-checkpointing).
-BLOCK_TYPES: tuple[type[nn.Module], ...] = (EncoderBlock,)
 SHARDS_SUFFIX = ".dcp"
 
 # FSDP2 warns whenever a unit returns a view (MAE's prediction is ``x[:, 1:]``), in case a caller changes it in
@@ -69,7 +67,9 @@ def check_fsdp_run(dist: DistInfo, *, compile: bool) -> None:
 
 
 def blocks(model: nn.Module) -> list[nn.Module]:
-    return [module for module in model.modules() if isinstance(module, BLOCK_TYPES)]
+    """The modules that become units of their own (and are checkpointed with --activation-checkpointing): those
+    the networks name as such (:class:`~birder.net.base.FSDPUnit`)."""
+    return [module for module in model.modules() if isinstance(module, FSDPUnit)]
 
 
 def apply_activation_checkpointing(model: nn.Module) -> int:

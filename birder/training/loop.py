@@ -415,7 +415,7 @@ class RunSettings:
 
 
 class RunConfig(Protocol):
-    """What :func:`build_trainer` and :func:`start_run` read of a trainer's config (both configs have it)."""
+    """What :func:`build_trainer` and :func:`start_run` read of a trainer's config (each of the three has it)."""
 
     output_dir: str | Path
     epochs: int

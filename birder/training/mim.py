@@ -205,10 +205,10 @@ def train_mim(config: MIMTrainConfig, *, on_batch: Callable[[BatchEvent], None] 
     Runs as one process, or as one rank of a ``torchrun`` job (DDP). ``on_batch`` is called after every batch.
     """
     with distributed_session(config.device) as dist:
-        return _train(config, dist, on_batch)
+        return _train_mim(config, dist, on_batch)
 
 
-def _train(config: MIMTrainConfig, dist: DistInfo, on_batch: Callable[[BatchEvent], None] | None) -> MIMTrainResult:
+def _train_mim(config: MIMTrainConfig, dist: DistInfo, on_batch: Callable[[BatchEvent], None] | None) -> MIMTrainResult:
     if not registry.exists(config.mim_network, task=Task.MASKED_IMAGE_MODELING):
         known = ", ".join(registry.list_models(task=Task.MASKED_IMAGE_MODELING))
         raise BirderError(f"unknown MIM network '{config.mim_network}' (known: {known})")

@@ -49,21 +49,21 @@ def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[object
 
 
 @dataclass(frozen=True)
-class CalibrationReport:
+class TemperatureReport:
     temperature: float
     before: CalibrationMetrics
     after: CalibrationMetrics
 
 
-def calibration_report(outputs: ModelOutputs, temperature: float) -> CalibrationReport:
-    return CalibrationReport(
+def calibration_report(outputs: ModelOutputs, temperature: float) -> TemperatureReport:
+    return TemperatureReport(
         temperature,
         calibration_metrics(outputs.logits, outputs.targets),
         calibration_metrics(outputs.logits, outputs.targets, temperature),
     )
 
 
-def format_calibration(report: CalibrationReport) -> str:
+def format_calibration(report: TemperatureReport) -> str:
     (before, after) = (report.before, report.after)
     return (
         f"calibration (temperature {report.temperature:.4f}): ECE {_number(before.ece)} -> {_number(after.ece)}, "
@@ -71,7 +71,7 @@ def format_calibration(report: CalibrationReport) -> str:
     )
 
 
-def write_calibration(report: CalibrationReport, output_dir: str | Path) -> list[Path]:
+def write_calibration(report: TemperatureReport, output_dir: str | Path) -> list[Path]:
     """``calibration.csv`` (the metrics and the reliability bins) and ``reliability_diagram.png``."""
     output_dir = Path(output_dir)
     rows: list[list[object]] = []
@@ -191,7 +191,7 @@ def write_coverage(rows: Sequence[CoverageRow], output_dir: str | Path) -> list[
 class AnswerReports:
     """What ``birder-eval`` adds to its scores; each part is None when not asked for (or not possible)."""
 
-    calibration: CalibrationReport | None = None  # only for a calibrated model
+    calibration: TemperatureReport | None = None  # only for a calibrated model
     detection: list[DetectionRow] | None = None
     detection_photos: tuple[int, int] = (0, 0)  # known, unknown
     coverage: list[CoverageRow] | None = None

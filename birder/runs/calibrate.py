@@ -31,7 +31,6 @@ from birder.inference.calibration import (
 )
 from birder.inference.labeled import LabeledPhotos, ModelOutputs, collect_outputs, labeled_photos
 from birder.inference.model import load_for_inference
-from birder.inference.run import DEFAULT_WORKERS
 from birder.inference.unknown import (
     EMBEDDING_METHODS,
     METHODS,
@@ -43,6 +42,7 @@ from birder.io.calibration import Calibration, head_digest, stats_path_for
 from birder.io.checkpoint import CHECKPOINT_FORMATS, checkpoint_format, is_export_file
 from birder.io.outputs import check_output_file
 from birder.loading import save_model
+from birder.runs.predict import DEFAULT_WORKERS
 
 PROG = "birder-calibrate"
 

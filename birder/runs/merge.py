@@ -5,7 +5,7 @@ photo list (the manifest's rows, or the photos found under the inputs).
 
 Every table the shards wrote (results, failures, and probabilities, logits, embeddings, ... when asked for) is
 merged into one of the same name and format, and ``run.json`` records the shards' common settings. The shards are
-contiguous blocks of the list (:mod:`birder.inference.photo_lists`), so each table is the shards' tables one after
+contiguous blocks of the list (:mod:`birder.runs.photo_lists`), so each table is the shards' tables one after
 the other: streamed, never held in memory (only the photo list is). Photos of the list that no shard classified
 or failed (a shard that is absent, or cut short) are counted and written to ``missing.txt``, one path per line;
 the same ``birder-predict`` command without ``--shard`` and with ``--resume --output-dir MERGED`` classifies just
@@ -31,7 +31,6 @@ from typing import Any
 from birder.errors import BirderError
 from birder.geo.results import find_table
 from birder.inference.dataset import discover_images
-from birder.inference.photo_lists import WHOLE, Manifest, Shard, parse_shard, photo_list_sha256, read_manifest
 from birder.io.atomic import atomic_write_path, atomic_write_text
 from birder.io.journal import JOURNAL_DIR, RUN_INFO_FILE
 from birder.io.outputs import OutputFolder, same_file
@@ -43,6 +42,7 @@ from birder.io.table_files import (
     stored_batch,
     stored_schema,
 )
+from birder.runs.photo_lists import WHOLE, Manifest, PhotoBlock, parse_shard, photo_list_sha256, read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class ShardOutput:
 
     folder: Path
     info: dict[str, Any]
-    shard: Shard
+    shard: PhotoBlock
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -291,7 +291,7 @@ def write_missing(
     """Write the list's photos no shard has (absent shards' blocks included) to ``destination``; returns ``(how
     many, the file or None when none)``. Without the list, the count alone (``destination`` is not written)."""
     by_index = {output.shard.index: output for output in shards}
-    blocks = [(Shard(index, count), by_index.get(index)) for index in range(1, count + 1)]
+    blocks = [(PhotoBlock(index, count), by_index.get(index)) for index in range(1, count + 1)]
     if photos.entries is None:
         destination.unlink(missing_ok=True)  # an earlier merge's list would name the wrong photos
         missing = 0
@@ -414,8 +414,8 @@ def merge_results(
 ) -> MergeReport:
     """Merge the shards in ``outputs`` into ``output_dir`` (see the module's docstring); a folder that holds an
     earlier run's results is refused unless ``overwrite`` (:mod:`birder.io.outputs`)."""
-    from birder.inference.run import PREDICTION_OUTPUTS
-    from birder.inference.run import PROG as PREDICT_PROG
+    from birder.runs.predict import PREDICTION_OUTPUTS
+    from birder.runs.predict import PROG as PREDICT_PROG
 
     output_dir = Path(output_dir)
     shards = check_shards([read_shard_output(folder) for folder in outputs])

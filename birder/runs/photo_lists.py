@@ -31,10 +31,10 @@ from typing import Any
 
 from birder.errors import BirderError, one_line
 from birder.inference.dataset import discover_images
+from birder.io.download import sha256_file
 from birder.io.table_files import PATH_COLUMN, read_table_header_and_paths
 
 _SHARD = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
-_HASH_BLOCK = 1 << 20
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -43,7 +43,7 @@ _HASH_BLOCK = 1 << 20
 
 
 @dataclass(frozen=True)
-class Shard:
+class PhotoBlock:
     """Block ``index`` (1-based) of ``count`` contiguous blocks of a photo list."""
 
     index: int
@@ -57,12 +57,13 @@ class Shard:
         return ((self.index - 1) * total // self.count, self.index * total // self.count)
 
 
-WHOLE = Shard(1, 1)
+WHOLE = PhotoBlock(1, 1)
 
 
-def parse_shard(value: str | Shard | Sequence[int]) -> Shard:
-    """``"K/N"`` (or ``(K, N)``) as a :class:`Shard`; anything else, or not ``1 <= K <= N``: :class:`BirderError`."""
-    if isinstance(value, Shard):
+def parse_shard(value: str | PhotoBlock | Sequence[int]) -> PhotoBlock:
+    """``"K/N"`` (or ``(K, N)``) as a :class:`PhotoBlock`; anything else, or not ``1 <= K <= N``:
+    :class:`BirderError`."""
+    if isinstance(value, PhotoBlock):
         return value
     if isinstance(value, str):
         match = _SHARD.match(value)
@@ -72,7 +73,7 @@ def parse_shard(value: str | Shard | Sequence[int]) -> Shard:
     if numbers is None or not 1 <= numbers[0] <= numbers[1]:
         shown = value if isinstance(value, str) else "/".join(str(v) for v in value)
         raise BirderError(f"--shard takes K/N with 1 <= K <= N (e.g. 2/3), got '{shown}'")
-    return Shard(*numbers)
+    return PhotoBlock(*numbers)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -98,14 +99,6 @@ class Manifest:
         return {"path": str(self.path), "sha256": self.sha256, "photos": len(self.entries)}
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(_HASH_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_manifest(path: str | os.PathLike) -> Manifest:
     """The photo paths of a manifest: a text file (one per line) or a Parquet file (its ``path`` column).
 
@@ -117,7 +110,7 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
         raise BirderError(f"manifest '{path}' does not exist")
 
     try:
-        sha256 = file_sha256(path)
+        sha256 = sha256_file(path)
         rows = _parquet_entries(path) if path.suffix.lower() == ".parquet" else _text_entries(path)
         # dict keeps the first place of each path, in order
         unique = dict.fromkeys(rows)
@@ -173,7 +166,7 @@ class PhotoSelection:
 
 
 def select_photos(
-    inputs: Sequence[str | os.PathLike], manifest: str | os.PathLike | None, shard: Shard | None, prog: str
+    inputs: Sequence[str | os.PathLike], manifest: str | os.PathLike | None, shard: PhotoBlock | None, prog: str
 ) -> PhotoSelection:
     """(rank 0) The photos of a job: found under ``inputs`` or listed in ``manifest``, then ``shard``'s block.
 
@@ -210,5 +203,5 @@ def select_photos(
         taken = {0: "no photo (fewer photos than shards)", 1: f"photo {stop}"}.get(
             stop - start, f"photos {start + 1}-{stop}"
         )
-        print(f"Shard {shard}: {taken} of the {total} {source}", file=sys.stderr)
+        print(f"PhotoBlock {shard}: {taken} of the {total} {source}", file=sys.stderr)
     return PhotoSelection(paths, settings, run_info)

@@ -1,6 +1,6 @@
 """Crop-then-classify: ``birder-predict --detector det.pt``, a row per detected box.
 
-The run is :func:`birder.inference.run.run_prediction`'s (plan, ``torchrun`` shards, journals, resume, merge,
+The run is :func:`birder.runs.predict.run_prediction`'s (plan, ``torchrun`` shards, journals, resume, merge,
 failures table); the steps here are those that differ (:data:`STEPS`):
 
 - prepare: the classifier as for any run (``-n NAME`` or ``--weights FILE``), and the detector
@@ -10,7 +10,7 @@ failures table); the steps here are those that differ (:data:`STEPS`):
   ``det_threshold`` are cropped with a margin (:func:`~birder.inference.crops.crop_box`) and every crop goes
   through the classifier's own preprocessing and batch loop (``classification_transform``,
   :meth:`~birder.inference.predictor.Predictor.predict_tensor`) and the decision order
-  (:func:`birder.inference.run.classified_rows`: species list, prior, top-k, ``label`` / ``rank`` /
+  (:func:`birder.runs.predict.classified_rows`: species list, prior, top-k, ``label`` / ``rank`` /
   ``label_probability``);
 - after the merge: the MegaDetector batch output (``--export md-json``), from the final tables.
 
@@ -51,22 +51,22 @@ from birder.inference.crops import (
 )
 from birder.inference.dataset import PhotoBatch
 from birder.inference.detection import detect_tensors
-from birder.inference.run import (
-    DETECTION_EXPORTS,
-    PredictionOptions,
-    RunSteps,
-    Tally,
-    _Job,
-    _Plan,
-    _prepare,
-    classified_rows,
-    journal_batches,
-    make_predictor,
-)
 from birder.inference.tables import PredictionTables, photo_file_stem
 from birder.inference.taxonomy import Taxonomy
 from birder.io.journal import final_path
 from birder.io.table_files import PATH_COLUMN, Column, Row, TableSpec, read_table_rows
+from birder.runs.predict import (
+    DETECTION_EXPORTS,
+    PredictionJob,
+    PredictionOptions,
+    RunPlan,
+    RunSteps,
+    Tally,
+    classified_rows,
+    journal_batches,
+    make_predictor,
+    prepare_job,
+)
 
 SOURCE_DETECTION = "detection"
 SOURCE_WHOLE_IMAGE = "whole-image"
@@ -97,9 +97,16 @@ _NOT_WITH_DETECTOR = {
 _BOX_COLOURS = ((255, 64, 64), (64, 160, 255), (255, 200, 0), (64, 220, 120), (220, 90, 255), (255, 140, 40))
 
 
+def detector_file(options: PredictionOptions) -> Path:
+    """The ``--detector`` file of a crop-then-classify run (a run without one is not of this kind)."""
+    if options.detector is None:
+        raise BirderError("a crop-then-classify run needs --detector FILE (a birder-train-det .pt file)")
+    return Path(options.detector)
+
+
 def check_options(options: PredictionOptions) -> None:
     """Refuse, in one line and before anything loads, what a crop-then-classify run cannot do."""
-    if not Path(options.detector).is_file():  # type: ignore[arg-type]
+    if not detector_file(options).is_file():
         raise BirderError(f"--detector '{options.detector}' does not exist (a birder-train-det .pt file expected)")
     if not 0.0 <= options.det_threshold <= 1.0:
         raise BirderError(f"--det-threshold must be between 0 and 1, got {options.det_threshold}")
@@ -166,7 +173,7 @@ class DetectionStep:
         """What shapes the rows (a resume must match it)."""
         options = self.options
         return {
-            "detector": os.path.abspath(options.detector),  # type: ignore[arg-type]
+            "detector": os.path.abspath(detector_file(options)),
             "det_threshold": options.det_threshold,
             "crop_margin": options.crop_margin,
             "fallback_whole_image": options.fallback_whole_image,
@@ -178,14 +185,14 @@ def load_detection_step(options: PredictionOptions, device: torch.device) -> Det
     from birder.inference.model import load_for_inference
 
     try:
-        loaded = load_for_inference(weights=options.detector, detector=True, device=device)
+        loaded = load_for_inference(weights=detector_file(options), detector=True, device=device)
     except CheckpointError as err:
         raise BirderError(f"--detector: {err}") from None
     return DetectionStep(loaded.net, loaded.transform, loaded.class_names, options)
 
 
-def _prepare_detection(options: PredictionOptions, context: DistInfo) -> _Job:
-    job = _prepare(options, context, DetectionTables)
+def _prepare_detection(options: PredictionOptions, context: DistInfo) -> PredictionJob:
+    job = prepare_job(options, context, DetectionTables)
     job.detection = load_detection_step(options, context.device)
     job.settings.update(job.detection.settings())
     return job
@@ -215,7 +222,7 @@ class _Image:
     lead: list[Any]
 
 
-def _predict_detection(job: _Job, context: DistInfo, plan: _Plan, mine: list[int]) -> float:
+def _predict_detection(job: PredictionJob, context: DistInfo, plan: RunPlan, mine: list[int]) -> float:
     """Detect, crop and classify this rank's photos into its journals; returns the seconds it took."""
     predictor = make_predictor(job)
     loader = predictor.loader(plan.paths, mine, transform=PhotoAndDetectorInput(job.detection.transform), stack=False)
@@ -223,8 +230,15 @@ def _predict_detection(job: _Job, context: DistInfo, plan: _Plan, mine: list[int
     return journal_batches(job, context, plan, len(mine), batches, "Detecting")
 
 
+def _photos_and_tensors(batch: PhotoBatch) -> list[tuple[Image.Image, torch.Tensor]]:
+    """The photos of a batch with their detector inputs: this run's loader keeps them as pairs (``stack=False``)."""
+    if not isinstance(batch.inputs, list):
+        raise P.PredictionError("a crop-then-classify batch holds (photo, tensor) pairs: its loader must not stack")
+    return batch.inputs
+
+
 def _batch_rows(
-    job: _Job, predictor: P.Predictor, batch: PhotoBatch, paths: list[str]
+    job: PredictionJob, predictor: P.Predictor, batch: PhotoBatch, paths: list[str]
 ) -> tuple[dict[str, list[Row]], int]:
     """``(rows by table, photos)`` of one batch of photos."""
     if batch.run_error is not None:
@@ -236,11 +250,12 @@ def _batch_rows(
         return (rows, count)
 
     step: DetectionStep = job.detection
-    photos = [photo for (photo, _) in batch.inputs]  # type: ignore[union-attr]
+    inputs = _photos_and_tensors(batch)
+    photos = [photo for (photo, _) in inputs]
     try:
         found = detect_tensors(
             step.net,
-            [tensor for (_, tensor) in batch.inputs],  # type: ignore[union-attr]
+            [tensor for (_, tensor) in inputs],
             [(photo.height, photo.width) for photo in photos],
             score_threshold=job.options.det_threshold,
         )
@@ -279,7 +294,7 @@ def _batch_rows(
 
 
 def _classify(
-    job: _Job, predictor: P.Predictor, images: list[_Image], paths: list[str], metadata: Sequence[Any]
+    job: PredictionJob, predictor: P.Predictor, images: list[_Image], paths: list[str], metadata: Sequence[Any]
 ) -> Iterator[Row]:
     """The results rows of ``images`` (crops and whole photos), classified ``batch_size`` at a time."""
     size = job.options.batch_size
@@ -299,7 +314,7 @@ def _classify(
         )["results"]
 
 
-def _write_files(job: _Job, path: str, photo: Image.Image, images: list[_Image], rows: list[Row]) -> None:
+def _write_files(job: PredictionJob, path: str, photo: Image.Image, images: list[_Image], rows: list[Row]) -> None:
     """``--save-crops DIR`` (each box's crop) and ``--draw DIR`` (the photo with its labelled boxes)."""
     options = job.options
     boxes = [(image, row) for (image, row) in zip(images, rows, strict=False) if image.lead[-1] == SOURCE_DETECTION]
@@ -343,7 +358,7 @@ def draw_boxes(photo: Image.Image, boxes: Sequence[tuple[Sequence[float], str]])
 class DetectionTally(Tally):
     """A crop-then-classify run's summary: boxes and photos; the species counted per box."""
 
-    def __init__(self, job: _Job) -> None:
+    def __init__(self, job: PredictionJob) -> None:
         super().__init__(job)
         self.summary.noun = "boxes"
         (self.photos, self.empty, self.boxes, self.whole) = (0, 0, 0, 0)
@@ -377,7 +392,7 @@ class DetectionTally(Tally):
         return self.summary.format(header=header)
 
 
-def _after_detection(job: _Job, plan: _Plan) -> None:
+def _after_detection(job: PredictionJob, plan: RunPlan) -> None:
     """(rank 0, after the merge) ``--export md-json``."""
     if "md-json" in job.options.exports:
         path = write_md_results(job, plan)
@@ -392,7 +407,7 @@ def _md_base(inputs: Sequence[str | os.PathLike], paths: Sequence[str]) -> str:
     return os.path.commonpath([os.path.dirname(os.path.abspath(path)) for path in paths])
 
 
-def write_md_results(job: _Job, plan: _Plan) -> Path:
+def write_md_results(job: PredictionJob, plan: RunPlan) -> Path:
     """The MegaDetector batch output (docs/compatibility.md) of the run's final tables: every photo, its boxes
     with the detector's category and score, the box normalised to the photo, the species top-k as
     ``classifications``; unreadable photos with their ``failure``."""
@@ -431,7 +446,7 @@ def write_md_results(job: _Job, plan: _Plan) -> Path:
         elif path in sizes:
             images.append({"file": file, "detections": boxes.get(path, [])})
     info = {
-        "classifier": options.model or Path(options.weights).name,  # type: ignore[arg-type]
+        "classifier": options.model or (Path(options.weights).name if options.weights is not None else None),
         "classification_completion_time": md_timestamp(),
         "detector_metadata": {"typical_detection_threshold": options.det_threshold},
     }
@@ -441,7 +456,7 @@ def write_md_results(job: _Job, plan: _Plan) -> Path:
         images,
         {index: name for (name, index) in categories.items()},
         {index: name for (name, index) in species.items()},
-        detector=Path(options.detector).name,  # type: ignore[arg-type]
+        detector=detector_file(options).name,
         info=info,
         classification_descriptions=(
             {index: md_taxonomy_description(name, lineage.get(name)) for (name, index) in species.items()}

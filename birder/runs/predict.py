@@ -1,7 +1,7 @@
 """A ``birder-predict`` run as one library call: :func:`run_prediction` plans, predicts and finishes.
 
 1. Plan (rank 0): find the photos (under the inputs, or in a manifest; with ``shard``, only this job's block of
-   them: :mod:`birder.inference.photo_lists`) and, on a resume, those already done
+   them: :mod:`birder.runs.photo_lists`) and, on a resume, those already done
    (:func:`~birder.io.journal.prepare_run`). Every rank gets the same plan, then its own share.
 2. Predict (every rank): the batch loop (:class:`~birder.inference.predictor.Predictor`) writes this rank's
    journals (:class:`~birder.io.journal.JournalSet`); :mod:`birder.inference.tables` shapes the rows.
@@ -9,7 +9,7 @@
    draw the picture (:func:`~birder.plots.plot_predictions`).
 
 With a detector (``detector``, ``birder-predict --detector``) the steps that differ are
-:mod:`birder.inference.detect_run`'s (:class:`RunSteps`): each detected box is cropped and classified, a row per
+:mod:`birder.runs.detect`'s (:class:`RunSteps`): each detected box is cropped and classified, a row per
 box, in the same frame (plan, shards, journals, merge, resume).
 
 Under ``torchrun`` every process calls :func:`run_prediction` (devices and process groups: :mod:`birder.distributed`).
@@ -36,23 +36,25 @@ from tqdm import tqdm
 from birder.data.transforms import classification_transform
 from birder.distributed import DistInfo, barrier, compute_on_main, distributed_session, main_first
 from birder.errors import BirderError
-from birder.geo.predict import GeoStep, check_geo_options
+from birder.geo.camtrap import CamtrapOptions
+from birder.geo.events import DEFAULT_GAP
+from birder.geo.predict import GeoOptions, GeoStep, check_geo_options
 from birder.inference import predictor as P
 from birder.inference.decision import DecisionPolicy, policy_from_options
 from birder.inference.model import load_for_inference
 from birder.inference.optimize import AMP_DTYPES, DtypeChoice, choose_dtype, optimize_for_inference
-from birder.inference.photo_lists import parse_shard, select_photos
 from birder.inference.tables import COLUMNS_HINT, PredictionTables, write_feature_files
 from birder.io.checkpoint import ModelInfo, get_num_classes_from_signature, get_size_from_signature
 from birder.io.journal import JOURNAL_DIR, RUN_INFO_FILE, JournalSet, finalize_run, prepare_run
 from birder.io.outputs import OutputFolder, check_output_file
 from birder.net.base import BaseNet
 from birder.plots import plot_predictions
+from birder.runs.photo_lists import parse_shard, select_photos
 
 # The name the run's messages go by
 PROG = "birder-predict"
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
-# What a run (or a merge of shards: birder.inference.merge) writes in its --output-dir, whatever its options: a
+# What a run (or a merge of shards: birder.runs.merge) writes in its --output-dir, whatever its options: a
 # later run there needs --resume or --overwrite, and --overwrite clears these and nothing else
 _TABLE_NAMES = ("results", "failures", "probabilities", "logits", "embeddings", "features", "photos", "events")
 PREDICTION_OUTPUTS = (
@@ -79,7 +81,7 @@ class PredictionOptions:
     """What to classify and how: ``birder-predict``'s arguments, with the same names and defaults."""
 
     inputs: Sequence[str | os.PathLike] = ()  # photo files and/or folders (searched recursively)
-    # Or a file listing the photos (birder.inference.photo_lists): one path per line, or a Parquet "path" column
+    # Or a file listing the photos (birder.runs.photo_lists): one path per line, or a Parquet "path" column
     manifest: str | os.PathLike | None = None
     shard: str | None = None  # "K/N": only the K-th of N contiguous blocks of the photos (independent jobs)
     # The model: a pretrained name, or a local file (and its network, when the file does not name it)
@@ -132,14 +134,14 @@ class PredictionOptions:
     date: str | None = None
     locations: str | os.PathLike | None = None  # CSV of path, latitude, longitude, date per photo (over all)
     events: bool = False  # group photos into events by folder and time gap
-    event_gap: str = "120s"
+    event_gap: str = DEFAULT_GAP
     exports: Sequence[str] = ()  # camtrap-dp, coco-ct
     timezone: str | None = None  # the photos' clock (Camtrap DP)
     deployment_lat: float | None = None  # camera position where photos have no GPS (Camtrap DP)
     deployment_lon: float | None = None
     project_title: str = "birder predictions"
     contributor: str = "birder"
-    # Crop-then-classify (birder.inference.detect_run): each box a detector finds is classified, a row per box
+    # Crop-then-classify (birder.runs.detect): each box a detector finds is classified, a row per box
     detector: str | os.PathLike | None = None  # a birder-train-det file
     det_threshold: float = 0.5  # boxes scoring below it are dropped
     crop_margin: float = 0.1  # each crop grows by this fraction of its box's width and height on each side
@@ -204,21 +206,23 @@ def run_prediction(options: PredictionOptions) -> RunReport:
 @dataclass(frozen=True)
 class RunSteps:
     """The steps that differ between kinds of run (classifying photos here; crop-then-classify in
-    :mod:`birder.inference.detect_run`); :func:`run_prediction` runs them in the same frame: ranks, plan, journals,
+    :mod:`birder.runs.detect`); :func:`run_prediction` runs them in the same frame: ranks, plan, journals,
     merge."""
 
-    prepare: Callable[[PredictionOptions, DistInfo], _Job]
-    predict: Callable[[_Job, DistInfo, _Plan, list[int]], float]  # this rank's photos into its journals; seconds
-    tally: Callable[[_Job], Tally]  # what the summary counts in the merged rows
-    after: Callable[[_Job, _Plan], None]  # (rank 0, after the merge) what is written from the final tables
+    prepare: Callable[[PredictionOptions, DistInfo], PredictionJob]
+    predict: Callable[
+        [PredictionJob, DistInfo, RunPlan, list[int]], float
+    ]  # this rank's photos into its journals; seconds
+    tally: Callable[[PredictionJob], Tally]  # what the summary counts in the merged rows
+    after: Callable[[PredictionJob, RunPlan], None]  # (rank 0, after the merge) what is written from the final tables
 
 
 def _run_steps(options: PredictionOptions) -> RunSteps:
     if options.detector is not None:
-        from birder.inference import detect_run
+        from birder.runs import detect as detect_run
 
         return detect_run.STEPS
-    return RunSteps(_prepare, _predict, PhotoTally, lambda job, plan: None)
+    return RunSteps(prepare_job, _predict, PhotoTally, lambda job, plan: None)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -227,7 +231,7 @@ def _run_steps(options: PredictionOptions) -> RunSteps:
 
 
 @dataclass
-class _Job:
+class PredictionJob:
     """Everything the run needs once the model is loaded; the same on every rank."""
 
     options: PredictionOptions
@@ -239,7 +243,7 @@ class _Job:
     dtype: DtypeChoice  # what the network runs in, and why
     policy: DecisionPolicy = field(default_factory=lambda: DecisionPolicy([]))  # the answer: label, rank, ...
     geo: GeoStep | None = None  # the location prior, events, exports (None: none asked for)
-    detection: Any = None  # with --detector: the detector step (birder.inference.detect_run.DetectionStep)
+    detection: Any = None  # with --detector: the detector step (birder.runs.detect.DetectionStep)
 
 
 def _check_options(options: PredictionOptions) -> None:
@@ -288,7 +292,7 @@ def output_folders(options: PredictionOptions) -> list[OutputFolder]:
 def check_detection_options(options: PredictionOptions) -> None:
     """Refuse the crop-then-classify options without ``--detector`` (with it: ``detect_run`` checks its own)."""
     if options.detector is not None:
-        from birder.inference import detect_run
+        from birder.runs import detect as detect_run
 
         detect_run.check_options(options)
         return
@@ -303,14 +307,30 @@ def check_detection_options(options: PredictionOptions) -> None:
             raise BirderError(f"{option} is about detected boxes: it needs --detector FILE (a birder-train-det file)")
 
 
-# Exports written from a crop-then-classify run's own tables (birder.inference.detect_run), not by birder.geo
+# Exports written from a crop-then-classify run's own tables (birder.runs.detect), not by birder.geo
 DETECTION_EXPORTS = ("md-json",)
 
 
-def geo_options(options: PredictionOptions) -> PredictionOptions:
+def geo_options(options: PredictionOptions) -> GeoOptions:
     """The options as :mod:`birder.geo` sees them: its exports only."""
-    exports = [name for name in options.exports if name not in DETECTION_EXPORTS]
-    return options if len(exports) == len(options.exports) else dataclasses.replace(options, exports=exports)
+    return GeoOptions(
+        prior=options.prior,
+        prior_strength=options.prior_strength,
+        lat=options.lat,
+        lon=options.lon,
+        date=options.date,
+        locations=options.locations,
+        events=options.events,
+        event_gap=options.event_gap,
+        exports=[name for name in options.exports if name not in DETECTION_EXPORTS],
+        camtrap=CamtrapOptions(
+            timezone=options.timezone,
+            deployment_lat=options.deployment_lat,
+            deployment_lon=options.deployment_lon,
+            project_title=options.project_title,
+            contributor=options.contributor,
+        ),
+    )
 
 
 def _settings(
@@ -370,9 +390,9 @@ def _warn_unknown_species(selection: P.ClassSelection, species_file: str | os.Pa
     )
 
 
-def _prepare(
+def prepare_job(
     options: PredictionOptions, context: DistInfo, tables_class: type[PredictionTables] = PredictionTables
-) -> _Job:
+) -> PredictionJob:
     """Load the model and set up the classes, the transform and the tables (of ``tables_class``)."""
     species = P.read_species_file(options.species) if options.species is not None else None
     dtype = _choose_dtype(options, context)
@@ -399,7 +419,7 @@ def _prepare(
     settings = _settings(options, size, tables.names, species, dtype.dtype)
     settings.update(_decision_settings(policy))
     settings.update(geo.settings() if geo is not None else {})
-    return _Job(options, net, transform, selection, tables, settings, dtype, policy=policy, geo=geo)
+    return PredictionJob(options, net, transform, selection, tables, settings, dtype, policy=policy, geo=geo)
 
 
 def _decision_policy(options: PredictionOptions, net: BaseNet, selection: P.ClassSelection) -> DecisionPolicy:
@@ -428,7 +448,7 @@ def _choose_dtype(options: PredictionOptions, context: DistInfo) -> DtypeChoice:
 
 
 @dataclass(frozen=True)
-class _Plan:
+class RunPlan:
     """The same on every rank: the photos, the indices of those still to do, the attempt, what the merge includes."""
 
     paths: list[str]
@@ -439,7 +459,7 @@ class _Plan:
     outputs: list[OutputFolder] = field(default_factory=list)  # the folders claimed for this run (rank 0's)
 
 
-def _plan(job: _Job) -> _Plan:
+def _plan(job: PredictionJob) -> RunPlan:
     """(rank 0) Find the photos (this shard's) and, on a resume, those already done."""
     options = job.options
     shard = parse_shard(options.shard) if options.shard is not None else None
@@ -466,10 +486,10 @@ def _plan(job: _Job) -> _Plan:
     remaining = [index for (index, path) in enumerate(paths) if path not in state.done]
     if state.done:
         print(f"Resuming: {len(paths) - len(remaining)} of {len(paths)} photos already done", file=sys.stderr)
-    return _Plan(paths, remaining, state.attempt, state.include_final, selection.run_info, outputs)
+    return RunPlan(paths, remaining, state.attempt, state.include_final, selection.run_info, outputs)
 
 
-def _batch_rows(job: _Job, batch: P.PredictionBatch, paths: list[str]) -> dict[str, list[list[str]]]:
+def _batch_rows(job: PredictionJob, batch: P.PredictionBatch, paths: list[str]) -> dict[str, list[list[str]]]:
     """The table rows of one batch (feature maps, when asked for, are written to their files here)."""
     rows = job.tables.failure_rows((paths[index], reason) for (index, reason) in batch.failures)
     if not batch.indices:
@@ -485,7 +505,7 @@ def _batch_rows(job: _Job, batch: P.PredictionBatch, paths: list[str]) -> dict[s
 
 
 def classified_rows(
-    job: _Job,
+    job: PredictionJob,
     paths: list[str],
     metadata: Sequence[Any],
     outputs: tuple[Any, Any, Any],
@@ -517,7 +537,7 @@ def classified_rows(
 
 
 def _geo_batch(
-    job: _Job, paths: list[str], metadata: Sequence[Any], probabilities: Any
+    job: PredictionJob, paths: list[str], metadata: Sequence[Any], probabilities: Any
 ) -> tuple[Any, Any, list[list[Any]] | None]:
     """``(adjusted probabilities, prior [B, classes] or None, added cells or None)``: without geo options, the
     probabilities as they are (the tables stay byte for byte what they were)."""
@@ -526,7 +546,7 @@ def _geo_batch(
     return job.geo.batch(paths, metadata, probabilities, job.selection.names)
 
 
-def make_predictor(job: _Job) -> P.Predictor:
+def make_predictor(job: PredictionJob) -> P.Predictor:
     """The batch loop of the run's classifier: what to compute (the outputs the tables need), then how."""
     options = job.options
     return P.Predictor(
@@ -544,7 +564,7 @@ def make_predictor(job: _Job) -> P.Predictor:
     )
 
 
-def _predict(job: _Job, context: DistInfo, plan: _Plan, mine: list[int]) -> float:
+def _predict(job: PredictionJob, context: DistInfo, plan: RunPlan, mine: list[int]) -> float:
     """Classify this rank's photos into its journals; returns the seconds it took."""
     predictor = make_predictor(job)
 
@@ -558,9 +578,9 @@ def _predict(job: _Job, context: DistInfo, plan: _Plan, mine: list[int]) -> floa
 
 
 def journal_batches(
-    job: _Job,
+    job: PredictionJob,
     context: DistInfo,
-    plan: _Plan,
+    plan: RunPlan,
     total: int,
     batches: Iterable[tuple[Mapping[str, list[list[str]]], int]],
     verb: str,
@@ -585,7 +605,7 @@ def journal_batches(
     return time.perf_counter() - started
 
 
-def _write_explanations(job: _Job, batch: P.PredictionBatch, paths: list[str]) -> None:
+def _write_explanations(job: PredictionJob, batch: P.PredictionBatch, paths: list[str]) -> None:
     """``--explain DIR``: an overlay PNG per classified photo, its top species and probability written on it."""
     from birder.introspection.files import write_overlays
 
@@ -609,7 +629,7 @@ _Shown = tuple[str, str, list[tuple[str, float]]]
 class Tally:
     """What the summary counts, fed each merged row of the final tables (``callbacks``: table -> function)."""
 
-    def __init__(self, job: _Job) -> None:
+    def __init__(self, job: PredictionJob) -> None:
         self.job = job
         self.summary = P.RunSummary(job.selection.names, job.tables.top_k)
         self.shown: list[_Shown] = []  # the first photos, for the picture (--plot, --show)
@@ -640,7 +660,7 @@ class PhotoTally(Tally):
             self.shown.append((path, prediction, top))
 
 
-def _finish(job: _Job, plan: _Plan, elapsed: float, run_info: dict[str, Any], tally: Tally) -> RunReport:
+def _finish(job: PredictionJob, plan: RunPlan, elapsed: float, run_info: dict[str, Any], tally: Tally) -> RunReport:
     """(rank 0) Merge every rank's journals into the final tables and print the summary, counted (by ``tally``)
     from the merged rows."""
     written = finalize_run(
@@ -672,7 +692,7 @@ def _print_report(summary: str, report: RunReport) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _finish_geo(job: _Job) -> None:
+def _finish_geo(job: PredictionJob) -> None:
     """(rank 0) Group the photos into events (--events) and write the exports (--export)."""
     assert job.geo is not None
     options = job.options
@@ -682,7 +702,7 @@ def _finish_geo(job: _Job) -> None:
         print(line)
 
 
-def _event_labels(job: _Job, probabilities: Any) -> list[str]:
+def _event_labels(job: PredictionJob, probabilities: Any) -> list[str]:
     """The answers for events' combined probabilities (already through the prior): the run's decision steps 5-8,
     less an unknown test that needs a photo's logits or embeddings (an event has neither)."""
     policy = job.policy
