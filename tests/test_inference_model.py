@@ -161,5 +161,5 @@ def test_the_detector_and_the_teacher_load_through_it(spy: _Spy, tmp_path: Path)
         info = tiny_model_info()
         settings = DistillSettings(teacher=str(teacher))
         load_teacher(settings, class_to_idx=info.class_to_idx, size=TINY_SIZE, rgb_stats=info.rgb_stats, device="cpu")
-    assert [kwargs["weights"] for (_, kwargs) in spy.calls] == [str(detector), str(teacher)]
+    assert [str(kwargs["weights"]) for (_, kwargs) in spy.calls] == [str(detector), str(teacher)]
     assert spy.calls[0][1]["detector"] is True
