@@ -449,16 +449,20 @@ class AppendOnlyTable:
                 os.write(handle.fileno(), _csv_line(self.header))
                 os.fsync(handle.fileno())
                 fsync_directory(self.path.parent)
-            handle.seek(0)
-            first = handle.readline()
-            found = next(csv.reader([first.decode("utf-8", "surrogateescape")]), [])
-            if found != self.header:
-                raise BirderError(
-                    f"{self.path} has other columns than this program writes ({', '.join(found[:6])}...): "
-                    "it is not a file of this kind; move it away or name another file"
-                )
-            self._offset = len(first)
+        self.check_header()
         return notes
+
+    def check_header(self) -> None:
+        """Check the file's header (a file of another kind is refused in one line); rows are read after it."""
+        with self._thread_lock, open(self.path, "rb") as handle:
+            first = handle.readline()
+        found = next(csv.reader([first.decode("utf-8", "surrogateescape")]), [])
+        if found != self.header or not first.endswith(b"\n"):
+            raise BirderError(
+                f"{self.path} has other columns than this program writes ({', '.join(found[:6])}...): "
+                "it is not a file of this kind; move it away or name another file"
+            )
+        self._offset = len(first)
 
     def append(self, rows: Sequence[Sequence[str]]) -> list[str]:
         """Append ``rows`` durably (one write, then fsync); returns the repairs made first (a torn line)."""

@@ -330,7 +330,6 @@ class Planner:
         answered = label >= 0
         error = np.clip((1.0 - probability) * factor[np.maximum(label, 0), np.minimum(band, bands - 1)], _EPSILON, 1.0)
         error = np.minimum(error, 1.0 - _EPSILON)
-        (row_index, _) = np.indices(alternative.shape)
         usable = (alternative >= 0) & (alternative != label[:, None])
         total = (alternative_p * usable).sum(axis=1)
 
@@ -354,8 +353,9 @@ class Planner:
             slots[rows_here, 0] = label[rows_here]
             chances[rows_here, 0] = 1.0 - error[rows_here]
             kept = top_weight > 0
-            slots[rows_here, 1:] = np.where(kept, top, -1)
-            chances[rows_here, 1:] = np.where(kept, error[rows_here, None] * top_weight / mass[:, None], 0.0)
+            width = 1 + top.shape[1]  # fewer species than slots: the rest stay empty
+            slots[rows_here, 1:width] = np.where(kept, top, -1)
+            chances[rows_here, 1:width] = np.where(kept, error[rows_here, None] * top_weight / mass[:, None], 0.0)
 
         # Abstentions: their top-k, less the blank share
         abstaining = np.flatnonzero(~answered)
@@ -366,7 +366,6 @@ class Planner:
             share = np.minimum(alt_total, 1.0) / np.maximum(alt_total, _EPSILON)
             slots[abstaining, : alt.shape[1]] = alt
             chances[abstaining, : alt.shape[1]] = (1.0 - model.abstention_blank) * alt_p * share
-        del row_index
         return (slots, chances)
 
     def _unit_outcomes(self, unit: PlanUnit) -> tuple[list[frozenset[int]], list[float]]:

@@ -151,18 +151,25 @@ class ReviewState:
 
 
 class ReviewStore:
-    """``reviews.csv`` of one results folder for one model (see the module's docstring). Thread-safe."""
+    """``reviews.csv`` of one results folder for one model (see the module's docstring). Thread-safe.
 
-    def __init__(self, path: str | Path, model: str) -> None:
+    ``writable=False`` reads an existing file without touching it (exports, statistics, calibration): a torn last
+    line is then skipped, not set aside.
+    """
+
+    def __init__(self, path: str | Path, model: str, *, writable: bool = True) -> None:
         self.path = Path(path)
         self.model = model
         self.table = AppendOnlyTable(self.path, COLUMNS)
         self.state = ReviewState()
         self.notes: list[str] = []  # one line per repair or skipped row, for the command to show
+        self.writable = writable
         self._lock = threading.Lock()  # reading
         self._write_lock = threading.RLock()  # a check that an id is new, and its write, as one step
-        self._rows_read = 0
-        self.notes += self.table.open()
+        if writable:
+            self.notes += self.table.open()
+        else:
+            self.table.check_header()
         self.refresh()
 
     def refresh(self) -> ReviewState:
@@ -172,7 +179,6 @@ class ReviewStore:
             if malformed:
                 self.notes.append(f"{self.path}: {malformed} line(s) with the wrong number of cells were skipped")
             for row in rows:
-                self._rows_read += 1
                 self._apply(dict(zip(COLUMNS, row, strict=True)))
             return self.state
 
@@ -293,5 +299,15 @@ class ReviewStore:
             return target
 
     def _append(self, rows: list[list[str]]) -> None:
+        if not self.writable:
+            raise BirderError(f"{self.path} was opened to be read only")
         self.notes += self.table.append(rows)
         self.refresh()
+
+
+def read_reviews(path: str | Path, model: str) -> ReviewStore | None:
+    """The decisions in ``path`` (read only), None when there is no such file."""
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    return ReviewStore(path, model, writable=False)

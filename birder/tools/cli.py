@@ -8,6 +8,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+import birder.tools.review_crops
+import birder.tools.review_stats
 from birder.errors import BirderError
 from birder.log_setup import configure_logging
 from birder.tools import convert_model, download_model, export, list_models, merge_results, model_info, pack
@@ -22,6 +24,8 @@ COMMANDS = {
     "export": export,
     "pack": pack,
     "merge-results": merge_results,
+    "review-stats": birder.tools.review_stats,
+    "review-crops": birder.tools.review_crops,
 }
 
 
