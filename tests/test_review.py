@@ -396,3 +396,18 @@ def test_reviews_file_has_the_documented_columns(made: dict[str, Path], tmp_path
     docs = (ROOT / "docs" / "review.md").read_text()
     assert all(f"`{column}`" in docs for column in COLUMNS)
     assert json.loads(json.dumps(session.view(session.folder.units[0]))) == session.view(session.folder.units[0])
+
+
+def test_a_reviews_file_cut_in_its_header_or_of_another_kind(tmp_path: Path) -> None:
+    cut = tmp_path / "cut.csv"
+    cut.write_bytes(b"decision_id,ti")  # killed while writing the header of a new file
+    store = ReviewStore(cut, "m")
+    assert len(store.notes) == 1 and cut.read_text() == ",".join(COLUMNS) + "\n"
+    store.decide(unit="U", kind="photo", reviewer="anna", labels=[Label("Species A")])
+    assert [row["label"] for row in read_csv(cut)] == ["Species A"]
+
+    other = tmp_path / "labels.csv"
+    other.write_text("path,label\na.jpg,Species A\n")
+    with pytest.raises(BirderError, match="other columns than this program writes"):
+        ReviewStore(other, "m")
+    assert other.read_text() == "path,label\na.jpg,Species A\n"  # untouched

@@ -275,7 +275,7 @@ class ReviewStore:
                     clean_text(comment),
                     label.machine_label,
                     "" if label.machine_probability is None else f"{label.machine_probability:.6f}",
-                    "" if seconds is None else f"{seconds:.1f}",
+                    "" if seconds is None else f"{seconds:.2f}",
                     "",
                 ]
             )
