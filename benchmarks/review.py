@@ -12,10 +12,10 @@ probabilities are those of a real calibrated classifier, with its real failure i
 - 24 species, abundances Zipf (exponent 1.1); species ``k`` and ``k + 12`` look alike (their class means are close):
   each common species has a rare look-alike;
 - the source region trains the head (300 photos per species) and fits its temperature (100 per species);
-- the survey region shifts every class mean a little (what a new region does to a model), its photos are noisier
-  (night, blur: the noise is set by bisection so that the machine's top-1 over animal events is 0.80, whatever the
-  seed drew) and it has blank frames (false triggers: background features, 12 % of the events), which the head
-  calls some species;
+- the survey region moves every class mean by one common offset (light, vegetation, the region's cameras: what a
+  new region does to a model), its size set by bisection on the survey's own events so that the machine's top-1
+  over animal events is 0.80 whatever the seed drew; its photos are a little noisier, and it has blank frames
+  (false triggers: background features, 12 % of the events), which the head calls some species;
 - 16 cameras; each hosts the common species and a few rare ones; 120-260 events per camera, each of 1-3 photos of
   one animal (or none), whose probabilities combine as ``birder-predict --events`` combines them (the normalised
   geometric mean, :func:`birder.geo.events.combine_probabilities`).
@@ -58,10 +58,10 @@ NUM_SPECIES = 24
 LOOK_ALIKE_OFFSET = 12
 ZIPF = 1.1
 FEATURES = 16
-SEPARATION = 2.6  # scale of the class means
-LOOK_ALIKE_DISTANCE = 1.1  # distance of a rare look-alike's mean from its common species'
-REGION_SHIFT = 0.35  # per-dimension shift of each class mean in the survey region
-EVENT_TOP1 = 0.80  # the survey's photos get noisier (night, blur) until the machine's event top-1 is this
+SEPARATION = 3.0  # scale of the class means
+LOOK_ALIKE_DISTANCE = 1.6  # distance of a rare look-alike's mean from its common species'
+SURVEY_NOISE = 1.1  # the survey's photos are a little noisier (night, blur)
+EVENT_TOP1 = 0.80  # the survey region moves the class means until the machine's event top-1 is this
 BLANK_SHARE = 0.12
 BLANK_SPREAD = 1.4
 CAMERAS = 16
@@ -87,7 +87,6 @@ class Survey:
     mean_of: np.ndarray
     abundance: np.ndarray
     camera_species: dict[str, np.ndarray]
-    noise: float  # the survey photos' feature noise (the source's is 1)
 
 
 def _class_names() -> list[str]:
@@ -101,9 +100,11 @@ def _world(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray
         rare = common + LOOK_ALIKE_OFFSET
         direction = rng.normal(size=FEATURES)
         means[rare] = means[common] + LOOK_ALIKE_DISTANCE * direction / np.linalg.norm(direction)
-    shifted = means + rng.normal(size=means.shape) * REGION_SHIFT
+    # One direction for every class (light, vegetation, camera models of the region); its size: survey_shift
+    direction = rng.normal(size=FEATURES)
+    shift = np.tile(direction / np.linalg.norm(direction), (NUM_SPECIES, 1))
     abundance = 1.0 / np.arange(1, NUM_SPECIES + 1) ** ZIPF  # species 12-23: rarer look-alikes of 0-11
-    return (means, shifted, abundance / abundance.sum())
+    return (means, shift, abundance / abundance.sum())
 
 
 def _draw(means: np.ndarray, classes: np.ndarray, rng: np.random.Generator, noise: float = 1.0) -> np.ndarray:
@@ -132,70 +133,90 @@ def _logits(head: torch.nn.Linear, features: np.ndarray) -> np.ndarray:
         return head(torch.from_numpy(features)).double().numpy()
 
 
-def _event_top1(head: torch.nn.Linear, means: np.ndarray, abundance: np.ndarray, noise: float, seed: int) -> float:
-    """Top-1 over animal events (1-3 photos, probabilities combined) drawn by abundance at feature noise ``noise``."""
-    rng = np.random.default_rng(seed)
-    species = rng.choice(NUM_SPECIES, size=2000, p=abundance)
-    photos = rng.integers(1, 4, size=len(species))
-    logits = _logits(head, _draw(means, np.repeat(species, photos), rng, noise))
+def _features(shifted: np.ndarray, species: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """Photo features of ``species`` (-1: blank) from pre-drawn standard normal ``noise`` [photos, features]."""
+    features = shifted[np.maximum(species, 0)] + noise * SURVEY_NOISE
+    blank = species < 0
+    features[blank] = noise[blank] * BLANK_SPREAD
+    return features.astype(np.float32)
+
+
+def _event_log_probabilities(head: torch.nn.Linear, features: np.ndarray, photos: np.ndarray) -> np.ndarray:
+    """``[events, classes]``: the sum of each event's photos' log-softmax (the argmax of the combined answer)."""
+    logits = _logits(head, features)
     log_p = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
-    combined = np.add.reduceat(log_p, np.r_[0, np.cumsum(photos)[:-1]], axis=0)  # temperature: no argmax change
-    return float((combined.argmax(axis=1) == species).mean())
+    return np.add.reduceat(log_p, np.r_[0, np.cumsum(photos)[:-1]], axis=0)
 
 
-def survey_noise(head: torch.nn.Linear, means: np.ndarray, abundance: np.ndarray, seed: int) -> float:
-    """The survey's feature noise, by bisection, that gives the event top-1 of :data:`EVENT_TOP1`: surveys of
-    different seeds are equally hard, whatever their drawn class means."""
-    (low, high) = (0.3, 4.0)
-    for _ in range(14):
+def survey_shift(
+    head: torch.nn.Linear,
+    means: np.ndarray,
+    shift: np.ndarray,
+    species: np.ndarray,
+    photos: np.ndarray,
+    noise: np.ndarray,
+) -> float:
+    """How far the survey region moves the class means (a multiple of ``shift``), by bisection on the survey's own
+    events (their species and photo noise drawn), so that the machine's top-1 over its animal events is
+    :data:`EVENT_TOP1`: surveys of different seeds are equally hard, whatever their drawn class means."""
+    per_photo = np.repeat(species, photos)
+    animals = species >= 0
+    (low, high) = (0.0, 8.0)
+    for _ in range(16):
         middle = (low + high) / 2
-        (low, high) = (
-            (middle, high) if _event_top1(head, means, abundance, middle, seed) > EVENT_TOP1 else (low, middle)
-        )
+        combined = _event_log_probabilities(head, _features(means + middle * shift, per_photo, noise), photos)
+        top1 = float((combined.argmax(axis=1) == species)[animals].mean())
+        (low, high) = (middle, high) if top1 > EVENT_TOP1 else (low, middle)
     return (low + high) / 2
 
 
 def make_survey(seed: int) -> Survey:
     rng = np.random.default_rng(seed)
-    (means, shifted, abundance) = _world(rng)
+    (means, shift, abundance) = _world(rng)
     classes = np.repeat(np.arange(NUM_SPECIES), 300)
     head = _train_head(_draw(means, classes, rng), classes, init=None, epochs=300, lr=0.05)
     val_classes = np.repeat(np.arange(NUM_SPECIES), 100)
     temperature = fit_temperature(_logits(head, _draw(means, val_classes, rng)), val_classes)
-    noise = survey_noise(head, shifted, abundance, seed + 500)
 
-    names = _class_names()
-    (units, truths, true_species, camera_of, photo_features) = ([], [], [], [], [])
+    # The survey's layout: cameras, the species each hosts, its events (species or blank, photos)
+    (cameras, species, photos) = ([], [], [])
     camera_species = {}
-    (correct, animals) = (0, 0)
     for camera_number in range(CAMERAS):
         camera = f"cam{camera_number:02d}"
         rare = rng.choice(np.arange(COMMON, NUM_SPECIES), size=rng.integers(*RARE_PER_CAMERA), replace=False)
         hosted = np.r_[np.arange(COMMON), rare]
         weights = abundance[hosted] * rng.uniform(0.3, 1.7, size=len(hosted))
         camera_species[camera] = hosted
-        for event_number in range(int(rng.integers(*EVENTS_PER_CAMERA))):
-            species = int(rng.choice(hosted, p=weights / weights.sum())) if rng.random() > BLANK_SHARE else -1
-            photos = int(rng.integers(1, 4))
-            features = _draw(shifted, np.full(photos, species), rng, noise)
-            logits = _logits(head, features)
-            combined = combine_probabilities(softmax(logits, temperature))
-            top = np.argsort(-combined, kind="stable")[:TOP_K]
-            label = names[int(top[0])]
-            item = Item(label, float(combined[top[0]]), tuple((names[int(i)], float(combined[i])) for i in top))
-            unit_id = f"{camera}-E{event_number:04d}"
-            units.append(PlanUnit(unit_id, camera, (item,), item.probability, label))
-            outcome = names[species] if species >= 0 else "blank"
-            truths.append(Truth((outcome,), frozenset({outcome}) if species >= 0 else frozenset()))
-            true_species.append(species if species >= 0 else None)
-            camera_of.append(camera)
-            photo_features.append(features)
-            if species >= 0:
-                animals += 1
-                correct += int(top[0]) == species
+        for _ in range(int(rng.integers(*EVENTS_PER_CAMERA))):
+            cameras.append(camera)
+            species.append(int(rng.choice(hosted, p=weights / weights.sum())) if rng.random() > BLANK_SHARE else -1)
+            photos.append(int(rng.integers(1, 4)))
+    (species_array, photo_counts) = (np.array(species), np.array(photos))
+    noise = rng.normal(size=(int(photo_counts.sum()), FEATURES))
+    shifted = means + survey_shift(head, means, shift, species_array, photo_counts, noise) * shift
+    features = _features(shifted, np.repeat(species_array, photo_counts), noise)
+    starts = np.r_[0, np.cumsum(photo_counts)]
+
+    names = _class_names()
+    (units, truths, true_species, photo_features) = ([], [], [], [])
+    (correct, animals) = (0, 0)
+    for number, (camera, truth) in enumerate(zip(cameras, species, strict=True)):
+        event_features = features[starts[number] : starts[number + 1]]
+        combined = combine_probabilities(softmax(_logits(head, event_features), temperature))
+        top = np.argsort(-combined, kind="stable")[:TOP_K]
+        label = names[int(top[0])]
+        item = Item(label, float(combined[top[0]]), tuple((names[int(i)], float(combined[i])) for i in top))
+        units.append(PlanUnit(f"{camera}-E{number:05d}", camera, (item,), item.probability, label))
+        outcome = names[truth] if truth >= 0 else "blank"
+        truths.append(Truth((outcome,), frozenset({outcome}) if truth >= 0 else frozenset()))
+        true_species.append(truth if truth >= 0 else None)
+        photo_features.append(event_features)
+        if truth >= 0:
+            animals += 1
+            correct += int(top[0]) == truth
     return Survey(
-        names, units, truths, true_species, camera_of, photo_features, correct / animals, head, temperature,
-        shifted, abundance, camera_species, noise,
+        names, units, truths, true_species, cameras, photo_features, correct / animals, head, temperature,
+        shifted, abundance, camera_species,
     )  # fmt: skip
 
 
@@ -251,7 +272,7 @@ def refit(survey: Survey, reviewed: list[int], seed: int) -> dict[str, Any]:
         weights = survey.abundance[hosted]
         held_out_classes.append(rng.choice(hosted, size=150, p=weights / weights.sum()))
     held_classes = np.concatenate(held_out_classes)
-    held_features = _draw(survey.mean_of, held_classes, rng, survey.noise)
+    held_features = _draw(survey.mean_of, held_classes, rng, SURVEY_NOISE)
 
     def scores(head: torch.nn.Linear, temperature: float) -> dict[str, float]:
         held_logits = _logits(head, held_features)

@@ -146,6 +146,7 @@ class ReviewFolder:
     detector: bool
     events: bool
     partial: bool  # rows read from the journals of an unfinished run
+    _index: dict[str, ReviewUnit] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def model(self) -> str:
@@ -156,7 +157,7 @@ class ReviewFolder:
         return self._by_id().get(unit_id)
 
     def _by_id(self) -> dict[str, ReviewUnit]:
-        if getattr(self, "_index", None) is None or len(self._index) != len(self.units):
+        if len(self._index) != len(self.units):
             self._index = {unit.unit_id: unit for unit in self.units}
         return self._index
 

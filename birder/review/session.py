@@ -97,6 +97,7 @@ class ReviewSession:
     _order_cache: tuple[Any, list[int]] | None = None
     _leases: dict[str, _Lease] = field(default_factory=dict)
     _lock: threading.RLock = field(default_factory=threading.RLock)
+    _unit_index: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.order not in ORDERS:
