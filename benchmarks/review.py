@@ -215,9 +215,19 @@ def make_survey(seed: int) -> Survey:
             animals += 1
             correct += int(top[0]) == truth
     return Survey(
-        names, units, truths, true_species, cameras, photo_features, correct / animals, head, temperature,
-        shifted, abundance, camera_species,
-    )  # fmt: skip
+        names,
+        units,
+        truths,
+        true_species,
+        cameras,
+        photo_features,
+        correct / animals,
+        head,
+        temperature,
+        shifted,
+        abundance,
+        camera_species,
+    )
 
 
 def wrong_records(survey: Survey, reviewed: set[int]) -> int:
@@ -311,8 +321,9 @@ def main(argv: list[str] | None = None) -> int:
         # The photos reviewed by 20 %: in plan order (what a team using it has), and in random order
         model = {f"after_{order}": refit(survey, orders[order][1], seed) for order in ("plan", "random")}
         left = {order: figures for (order, (figures, _)) in orders.items()}
-        runs.append({"seed": seed, "events": len(survey.units), "top1": round(survey.top1, 4), "left": left,
-                     "model": model})  # fmt: skip
+        runs.append(
+            {"seed": seed, "events": len(survey.units), "top1": round(survey.top1, 4), "left": left, "model": model}
+        )
         print(f"survey {seed}: {len(survey.units)} events, machine top-1 {survey.top1:.3f}")
         for order, figures in left.items():
             print(f"  {order:<10} " + "  ".join(f"{budget}: {count:>3}" for (budget, count) in figures.items()))

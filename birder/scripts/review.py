@@ -44,15 +44,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=0, help="the shuffle of --order random (default: 0)")
     parser.add_argument(
-        "--reviewer", metavar="NAME", help="the name on every decision (default: your login name; ?reviewer= in "
-        "the page's address overrides it per tab)"
-    )  # fmt: skip
-    parser.add_argument("--taxonomy", type=Path, metavar="FILE", help="species,genus,family,order CSV: search "
-                        "genera and families too")  # fmt: skip
-    parser.add_argument("--reviews", type=Path, metavar="FILE", help="the decisions file (default: RESULTS_DIR/"
-                        "reviews.csv)")  # fmt: skip
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine); "
-                        "any other needs --token")  # fmt: skip
+        "--reviewer",
+        metavar="NAME",
+        help="the name on every decision (default: your login name; ?reviewer= in "
+        "the page's address overrides it per tab)",
+    )
+    parser.add_argument(
+        "--taxonomy", type=Path, metavar="FILE", help="species,genus,family,order CSV: search genera and families too"
+    )
+    parser.add_argument(
+        "--reviews", type=Path, metavar="FILE", help="the decisions file (default: RESULTS_DIR/reviews.csv)"
+    )
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default: %(default)s, this machine); any other needs --token",
+    )
     parser.add_argument("--port", type=int, default=8010, help="port (default: %(default)s)")
     parser.add_argument("--token", help="a secret every request must carry (the page's address includes it)")
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
