@@ -33,6 +33,7 @@ from birder.geo.events import parse_exif_time
 from birder.geo.places import parse_number
 from birder.geo.results import ResultsFolder, answer_of, common_root, photo_folder, relative_path, write_rows
 from birder.io.atomic import atomic_write_path
+from birder.review.answers import human_observations, reviewed_answer_note
 
 VERSION = "1.0.2"
 BASE_URL = f"https://raw.githubusercontent.com/tdwg/camtrap-dp/{VERSION}"
@@ -199,11 +200,14 @@ def export_camtrap_dp(results: ResultsFolder, output_dir: str | os.PathLike, opt
     rows = {"deployments": [_row(columns["deployments"], _deployment_values(d)) for d in deployments.values()]}
     (rows["media"], rows["observations"], spans) = _photo_rows(results, times, deployments, root, options, columns)
     rows["observations"] += _event_rows(results, spans, columns["observations"])
+    # birder-review's decisions (reviews.csv): human observations beside the machine's
+    rows["observations"] += human_observations(results, rows["observations"], columns["observations"], root)
     for number, row in enumerate(rows["observations"], start=1):
         row[0] = f"O{number:06d}"
 
     _write_package(output_dir, results, options, deployments, rows, columns)
-    return ExportReport(output_dir / "datapackage.json", _notes(results, times, deployments))
+    notes = _notes(results, times, deployments) + reviewed_answer_note(rows["observations"], columns["observations"])
+    return ExportReport(output_dir / "datapackage.json", notes)
 
 
 def _deployment_values(deployment: _Deployment) -> dict[str, Any]:

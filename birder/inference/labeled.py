@@ -1,7 +1,8 @@
 """Labelled photos through a model once: the raw logits, embeddings and true classes that ``birder-calibrate`` fits
 on and ``birder-eval`` scores.
 
-Photos come as an ImageFolder root (``<class>/<images>``) or a CSV file of ``path,label`` rows, and their classes
+Photos come as an ImageFolder root (``<class>/<images>``), a CSV file of ``path,label`` rows or a ``reviews.csv`` of
+``birder-review`` (the reviewed photos of its results folder: :mod:`birder.review.answers`), and their classes
 must be the model's (a photo of another species belongs in ``--unknown-dir``, not in a calibration set). They go
 through the batch predictor (:class:`~birder.inference.predictor.Predictor`): the decoder, transform and
 ``infer_batch`` of ``birder-predict``, so what is fitted here is what prediction computes. Unreadable photos are
@@ -40,6 +41,11 @@ def labeled_photos(data: str | os.PathLike, class_to_idx: Mapping[str, int]) -> 
 
     A class the model does not have is a one-line :class:`~birder.data.training.DataError` naming it.
     """
+    if Path(data).suffix.lower() == ".csv":
+        from birder.review.answers import is_reviews_file, labeled_from_reviews
+
+        if is_reviews_file(data):  # a birder-review decisions file: the photos people labelled
+            return LabeledPhotos(*labeled_from_reviews(data, class_to_idx))
     files = csv_files(data) if Path(data).suffix.lower() == ".csv" else image_folder_files(data)
     foreign = sorted(set(files.class_to_idx) - set(class_to_idx))
     if foreign:

@@ -23,16 +23,22 @@ How a run writes, and why this way:
 Journals are always CSV, whatever the final format: Parquet files cannot be appended to. The caller writes each
 journal in input order (the order of ``order`` in :func:`finalize_run`), so the merge streams (``heapq.merge``)
 and never holds a whole table in memory.
+
+:class:`AppendOnlyTable` is the same guarantee for a table many writers share and that is never merged (the
+decisions of ``birder-review``): one locked, fsync-ed write per append; a torn last line set aside, never lost.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import heapq
+import io
 import json
 import os
 import re
 import shutil
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +55,11 @@ from birder.io.table_files import (
     read_table_rows,
     write_table,
 )
+
+try:
+    import fcntl
+except ImportError:  # Windows: one process per file (threads still take turns)
+    fcntl = None  # type: ignore[assignment]
 
 OUTPUT_FORMATS = ("csv", "parquet")
 JOURNAL_DIR = ".partial"
@@ -404,3 +415,125 @@ def _tap(rows: Iterable[Row], callback: Callable[[Row], None]) -> Iterator[Row]:
     for row in rows:
         callback(row)
         yield row
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A shared append-only table (a log of decisions): many writers, every row durable once appended
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class AppendOnlyTable:
+    """One CSV file that only grows, written by several threads or processes at once (``birder-review``'s
+    ``reviews.csv``): every :meth:`append` is one ``write`` of whole lines under an exclusive lock, then ``fsync``.
+
+    A process killed in the middle of a write leaves one unterminated last line. Whoever opens or appends next
+    finds it (under the lock), moves its bytes to ``<file>.torn`` (kept, never silently dropped) and cuts the file
+    back to its last complete line, so the next row starts on a line of its own; the rows before are untouched.
+    Readers (:meth:`read_new`) take complete lines only, from where they stopped: rows other processes appended
+    meanwhile come in file order.
+    """
+
+    def __init__(self, path: Path, header: Sequence[str]) -> None:
+        self.path = Path(path)
+        self.header = list(header)
+        self.torn_path = self.path.with_name(self.path.name + ".torn")
+        self._offset = 0  # bytes of complete lines read so far (the header included)
+        self._thread_lock = threading.Lock()
+
+    def open(self) -> list[str]:
+        """Create the file with its header if absent, check the header, repair a torn last line; returns what
+        was repaired (one line each, for the caller to show)."""
+        with self._locked() as handle:
+            notes = self._repair(handle)
+            if os.fstat(handle.fileno()).st_size == 0:  # new (or killed before its header reached the disk)
+                os.write(handle.fileno(), _csv_line(self.header))
+                os.fsync(handle.fileno())
+                fsync_directory(self.path.parent)
+        self.check_header()
+        return notes
+
+    def check_header(self) -> None:
+        """Check the file's header (a file of another kind is refused in one line); rows are read after it."""
+        with self._thread_lock, open(self.path, "rb") as handle:
+            first = handle.readline()
+        found = next(csv.reader([first.decode("utf-8", "surrogateescape")]), [])
+        if found != self.header or not first.endswith(b"\n"):
+            raise BirderError(
+                f"{self.path} has other columns than this program writes ({', '.join(found[:6])}...): "
+                "it is not a file of this kind; move it away or name another file"
+            )
+        self._offset = len(first)
+
+    def append(self, rows: Sequence[Sequence[str]]) -> list[str]:
+        """Append ``rows`` durably (one write, then fsync); returns the repairs made first (a torn line)."""
+        if not rows:
+            return []
+        data = b"".join(_csv_line(row) for row in rows)
+        with self._locked() as handle:
+            notes = self._repair(handle)
+            os.write(handle.fileno(), data)  # O_APPEND: at the end, whoever else appended meanwhile
+            os.fsync(handle.fileno())
+        return notes
+
+    def read_new(self) -> tuple[list[list[str]], int]:
+        """``(rows, malformed)``: the complete rows appended since the last call (by anyone), and how many complete
+        lines had the wrong number of cells (skipped)."""
+        with self._thread_lock, open(self.path, "rb") as handle:
+            handle.seek(self._offset)
+            data = handle.read()
+        end = data.rfind(b"\n") + 1  # a line still being written (or torn) waits
+        self._offset += end
+        (rows, malformed) = ([], 0)
+        text = data[:end].decode("utf-8", "surrogateescape")
+        for row in csv.reader(io.StringIO(text, newline="")):
+            if len(row) == len(self.header):
+                rows.append(row)
+            elif row:
+                malformed += 1
+        return (rows, malformed)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[Any]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._thread_lock:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o666)
+            with os.fdopen(fd, "r+b", buffering=0) as handle:
+                if fcntl is not None:
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX)  # released when the file closes
+                yield handle
+
+    def _repair(self, handle: Any) -> list[str]:
+        """Cut an unterminated last line off (moved to ``.torn``); called with the lock held."""
+        size = os.fstat(handle.fileno()).st_size
+        if size == 0:
+            return []
+        handle.seek(size - 1)
+        if handle.read(1) == b"\n":
+            return []
+        block = min(size, 1 << 16)
+        while True:  # the start of the last line
+            handle.seek(size - block)
+            data = handle.read(block)
+            cut = data.rfind(b"\n")
+            if cut >= 0 or block == size:
+                start = size - block + cut + 1
+                break
+            block = min(size, block * 2)
+        handle.seek(start)
+        fragment = handle.read()
+        with open(self.torn_path, "ab") as torn:
+            torn.write(fragment + b"\n")
+            torn.flush()
+            os.fsync(torn.fileno())
+        os.ftruncate(handle.fileno(), start)
+        os.fsync(handle.fileno())
+        return [
+            f"{self.path}: its last line was cut off mid-write ({len(fragment)} bytes, a crash while saving); "
+            f"it was moved to {self.torn_path.name} and every earlier row kept"
+        ]
+
+
+def _csv_line(row: Sequence[str]) -> bytes:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerow(row)
+    return buffer.getvalue().encode("utf-8", "surrogateescape")

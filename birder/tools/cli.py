@@ -19,6 +19,8 @@ from birder.tools import (
     merge_results,
     model_info,
     pack,
+    review_crops,
+    review_stats,
 )
 
 PROG = "python -m birder.tools"
@@ -31,6 +33,8 @@ COMMANDS = {
     "pack": pack,
     "merge-results": merge_results,
     "crops": crops,
+    "review-stats": review_stats,
+    "review-crops": review_crops,
 }
 
 
