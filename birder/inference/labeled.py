@@ -41,11 +41,6 @@ def labeled_photos(data: str | os.PathLike, class_to_idx: Mapping[str, int]) -> 
 
     A class the model does not have is a one-line :class:`~birder.data.training.DataError` naming it.
     """
-    if Path(data).suffix.lower() == ".csv":
-        from birder.review.answers import is_reviews_file, labeled_from_reviews
-
-        if is_reviews_file(data):  # a birder-review decisions file: the photos people labelled
-            return LabeledPhotos(*labeled_from_reviews(data, class_to_idx))
     files = csv_files(data) if Path(data).suffix.lower() == ".csv" else image_folder_files(data)
     foreign = sorted(set(files.class_to_idx) - set(class_to_idx))
     if foreign:

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from birder.errors import BirderError
+from birder.inference.labeled import LabeledPhotos, labeled_photos
 from birder.review.folder import BLANK, UNKNOWN, ReviewFolder, ReviewUnit, model_identity, read_review_folder
 from birder.review.store import COLUMNS, REVIEWS_FILE, ReviewStore, Submission, read_reviews
 
@@ -338,3 +339,11 @@ def write_review_crops(
         (len(cameras - val_cameras), len(cameras & val_cameras)),
         left_out,
     )
+
+
+def labeled_or_reviewed_photos(data: str | os.PathLike, class_to_idx: Mapping[str, int]) -> LabeledPhotos:
+    """:func:`~birder.inference.labeled.labeled_photos`, or, for a birder-review decisions file (``reviews.csv``),
+    the photos people labelled: what ``birder-calibrate --val`` and ``birder-eval`` read."""
+    if Path(data).suffix.lower() == ".csv" and is_reviews_file(data):
+        return LabeledPhotos(*labeled_from_reviews(data, class_to_idx))
+    return labeled_photos(data, class_to_idx)

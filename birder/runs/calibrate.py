@@ -29,7 +29,7 @@ from birder.inference.calibration import (
     fit_temperature,
     softmax,
 )
-from birder.inference.labeled import LabeledPhotos, ModelOutputs, collect_outputs, labeled_photos
+from birder.inference.labeled import LabeledPhotos, ModelOutputs, collect_outputs
 from birder.inference.model import load_for_inference
 from birder.inference.unknown import (
     EMBEDDING_METHODS,
@@ -42,6 +42,7 @@ from birder.io.calibration import Calibration, head_digest, stats_path_for
 from birder.io.checkpoint import CHECKPOINT_FORMATS, checkpoint_format, is_export_file
 from birder.io.outputs import check_output_file
 from birder.loading import save_model
+from birder.review.answers import labeled_or_reviewed_photos
 from birder.runs.predict import DEFAULT_WORKERS
 
 PROG = "birder-calibrate"
@@ -93,8 +94,8 @@ def calibrate_model_file(options: CalibrateOptions) -> CalibrationReport:
         raise BirderError("this model has no classification head (a pretraining encoder); it cannot be calibrated")
 
     class_names = loaded.class_names
-    val_photos = labeled_photos(options.val, info.class_to_idx)
-    train_photos = labeled_photos(options.train, info.class_to_idx) if options.train is not None else None
+    val_photos = labeled_or_reviewed_photos(options.val, info.class_to_idx)
+    train_photos = labeled_or_reviewed_photos(options.train, info.class_to_idx) if options.train is not None else None
     method = _unknown_method(options)
 
     transform = loaded.transform

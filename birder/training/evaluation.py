@@ -19,11 +19,12 @@ from tqdm import tqdm
 
 from birder.distributed import DistInfo, all_reduce_sum
 from birder.errors import CheckpointError
-from birder.inference.labeled import ModelOutputs, collect_outputs, labeled_photos
+from birder.inference.labeled import ModelOutputs, collect_outputs
 from birder.inference.model import load_for_inference
 from birder.io.atomic import atomic_write_path
 from birder.net.base import BaseNet
 from birder.plots import save_confusion_matrix_png
+from birder.review.answers import labeled_or_reviewed_photos
 from birder.training.amp import amp_dtype, autocast
 from birder.training.ddp import distinct_over_ranks
 from birder.training.fsdp import idle_forward, in_lockstep, is_sharded
@@ -189,7 +190,7 @@ def score_checkpoint(
         raise CheckpointError(f"{checkpoint or name}: a model without classes (an MIM encoder?); fine-tune it first")
 
     class_names = loaded.class_names
-    photos = labeled_photos(data, info.class_to_idx)
+    photos = labeled_or_reviewed_photos(data, info.class_to_idx)
     transform = loaded.transform
     outputs = collect_outputs(
         net,
