@@ -39,24 +39,34 @@ AMP_AUTO = "auto"  # a bare --amp
 RESUME_HINT = "run the same command with --resume to continue"
 
 
-def _positive(text: str) -> int:
+def _whole_number(text: str, minimum: int, at_least: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a whole number, got '{text}'") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be {at_least}, got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (a count, a size), one clear line otherwise."""
+    return _whole_number(text, 1, "at least 1")
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a number from 0 to 1 (a probability, a share), one clear line otherwise."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1, got '{text}'") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
     return value
 
 
 def _workers(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got '{text}'") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 (decode in the main process) or more, got {value}")
-    return value
+    return _whole_number(text, 0, "0 (decode in the main process) or more")
 
 
 def _amp(text: str) -> str:
@@ -109,7 +119,7 @@ def add_run_arguments(
         group.add_argument(
             "-b",
             "--batch-size",
-            type=_positive,
+            type=positive_int,
             default=batch_size,
             metavar="N",
             help=f"{batch_help}(default: {batch_size})".strip(),

@@ -118,6 +118,35 @@ def test_bad_values_are_refused_while_parsing(bad: list[str], capsys: pytest.Cap
     assert "birder-predict: error: argument" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("parse", "argv", "message"),
+    [
+        (predict.build_parser, ["x.jpg", "--top-k", "0"], "argument --top-k: must be at least 1, got 0"),
+        (predict.build_parser, ["x.jpg", "--min-prob", "1.5"], "argument --min-prob: must be between 0 and 1, got 1.5"),
+        (index.build_parser, ["query", "-o", "ix", "-k", "0"], "argument -k: must be at least 1, got 0"),
+        (index.build_parser, ["cluster", "-o", "ix", "--below-prob", "-0.1"], "must be between 0 and 1, got -0.1"),
+        (
+            prior.build_parser,
+            ["lookup", "p.bpr", "--lat", "1", "--lon", "2", "--top", "0"],
+            "must be at least 1, got 0",
+        ),
+        (
+            prior.build_parser,
+            ["lookup", "p.bpr", "--lat", "1", "--lon", "2", "--top", "ten"],
+            "whole number, got 'ten'",
+        ),
+    ],
+)
+def test_counts_and_fractions_are_checked_alike_in_every_command(
+    parse, argv: list[str], message: str, capsys: pytest.CaptureFixture
+) -> None:
+    # one argparse type per kind of value (birder.run_options.positive_int, fraction) serves every command
+    with pytest.raises(SystemExit) as exit_info:
+        parse().parse_args(argv)
+    assert exit_info.value.code == EXIT_USAGE
+    assert message in capsys.readouterr().err
+
+
 def test_a_bad_device_is_one_line_when_the_run_starts() -> None:
     from birder.distributed import resolve_device
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from birder.inference.unknown import METHODS
 from birder.runs.calibrate import PROG, CalibrateOptions, CalibrationReport, calibrate_model_file
 from birder.runs.predict import DEFAULT_WORKERS
-from birder.scripts.common import add_model_arguments, add_run_arguments
+from birder.scripts.common import add_run_arguments, model_command_parser
 from birder.training.cli import run_cli
 
 # Species named in a line of the report before it summarises
@@ -29,12 +29,11 @@ _SHOWN = 10
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="Calibrate a classifier on labelled validation photos; writes a calibrated copy of the model "
+    parser = model_command_parser(
+        PROG,
+        "Calibrate a classifier on labelled validation photos; writes a calibrated copy of the model "
         "(same weights, calibration in its metadata) and, with --train, its class statistics beside it.",
     )
-    add_model_arguments(parser)
     parser.add_argument("--val", required=True, metavar="DATA", help="validation photos: ImageFolder root or CSV")
     parser.add_argument("--train", metavar="DATA", help="training photos, for the embedding unknown tests")
     parser.add_argument(

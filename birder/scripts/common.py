@@ -34,6 +34,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--network", help="network of --weights when the file does not name it (e.g. vit_l16)")
 
 
+def model_command_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The parser of a command about one model (birder-calibrate, birder-serve): the ``model`` group first."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_model_arguments(parser)
+    return parser
+
+
 def add_decision_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``answer`` option group of the commands that label photos (birder-predict, birder-serve): how the
     label is decided from the probabilities (:mod:`birder.inference.decision`). The global threshold is each

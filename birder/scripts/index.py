@@ -25,29 +25,16 @@ from pathlib import Path
 from birder.errors import BirderError
 from birder.inference.optimize import DTYPE_CHOICES
 from birder.log_setup import configure_logging
+from birder.run_options import fraction, positive_int
 from birder.scripts.common import add_model_arguments, add_run_arguments, run_command
 
 PROG = "birder-index"
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _count(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
     return value
 
 
@@ -69,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--resume", action="store_true", help="continue an interrupted run")
         if name == "build":
             sub.add_argument("--overwrite", action="store_true", help="replace the index in DIR (only its files go)")
-        sub.add_argument("--chunk-size", type=_positive, default=256, metavar="N", help="photos per durable write")
+        sub.add_argument("--chunk-size", type=positive_int, default=256, metavar="N", help="photos per durable write")
 
     query = commands.add_parser("query", help="the photos most similar to one")
     query.add_argument("photo", nargs="?", metavar="PHOTO", help="a photo file (embedded with the index's model)")
@@ -77,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(query)
     add_run_arguments(query, dtype=DTYPE_CHOICES, progress=False)  # one photo: no batches, no decoding processes
     _add_index_dir(query)
-    query.add_argument("-k", type=_positive, default=10, help="how many (default: 10)")
+    query.add_argument("-k", type=positive_int, default=10, help="how many (default: 10)")
 
     duplicates = commands.add_parser(
         "duplicates",
@@ -96,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-similarity",
         "--threshold",
         dest="threshold",
-        type=_fraction,
+        type=fraction,
         default=MIN_SIMILARITY,
         metavar="S",
         help="cosine similarity of the embeddings from which a neighbour is compared by pixels; "
@@ -104,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     duplicates.add_argument(
         "--neighbours",
-        type=_positive,
+        type=positive_int,
         default=CANDIDATE_NEIGHBOURS,
         metavar="N",
         help=f"nearest photos by embedding of each photo compared by pixels (default: {CANDIDATE_NEIGHBOURS})",
@@ -122,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     cluster = commands.add_parser("cluster", help="group the photos the model could not name, to review together")
     _add_index_dir(cluster)
-    cluster.add_argument("--below-prob", type=_fraction, help="also take photos whose top probability is below P")
-    cluster.add_argument("--min-cluster-size", type=_positive, default=5, metavar="N")
+    cluster.add_argument("--below-prob", type=fraction, help="also take photos whose top probability is below P")
+    cluster.add_argument("--min-cluster-size", type=positive_int, default=5, metavar="N")
     cluster.add_argument("--output-dir", type=Path, help="contact sheets and clusters.csv (default: DIR/clusters)")
     cluster.add_argument(
         "--overwrite", action="store_true", help="replace an earlier cluster run's files in the folder (only those)"

@@ -30,6 +30,7 @@ from birder.inference.optimize import DTYPE_CHOICES
 from birder.introspection.explain import EXPLAIN_METHODS
 from birder.io.journal import OUTPUT_FORMATS
 from birder.log_setup import configure_logging
+from birder.run_options import fraction, positive_int
 from birder.runs.predict import DEFAULT_WORKERS, PROG, PredictionOptions, run_prediction
 from birder.scripts.common import (  # noqa: F401 (the exit codes: tests and callers read them here)
     EXIT_FAILED,
@@ -40,20 +41,6 @@ from birder.scripts.common import (  # noqa: F401 (the exit codes: tests and cal
     add_run_arguments,
     run_command,
 )
-
-
-def _probability(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
-    return value
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(parser)
 
     prep = parser.add_argument_group("preprocessing")
-    prep.add_argument("--size", type=_positive, nargs="+", metavar="PX", help="input size H [W] (default: the model's)")
+    prep.add_argument(
+        "--size", type=positive_int, nargs="+", metavar="PX", help="input size H [W] (default: the model's)"
+    )
     prep.add_argument("--center-crop", type=float, default=1.0, metavar="F", help="fraction kept (default: 1.0)")
     prep.add_argument("--simple-crop", action="store_true", help="resize the shorter side, keeping the aspect ratio")
     prep.add_argument("--tta", action="store_true", help="average five crops per photo (5x slower)")
@@ -93,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument(
         "--format", dest="table_format", choices=OUTPUT_FORMATS, default="csv", help="format of the tables"
     )
-    out.add_argument("--top-k", type=_positive, default=5, metavar="K", help="(default: 5)")
-    out.add_argument("--min-prob", type=_probability, default=0.0, metavar="P", help="below P: 'uncertain'")
+    out.add_argument("--top-k", type=positive_int, default=5, metavar="K", help="(default: 5)")
+    out.add_argument("--min-prob", type=fraction, default=0.0, metavar="P", help="below P: 'uncertain'")
     out.add_argument("--species", type=Path, metavar="FILE", help="only these classes (one name per line)")
     out.add_argument("--save-probabilities", action="store_true", help="the full probability table")
     out.add_argument("--save-logits", action="store_true", help="the logits table")
@@ -107,10 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace an earlier run's results in --output-dir (and --explain/--save-crops/--draw, --plot): only "
         "the files birder-predict wrote are deleted; without it (or --resume) such a folder is refused",
     )
-    out.add_argument("--chunk-size", type=_positive, default=256, metavar="N", help="photos per durable write")
+    out.add_argument("--chunk-size", type=positive_int, default=256, metavar="N", help="photos per durable write")
     out.add_argument("--show", action="store_true", help="show photos with their top-k species (matplotlib)")
     out.add_argument("--plot", type=Path, metavar="FILE", help="save that picture to FILE (.png, .pdf, ...)")
-    out.add_argument("--plot-max", type=_positive, default=8, metavar="N", help="photos in the picture (default: 8)")
+    out.add_argument("--plot-max", type=positive_int, default=8, metavar="N", help="photos in the picture (default: 8)")
     out.add_argument("--explain", metavar="DIR", help="write an explanation overlay PNG per photo into DIR")
     out.add_argument(
         "--explain-method",
@@ -122,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     det = parser.add_argument_group("crop-then-classify (a row per detected box)")
     det.add_argument("--detector", metavar="FILE", help="a detector file (birder-train-det): classify each box found")
     det.add_argument(
-        "--det-threshold", type=_probability, default=0.5, metavar="S", help="boxes scoring at least S (default: 0.5)"
+        "--det-threshold", type=fraction, default=0.5, metavar="S", help="boxes scoring at least S (default: 0.5)"
     )
     det.add_argument(
         "--crop-margin",

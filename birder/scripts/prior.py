@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from birder.errors import BirderError
-from birder.run_options import EXIT_USAGE, run_command  # noqa: F401 (EXIT_USAGE: read here by callers)
+from birder.run_options import EXIT_USAGE, positive_int, run_command  # noqa: F401 (EXIT_USAGE: read here by callers)
 
 PROG = "birder-prior"
 
@@ -52,16 +52,6 @@ def _add_build(subparsers: argparse._SubParsersAction) -> None:
     )
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got '{text}'") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Location-and-season priors from occurrence records.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -73,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     lookup.add_argument("--lat", type=float, required=True)
     lookup.add_argument("--lon", type=float, required=True)
     lookup.add_argument("--date", help="YYYY-MM-DD (without: the year-round prior)")
-    lookup.add_argument("--top", type=_positive, default=10, metavar="N", help="how many species (default: 10)")
+    lookup.add_argument("--top", type=positive_int, default=10, metavar="N", help="how many species (default: 10)")
     return parser
 
 

@@ -24,7 +24,7 @@ from birder.errors import BirderError
 from birder.geo.predict import add_prior_arguments
 from birder.inference.optimize import DTYPE_CHOICES
 from birder.log_setup import configure_logging
-from birder.scripts.common import add_decision_arguments, add_model_arguments, add_run_arguments, run_command
+from birder.scripts.common import add_decision_arguments, add_run_arguments, model_command_parser, run_command
 
 if TYPE_CHECKING:
     from birder.geo.prior import LocationPrior
@@ -39,12 +39,11 @@ logger = logging.getLogger("birder.serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="Serve a birder model over HTTP: POST /v1/classify, POST /v1/embed, GET /v1/models, "
+    parser = model_command_parser(
+        PROG,
+        "Serve a birder model over HTTP: POST /v1/classify, POST /v1/embed, GET /v1/models, "
         "GET /healthz, and a web page at /.",
     )
-    add_model_arguments(parser)
     parser.add_argument("--model-name", help="name reported by the API (default: the model's name or file stem)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")

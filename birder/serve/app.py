@@ -319,6 +319,32 @@ def _timings(started: float, decoded: float, info: BatchInfo) -> dict[str, float
     }
 
 
+def _model_service(
+    net: torch.nn.Module,
+    model_info: ModelInfo,
+    name: str,
+    settings: ServeSettings,
+    *,
+    dtype: DtypeChoice | None,
+    prior: LocationPrior | None,
+    policy: DecisionPolicy | None,
+) -> ModelService:
+    """The service ``create_app`` answers with: the settings and the prior checked, ``net`` in eval mode."""
+    if settings.max_inflight_bytes < settings.max_upload_bytes:
+        raise ValueError(
+            f"max_inflight_bytes ({settings.max_inflight_bytes}) is below max_upload_bytes "
+            f"({settings.max_upload_bytes}): raise it to at least the upload limit"
+        )
+    if hasattr(net, "eval"):
+        net.eval()
+    service = ModelService(net, model_info, name, settings)
+    service.policy = policy if policy is not None else build_policy(net, service.class_names)
+    service.dtype = dtype
+    if prior is not None:
+        prior.check_classes(service.class_names)
+    return service
+
+
 def create_app(
     net: torch.nn.Module,
     model_info: ModelInfo,
@@ -343,19 +369,8 @@ def create_app(
     ``detector``: adds ``POST /v1/detect`` (:mod:`birder.serve.detect`: each box found, classified by ``net``).
     """
     settings = settings or ServeSettings()
-    if settings.max_inflight_bytes < settings.max_upload_bytes:
-        raise ValueError(
-            f"max_inflight_bytes ({settings.max_inflight_bytes}) is below max_upload_bytes "
-            f"({settings.max_upload_bytes}): raise it to at least the upload limit"
-        )
     name = name or getattr(net, "network_name", None) or "model"
-    if hasattr(net, "eval"):
-        net.eval()
-    service = ModelService(net, model_info, name, settings)
-    service.policy = policy if policy is not None else build_policy(net, service.class_names)
-    service.dtype = dtype
-    if prior is not None:
-        prior.check_classes(service.class_names)
+    service = _model_service(net, model_info, name, settings, dtype=dtype, prior=prior, policy=policy)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
