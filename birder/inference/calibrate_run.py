@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from birder.data.transforms import classification_transform
 from birder.distributed import resolve_device
@@ -134,7 +135,7 @@ def calibrate_model_file(options: CalibrateOptions) -> CalibrationReport:
         thresholds = fit_species_thresholds(
             probabilities, val.targets, class_names, options.target_precision, min_photos=options.min_photos
         )
-    (choice, choice_note) = _choose(options, val, train, class_names, fit.temperature, forced)
+    (choice, choice_note) = _choose(options, val, train, class_names, fit.temperature, forced, device)
     statistics = None
     if train is not None:
         statistics = ClassStatistics.fit(
@@ -222,6 +223,7 @@ def _choose(
     class_names: list[str],
     temperature: float,
     forced: str | None,
+    device: torch.device,
 ) -> tuple[UnknownChoice | None, str | None]:
     """The unknown test chosen on folds of held-out classes, or None and why (too few classes: the defaults)."""
     try:
@@ -234,6 +236,7 @@ def _choose(
             seed=options.seed,
             bank_per_class=options.bank_per_class,
             forced=forced,
+            device=device,
         )
     except SelectionError as err:
         default = forced or ("knn" if train is not None else "msp")

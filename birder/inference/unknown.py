@@ -48,8 +48,11 @@ DEFAULT_SHRINKAGE = "ledoit_wolf"
 DEFAULT_NEIGHBOURS = 5
 # Training embeddings kept per class for kNN: bounds the sidecar (707 classes x 64 x 1024 half floats = 92.7 MB).
 DEFAULT_BANK_PER_CLASS = 64
-# An unshrunk covariance is used only below this condition number (float64 inverts it to about 1e-8 relative)
+# An unshrunk covariance is used only below this condition number (float64 inverts it to about 1e-8 relative), and
+# only from at least as many photos (less one per class mean) as dimensions
 MAX_CONDITION = 1e8
+# Variance (relative to the largest) below which the embeddings are taken not to vary in a direction at all
+NULL_VARIANCE = 1e-10
 # Rows a covariance is estimated from (a seeded sample beyond): 50 per dimension at 1024-d, 400 MB of float64
 MAX_COVARIANCE_ROWS = 50_000
 # Up to this many queries kNN runs in numpy (one BLAS product); more go to faiss, which blocks and threads them
@@ -126,16 +129,18 @@ def estimate_covariance(
 
 
 def _inverse(covariance: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float64], float]:
-    """The inverse of a symmetric covariance and its condition number; eigenvalues are floored at 1e-12 of the
-    largest so that a singular one (the ``none`` estimate from too few photos) still inverts, its condition number
-    telling that it should not be used."""
+    """The inverse of a symmetric covariance and its condition number.
+
+    Directions whose variance is below :data:`NULL_VARIANCE` of the largest are directions the embeddings never
+    vary in (a final LayerNorm leaves one: its outputs have a fixed weighted sum), so every embedding has the same
+    component there; they get no weight (the pseudo-inverse) and do not count in the condition number."""
     (values, vectors) = np.linalg.eigh((covariance + covariance.T) / 2)
     top = float(values.max())
     if not top > 0:
         raise BirderError("the training embeddings do not vary (a zero covariance): check the training photos")
-    condition = top / max(float(values.min()), top * 1e-300) if values.min() > 0 else float("inf")
-    floored = np.maximum(values, top * 1e-12)
-    return ((vectors / floored) @ vectors.T, condition)
+    kept = values > top * NULL_VARIANCE
+    condition = top / float(values[kept].min())
+    return ((vectors[:, kept] / values[kept]) @ vectors[:, kept].T, condition)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -190,6 +195,12 @@ class ClassStatistics:
         within = estimate_covariance(embeddings - means[targets], shrinkage)
         background_mean = embeddings.mean(axis=0)
         background = estimate_covariance(embeddings - background_mean, shrinkage)
+        conditions = (within.condition, background.condition)
+        if shrinkage == "none":  # fewer photos than dimensions: singular whatever its numbers say
+            conditions = tuple(
+                value if count - used >= dim else float("inf")
+                for (value, used) in zip(conditions, (int(present.sum()), 1), strict=True)
+            )
         # Rounded as the sidecar stores them: thresholds fitted now give the same answers after a reload
         return cls(
             list(class_names),
@@ -203,7 +214,7 @@ class ClassStatistics:
             shrinkage,
             (within.shrinkage, background.shrinkage),
             bank_per_class,
-            (within.condition, background.condition),
+            conditions,
         )
 
     def supports(self, method: str) -> bool:
