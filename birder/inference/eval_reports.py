@@ -102,7 +102,7 @@ class DetectionRow:
     method: str
     auroc: float
     fpr_at_95_tpr: float
-    settings: str = ""  # e.g. "k=1 of 640 (64/class)", "oas (weight 0.031)"
+    settings: str = ""  # e.g. "k=1 of 640 (at most 64 per class)", "oas (weight 0.031)"
     fold_auroc: float = float("nan")  # birder-calibrate's estimate on held-out classes, for these settings
     chosen: bool = False  # the calibrated model's own unknown test
 

@@ -21,7 +21,7 @@ other classes.
 The sidecar's size is bounded (:func:`sidecar_bytes`): class means in float32, two ``D x D`` precision matrices in
 float64 (the within-class one and the background one; float64 because an unshrunk covariance can have a condition
 number where float32 would spoil the distances) and the bank in float16. At the card's scale (707 classes, 1024-d,
-64 per class) that is 2.9 + 16.8 + 92.7 = 112.4 MB.
+64 per class) that is 2.9 + 16.8 + 92.7 = 112.3 MB.
 """
 
 from __future__ import annotations
@@ -221,9 +221,10 @@ class ClassStatistics:
         return method in EMBEDDING_METHODS and (method != "relative_mahalanobis" or self.background_mean is not None)
 
     def describe(self, method: str) -> str:
-        """The settings ``method`` scores with, in words: ``"oas (weight 0.031)"``, ``"k=1 of 640 (64/class)"``."""
+        """The settings ``method`` scores with, in words: ``"oas (weight 0.031)"``,
+        ``"k=1 of 640 (at most 64 per class)"``."""
         if method == "knn":
-            return f"k={self.neighbours} of {len(self.bank)} ({self.bank_per_class}/class)"
+            return f"k={self.neighbours} of {len(self.bank)} (at most {self.bank_per_class} per class)"
         if method in MAHALANOBIS_METHODS:
             weight = self.shrinkage_weights[0]
             name = self.shrinkage if isinstance(self.shrinkage, str) else "fixed"
