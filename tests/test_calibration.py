@@ -22,6 +22,7 @@ from birder.inference.calibration import (
     softmax,
 )
 from birder.inference.classification import infer_batch, infer_image
+from birder.inference.labeled import collect_outputs, labeled_photos
 from birder.inference.unknown import ClassStatistics, auroc, fpr_at_tpr, threshold_for_keep_rate, unknown_scores
 from birder.io.calibration import CALIBRATION_KEY, stats_path_for
 from birder.io.checkpoint import read_checkpoint
@@ -46,14 +47,23 @@ def single_thread() -> Iterator[None]:
 
 @pytest.fixture
 def model_and_photos(tmp_path: Path) -> tuple[Path, Path, Path]:
-    """A tiny (untrained) ViT saved as a file, and generated photos of its classes: ``(model, val, train)``."""
+    """A tiny ViT saved as a file, and generated photos of its classes: ``(model, val, train)``.
+
+    Its backbone is untrained; its head points at the (centred) class means of the training photos' embeddings,
+    so its logits favour the right class more often than not (a random head would not: no temperature fits a
+    model no better than chance) without being right on every photo (then none fits either)."""
     net = make_tiny_vit(num_classes=len(NAMES), size=SIZE, seed=1)
-    with torch.no_grad():
-        net.classifier.weight.mul_(40.0)  # spread the logits: far from uniform, so a temperature is measurable
-    info = birder.ModelInfo({name: index for (index, name) in enumerate(NAMES)}, None, RGB_STATS)
-    model = birder.save_model(net, tmp_path / "tiny.pt", info)
+    class_to_idx = {name: index for (index, name) in enumerate(NAMES)}
     val = make_class_folder(tmp_path / "val", CLASSES, per_class=6, size=32, seed=1)
     train = make_class_folder(tmp_path / "train", CLASSES, per_class=6, size=32, seed=2)
+    photos = labeled_photos(train, class_to_idx)
+    outputs = collect_outputs(net, birder.classification_transform(SIZE, RGB_STATS), photos.paths, photos.targets)
+    means = np.stack([outputs.embeddings[outputs.targets == index].mean(axis=0) for index in range(len(NAMES))])
+    centred = means - means.mean(axis=0)
+    with torch.no_grad():
+        net.classifier.weight.copy_(torch.from_numpy(2.0 * centred / np.linalg.norm(centred, axis=1, keepdims=True)))
+        net.classifier.bias.zero_()
+    model = birder.save_model(net, tmp_path / "tiny.pt", birder.ModelInfo(class_to_idx, None, RGB_STATS))
     return (model, val, train)
 
 
@@ -156,7 +166,7 @@ def test_calibration_leaves_the_state_dict_alone_and_travels_as_metadata(
     output = tmp_path / f"calibrated{suffix}"
     argv = ["--weights", str(model), "--val", str(val), "--train", str(train), "-o", str(output)]
     argv += ["--keep-known", "0.9", "--target-precision", "0.5", "--min-photos", "3", "-j", "0", "--no-progress"]
-    assert calibrate_script.main(argv) == 0
+    assert calibrate_script.main([*argv, "--unknown-method", "knn"]) == 0
     out = capsys.readouterr().out
     assert "temperature:" in out and "unknown test: knn" in out and str(stats_path_for(output)) in out
 
@@ -172,7 +182,7 @@ def test_calibration_leaves_the_state_dict_alone_and_travels_as_metadata(
     calibration = net.calibration
     assert calibration.temperature > 0 and calibration.temperature != 1.0
     assert calibration.unknown_method == "knn"
-    assert set(calibration.unknown_thresholds) == {"msp", "energy", "mahalanobis", "knn"}
+    assert set(calibration.unknown_thresholds) == {"msp", "energy", "mahalanobis", "relative_mahalanobis", "knn"}
     assert calibration.stats_path == stats_path_for(output)
     assert set(calibration.species_thresholds) <= set(NAMES)
 

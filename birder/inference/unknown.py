@@ -1,21 +1,34 @@
-"""The unknown test: a per-photo ``unknown_score`` (higher: less like the model's species), four ways.
+"""The unknown test: a per-photo ``unknown_score`` (higher: less like the model's species), five ways.
 
 - ``msp``: 1 - the maximum (calibrated) species probability;
 - ``energy``: -logsumexp of the raw logits (the negative free energy; low for inputs the network has seen the like of);
 - ``mahalanobis``: the smallest squared Mahalanobis distance of the embedding to a class mean, with one covariance
-  shared by all classes (shrunk towards a scaled identity so that it inverts with few photos per class);
-- ``knn``: 1 - the cosine similarity of the normalised embedding to its k-th nearest training embedding.
+  shared by all classes, shrunk towards a scaled identity by an amount estimated from the data (Ledoit-Wolf or
+  OAS, from scikit-learn) or not at all (``none``, offered only when the covariance is well-conditioned);
+- ``relative_mahalanobis``: that distance minus the distance to one Gaussian fitted to all training embeddings
+  (the same shrinkage): directions along which every class varies (lighting, background) count less;
+- ``knn``: 1 - the cosine similarity of the normalised embedding to its k-th nearest training embedding, in a bank of
+  at most ``bank_per_class`` training embeddings per class, searched exactly with faiss (``faiss.knn``, the flat
+  inner-product search of :mod:`birder.search`'s exact index; numpy when faiss is not installed).
 
-The two embedding methods need :class:`ClassStatistics`, computed from training photos by ``birder-calibrate
---train`` into the model's sidecar file. A threshold is chosen on known (validation) photos for a keep-rate
-(:func:`threshold_for_keep_rate`); a photo whose score is above it is ``unknown``. :func:`auroc` and
-:func:`fpr_at_tpr` measure how well a method separates known photos from photos of other classes.
+The embedding methods need :class:`ClassStatistics`, computed from training photos by ``birder-calibrate
+--train`` into the model's sidecar file. Which method is the default and its settings (shrinkage estimator, k) are
+chosen on the user's own photos by :mod:`birder.inference.unknown_choice`. A threshold is chosen on known
+(validation) photos for a keep-rate (:func:`threshold_for_keep_rate`); a photo whose score is above it is
+``unknown``. :func:`auroc` and :func:`fpr_at_tpr` measure how well a method separates known photos from photos of
+other classes.
+
+The sidecar's size is bounded (:func:`sidecar_bytes`): class means in float32, two ``D x D`` precision matrices in
+float64 (the within-class one and the background one; float64 because an unshrunk covariance can have a condition
+number where float32 would spoil the distances) and the bank in float16. At the card's scale (707 classes, 1024-d,
+64 per class) that is 2.9 + 16.8 + 92.7 = 112.3 MB.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -26,23 +39,113 @@ import torch
 from birder.errors import BirderError, CheckpointError
 from birder.io.calibration import read_stats_file, write_stats_file
 
-METHODS = ("msp", "energy", "mahalanobis", "knn")
-EMBEDDING_METHODS = ("mahalanobis", "knn")
-# Covariance shrinkage towards (trace / D) * I: a 1024-d covariance from a few photos per class is singular.
-DEFAULT_SHRINKAGE = 0.1
+METHODS = ("msp", "energy", "mahalanobis", "relative_mahalanobis", "knn")
+EMBEDDING_METHODS = ("mahalanobis", "relative_mahalanobis", "knn")
+MAHALANOBIS_METHODS = ("mahalanobis", "relative_mahalanobis")
+# How the shared covariance is shrunk towards (trace / D) * I: estimated from the data, or not at all
+SHRINKAGE_ESTIMATORS = ("ledoit_wolf", "oas", "none")
+DEFAULT_SHRINKAGE = "ledoit_wolf"
 DEFAULT_NEIGHBOURS = 5
-# Training embeddings kept per class for kNN: bounds the sidecar (707 classes x 32 x 1024 half floats = 46 MB).
-DEFAULT_BANK_PER_CLASS = 32
+# Training embeddings kept per class for kNN: bounds the sidecar (707 classes x 64 x 1024 half floats = 92.7 MB).
+DEFAULT_BANK_PER_CLASS = 64
+# An unshrunk covariance is used only below this condition number (float64 inverts it to about 1e-8 relative), and
+# only from at least as many photos (less one per class mean) as dimensions
+MAX_CONDITION = 1e8
+# Variance (relative to the largest) below which the embeddings are taken not to vary in a direction at all
+NULL_VARIANCE = 1e-10
+# Rows a covariance is estimated from (a seeded sample beyond): 50 per dimension at 1024-d, 400 MB of float64
+MAX_COVARIANCE_ROWS = 50_000
+# Up to this many queries kNN runs in numpy (one BLAS product); more go to faiss, which blocks and threads them
+_FEW_QUERIES = 8
+_CHUNK = 16_384
 
 FloatArray = npt.NDArray[np.floating]
 # What each score is computed from (the embedding methods: embeddings)
 _INPUTS = {"msp": "probabilities", "energy": "raw logits"}
 
 
-def _normalise(embeddings: FloatArray) -> npt.NDArray[np.float32]:
+def normalise(embeddings: FloatArray) -> npt.NDArray[np.float32]:
+    """Rows scaled to unit length, float32."""
     embeddings = np.asarray(embeddings, dtype=np.float32)
     norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
     return embeddings / np.maximum(norms, 1e-12)
+
+
+def sidecar_bytes(classes: int, dim: int, bank_per_class: int = DEFAULT_BANK_PER_CLASS) -> int:
+    """The most bytes of tensors a sidecar holds for ``classes`` classes of ``dim``-d embeddings (the safetensors
+    header adds a few kB): means, presence, two precision matrices, the background mean and the float16 bank."""
+    return classes * dim * 4 + classes + 2 * dim * dim * 8 + dim * 8 + classes * bank_per_class * dim * 2
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Covariance
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Covariance:
+    """A shared covariance as estimated, and its inverse."""
+
+    precision: npt.NDArray[np.float64]  # [D, D]
+    shrinkage: float  # the weight of the scaled identity (0: none)
+    condition: float  # of the estimated covariance
+
+
+def estimate_covariance(
+    centred: FloatArray, estimator: str | float, rng: np.random.Generator | None = None
+) -> Covariance:
+    """The covariance of rows already centred (on their class means, or on the mean of all), shrunk towards
+    ``(trace / D) * I``: by Ledoit-Wolf's or OAS's estimate of the amount (``"ledoit_wolf"``, ``"oas"``), not at all
+    (``"none"``), or by a given weight in [0, 1].
+
+    At most :data:`MAX_COVARIANCE_ROWS` rows are used (a seeded sample beyond).
+    """
+    from sklearn.covariance import OAS, LedoitWolf, empirical_covariance
+
+    rows = np.asarray(centred, dtype=np.float64)
+    if len(rows) > MAX_COVARIANCE_ROWS:
+        rng = rng or np.random.default_rng(0)
+        rows = rows[np.sort(rng.choice(len(rows), size=MAX_COVARIANCE_ROWS, replace=False))]
+    if estimator == "ledoit_wolf":
+        fitted = LedoitWolf(assume_centered=True, store_precision=False).fit(rows)
+        (covariance, shrinkage) = (fitted.covariance_, float(fitted.shrinkage_))
+    elif estimator == "oas":
+        fitted = OAS(assume_centered=True, store_precision=False).fit(rows)
+        (covariance, shrinkage) = (fitted.covariance_, float(fitted.shrinkage_))
+    elif estimator == "none":
+        (covariance, shrinkage) = (empirical_covariance(rows, assume_centered=True), 0.0)
+    elif isinstance(estimator, float | int) and not isinstance(estimator, bool) and 0.0 <= estimator <= 1.0:
+        empirical = empirical_covariance(rows, assume_centered=True)
+        scale = max(np.trace(empirical) / empirical.shape[0], 1e-12)
+        shrinkage = float(estimator)
+        covariance = (1.0 - shrinkage) * empirical + shrinkage * scale * np.eye(empirical.shape[0])
+    else:
+        raise BirderError(
+            f"unknown covariance shrinkage {estimator!r}; choose one of: {', '.join(SHRINKAGE_ESTIMATORS)} "
+            "or a weight in [0, 1]"
+        )
+    (precision, condition) = _inverse(covariance)
+    return Covariance(precision, shrinkage, condition)
+
+
+def _inverse(covariance: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float64], float]:
+    """The inverse of a symmetric covariance and its condition number.
+
+    Directions whose variance is below :data:`NULL_VARIANCE` of the largest are directions the embeddings never
+    vary in (a final LayerNorm leaves one: its outputs have a fixed weighted sum), so every embedding has the same
+    component there; they get no weight (the pseudo-inverse) and do not count in the condition number."""
+    (values, vectors) = np.linalg.eigh((covariance + covariance.T) / 2)
+    top = float(values.max())
+    if not top > 0:
+        raise BirderError("the training embeddings do not vary (a zero covariance): check the training photos")
+    kept = values > top * NULL_VARIANCE
+    condition = top / float(values[kept].min())
+    return ((vectors[:, kept] / values[kept]) @ vectors[:, kept].T, condition)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The class statistics
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -52,9 +155,17 @@ class ClassStatistics:
     class_names: list[str]
     means: npt.NDArray[np.float64]  # [C, D]; rows of classes without photos are unused
     present: npt.NDArray[np.bool_]  # [C]: the class had training photos
-    precision: npt.NDArray[np.float64]  # [D, D], the inverse of the shrunk shared covariance
+    precision: npt.NDArray[np.float64]  # [D, D], the inverse of the shrunk shared within-class covariance
     bank: npt.NDArray[np.float32]  # [N, D] normalised training embeddings
     neighbours: int = DEFAULT_NEIGHBOURS
+    # One Gaussian of all training embeddings, for relative_mahalanobis (None in sidecars of older releases)
+    background_mean: npt.NDArray[np.float64] | None = None  # [D]
+    background_precision: npt.NDArray[np.float64] | None = None  # [D, D]
+    shrinkage: str | float = DEFAULT_SHRINKAGE  # the estimator (or the fixed weight) of both covariances
+    shrinkage_weights: tuple[float, float] = (0.0, 0.0)  # the fitted weights: within-class, background
+    bank_per_class: int = DEFAULT_BANK_PER_CLASS
+    # Of the two estimated covariances (within-class, background); not stored: only the fit decides on them
+    conditions: tuple[float, float] = field(default=(float("nan"), float("nan")), compare=False)
 
     @classmethod
     def fit(
@@ -63,7 +174,7 @@ class ClassStatistics:
         targets: npt.NDArray[np.integer],
         class_names: Sequence[str],
         *,
-        shrinkage: float = DEFAULT_SHRINKAGE,
+        shrinkage: str | float = DEFAULT_SHRINKAGE,
         neighbours: int = DEFAULT_NEIGHBOURS,
         bank_per_class: int = DEFAULT_BANK_PER_CLASS,
     ) -> ClassStatistics:
@@ -72,23 +183,53 @@ class ClassStatistics:
         (count, dim) = embeddings.shape
         if count < 2:
             raise BirderError(f"class statistics need at least 2 training photos, got {count}")
+        if neighbours < 1 or bank_per_class < 1:
+            raise BirderError(f"kNN needs k >= 1 and >= 1 photo per class, got {neighbours} and {bank_per_class}")
 
         means = np.zeros((len(class_names), dim))
         present = np.zeros(len(class_names), dtype=bool)
-        bank_rows = []
         for index in np.unique(targets):
-            rows = np.flatnonzero(targets == index)
-            means[index] = embeddings[rows].mean(axis=0)
+            means[index] = embeddings[targets == index].mean(axis=0)
             present[index] = True
-            # Evenly spaced over the class's photos, not the first ones: folders are often in time order.
-            bank_rows.append(rows[np.linspace(0, len(rows) - 1, min(len(rows), bank_per_class)).round().astype(int)])
 
-        centred = embeddings - means[targets]
-        covariance = centred.T @ centred / count
-        scale = np.trace(covariance) / dim
-        shrunk = (1.0 - shrinkage) * covariance + shrinkage * max(scale, 1e-12) * np.eye(dim)
-        bank = _normalise(embeddings[np.unique(np.concatenate(bank_rows))])
-        return cls(list(class_names), means, present, np.linalg.inv(shrunk), bank, neighbours)
+        within = estimate_covariance(embeddings - means[targets], shrinkage)
+        background_mean = embeddings.mean(axis=0)
+        background = estimate_covariance(embeddings - background_mean, shrinkage)
+        conditions = (within.condition, background.condition)
+        if shrinkage == "none":  # fewer photos than dimensions: singular whatever its numbers say
+            conditions = tuple(
+                value if count - used >= dim else float("inf")
+                for (value, used) in zip(conditions, (int(present.sum()), 1), strict=True)
+            )
+        # Rounded as the sidecar stores them: thresholds fitted now give the same answers after a reload
+        return cls(
+            list(class_names),
+            means.astype(np.float32).astype(np.float64),
+            present,
+            within.precision,
+            knn_bank(embeddings, targets, bank_per_class),
+            neighbours,
+            background_mean,
+            background.precision,
+            shrinkage,
+            (within.shrinkage, background.shrinkage),
+            bank_per_class,
+            conditions,
+        )
+
+    def supports(self, method: str) -> bool:
+        return method in EMBEDDING_METHODS and (method != "relative_mahalanobis" or self.background_mean is not None)
+
+    def describe(self, method: str) -> str:
+        """The settings ``method`` scores with, in words: ``"oas (weight 0.031)"``,
+        ``"k=1 of 640 (at most 64 per class)"``."""
+        if method == "knn":
+            return f"k={self.neighbours} of {len(self.bank)} (at most {self.bank_per_class} per class)"
+        if method in MAHALANOBIS_METHODS:
+            weight = self.shrinkage_weights[0]
+            name = self.shrinkage if isinstance(self.shrinkage, str) else "fixed"
+            return name if name == "none" else f"{name} (weight {weight:.3g})"
+        return ""
 
     # Scores
 
@@ -107,12 +248,30 @@ class ClassStatistics:
         own = np.einsum("bd,de,be->b", embeddings, self.precision, embeddings)
         return (own[:, None] - 2.0 * (embeddings @ projected.T) + constant[None, :]).min(axis=1)
 
-    def knn(self, embeddings: FloatArray) -> npt.NDArray[np.float64]:
-        """1 - the cosine similarity to the k-th nearest training embedding, ``[B]``."""
-        similarity = _normalise(embeddings) @ self.bank.T
-        k = min(self.neighbours, self.bank.shape[0])
-        kth = -np.partition(-similarity, k - 1, axis=1)[:, k - 1]
-        return 1.0 - kth.astype(np.float64)
+    def relative_mahalanobis(self, embeddings: FloatArray) -> npt.NDArray[np.float64]:
+        """The smallest squared distance to a class mean minus the squared distance to the background Gaussian."""
+        if self.background_mean is None or self.background_precision is None:
+            raise CheckpointError(
+                "these class statistics have no background Gaussian (written by an older birder-calibrate): run "
+                "birder-calibrate --train again for relative_mahalanobis"
+            )
+        centred = np.asarray(embeddings, dtype=np.float64) - self.background_mean
+        background = np.einsum("bd,de,be->b", centred, self.background_precision, centred)
+        return self.mahalanobis(embeddings) - background
+
+    def knn(self, embeddings: FloatArray, neighbours: int | None = None) -> npt.NDArray[np.float64]:
+        """1 - the cosine similarity to the k-th nearest training embedding, ``[B]`` (k: ``self.neighbours``)."""
+        k = neighbours or self.neighbours
+        return 1.0 - nearest_similarities(self.bank, normalise(embeddings), k)[:, -1].astype(np.float64)
+
+    def score(self, method: str, embeddings: FloatArray) -> npt.NDArray[np.float64]:
+        if method == "mahalanobis":
+            return self.mahalanobis(embeddings)
+        if method == "relative_mahalanobis":
+            return self.relative_mahalanobis(embeddings)
+        if method == "knn":
+            return self.knn(embeddings)
+        raise BirderError(f"'{method}' is not an embedding unknown test ({', '.join(EMBEDDING_METHODS)})")
 
     # The sidecar file
 
@@ -120,10 +279,20 @@ class ClassStatistics:
         tensors = {
             "class_means": torch.from_numpy(self.means.astype(np.float32)),
             "class_present": torch.from_numpy(self.present.astype(np.uint8)),
-            "precision": torch.from_numpy(self.precision.astype(np.float32)),
+            "precision": torch.from_numpy(self.precision.astype(np.float64)),
             "knn_bank": torch.from_numpy(self.bank.astype(np.float16)),
         }
-        return write_stats_file(path, tensors, {"classes": self.class_names, "neighbours": self.neighbours})
+        if self.background_mean is not None and self.background_precision is not None:
+            tensors["background_mean"] = torch.from_numpy(self.background_mean.astype(np.float64))
+            tensors["background_precision"] = torch.from_numpy(self.background_precision.astype(np.float64))
+        info = {
+            "classes": self.class_names,
+            "neighbours": self.neighbours,
+            "shrinkage": self.shrinkage,
+            "shrinkage_weights": list(self.shrinkage_weights),
+            "bank_per_class": self.bank_per_class,
+        }
+        return write_stats_file(path, tensors, info)
 
     @classmethod
     def load(cls, path: str | Path, class_names: Sequence[str]) -> ClassStatistics:
@@ -131,6 +300,7 @@ class ClassStatistics:
         if info.get("classes") != list(class_names):
             raise CheckpointError(f"{path}: class statistics of other classes than the model's (calibrate again)")
         try:
+            background = tensors.get("background_mean"), tensors.get("background_precision")
             return cls(
                 list(class_names),
                 tensors["class_means"].double().numpy(),
@@ -138,9 +308,50 @@ class ClassStatistics:
                 tensors["precision"].double().numpy(),
                 tensors["knn_bank"].float().numpy(),
                 int(info.get("neighbours", DEFAULT_NEIGHBOURS)),
+                background[0].double().numpy() if background[0] is not None else None,
+                background[1].double().numpy() if background[1] is not None else None,
+                info.get("shrinkage", 0.1),  # older sidecars: the fixed weight they were fitted with
+                tuple(info.get("shrinkage_weights", (0.1, 0.1))),
+                int(info.get("bank_per_class", 32)),
             )
         except KeyError as err:
             raise CheckpointError(f"{path}: not a class-statistics file (no {err} tensor)") from None
+
+
+def knn_bank(embeddings: FloatArray, targets: npt.NDArray[np.integer], bank_per_class: int) -> npt.NDArray[np.float32]:
+    """The kNN bank: at most ``bank_per_class`` normalised embeddings of each class, evenly spaced over the class's
+    photos (not the first ones: folders are often in time order), rounded to float16 as the sidecar stores them."""
+    targets = np.asarray(targets)
+    rows = []
+    for index in np.unique(targets):
+        members = np.flatnonzero(targets == index)
+        rows.append(members[np.linspace(0, len(members) - 1, min(len(members), bank_per_class)).round().astype(int)])
+    bank = normalise(np.asarray(embeddings)[np.unique(np.concatenate(rows))])
+    return bank.astype(np.float16).astype(np.float32)
+
+
+def nearest_similarities(bank: npt.NDArray[np.float32], queries: npt.NDArray[np.float32], k: int) -> np.ndarray:
+    """The cosine similarities ``[Q, k']`` (``k' = min(k, len(bank))``) of each normalised query to its nearest rows
+    of the normalised ``bank``, most similar first: exact, by faiss's flat inner-product search when installed (a
+    bank of 45,000 x 1024 against thousands of queries: blocked BLAS and a heap per query), else by numpy."""
+    k = min(k, len(bank))
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if len(queries) > _FEW_QUERIES:
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its lines on which CPU build it loads
+        try:
+            import faiss
+        except ImportError:
+            pass
+        else:
+            (similarities, _) = faiss.knn(
+                queries, np.ascontiguousarray(bank, dtype=np.float32), k, metric=faiss.METRIC_INNER_PRODUCT
+            )
+            return similarities
+    best = np.full((len(queries), 0), -np.inf, dtype=np.float32)
+    for start in range(0, len(bank), _CHUNK):
+        similarities = np.concatenate([best, queries @ bank[start : start + _CHUNK].T], axis=1)
+        best = -np.partition(-similarities, k - 1, axis=1)[:, :k] if similarities.shape[1] > k else similarities
+    return -np.sort(-best, axis=1)
 
 
 def unknown_scores(
@@ -152,7 +363,7 @@ def unknown_scores(
     statistics: ClassStatistics | None = None,
 ) -> npt.NDArray[np.float64]:
     """The unknown score of each photo by ``method`` (higher: more likely unknown); it needs ``probabilities``
-    (``msp``), raw ``logits`` (``energy``) or ``embeddings`` and ``statistics`` (``mahalanobis``, ``knn``)."""
+    (``msp``), raw ``logits`` (``energy``) or ``embeddings`` and ``statistics`` (the embedding methods)."""
     needed = {"msp": probabilities, "energy": logits}.get(method, embeddings)
     if needed is None:
         raise BirderError(f"the '{method}' unknown test needs the photos' {_INPUTS.get(method, 'embeddings')}")
@@ -165,7 +376,7 @@ def unknown_scores(
     if method in EMBEDDING_METHODS:
         if statistics is None:
             raise BirderError(f"the '{method}' unknown test needs class statistics: run birder-calibrate with --train")
-        return statistics.mahalanobis(embeddings) if method == "mahalanobis" else statistics.knn(embeddings)
+        return statistics.score(method, embeddings)
 
     raise BirderError(f"unknown method '{method}'; choose one of: {', '.join(METHODS)}")
 

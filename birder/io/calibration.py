@@ -2,9 +2,9 @@
 
 ``birder-calibrate`` writes a copy of a model whose state dict is unchanged and whose metadata gains one key,
 ``calibration``: a JSON string (in ``.pt`` files too, so both formats hold the same text) with the temperature,
-the per-species thresholds and the unknown test. The published Birder ignores extra keys, so the file still loads
-there with the same weights. The embedding statistics of the unknown test (class means, shared precision matrix,
-a bank of normalised training embeddings) are too large for metadata; they go to a sidecar
+the per-species thresholds, the unknown test and how it was chosen. The published Birder ignores extra keys, so
+the file still loads there with the same weights. The embedding statistics of the unknown test (class means, shared
+precision matrices, a bank of normalised training embeddings) are too large for metadata; they go to a sidecar
 ``<model stem>.stats.safetensors`` beside the model file, named in the metadata.
 
 A calibration belongs to the weights it was fitted on: it records a digest of the classifier head, and a file
@@ -50,6 +50,11 @@ class Calibration:
     keep_known: float | None = None
     stats_file: str | None = None  # the sidecar's file name, beside the model file
     head_digest: str | None = None
+    # Why no temperature was fitted (T = 1 kept), e.g. every validation photo predicted right; None when fitted
+    temperature_note: str | None = None
+    # How the unknown test was chosen on the user's photos (birder.inference.unknown_choice.UnknownChoice.record):
+    # the folds, the choice and every candidate's AUROC per fold; None when not chosen
+    unknown_selection: dict[str, Any] | None = None
     # Where the sidecar is on this machine: resolved when the model is loaded, never stored.
     stats_path: Path | None = field(default=None, compare=False)
 

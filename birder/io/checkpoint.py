@@ -108,7 +108,9 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             raw_metadata = handle.metadata() or {}
-            state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
+            # Cloned: the tensors read sit at the header's 8-byte offsets, and the CPU kernels round differently on
+            # unaligned weights (logits 1e-7 off those of the same weights from a .pt); clones are 64-byte aligned
+            state = {key: handle.get_tensor(key).clone() for key in handle.keys()}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path}: truncated or not a safetensors file ({err})") from None
 

@@ -4,9 +4,12 @@
    a user can make is found here, before anything is written.
 2. One pass over the validation photos (and the training photos) for the raw logits and embeddings
    (:mod:`birder.inference.labeled`).
-3. Fit: the temperature (:func:`~birder.inference.calibration.fit_temperature`); with ``target_precision`` the
-   per-species thresholds on the calibrated probabilities; with ``train`` the class statistics of the embedding
-   unknown tests; with ``keep_known`` (or ``unknown_threshold``) the unknown thresholds on the validation photos.
+3. Fit: the temperature (:func:`~birder.inference.calibration.fit_temperature_checked`: too few photos, or labels
+   the logits do not favour, are refused); with ``target_precision`` the per-species thresholds on the calibrated
+   probabilities; the unknown test and its settings, chosen on folds of held-out classes
+   (:mod:`birder.inference.unknown_choice`); with ``train`` the class statistics of the embedding unknown tests, with
+   the chosen shrinkage and k; with ``keep_known`` (or ``unknown_threshold``) the unknown thresholds on the
+   validation photos.
 4. Write, each atomically: the class statistics to ``<output stem>.stats.safetensors``, then the model to
    ``output`` with the calibration in its metadata (:mod:`birder.io.calibration`). The state dict is the input's,
    unchanged; the input file is never written to.
@@ -19,6 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from birder.errors import BirderError
 from birder.inference.calibration import (
@@ -26,18 +30,22 @@ from birder.inference.calibration import (
     ThresholdFit,
     calibration_metrics,
     fit_species_thresholds,
-    fit_temperature,
+    fit_temperature_checked,
     softmax,
 )
 from birder.inference.labeled import LabeledPhotos, ModelOutputs, collect_outputs
 from birder.inference.model import load_for_inference
 from birder.inference.unknown import (
+    DEFAULT_BANK_PER_CLASS,
+    DEFAULT_NEIGHBOURS,
+    DEFAULT_SHRINKAGE,
     EMBEDDING_METHODS,
     METHODS,
     ClassStatistics,
     threshold_for_keep_rate,
     unknown_scores,
 )
+from birder.inference.unknown_choice import DEFAULT_FOLDS, SelectionError, UnknownChoice, choose_unknown_test
 from birder.io.calibration import Calibration, head_digest, stats_path_for
 from birder.io.checkpoint import CHECKPOINT_FORMATS, checkpoint_format, is_export_file
 from birder.io.outputs import check_output_file
@@ -61,8 +69,11 @@ class CalibrateOptions:
     target_precision: float | None = None  # per-species thresholds for this precision
     min_photos: int = 10  # fewer predictions of a species: it keeps the global threshold
     keep_known: float | None = None  # unknown thresholds keeping this share of known validation photos
-    unknown_method: str | None = None  # default: knn with --train, else msp
+    unknown_method: str | None = None  # None or "auto": the best on folds of held-out classes; else forced
     unknown_threshold: float | None = None  # the unknown method's threshold, given directly
+    unknown_folds: int = DEFAULT_FOLDS  # folds over classes for the choice of the unknown test
+    bank_per_class: int = DEFAULT_BANK_PER_CLASS  # training embeddings kept per class for knn
+    seed: int = 0  # of the folds' draw of classes
     batch_size: int = 32
     workers: int = DEFAULT_WORKERS
     device: str = "auto"
@@ -76,6 +87,8 @@ class CalibrationReport:
     before: CalibrationMetrics  # on the validation photos, T = 1
     after: CalibrationMetrics  # with the fitted temperature
     thresholds: ThresholdFit | None
+    choice: UnknownChoice | None  # how the unknown test was chosen (None: not possible, see choice_note)
+    choice_note: str | None  # why there was no choice, and what was used instead
     val_photos: int
     train_photos: int
     unreadable: int
@@ -96,7 +109,7 @@ def calibrate_model_file(options: CalibrateOptions) -> CalibrationReport:
     class_names = loaded.class_names
     val_photos = labeled_or_reviewed_photos(options.val, info.class_to_idx)
     train_photos = labeled_or_reviewed_photos(options.train, info.class_to_idx) if options.train is not None else None
-    method = _unknown_method(options)
+    forced = _forced_unknown_method(options)
 
     transform = loaded.transform
 
@@ -117,18 +130,29 @@ def calibrate_model_file(options: CalibrateOptions) -> CalibrationReport:
         raise BirderError(f"{options.val}: none of the {len(val_photos.paths)} photos could be read")
     train = outputs(train_photos, "training") if train_photos is not None else None
 
-    temperature = fit_temperature(val.logits, val.targets)
-    probabilities = softmax(val.logits, temperature)
+    fit = fit_temperature_checked(val.logits, val.targets, source=f"--val {options.val}")
+    probabilities = softmax(val.logits, fit.temperature)
     thresholds = None
     if options.target_precision is not None:
         thresholds = fit_species_thresholds(
             probabilities, val.targets, class_names, options.target_precision, min_photos=options.min_photos
         )
-    statistics = ClassStatistics.fit(train.embeddings, train.targets, class_names) if train is not None else None
+    (choice, choice_note) = _choose(options, val, train, class_names, fit.temperature, forced, loaded.device)
+    statistics = None
+    if train is not None:
+        statistics = ClassStatistics.fit(
+            train.embeddings,
+            train.targets,
+            class_names,
+            shrinkage=choice.shrinkage if choice is not None else DEFAULT_SHRINKAGE,
+            neighbours=choice.neighbours if choice is not None else DEFAULT_NEIGHBOURS,
+            bank_per_class=options.bank_per_class,
+        )
     stats_path = stats_path_for(output) if statistics is not None else None
+    method = _unknown_method(options, forced, choice)
 
     calibration = Calibration(
-        temperature=temperature,
+        temperature=fit.temperature,
         species_thresholds=thresholds.thresholds if thresholds is not None else {},
         target_precision=options.target_precision,
         unknown_method=method,
@@ -136,6 +160,8 @@ def calibrate_model_file(options: CalibrateOptions) -> CalibrationReport:
         keep_known=options.keep_known,
         stats_file=stats_path.name if stats_path is not None else None,
         head_digest=head_digest(net.state_dict()),
+        temperature_note=fit.note,
+        unknown_selection=choice.record() if choice is not None else None,
     )
 
     if statistics is not None:
@@ -145,8 +171,10 @@ def calibrate_model_file(options: CalibrateOptions) -> CalibrationReport:
     return CalibrationReport(
         calibration=replace(calibration, stats_path=stats_path),
         before=calibration_metrics(val.logits, val.targets),
-        after=calibration_metrics(val.logits, val.targets, temperature),
+        after=calibration_metrics(val.logits, val.targets, fit.temperature),
         thresholds=thresholds,
+        choice=choice,
+        choice_note=choice_note,
         val_photos=len(val),
         train_photos=len(train) if train is not None else 0,
         unreadable=len(val.unreadable) + (len(train.unreadable) if train is not None else 0),
@@ -171,24 +199,64 @@ def _check_options(options: CalibrateOptions) -> Path:
             raise BirderError(f"{option} must be in (0, 1], got {value}")
     if options.min_photos < 1:
         raise BirderError(f"--min-photos must be at least 1, got {options.min_photos}")
+    if options.unknown_folds < 2:
+        raise BirderError(f"--unknown-folds must be at least 2, got {options.unknown_folds}")
+    if options.bank_per_class < 1:
+        raise BirderError(f"--bank-per-class must be at least 1, got {options.bank_per_class}")
     return output
 
 
-def _unknown_method(options: CalibrateOptions) -> str | None:
-    """The unknown test the calibrated model applies by default (None: none)."""
-    if options.keep_known is None and options.unknown_threshold is None:
-        if options.unknown_method is not None:
-            raise BirderError(
-                "--unknown-method needs --keep-known (a keep-rate of known photos) or --unknown-threshold"
-            )
-        return None
-
-    method = options.unknown_method or ("knn" if options.train is not None else "msp")
-    if method not in METHODS:
-        raise BirderError(f"unknown method '{method}'; choose one of: {', '.join(METHODS)}")
+def _forced_unknown_method(options: CalibrateOptions) -> str | None:
+    """The method ``--unknown-method`` forces (None: the best on the folds), checked before any photo is read."""
+    method = None if options.unknown_method in (None, "auto") else options.unknown_method
+    if method is not None and options.keep_known is None and options.unknown_threshold is None:
+        raise BirderError("--unknown-method needs --keep-known (a keep-rate of known photos) or --unknown-threshold")
+    if method is not None and method not in METHODS:
+        raise BirderError(f"unknown method '{method}'; choose one of: auto, {', '.join(METHODS)}")
     if method in EMBEDDING_METHODS and options.train is None:
         raise BirderError(f"the '{method}' unknown test needs class statistics: pass --train with training photos")
+    if options.unknown_threshold is not None and method is None:
+        raise BirderError("--unknown-threshold needs --unknown-method: a threshold belongs to one method's score")
     return method
+
+
+def _choose(
+    options: CalibrateOptions,
+    val: ModelOutputs,
+    train: ModelOutputs | None,
+    class_names: list[str],
+    temperature: float,
+    forced: str | None,
+    device: torch.device,
+) -> tuple[UnknownChoice | None, str | None]:
+    """The unknown test chosen on folds of held-out classes, or None and why (too few classes: the defaults)."""
+    try:
+        choice = choose_unknown_test(
+            val,
+            class_names,
+            train=train,
+            temperature=temperature,
+            folds=options.unknown_folds,
+            seed=options.seed,
+            bank_per_class=options.bank_per_class,
+            forced=forced,
+            device=device,
+        )
+    except SelectionError as err:
+        default = forced or ("knn" if train is not None else "msp")
+        return (None, f"{err}; using {default}, shrinkage {DEFAULT_SHRINKAGE}, k = {DEFAULT_NEIGHBOURS}")
+    return (choice, None)
+
+
+def _unknown_method(options: CalibrateOptions, forced: str | None, choice: UnknownChoice | None) -> str | None:
+    """The unknown test the calibrated model applies by default (None: none)."""
+    if options.keep_known is None and options.unknown_threshold is None:
+        return None
+    if forced is not None:
+        return forced
+    if choice is not None:
+        return choice.chosen.method
+    return "knn" if options.train is not None else "msp"
 
 
 def _unknown_thresholds(

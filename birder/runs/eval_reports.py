@@ -3,7 +3,8 @@
 - calibration: ECE, NLL and Brier score before (``T = 1``) and after the model's temperature, and a reliability
   diagram (:func:`calibration_report`);
 - unknown detection (``--unknown-dir``: photos of classes outside the model): AUROC and FPR at 95 % TPR of each
-  unknown-test method (:func:`unknown_detection`);
+  unknown-test method with the settings ``birder-calibrate`` chose, beside the AUROC it measured on its folds of
+  held-out classes, the chosen method marked (:func:`unknown_detection`);
 - taxonomic fallback (``--taxonomy``): for a range of thresholds, the precision of the emitted labels and the share
   of photos answered at each rank (:func:`taxonomy_coverage`).
 
@@ -26,6 +27,7 @@ from birder.inference.decision import model_calibration
 from birder.inference.labeled import ModelOutputs, collect_outputs
 from birder.inference.taxonomy import RANKS, CoverageRow, Taxonomy, coverage_table
 from birder.inference.unknown import EMBEDDING_METHODS, METHODS, ClassStatistics, auroc, fpr_at_tpr, unknown_scores
+from birder.io.calibration import Calibration
 from birder.plots import save_coverage_png, save_reliability_diagram_png
 from birder.training.evaluation import CheckpointScores, write_csv
 
@@ -100,16 +102,24 @@ class DetectionRow:
     method: str
     auroc: float
     fpr_at_95_tpr: float
+    settings: str = ""  # e.g. "k=1 of 640 (at most 64 per class)", "oas (weight 0.031)"
+    fold_auroc: float = float("nan")  # birder-calibrate's estimate on held-out classes, for these settings
+    chosen: bool = False  # the calibrated model's own unknown test
 
 
 def unknown_detection(
-    known: ModelOutputs, unknown: ModelOutputs, temperature: float = 1.0, statistics: ClassStatistics | None = None
+    known: ModelOutputs,
+    unknown: ModelOutputs,
+    temperature: float = 1.0,
+    statistics: ClassStatistics | None = None,
+    calibration: Calibration | None = None,
 ) -> list[DetectionRow]:
     """Each method's separation of ``known`` photos (the model's classes) from ``unknown`` ones; the embedding
-    methods only with class statistics."""
+    methods only with class statistics (with the settings they hold). ``calibration`` adds the fold AUROC of each
+    method's settings and marks the model's own method."""
     rows = []
     for method in METHODS:
-        if method in EMBEDDING_METHODS and statistics is None:
+        if method in EMBEDDING_METHODS and (statistics is None or not statistics.supports(method)):
             continue
 
         def scores(outputs: ModelOutputs, method: str = method) -> np.ndarray:
@@ -124,21 +134,51 @@ def unknown_detection(
         (known_scores, unknown_scores_) = (scores(known), scores(unknown))
         rows.append(
             DetectionRow(
-                method, auroc(known_scores, unknown_scores_), fpr_at_tpr(known_scores, unknown_scores_, KEEP_RATE)
+                method,
+                auroc(known_scores, unknown_scores_),
+                fpr_at_tpr(known_scores, unknown_scores_, KEEP_RATE),
+                statistics.describe(method) if statistics is not None else "",
+                _fold_auroc(calibration, method, statistics),
+                calibration is not None and calibration.unknown_method == method,
             )
         )
     return rows
 
 
+def _fold_auroc(calibration: Calibration | None, method: str, statistics: ClassStatistics | None) -> float:
+    """The mean fold AUROC ``birder-calibrate`` recorded for ``method`` with the settings it scores with here."""
+    selection = calibration.unknown_selection if calibration is not None else None
+    if not selection:
+        return float("nan")
+    settings: dict[str, object] = {}
+    if method == "knn" and statistics is not None:
+        settings = {"neighbours": statistics.neighbours}
+    elif method in EMBEDDING_METHODS and statistics is not None:
+        settings = {"shrinkage": statistics.shrinkage}
+    for candidate in selection.get("candidates", []):
+        if candidate.get("method") == method and candidate.get("settings") == settings:
+            mean = candidate.get("mean")
+            return float(mean) if mean is not None else float("nan")
+    return float("nan")
+
+
 def format_detection(rows: Sequence[DetectionRow], known: int, unknown: int) -> str:
-    lines = [f"unknown detection ({known} known, {unknown} unknown photos):", "  method       AUROC  FPR@95%TPR"]
-    lines += [f"  {row.method:<11}  {_number(row.auroc)}  {_number(row.fpr_at_95_tpr)}" for row in rows]
+    lines = [
+        f"unknown detection ({known} known, {unknown} unknown photos):",
+        f"    {'method':<22}{'AUROC':>6}  FPR@95%TPR  fold AUROC  settings (* the model's own test)",
+    ]
+    lines += [
+        f"  {'*' if row.chosen else ' '} {row.method:<22}{_number(row.auroc)}  {_number(row.fpr_at_95_tpr):>10}  "
+        f"{_number(row.fold_auroc):>10}  {row.settings}".rstrip()
+        for row in rows
+    ]
     return "\n".join(lines)
 
 
 def write_detection(rows: Sequence[DetectionRow], output_dir: str | Path) -> list[Path]:
-    table = [[row.method, row.auroc, row.fpr_at_95_tpr] for row in rows]
-    return [_write_csv(Path(output_dir) / "unknown_detection.csv", ["method", "auroc", "fpr_at_95_tpr"], table)]
+    header = ["method", "auroc", "fpr_at_95_tpr", "settings", "fold_auroc", "chosen"]
+    table = [[row.method, row.auroc, row.fpr_at_95_tpr, row.settings, row.fold_auroc, int(row.chosen)] for row in rows]
+    return [_write_csv(Path(output_dir) / "unknown_detection.csv", header, table)]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -240,7 +280,7 @@ def answer_reports(
         statistics = None
         if calibration is not None and calibration.stats_path is not None and calibration.stats_path.is_file():
             statistics = ClassStatistics.load(calibration.stats_path, scores.class_names)
-        detection = unknown_detection(scores.outputs, unknown, temperature, statistics)
+        detection = unknown_detection(scores.outputs, unknown, temperature, statistics, calibration)
         counts = (len(scores.outputs), len(unknown))
     coverage = None
     if taxonomy is not None:

@@ -18,7 +18,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from birder.inference.unknown import METHODS
+from birder.inference.unknown import DEFAULT_BANK_PER_CLASS, METHODS
+from birder.inference.unknown_choice import DEFAULT_FOLDS
 from birder.runs.calibrate import PROG, CalibrateOptions, CalibrationReport, calibrate_model_file
 from birder.runs.predict import DEFAULT_WORKERS
 from birder.scripts.common import add_run_arguments, model_command_parser
@@ -50,11 +51,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep-known", type=float, metavar="R", help="unknown thresholds keeping a share R of known photos"
     )
     fit.add_argument(
-        "--unknown-method", choices=METHODS, help="default unknown test (default: knn with --train, else msp)"
+        "--unknown-method",
+        choices=("auto", *METHODS),
+        default="auto",
+        help="default unknown test (auto, the default: the best on folds of held-out classes, printed as a table)",
     )
     fit.add_argument(
         "--unknown-threshold", type=float, metavar="S", help="the unknown test's threshold, given directly"
     )
+    fit.add_argument(
+        "--unknown-folds",
+        type=int,
+        default=DEFAULT_FOLDS,
+        metavar="N",
+        help=f"folds over classes for choosing the unknown test (default: {DEFAULT_FOLDS})",
+    )
+    fit.add_argument(
+        "--bank-per-class",
+        type=int,
+        default=DEFAULT_BANK_PER_CLASS,
+        metavar="N",
+        help=f"training embeddings kept per class for knn (default: {DEFAULT_BANK_PER_CLASS})",
+    )
+    fit.add_argument("--seed", type=int, default=0, help="seed of the folds' draw of classes (default: 0)")
 
     add_run_arguments(parser, batch_size=32, num_workers=DEFAULT_WORKERS)
     return parser
@@ -69,7 +88,8 @@ def format_report(report: CalibrationReport) -> str:
     lines = [
         f"validation photos: {report.val_photos}, training photos: {report.train_photos}, "
         f"unreadable: {report.unreadable}",
-        f"temperature: {calibration.temperature:.4f}",
+        f"temperature: {calibration.temperature:.4f}"
+        + (f" ({calibration.temperature_note})" if calibration.temperature_note else ""),
         f"  validation ECE {before.ece:.4f} -> {after.ece:.4f}, NLL {before.nll:.4f} -> {after.nll:.4f}, "
         f"Brier {before.brier:.4f} -> {after.brier:.4f}",
     ]
@@ -82,6 +102,10 @@ def format_report(report: CalibrationReport) -> str:
             lines.append(f"  {len(fit.too_few)} with too few photos keep the global threshold: {_names(fit.too_few)}")
         if fit.unreachable:
             lines.append(f"  {len(fit.unreachable)} never reach it (threshold 1.0): {_names(fit.unreachable)}")
+    if report.choice is not None:
+        lines.append(report.choice.format())
+    if report.choice_note is not None:
+        lines.append(f"unknown test not chosen: {report.choice_note}")
     if calibration.unknown_method is not None:
         fitted = ", ".join(f"{name} {value:.6g}" for (name, value) in calibration.unknown_thresholds.items())
         lines.append(f"unknown test: {calibration.unknown_method}; thresholds: {fitted}")

@@ -1,0 +1,410 @@
+"""Does the unknown test ``birder-calibrate`` picks on folds of held-out classes hold on true unknowns?
+
+    python -m benchmarks.unknown_choice [--datasets shapes glyphs digits] [--seeds 0] [--workdir DIR] [--output FILE]
+
+For each data set, as a user would: ``birder-train`` (the library's trainer) trains a small ViT on the known
+classes; ``birder-calibrate --train --val --keep-known 0.95`` (:func:`calibrate_model_file`) chooses the unknown
+test on folds over the known classes; then every candidate is measured on the true unknowns: test photos of the
+known classes against photos of classes the model never saw (AUROC, as ``birder-eval --unknown-dir`` does, which
+is also run on the calibrated file for the chosen method).
+
+Reported per data set: each candidate's fold AUROC (mean ± sd, what the choice saw) beside its AUROC on the true
+unknowns; the chosen candidate's true AUROC against the best candidate's (target: within 0.01) and against today's
+default (``knn``, 32 training photos per class, k = 5) by the margin measured; the true AUROC of the best knn at
+banks of 32, 64, 128 photos per class and all of them (what the sidecar's cap costs); the sidecar's size at the
+card's scale (707 classes, 1024-d).
+
+Data sets, three generators built in different ways:
+
+- ``shapes``: the project's own generator (:mod:`benchmarks.synthetic`): filled shapes in colour pairs on cluttered
+  textured backgrounds, 32 px; 24 known classes, 12 unknown ones (other shape and colour combinations);
+- ``glyphs``: drawn here: ink strokes (cubic Bezier curves) on paper, each class a random template of 2-3 strokes,
+  each photo the template jittered, rotated, scaled, sheared, with its own pen width and ink, 40 px, grey; 20 known
+  classes, 12 unknown;
+- ``digits``: real handwritten digits (scikit-learn's bundled 8 x 8 scans of 1,797 digits, no download) scaled to
+  32 px; 7 known digits, the other 3 unknown (the issue's set-up).
+
+The candidate grid and the fold settings were settled on ``shapes`` alone; ``glyphs`` and ``digits`` were run once
+the code was final. Each seed draws the data, the split of classes and the training anew.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFilter
+
+import birder
+from benchmarks.synthetic import MAX_CLASSES, class_name, make_class_folder
+from birder.inference.calibration import softmax
+from birder.inference.dataset import discover_images
+from birder.inference.labeled import ModelOutputs, collect_outputs, labeled_photos
+from birder.inference.optimize import cpu_model
+from birder.inference.unknown import (
+    DEFAULT_BANK_PER_CLASS,
+    MAHALANOBIS_METHODS,
+    ClassStatistics,
+    auroc,
+    sidecar_bytes,
+    unknown_scores,
+)
+from birder.inference.unknown_choice import Candidate
+from birder.io.atomic import atomic_write_path
+from birder.io.calibration import stats_path_for
+from birder.runs.calibrate import CalibrateOptions, calibrate_model_file
+from birder.runs.eval_reports import unknown_detection
+from birder.training.classification import TrainConfig, train_classifier
+
+DATASETS = ("shapes", "glyphs", "digits")
+TARGET_GAP = 0.01
+# Today's default (before the choice): knn over 32 training photos per class, k = 5
+TODAY = {"method": "knn", "neighbours": 5, "bank_per_class": 32, "shrinkage": 0.1}
+BANK_STUDY = (32, 64, 128, None)  # None: every training photo
+CARD = {"classes": 707, "dim": 1024}
+NETWORK = ("vit_b16", {"hidden_dim": 64, "num_layers": 3, "num_heads": 4, "mlp_dim": 128, "patch_size": 8})
+TINY_NETWORK = ("vit_b16", {"hidden_dim": 16, "num_layers": 1, "num_heads": 2, "mlp_dim": 32, "patch_size": 8})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _shapes(root: Path, seed: int, per_class: dict[str, int]) -> tuple[int, list[str]]:
+    """``benchmarks.synthetic``: 24 known and 12 unknown rendered classes drawn from its 64."""
+    order = np.random.default_rng(seed).permutation(MAX_CLASSES)
+    (known, unknown) = ([int(c) for c in order[:24]], [int(c) for c in order[24:36]])
+    for offset, split in enumerate(("train", "val", "test")):
+        make_class_folder(root / split, known, per_class[split], size=32, seed=seed * 10 + offset)
+    make_class_folder(root / "unknown", unknown, per_class["unknown"], size=32, seed=seed * 10 + 3)
+    return (32, [class_name(c) for c in known])
+
+
+def _glyph_template(rng: np.random.Generator) -> list[np.ndarray]:
+    """2-3 strokes, each a cubic Bezier curve: 4 control points in the unit square."""
+    return [rng.uniform(0.12, 0.88, size=(4, 2)) for _ in range(int(rng.integers(2, 4)))]
+
+
+def _glyph(template: list[np.ndarray], size: int, rng: np.random.Generator) -> Image.Image:
+    scale = 4  # drawn large, then reduced: smooth strokes
+    canvas = size * scale
+    paper = rng.uniform(200, 245) + rng.normal(0, 6, size=(canvas, canvas))
+    image = Image.fromarray(np.clip(paper, 0, 255).astype(np.uint8)).convert("RGB")
+    draw = ImageDraw.Draw(image)
+    angle = rng.uniform(-0.3, 0.3)
+    (zoom, shear) = (rng.uniform(0.8, 1.1), rng.uniform(-0.25, 0.25))
+    transform = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    transform = zoom * transform @ np.array([[1.0, shear], [0.0, 1.0]])
+    shift = rng.uniform(-0.06, 0.06, size=2)
+    ink = tuple(int(c) for c in rng.integers(0, 70, size=3))
+    width = round(rng.uniform(1.2, 3.0) * scale)
+    steps = np.linspace(0, 1, 40)[:, None]
+    for stroke in template:
+        points = stroke + rng.normal(0, 0.035, size=stroke.shape)
+        (p0, p1, p2, p3) = points
+        curve = (1 - steps) ** 3 * p0 + 3 * (1 - steps) ** 2 * steps * p1 + 3 * (1 - steps) * steps**2 * p2
+        curve = curve + steps**3 * p3
+        curve = (curve - 0.5) @ transform.T + 0.5 + shift
+        draw.line([tuple(point) for point in curve * canvas], fill=ink, width=width, joint="curve")
+    image = image.filter(ImageFilter.GaussianBlur(scale * 0.4)).resize((size, size), Image.Resampling.LANCZOS)
+    return image
+
+
+def _glyphs(root: Path, seed: int, per_class: dict[str, int]) -> tuple[int, list[str]]:
+    """Stroke glyphs (module docstring): 20 known and 12 unknown classes at 40 px."""
+    rng = np.random.default_rng(1000 + seed)
+    templates = [_glyph_template(rng) for _ in range(32)]
+    names = [f"glyph_{i:02d}" for i in range(32)]
+    for split in ("train", "val", "test", "unknown"):
+        classes = range(20, 32) if split == "unknown" else range(20)
+        for index in classes:
+            folder = root / split / names[index]
+            folder.mkdir(parents=True, exist_ok=True)
+            for number in range(per_class[split]):
+                _glyph(templates[index], 40, rng).save(folder / f"{number:03d}.png")
+    return (40, names[:20])
+
+
+def _digits(root: Path, seed: int, per_class: dict[str, int]) -> tuple[int, list[str]]:
+    """scikit-learn's handwritten digits at 32 px: 7 known digits, 3 unknown (which ones: from the seed)."""
+    from sklearn.datasets import load_digits
+
+    (images, labels) = load_digits(return_X_y=True)
+    rng = np.random.default_rng(2000 + seed)
+    digits = rng.permutation(10)
+    known = sorted(int(d) for d in digits[:7])
+    for digit in range(10):
+        rows = rng.permutation(np.flatnonzero(labels == digit))
+        if digit in known:
+            (train_count, val_count) = (per_class["train"], per_class["val"])
+            splits = {"train": rows[:train_count], "val": rows[train_count : train_count + val_count]}
+            splits["test"] = rows[train_count + val_count :]
+        else:
+            splits = {"unknown": rows}
+        for split, chosen in splits.items():
+            folder = root / split / f"digit_{digit}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for number, row in enumerate(chosen):
+                pixels = (255 - images[row].reshape(8, 8) * 255 / 16).astype(np.uint8)  # dark ink on white
+                Image.fromarray(pixels).convert("RGB").resize((32, 32), Image.Resampling.BILINEAR).save(
+                    folder / f"{number:03d}.png"
+                )
+    return (32, [f"digit_{d}" for d in known])
+
+
+MAKERS = {"shapes": _shapes, "glyphs": _glyphs, "digits": _digits}
+PER_CLASS = {
+    "shapes": {"train": 60, "val": 20, "test": 20, "unknown": 20},
+    "glyphs": {"train": 60, "val": 20, "test": 20, "unknown": 20},
+    "digits": {"train": 100, "val": 30, "test": 0, "unknown": 0},  # test: the rest; unknown: all of those digits
+}
+TINY_PER_CLASS = {"train": 6, "val": 4, "test": 3, "unknown": 3}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One data set
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _outputs(net: torch.nn.Module, info: birder.ModelInfo, folder: Path, labelled: bool) -> ModelOutputs:
+    transform = birder.classification_transform(birder.get_size_from_signature(info.signature), info.rgb_stats)
+    if labelled:
+        photos = labeled_photos(folder, info.class_to_idx)
+        return collect_outputs(net, transform, photos.paths, photos.targets)
+    return collect_outputs(net, transform, discover_images([folder]))
+
+
+def _true_auroc(
+    candidate: Candidate,
+    train: ModelOutputs,
+    test: ModelOutputs,
+    unknown: ModelOutputs,
+    names: list[str],
+    temperature: float,
+    bank_per_class: int,
+    fitted: dict[tuple[str, int], ClassStatistics],
+) -> float:
+    """The candidate's AUROC of known test photos against the true unknowns, fitted on every training photo."""
+    if candidate.method in ("msp", "energy"):
+
+        def score(outputs: ModelOutputs) -> np.ndarray:
+            return unknown_scores(
+                candidate.method, probabilities=softmax(outputs.logits, temperature), logits=outputs.logits
+            )
+
+        return auroc(score(test), score(unknown))
+    shrinkage = candidate.shrinkage if candidate.method in MAHALANOBIS_METHODS else "ledoit_wolf"
+    key = (str(shrinkage), bank_per_class)
+    if key not in fitted:
+        fitted[key] = ClassStatistics.fit(
+            train.embeddings, train.targets, names, shrinkage=shrinkage, bank_per_class=bank_per_class
+        )
+    statistics = fitted[key]
+    if candidate.method == "knn":
+        return auroc(
+            statistics.knn(test.embeddings, candidate.neighbours),
+            statistics.knn(unknown.embeddings, candidate.neighbours),
+        )
+    return auroc(
+        statistics.score(candidate.method, test.embeddings), statistics.score(candidate.method, unknown.embeddings)
+    )
+
+
+def run_dataset(name: str, seed: int, workdir: Path, epochs: int, tiny: bool) -> dict:
+    root = workdir / f"{name}_seed{seed}"
+    per_class = TINY_PER_CLASS if tiny else PER_CLASS[name]
+    marker = root / "data.json"
+    if not marker.is_file():
+        (size, names) = MAKERS[name](root, seed, per_class)
+        marker.write_text(json.dumps({"size": size, "names": names}))
+    (size, names) = (json.loads(marker.read_text())["size"], json.loads(marker.read_text())["names"])
+
+    started = time.perf_counter()
+    trained = root / "model.txt"  # the trained model's path, once trained
+    if not trained.is_file():
+        network = TINY_NETWORK if tiny else NETWORK
+        settings = {
+            "output_dir": root / "run", "train_dir": root / "train", "val_dir": root / "val", "network": network[0],
+            "model_config": network[1], "size": size, "rgb_stats": "birder", "epochs": epochs, "warmup_epochs": 1,
+            "batch_size": 32, "lr": 2e-3, "aug_level": 1, "workers": 0, "save_every": epochs, "progress_bar": False,
+            "seed": seed,
+        }  # fmt: skip
+        trained.write_text(str(train_classifier(TrainConfig(**settings)).model_path))
+    model = Path(trained.read_text())
+    trained_s = time.perf_counter() - started
+
+    started = time.perf_counter()
+    calibrated = root / "calibrated.pt"
+    for earlier in (calibrated, stats_path_for(calibrated)):  # calibrated again on every run
+        earlier.unlink(missing_ok=True)
+    report = calibrate_model_file(
+        CalibrateOptions(
+            val=root / "val",
+            output=calibrated,
+            train=root / "train",
+            weights=model,
+            keep_known=0.95,
+            workers=0,
+            progress=False,
+            seed=seed,
+        )
+    )
+    calibrate_s = time.perf_counter() - started
+    choice = report.choice
+    if choice is None:
+        raise SystemExit(f"{name}: no choice was made ({report.choice_note})")
+    print(choice.format(), flush=True)
+
+    (net, info) = birder.load_model(calibrated, inference=True)
+    order = sorted(info.class_to_idx, key=info.class_to_idx.__getitem__)
+    (train, test) = (_outputs(net, info, root / "train", True), _outputs(net, info, root / "test", True))
+    unknown = _outputs(net, info, root / "unknown", False)
+    temperature = report.calibration.temperature
+    top1 = float((test.logits.argmax(axis=1) == test.targets).mean())
+
+    fitted: dict[tuple[str, int], ClassStatistics] = {}
+    candidates = []
+    for result in choice.results:
+        true = _true_auroc(result.candidate, train, test, unknown, order, temperature, DEFAULT_BANK_PER_CLASS, fitted)
+        candidates.append(
+            {
+                "method": result.candidate.method,
+                "settings": result.candidate.settings,
+                "fold_auroc_mean": None if result.skipped else result.mean,
+                "fold_auroc_sd": None if result.skipped else result.sd,
+                "skipped": result.skipped,
+                "true_auroc": true,
+            }
+        )
+    scored = [c for c in candidates if not c["skipped"]]
+    best = max(scored, key=lambda c: c["true_auroc"])
+    chosen = next(
+        c for c in candidates if c["method"] == choice.chosen.method and c["settings"] == choice.chosen.settings
+    )
+    fold_order = np.argsort([-c["fold_auroc_mean"] for c in scored])
+    true_order = np.argsort([-c["true_auroc"] for c in scored])
+    rank_correlation = float(np.corrcoef(np.argsort(fold_order), np.argsort(true_order))[0, 1])
+
+    # What birder-eval --unknown-dir reports for the calibrated file (the chosen method read from its sidecar)
+    statistics = ClassStatistics.load(report.stats_path, order)
+    eval_rows = unknown_detection(test, unknown, temperature, statistics, report.calibration)
+    eval_chosen = next(row for row in eval_rows if row.chosen)
+
+    today = ClassStatistics.fit(
+        train.embeddings,
+        train.targets,
+        order,
+        shrinkage=TODAY["shrinkage"],
+        neighbours=TODAY["neighbours"],
+        bank_per_class=TODAY["bank_per_class"],
+    )
+    today_auroc = auroc(today.knn(test.embeddings), today.knn(unknown.embeddings))
+    bank_study = {}
+    grid = sorted({c.neighbours for c in (r.candidate for r in choice.results) if c.method == "knn"})
+    for cap in BANK_STUDY:
+        cap_value = cap or len(train.targets)
+        figures = [
+            _true_auroc(Candidate("knn", neighbours=k), train, test, unknown, order, temperature, cap_value, fitted)
+            for k in grid
+        ]
+        bank_study[str(cap or "all")] = {"best_k": grid[int(np.argmax(figures))], "true_auroc": max(figures)}
+
+    return {
+        "dataset": name,
+        "seed": seed,
+        "known_classes": len(names),
+        "photos": {"train": len(train), "val": report.val_photos, "test": len(test), "unknown": len(unknown)},
+        "embedding_dim": int(train.embeddings.shape[1]),
+        "test_top1": top1,
+        "temperature": temperature,
+        "folds": choice.folds,
+        "candidates": candidates,
+        "chosen": {
+            "method": choice.chosen.method,
+            "settings": choice.chosen.settings,
+            "true_auroc": chosen["true_auroc"],
+        },
+        "eval_chosen": {"method": eval_chosen.method, "settings": eval_chosen.settings, "auroc": eval_chosen.auroc},
+        "best": {"method": best["method"], "settings": best["settings"], "true_auroc": best["true_auroc"]},
+        "gap_to_best": best["true_auroc"] - chosen["true_auroc"],
+        "within_target": best["true_auroc"] - chosen["true_auroc"] <= TARGET_GAP,
+        "today_default": {**TODAY, "true_auroc": today_auroc},
+        "margin_over_today": chosen["true_auroc"] - today_auroc,
+        "fold_true_rank_correlation": rank_correlation,
+        "knn_bank_study": bank_study,
+        "seconds": {"train": trained_s, "calibrate": calibrate_s},
+    }
+
+
+def _print(result: dict) -> None:
+    print(
+        f"{result['dataset']} (seed {result['seed']}): {result['known_classes']} known classes, "
+        f"{result['photos']['test']} test and {result['photos']['unknown']} unknown photos, "
+        f"top-1 {result['test_top1']:.3f}, {result['embedding_dim']}-d"
+    )
+    print(f"    {'candidate':<22}{'settings':<26}{'fold AUROC':>17}  true AUROC")
+    for c in result["candidates"]:
+        fold = "skipped" if c["skipped"] else f"{c['fold_auroc_mean']:.4f} ± {c['fold_auroc_sd']:.4f}"
+        settings = ", ".join(f"{k}={v}" for (k, v) in c["settings"].items())
+        print(f"    {c['method']:<22}{settings:<26}{fold:>17}  {c['true_auroc']:.4f}")
+    (chosen, best, today) = (result["chosen"], result["best"], result["today_default"])
+    print(
+        f"  chosen {chosen['method']} {chosen['settings']}: {chosen['true_auroc']:.4f}; best {best['method']} "
+        f"{best['settings']}: {best['true_auroc']:.4f} (gap {result['gap_to_best']:.4f}, target <= {TARGET_GAP}); "
+        f"today's default knn 32/class k=5: {today['true_auroc']:.4f} (margin {result['margin_over_today']:+.4f})"
+    )
+    study = ", ".join(
+        f"{cap}: {v['true_auroc']:.4f} (k={v['best_k']})" for (cap, v) in result["knn_bank_study"].items()
+    )
+    print(
+        f"  best knn by bank per class: {study}; fold/true rank correlation {result['fold_true_rank_correlation']:.2f}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (small networks: one is fastest)")
+    parser.add_argument("--workdir", type=Path, default=Path("benchmarks/work/unknown_choice"))
+    parser.add_argument("--tiny", action="store_true", help="a few photos and a tiny network (smoke runs)")
+    parser.add_argument("--output", type=Path, default=Path("benchmarks/results/unknown_choice.json"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+
+    results = []
+    for name in args.datasets:
+        for seed in args.seeds:
+            result = run_dataset(name, seed, args.workdir, args.epochs, args.tiny)
+            _print(result)
+            results.append(result)
+    sizes = {str(cap): sidecar_bytes(CARD["classes"], CARD["dim"], cap) for cap in (32, DEFAULT_BANK_PER_CLASS, 128)}
+    report = {
+        "machine": {"cpu_model": cpu_model(), "threads": torch.get_num_threads()},
+        "epochs": args.epochs,
+        "target_gap": TARGET_GAP,
+        "results": results,
+        "all_within_target": all(r["within_target"] for r in results),
+        "card_sidecar_bytes": {"bank_per_class": sizes, "default_bank_per_class": DEFAULT_BANK_PER_CLASS},
+    }
+    print(
+        f"sidecar at the card's scale (707 classes, 1024-d): {sizes[str(DEFAULT_BANK_PER_CLASS)] / 1e6:.1f} MB at "
+        f"{DEFAULT_BANK_PER_CLASS} per class ({sizes['32'] / 1e6:.1f} MB at 32, {sizes['128'] / 1e6:.1f} MB at 128); "
+        f"{report['machine']['cpu_model']}, {report['machine']['threads']} thread(s)"
+    )
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write_path(args.output) as tmp_path:
+        tmp_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,389 @@
+"""Which unknown test, with which settings, on the user's own photos, without unknown photos: folds over classes.
+
+The classes that have validation photos (and training photos, for the embedding methods) are shuffled with a seed
+and split into ``folds`` groups. Each fold holds one group out as stand-in unknowns: every candidate is fitted as if
+those classes did not exist, then scores the validation photos; the kept classes' photos are the known ones, the
+held-out classes' photos the unknown ones, and the fold's figure is the AUROC of the two. The candidate with the best
+mean AUROC over the folds is chosen (a tie goes to the earlier, cheaper one in :func:`candidates`).
+
+The candidates (:func:`candidates`): ``msp``, ``energy``; ``mahalanobis`` and ``relative_mahalanobis`` with the
+shared covariance shrunk by Ledoit-Wolf's or OAS's estimate or not at all (``none``, only where every fold's and the
+full covariance are well-conditioned); ``knn`` for each k of :data:`NEIGHBOUR_GRID` over the bank of
+``bank_per_class`` training embeddings per class that prediction will search.
+
+What makes a fold fair to each candidate:
+
+- **embedding methods**: class means, both covariances (their shrinkage estimated on the fold's own photos) and the
+  kNN bank are fitted on the training photos of the kept classes only;
+- **msp / energy**: the network's head was trained with the held-out classes: on their photos it learned to push
+  every other class's logit down, so dropping their rows from the head is not enough (on generated shapes that made
+  energy's fold AUROC 0.79 where its AUROC on true unknowns was 0.52). With training photos, each fold fits a new
+  linear head on the kept classes' training embeddings (multinomial logistic regression, :func:`fit_linear_head`;
+  the network's head is linear on the embedding too) and scores with its logits, msp at a temperature fitted on
+  the fold's known validation photos. The same head fitted on every class gives the same AUROC on true unknowns as
+  the network's own (0.475 and 0.538 against 0.474 and 0.520 there), and the fold figure of energy drops to 0.57.
+  Without training photos (msp against energy only) the softmax and logsumexp run over the kept classes' logits;
+- **what no fold removes**: the backbone was trained with the held-out classes, so their photos sit where training
+  with them put them, apart from the kept classes. Stand-in unknowns are therefore easier than true ones for the
+  embedding methods, and their fold AUROCs run higher than on true unknowns; what the choice needs is the order.
+  ``benchmarks/unknown_choice.py`` measures how far the chosen candidate falls from the best one on true unknowns, on
+  three differently generated data sets.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+
+from birder.errors import BirderError
+from birder.inference.calibration import fit_temperature_checked, softmax
+from birder.inference.unknown import (
+    DEFAULT_BANK_PER_CLASS,
+    DEFAULT_NEIGHBOURS,
+    DEFAULT_SHRINKAGE,
+    MAHALANOBIS_METHODS,
+    MAX_CONDITION,
+    METHODS,
+    SHRINKAGE_ESTIMATORS,
+    ClassStatistics,
+    auroc,
+    knn_bank,
+    nearest_similarities,
+    normalise,
+)
+
+DEFAULT_FOLDS = 5
+# The fold's linear head: L2 weight on standardised embeddings (0.0001 to 0.01 gave the same AUROCs), LBFGS steps,
+# and training photos per class it sees (evenly spaced; bounds its cost at the card's scale)
+HEAD_WEIGHT_DECAY = 1e-3
+HEAD_ITERATIONS = 100
+HEAD_PHOTOS_PER_CLASS = 64
+# The fewest classes folds can hold out from: a fold keeps at least two (a softmax over one logit is constant)
+MIN_CLASSES = 3
+NEIGHBOUR_GRID = (1, 2, 3, 5, 10, 20, 50, 100)
+
+
+class Labelled(Protocol):
+    """Photos through the model: :class:`birder.inference.labeled.ModelOutputs` is one."""
+
+    logits: npt.NDArray[np.floating]
+    embeddings: npt.NDArray[np.floating]
+    targets: npt.NDArray[np.integer]
+
+
+class SelectionError(BirderError):
+    """The photos cannot support a choice (too few classes): the caller falls back to a default."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    method: str
+    shrinkage: str | None = None  # the Mahalanobis methods
+    neighbours: int | None = None  # knn
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        if self.method in MAHALANOBIS_METHODS:
+            return {"shrinkage": self.shrinkage}
+        if self.method == "knn":
+            return {"neighbours": self.neighbours}
+        return {}
+
+    def describe(self) -> str:
+        if self.method == "knn":
+            return f"k={self.neighbours}"
+        return self.shrinkage or ""
+
+
+@dataclass(frozen=True)
+class CandidateResult:
+    candidate: Candidate
+    fold_auroc: tuple[float, ...] = ()
+    skipped: str | None = None  # why it was not scored
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.fold_auroc)) if self.fold_auroc else float("nan")
+
+    @property
+    def sd(self) -> float:
+        return float(np.std(self.fold_auroc, ddof=1)) if len(self.fold_auroc) > 1 else 0.0
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "method": self.candidate.method,
+            "settings": self.candidate.settings,
+            "fold_auroc": [round(value, 6) for value in self.fold_auroc],
+            "mean": None if math.isnan(self.mean) else round(self.mean, 6),
+            "sd": round(self.sd, 6),
+            "skipped": self.skipped,
+        }
+
+
+@dataclass(frozen=True)
+class UnknownChoice:
+    """The candidates' fold AUROCs and the one kept (``forced``: the method the user asked for, its best settings)."""
+
+    results: list[CandidateResult]
+    chosen: Candidate
+    folds: int
+    classes: int  # the classes the folds held out from
+    seed: int
+    bank_per_class: int
+    forced: bool = False
+    held_out: list[int] = field(default_factory=list)  # classes held out per fold
+
+    def best(self, method: str) -> CandidateResult | None:
+        scored = [result for result in self.results if result.candidate.method == method and not result.skipped]
+        return max(scored, key=lambda result: result.mean) if scored else None
+
+    @property
+    def shrinkage(self) -> str:
+        """The class statistics' estimator: that of the best Mahalanobis candidate (both methods share it)."""
+        scored = [r for r in self.results if r.candidate.method in MAHALANOBIS_METHODS and not r.skipped]
+        if self.chosen.method in MAHALANOBIS_METHODS:
+            return str(self.chosen.shrinkage)
+        return str(max(scored, key=lambda r: r.mean).candidate.shrinkage) if scored else DEFAULT_SHRINKAGE
+
+    @property
+    def neighbours(self) -> int:
+        """The class statistics' k: that of the best knn candidate."""
+        if self.chosen.method == "knn":
+            return int(self.chosen.neighbours)
+        best = self.best("knn")
+        return int(best.candidate.neighbours) if best is not None else DEFAULT_NEIGHBOURS
+
+    def record(self) -> dict[str, Any]:
+        """What the calibration file keeps (JSON)."""
+        return {
+            "chosen": {"method": self.chosen.method, "settings": self.chosen.settings},
+            "forced": self.forced,
+            "folds": self.folds,
+            "classes": self.classes,
+            "held_out_per_fold": self.held_out,
+            "seed": self.seed,
+            "bank_per_class": self.bank_per_class,
+            "candidates": [result.record() for result in self.results],
+        }
+
+    def format(self) -> str:
+        """The table ``birder-calibrate`` prints: candidate, settings, fold AUROC mean ± sd; ``*`` marks the choice."""
+        (fewest, most) = (min(self.held_out), max(self.held_out))
+        lines = [
+            f"unknown test chosen on {self.folds} folds of held-out classes ({fewest}"
+            + (f"-{most}" if most != fewest else "")
+            + f" of {self.classes} classes per fold as stand-in unknowns, seed {self.seed})"
+            + (" [method forced by --unknown-method]" if self.forced else "")
+            + ":",
+            f"    {'candidate':<22}{'settings':<14}fold AUROC",
+        ]
+        for result in self.results:
+            mark = "*" if result.candidate == self.chosen else " "
+            figure = f"skipped: {result.skipped}" if result.skipped else f"{result.mean:.4f} ± {result.sd:.4f}"
+            lines.append(f"  {mark} {result.candidate.method:<22}{result.candidate.describe():<14}{figure}")
+        return "\n".join(lines)
+
+
+def candidates(
+    with_embeddings: bool,
+    estimators: Sequence[str] = SHRINKAGE_ESTIMATORS,
+    neighbour_grid: Sequence[int] = NEIGHBOUR_GRID,
+) -> list[Candidate]:
+    """Every candidate, cheapest first: msp and energy, then (with training embeddings) the Mahalanobis methods per
+    shrinkage estimator and knn per k."""
+    found = [Candidate("msp"), Candidate("energy")]
+    if with_embeddings:
+        for method in MAHALANOBIS_METHODS:
+            found += [Candidate(method, shrinkage=estimator) for estimator in estimators]
+        found += [Candidate("knn", neighbours=k) for k in neighbour_grid]
+    return found
+
+
+def choose_unknown_test(
+    val: Labelled,
+    class_names: Sequence[str],
+    *,
+    train: Labelled | None = None,
+    temperature: float = 1.0,
+    folds: int = DEFAULT_FOLDS,
+    seed: int = 0,
+    bank_per_class: int = DEFAULT_BANK_PER_CLASS,
+    estimators: Sequence[str] = SHRINKAGE_ESTIMATORS,
+    neighbour_grid: Sequence[int] = NEIGHBOUR_GRID,
+    forced: str | None = None,
+    device: torch.device | str = "cpu",
+) -> UnknownChoice:
+    """Score every candidate on folds over classes (module docstring) and keep the best by mean AUROC; with
+    ``forced`` (a method name), keep that method with its best settings. ``device``: where the folds' linear heads
+    are fitted.
+
+    Raises :class:`SelectionError` when fewer than :data:`MIN_CLASSES` classes have photos to hold out.
+    """
+    if folds < 2:
+        raise BirderError(f"the unknown-test choice needs at least 2 folds, got {folds}")
+    if forced is not None and forced not in METHODS:
+        raise BirderError(f"unknown method '{forced}'; choose one of: {', '.join(METHODS)}")
+    val_targets = np.asarray(val.targets)
+    eligible = np.unique(val_targets[val_targets >= 0])
+    if train is not None:
+        eligible = np.intersect1d(eligible, np.asarray(train.targets))
+    if len(eligible) < MIN_CLASSES:
+        where = "--val and --train" if train is not None else "--val"
+        raise SelectionError(
+            f"choosing the unknown test needs photos of at least {MIN_CLASSES} classes in {where} (got "
+            f"{len(eligible)}): folds hold some classes out as stand-in unknowns and keep at least two"
+        )
+
+    count = min(folds, len(eligible))
+    groups = np.array_split(np.random.default_rng(seed).permutation(eligible), count)
+    listed = candidates(train is not None, estimators, neighbour_grid)
+    scores: dict[Candidate, list[float]] = {candidate: [] for candidate in listed}
+    skipped: dict[Candidate, str] = {}
+    if train is not None and "none" in estimators:
+        # The shrinkage "none" is offered only when the full data's covariances invert well (the folds check theirs)
+        full = ClassStatistics.fit(train.embeddings, train.targets, class_names, shrinkage="none", bank_per_class=1)
+        _skip_ill_conditioned(full, "all training photos", listed, skipped)
+
+    for number, held in enumerate(groups, start=1):
+        _score_fold(number, held, val, train, class_names, temperature, bank_per_class, listed, scores, skipped, device)
+
+    results = [
+        CandidateResult(candidate, () if candidate in skipped else tuple(scores[candidate]), skipped.get(candidate))
+        for candidate in listed
+    ]
+    scored = [result for result in results if not result.skipped and not math.isnan(result.mean)]
+    pool = [result for result in scored if forced is None or result.candidate.method == forced]
+    if not pool:
+        raise SelectionError(f"no candidate of the '{forced}' unknown test could be scored on these photos")
+    chosen = max(pool, key=lambda result: result.mean).candidate  # max keeps the first of equals: the cheaper
+    return UnknownChoice(
+        results, chosen, count, len(eligible), seed, bank_per_class, forced is not None, [len(g) for g in groups]
+    )
+
+
+def fit_linear_head(
+    embeddings: npt.ArrayLike,
+    targets: npt.ArrayLike,
+    classes: npt.NDArray[np.integer],
+    *,
+    device: torch.device | str = "cpu",
+) -> Callable[[npt.ArrayLike], npt.NDArray[np.float64]]:
+    """A linear softmax head over ``classes`` fitted on training embeddings (multinomial logistic regression on
+    standardised embeddings, L2 weight :data:`HEAD_WEIGHT_DECAY`, LBFGS); returns the function giving its logits.
+
+    At most :data:`HEAD_PHOTOS_PER_CLASS` photos per class, evenly spaced, are used. Seedless: it starts from zero
+    weights and LBFGS is deterministic."""
+    targets = np.asarray(targets)
+    rows = []
+    for index in classes:
+        members = np.flatnonzero(targets == index)
+        count = min(len(members), HEAD_PHOTOS_PER_CLASS)
+        rows.append(members[np.linspace(0, len(members) - 1, count).round().astype(int)])
+    rows = np.concatenate(rows)
+    inputs = torch.as_tensor(np.asarray(embeddings, dtype=np.float32)[rows], device=device)
+    labels = torch.as_tensor(np.searchsorted(classes, targets[rows]), device=device)
+    (mean, spread) = (inputs.mean(dim=0), inputs.std(dim=0) + 1e-6)
+    inputs = (inputs - mean) / spread
+    weight = torch.zeros(inputs.shape[1], len(classes), device=device, requires_grad=True)
+    bias = torch.zeros(len(classes), device=device, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=HEAD_ITERATIONS, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(inputs @ weight + bias, labels) + HEAD_WEIGHT_DECAY * (weight**2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+
+    def logits(queries: npt.ArrayLike) -> npt.NDArray[np.float64]:
+        with torch.no_grad():
+            standard = (torch.as_tensor(np.asarray(queries, dtype=np.float32), device=device) - mean) / spread
+            return (standard @ weight + bias).double().cpu().numpy()
+
+    return logits
+
+
+def _fold_temperature(logits: npt.NDArray[np.float64], targets: npt.NDArray[np.integer]) -> float:
+    """The temperature birder-calibrate would fit for the fold's head: 1 where it would keep 1 or refuse."""
+    try:
+        return fit_temperature_checked(logits, targets, source="fold").temperature
+    except BirderError:
+        return 1.0
+
+
+def _skip_ill_conditioned(
+    statistics: ClassStatistics, where: str, listed: Sequence[Candidate], skipped: dict[Candidate, str]
+) -> None:
+    worst = max(statistics.conditions)
+    if not worst <= MAX_CONDITION:
+        for candidate in listed:
+            if candidate.shrinkage == "none" and candidate not in skipped:
+                skipped[candidate] = (
+                    f"unshrunk covariance singular or ill-conditioned on {where} (condition {worst:.1e}, limit "
+                    f"{MAX_CONDITION:.0e}, or fewer photos than dimensions)"
+                )
+
+
+def _score_fold(
+    number: int,
+    held: npt.NDArray[np.integer],
+    val: Labelled,
+    train: Labelled | None,
+    class_names: Sequence[str],
+    temperature: float,
+    bank_per_class: int,
+    listed: Sequence[Candidate],
+    scores: dict[Candidate, list[float]],
+    skipped: dict[Candidate, str],
+    device: torch.device | str,
+) -> None:
+    """Add fold ``number``'s AUROC of each candidate to ``scores`` (``held``: its stand-in unknown classes)."""
+    val_targets = np.asarray(val.targets)
+    unknown = np.isin(val_targets, held)
+    known = (val_targets >= 0) & ~unknown
+    if train is not None:
+        known &= np.isin(val_targets, np.asarray(train.targets))  # a class without training photos has no statistics
+    kept_classes = ~np.isin(np.arange(len(class_names)), held)
+    logits = np.asarray(val.logits, dtype=np.float64)[:, kept_classes]  # without training photos: the rows kept
+
+    def add(candidate: Candidate, values: npt.NDArray[np.float64]) -> None:
+        if candidate in scores and candidate not in skipped:
+            scores[candidate].append(auroc(values[known], values[unknown]))
+
+    queries = np.asarray(val.embeddings)
+    if train is not None:
+        train_targets = np.asarray(train.targets)
+        rows = ~np.isin(train_targets, held)
+        (embeddings, targets) = (np.asarray(train.embeddings)[rows], train_targets[rows])
+        classes = np.unique(targets)
+        logits = fit_linear_head(embeddings, targets, classes, device=device)(queries)
+        temperature = _fold_temperature(logits[known], np.searchsorted(classes, val_targets[known]))
+    add(Candidate("msp"), 1.0 - softmax(logits, temperature).max(axis=1))
+    peak = logits.max(axis=1)
+    add(Candidate("energy"), -(peak + np.log(np.exp(logits - peak[:, None]).sum(axis=1))))
+    if train is None:
+        return
+
+    grid = [candidate.neighbours for candidate in listed if candidate.method == "knn"]
+    if grid:
+        bank = knn_bank(embeddings, targets, bank_per_class)
+        similarities = nearest_similarities(bank, normalise(queries), max(grid))
+        for k in grid:
+            add(Candidate("knn", neighbours=k), 1.0 - similarities[:, min(k, similarities.shape[1]) - 1])
+    for estimator in dict.fromkeys(c.shrinkage for c in listed if c.shrinkage is not None):
+        if all(c in skipped for c in listed if c.shrinkage == estimator):
+            continue
+        statistics = ClassStatistics.fit(embeddings, targets, class_names, shrinkage=estimator, bank_per_class=1)
+        if estimator == "none":
+            _skip_ill_conditioned(statistics, f"fold {number}", listed, skipped)
+        for method in MAHALANOBIS_METHODS:
+            add(Candidate(method, shrinkage=estimator), statistics.score(method, queries))
