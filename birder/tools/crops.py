@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import random
 import shutil
 from collections import Counter, defaultdict
@@ -204,17 +205,42 @@ def _read_labels(labels: Path) -> dict[str, tuple[str, str | None]]:
     return table
 
 
+def _typical_threshold(document: dict[str, Any], path: Path) -> float:
+    """The detector's own typical threshold from the file's metadata, else MegaDetector's usual one."""
+    info = document.get("info")
+    metadata = info.get("detector_metadata") if isinstance(info, dict) else None
+    value = metadata.get("typical_detection_threshold") if isinstance(metadata, dict) else None
+    if value is None:
+        return DEFAULT_MD_THRESHOLD
+    try:
+        threshold = float(value)
+    except (TypeError, ValueError):
+        threshold = math.nan
+    if not 0.0 <= threshold <= 1.0:
+        raise BirderError(
+            f"'{path}': typical_detection_threshold {value!r} is not a number from 0 to 1: give --det-threshold"
+        )
+    return threshold
+
+
 def _read_megadetector(
     document: dict[str, Any], path: Path, labels: Path, left_out: set[str], det_threshold: float | None
 ) -> Annotations:
     table = _read_labels(labels)
-    categories = {str(key): str(value) for (key, value) in document["detection_categories"].items()}
+    (categories, images) = (document["detection_categories"], document["images"])
+    if not isinstance(categories, dict) or not isinstance(images, list):
+        raise BirderError(
+            f"'{path}' is not a MegaDetector batch output: 'detection_categories' must be an object and 'images' a list"
+        )
+    categories = {str(key): str(value) for (key, value) in categories.items()}
     if det_threshold is None:
-        metadata = document.get("info", {}).get("detector_metadata", {})
-        det_threshold = float(metadata.get("typical_detection_threshold", DEFAULT_MD_THRESHOLD))
+        det_threshold = _typical_threshold(document, path)
     result = Annotations([])
     (unlabelled, matched, below, bad) = (0, set(), 0, 0)
-    for image in document["images"]:
+    for image in images:
+        if not isinstance(image, dict) or not isinstance(image.get("detections") or [], list):
+            bad += 1  # not an image entry of the format: nothing to cut from it
+            continue
         photo = _posix(str(image.get("file", "")))
         if photo not in table:
             unlabelled += 1
@@ -226,6 +252,9 @@ def _read_megadetector(
             continue
         number = 0
         for detection in image.get("detections") or []:
+            if not isinstance(detection, dict):
+                bad += 1
+                continue
             category = categories.get(str(detection.get("category")), "")
             if _normal(category) in left_out:
                 result.left_out[category] += 1
@@ -233,6 +262,9 @@ def _read_megadetector(
             try:
                 (score, (x, y, width, height)) = (float(detection["conf"]), (float(v) for v in detection["bbox"]))
             except (KeyError, TypeError, ValueError):
+                bad += 1
+                continue
+            if not all(math.isfinite(v) for v in (score, x, y, width, height)):
                 bad += 1
                 continue
             if score < det_threshold:
@@ -246,7 +278,7 @@ def _read_megadetector(
             number += 1
     result.notes.append(f"detections of at least {det_threshold:g} kept ({below} below it)")
     if bad:
-        result.notes.append(f"{bad} detections without a score or a box skipped")
+        result.notes.append(f"{bad} detections (or image entries) without a usable score or box skipped")
     if unlabelled:
         result.notes.append(f"{unlabelled} photos of '{path.name}' have no label in '{labels.name}': left out")
     if len(table) > len(matched):
