@@ -24,8 +24,16 @@ Data sets, three generators built in different ways:
 - ``digits``: real handwritten digits (scikit-learn's bundled 8 x 8 scans of 1,797 digits, no download) scaled to
   32 px; 7 known digits, the other 3 unknown (the issue's set-up).
 
-The candidate grid and the fold settings were settled on ``shapes`` alone; ``glyphs`` and ``digits`` were run once
-the code was final. Each seed draws the data, the split of classes and the training anew.
+The candidate grid and the fold settings were settled on ``shapes`` alone (seeds 0-3; there the folds' linear head
+for msp and energy, the pseudo-inverse over the direction a final LayerNorm fixes, and k up to 100 came in);
+``glyphs`` and ``digits`` were run once the code was final. Each seed draws the data, the split of classes and the
+training anew.
+
+Measured (AMD EPYC, 1 thread, 30 epochs, seeds 0 and 1): gap to the best candidate 0.000 / 0.027 (shapes), 0.049 /
+0.008 (glyphs), 0.110 / 0.114 (digits), so within 0.01 in 2 of 6 runs; margin over today's default +0.047 / +0.019,
+-0.038 / +0.132, +0.012 / +0.097. Shapes seeds 2 and 3 (tuning runs): gaps 0.000 and 0.077. The folds over-rate
+knn (most at large k) against the Mahalanobis methods, in every run by 0.02-0.13 of AUROC: the held-out classes were
+learned by the backbone, so their photos sit apart from the kept classes in a way true unknowns do not.
 """
 
 from __future__ import annotations
@@ -387,10 +395,26 @@ def main(argv: list[str] | None = None) -> int:
             _print(result)
             results.append(result)
     sizes = {str(cap): sidecar_bytes(CARD["classes"], CARD["dim"], cap) for cap in (32, DEFAULT_BANK_PER_CLASS, 128)}
+    summary = {}
+    for name in args.datasets:
+        runs = [r for r in results if r["dataset"] == name]
+        summary[name] = {
+            "runs": len(runs),
+            "within_target": sum(r["within_target"] for r in runs),
+            "gap_to_best": [round(r["gap_to_best"], 4) for r in runs],
+            "margin_over_today": [round(r["margin_over_today"], 4) for r in runs],
+            "mean_gap_to_best": float(np.mean([r["gap_to_best"] for r in runs])),
+            "mean_margin_over_today": float(np.mean([r["margin_over_today"] for r in runs])),
+        }
+        print(
+            f"{name}: chosen within {TARGET_GAP} of the best in {summary[name]['within_target']} of {len(runs)} runs "
+            f"(gaps {summary[name]['gap_to_best']}); margin over today's default {summary[name]['margin_over_today']}"
+        )
     report = {
         "machine": {"cpu_model": cpu_model(), "threads": torch.get_num_threads()},
         "epochs": args.epochs,
         "target_gap": TARGET_GAP,
+        "summary": summary,
         "results": results,
         "all_within_target": all(r["within_target"] for r in results),
         "card_sidecar_bytes": {"bank_per_class": sizes, "default_bank_per_class": DEFAULT_BANK_PER_CLASS},
