@@ -354,6 +354,9 @@ def test_api_serves_units_photos_decisions_and_search(made: dict[str, Path], tmp
     client = TestClient(create_review_app(session, reviewer="anna", token="s3cret"))
     assert client.get("/api/session").status_code == 401
     assert client.get("/").status_code == 200  # the page itself holds nothing of the survey
+    for asset in ("/static/review.css", "/static/base.css", "/static/favicon.svg"):  # its own and the shared ones
+        assert client.get(asset).status_code == 200, asset
+    assert "--accent:" in client.get("/static/base.css").text
     headers = {"X-Review-Token": "s3cret"}
     info = client.get("/api/session", headers=headers).json()
     assert info["unit_kind"] == "event" and info["units"] == 7 and info["reviewer"] == "anna"

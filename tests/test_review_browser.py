@@ -64,6 +64,10 @@ def test_accept_correct_blank_undo_reload(browser: object, results: Path, tmp_pa
         try:
             page.goto(url, timeout=TIMEOUT_MS)
             sync_api.expect(page.locator("#reviewer")).to_have_text("anna", timeout=TIMEOUT_MS)
+            # The shared palette (birder/static/base.css) and the page's own (review.css) both apply
+            assert page.eval_on_selector("h1", "e => getComputedStyle(e).color") == "rgb(47, 111, 79)"
+            box_colour = "getComputedStyle(document.documentElement).getPropertyValue('--box').trim()"
+            assert page.evaluate(box_colour) == "#ffcf33"
             first = unit_shown(page)
             sync_api.expect(page.locator("#photos img.photo").first).to_be_visible(timeout=TIMEOUT_MS)
             assert page.locator("#alternatives .alternative").count() == 5

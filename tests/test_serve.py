@@ -230,7 +230,7 @@ def test_page_and_assets_are_served_locally(served: Served) -> None:
     assert page.status_code == 200
     assert "default-src 'self'" in page.headers["content-security-policy"]
     assert "http://" not in page.text and "https://" not in page.text  # no CDN
-    for asset in ("/static/app.js", "/static/style.css"):
+    for asset in ("/static/app.js", "/static/style.css", "/static/base.css", "/static/favicon.svg"):
         response = httpx.get(served.url + asset, timeout=CLIENT_TIMEOUT)
         assert response.status_code == 200
         assert "https://" not in response.text

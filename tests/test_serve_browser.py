@@ -68,6 +68,8 @@ def test_uploading_a_photo_shows_its_top_species(browser: object, site: tuple) -
     (page, requested, errors) = open_page(browser, url)
     try:
         sync_api.expect(page.locator("#model-name")).to_have_text("tiny-birds", timeout=TIMEOUT_MS)
+        # The shared palette (birder/static/base.css) colours the heading
+        assert page.eval_on_selector("h1", "e => getComputedStyle(e).color") == "rgb(47, 111, 79)"
 
         page.set_input_files("#file-input", str(photos["robin.jpg"]))
 

@@ -37,6 +37,8 @@ except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError(f"birder-review needs the 'serve' extra: pip install 'birder[serve]' ({err})") from err
 
 STATIC_DIR = Path(__file__).parent / "static"
+# The style and icon both birder pages share (birder/static), served under /static after the page's own files
+SHARED_STATIC = [("birder", "static")]
 _PAGE_CSP = "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'"
 # Photos are sent no larger than this (longest side): a review screen needs no 50 MP frame
 MAX_PHOTO_SIDE = 1600
@@ -159,7 +161,7 @@ def create_review_app(session: ReviewSession, *, reviewer: str, token: str | Non
     async def index() -> FileResponse:
         return FileResponse(STATIC_DIR / "review.html", headers={"Content-Security-Policy": _PAGE_CSP})
 
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.mount("/static", StaticFiles(directory=STATIC_DIR, packages=SHARED_STATIC), name="static")
 
     @app.exception_handler(BirderError)
     async def user_error(_request: Request, err: BirderError) -> JSONResponse:

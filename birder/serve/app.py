@@ -85,6 +85,8 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
+# The style and icon both birder pages share (birder/static), served under /static after the page's own files
+SHARED_STATIC = [("birder", "static")]
 # The page loads nothing from anywhere else; the browser enforces it.
 _PAGE_CSP = "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'"
 
@@ -460,7 +462,7 @@ def create_app(
     add_extra_routes(app, service, photo_index)
     if detector is not None:
         add_detect_route(app, service, detector, answer_for, check_place)
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.mount("/static", StaticFiles(directory=STATIC_DIR, packages=SHARED_STATIC), name="static")
     return app
 
 
