@@ -3,7 +3,6 @@ by typing a species, mark a blank, undo, reload; reviews.csv holds exactly those
 them."""
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ pytest.importorskip("fastapi")
 sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed")
 
 from serve_support import running_server  # noqa: E402 (after the extras check)
-from test_serve_browser import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS  # noqa: E402
+from test_serve_browser import CHROMIUM, TIMEOUT_MS, browser  # noqa: E402, F401 (browser: the shared fixture)
 
 from birder.review.app import create_review_app  # noqa: E402
 from birder.review.session import ReviewSession  # noqa: E402
@@ -23,15 +22,6 @@ pytestmark = pytest.mark.skipif(
     not CHROMIUM.exists() and shutil.which("chromium") is None,
     reason="Debian's chromium is not installed (/usr/bin/chromium); .ci/run installs it with apt-get",
 )
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    executable = CHROMIUM if CHROMIUM.exists() else Path(shutil.which("chromium") or "")
-    with sync_api.sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=str(executable), headless=True, args=CHROMIUM_ARGS)
-        yield launched
-        launched.close()
 
 
 @pytest.fixture
@@ -51,7 +41,11 @@ def wait_for_next(page: object, previous: str) -> str:
     return unit_shown(page)
 
 
-def test_accept_correct_blank_undo_reload(browser: object, results: Path, tmp_path: Path) -> None:
+def test_accept_correct_blank_undo_reload(
+    browser: object,  # noqa: F811 (the fixture)
+    results: Path,
+    tmp_path: Path,
+) -> None:
     session = ReviewSession.open(results, order="least-sure")
     answers = {unit.unit_id: unit.answer.label for unit in session.folder.units}
     with running_server(create_review_app(session, reviewer="anna")) as url:
@@ -124,7 +118,10 @@ def test_accept_correct_blank_undo_reload(browser: object, results: Path, tmp_pa
     }
 
 
-def test_boxes_are_corrected_one_by_one_from_the_keyboard(browser: object, tmp_path: Path) -> None:
+def test_boxes_are_corrected_one_by_one_from_the_keyboard(
+    browser: object,  # noqa: F811 (the fixture)
+    tmp_path: Path,
+) -> None:
     from detect_support import save_tiny_detector
 
     (photos, model) = survey(tmp_path)
