@@ -62,7 +62,7 @@ from birder.inference.unknown import (
     sidecar_bytes,
     unknown_scores,
 )
-from birder.inference.unknown_choice import Candidate
+from birder.inference.unknown_choice import Candidate, candidate_scores
 from birder.io.atomic import atomic_write_path
 from birder.io.calibration import stats_path_for
 from birder.runs.calibrate import CalibrateOptions, calibrate_model_file
@@ -214,13 +214,9 @@ def _true_auroc(
             train.embeddings, train.targets, names, shrinkage=shrinkage, bank_per_class=bank_per_class
         )
     statistics = fitted[key]
-    if candidate.method == "knn":
-        return auroc(
-            statistics.knn(test.embeddings, candidate.neighbours),
-            statistics.knn(unknown.embeddings, candidate.neighbours),
-        )
     return auroc(
-        statistics.score(candidate.method, test.embeddings), statistics.score(candidate.method, unknown.embeddings)
+        candidate_scores(statistics, candidate, test.embeddings),
+        candidate_scores(statistics, candidate, unknown.embeddings),
     )
 
 

@@ -25,7 +25,7 @@ from birder.inference.unknown import (
     normalise,
     sidecar_bytes,
 )
-from birder.inference.unknown_choice import Candidate, SelectionError, choose_unknown_test
+from birder.inference.unknown_choice import Candidate, SelectionError, candidate_scores, choose_unknown_test
 from birder.io.calibration import read_stats_file, stats_path_for, write_stats_file
 from birder.scripts import calibrate as calibrate_script
 from birder.scripts import evaluate as evaluate_script
@@ -106,13 +106,9 @@ def _true_auroc(candidate: Candidate, train: Photos, test: Photos, unknown: Phot
     statistics = ClassStatistics.fit(
         train.embeddings, train.targets, NAMES_12, shrinkage=candidate.shrinkage or "ledoit_wolf"
     )
-    if candidate.method == "knn":
-        return auroc(
-            statistics.knn(test.embeddings, candidate.neighbours),
-            statistics.knn(unknown.embeddings, candidate.neighbours),
-        )
     return auroc(
-        statistics.score(candidate.method, test.embeddings), statistics.score(candidate.method, unknown.embeddings)
+        candidate_scores(statistics, candidate, test.embeddings),
+        candidate_scores(statistics, candidate, unknown.embeddings),
     )
 
 

@@ -268,6 +268,16 @@ def choose_unknown_test(
     )
 
 
+def candidate_scores(
+    statistics: ClassStatistics, candidate: Candidate, queries: npt.ArrayLike
+) -> npt.NDArray[np.float64]:
+    """The unknown scores of an embedding-based ``candidate`` (kNN or a Mahalanobis kind) from fitted class
+    statistics: how the benchmark and the tests measure a candidate on true unknowns."""
+    if candidate.method == "knn":
+        return statistics.knn(queries, candidate.neighbours)
+    return statistics.score(candidate.method, queries)
+
+
 def fit_linear_head(
     embeddings: npt.ArrayLike,
     targets: npt.ArrayLike,
