@@ -152,6 +152,14 @@ def test_review_crops_keep_cameras_whole_and_feed_birder_train(made: dict, tmp_p
     assert (len(cameras[0]), len(cameras[1])) == (2, 1) and not cameras[0] & cameras[1]
     assert {row["label"] for row in train + val} <= set(CLASSES[:3])
     assert camera_split(["a", "b", "c"], 0.34, 0) == camera_split(["c", "b", "a"], 0.34, 0)
+    # A second run into the same folder is refused (it would mix two runs' crops) unless --overwrite
+    assert tools_main(["review-crops", str(results), "--output-dir", str(out)]) == 2
+    assert "already holds the results of an earlier python -m birder.tools review-crops run" in capsys.readouterr().err
+    assert (
+        tools_main(["review-crops", str(results), "--output-dir", str(out), "--val-share", "0.34", "--overwrite"]) == 0
+    )
+    capsys.readouterr()
+    assert read_csv(out / "train.csv") == train
 
     argv = ["--init", str(made["model"]), "--train-csv", str(out / "train.csv"), "--val-csv", str(out / "val.csv")]
     argv += ["--output-dir", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "4", "--workers", "0"]

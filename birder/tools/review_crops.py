@@ -22,11 +22,24 @@ def add_parser(subparsers: Any, name: str) -> None:
     parser.add_argument("--val-share", type=float, default=0.2, metavar="F", help="cameras for validation (0.2)")
     parser.add_argument("--margin", type=float, default=0.1, metavar="F", help="crop margin per side (0.1)")
     parser.add_argument("--seed", type=int, default=0, help="which cameras go to validation (default: 0)")
+    parser.add_argument("--overwrite", action="store_true", help="replace what an earlier review-crops wrote in DIR")
 
 
 def run(args: argparse.Namespace) -> int:
+    from birder.io.outputs import prepare_output_folder
     from birder.review.answers import write_review_crops
+    from birder.review.store import REVIEWS_FILE
 
+    # The outputs rule of every command: never into another run's folder, never onto the decisions it reads
+    reviews = args.reviews or args.results_dir / REVIEWS_FILE
+    folder = prepare_output_folder(
+        args.output_dir,
+        "python -m birder.tools review-crops",
+        ("train.csv", "val.csv", "crops/*"),
+        inputs=[reviews],
+        overwrite=args.overwrite,
+        can_resume=False,
+    )
     report = write_review_crops(
         args.results_dir,
         args.output_dir,
@@ -35,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         reviews=args.reviews,
     )
+    folder.finish()
     print(
         f"{report.train} training and {report.val} validation images ({report.crops} crops of boxes), cameras "
         f"{report.cameras[0]} / {report.cameras[1]}"
