@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from birder.errors import BirderError
+from birder.geo.validate import validate_md_json
 from birder.inference.crops import crop_box, md_detection, md_taxonomy_description, md_with_classifications
 from birder.io.box_files import (
     COCO,
@@ -461,7 +462,8 @@ def _validate(document: dict[str, Any], root: Path, tmp_path: Path, existence: b
     (options.check_image_existence, options.relative_path_base) = (existence, str(root))
     path = write_json(tmp_path / "validated.json", document)
     results = validate_batch_results.validate_batch_results(str(path), options)["validation_results"]
-    return {"errors": results["errors"], "warnings": results["warnings"]}
+    # and birder's own check of the format (the JSON Schema of docs/compatibility.md and what it cannot see)
+    return {"errors": results["errors"] + validate_md_json(path), "warnings": results["warnings"]}
 
 
 def _classify_animals(boxes: BoxFile, paths: list[str]) -> dict[tuple[int, int], list[tuple[str, float]]]:

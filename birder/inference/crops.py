@@ -170,8 +170,7 @@ def md_with_classifications(
     existing = output.get("classification_categories")
     categories: dict[str, str] = dict(existing) if isinstance(existing, dict) else {}
     id_of = {name: cid for (cid, name) in categories.items()}
-    taken = [int(cid) for cid in categories if cid.strip().lstrip("-").isdigit()]
-    next_id = max(taken, default=-1) + 1
+    next_id = max((_category_number(cid) for cid in categories), default=-1) + 1
     used = list(class_names) + sorted({name for pairs in classifications.values() for (name, _) in pairs})
     for name in dict.fromkeys(used):
         if name not in id_of:
@@ -187,7 +186,8 @@ def md_with_classifications(
         ranked = sorted(pairs, key=lambda pair: pair[1], reverse=True)
         detection["classifications"] = [[id_of[name], round(float(probability), 4)] for (name, probability) in ranked]
 
-    output["classification_categories"] = categories
+    if categories or "classification_categories" in output:
+        output["classification_categories"] = categories
     if descriptions:
         described = output.get("classification_category_descriptions")
         described = dict(described) if isinstance(described, dict) else {}
@@ -203,3 +203,11 @@ def md_with_classifications(
     info["classification_completion_time"] = md_timestamp()
     output["info"] = info
     return output
+
+
+def _category_number(category_id: str) -> int:
+    """A classification category id as a number (-1: not one), to number new categories after the last."""
+    try:
+        return int(category_id)
+    except ValueError:
+        return -1

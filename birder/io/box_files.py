@@ -32,6 +32,7 @@ import math
 import os
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -147,8 +148,17 @@ class BoxFile:
                 for d in photo.detections
             ]
             images.append({"file": file, "detections": detections})
+        try:  # the detections were done by the time their file was written
+            done = datetime.fromtimestamp(self.source.stat().st_mtime, UTC)
+        except OSError:
+            done = datetime.now(UTC)
+        info = {
+            "format_version": MD_FORMAT_VERSION,
+            "detector": f"{KIND_NAMES[self.kind]} {self.source.name}",
+            "detection_completion_time": done.strftime("%Y-%m-%d %H:%M:%S"),
+        }
         return {
-            "info": {"format_version": MD_FORMAT_VERSION, "detector": f"{KIND_NAMES[self.kind]} {self.source.name}"},
+            "info": info,
             "detection_categories": {category_ids[cid]: name for (cid, name) in self.categories.items()},
             "images": images,
         }
