@@ -236,7 +236,7 @@ def test_output_refusals_resume_and_too_few_locations(
 
     assert tools_main(["crops", str(survey), "-o", str(output), "--seed", "4"]) == 2
     error = capsys.readouterr().err
-    assert "is not empty" in error and "--overwrite" in error and error.count("\n") == 1
+    assert "already holds the results of" in error and "--overwrite" in error and error.count("\n") == 1
 
     # An interrupted run: crops missing; --resume cuts only those, with the same split
     removed = sorted(output.glob("*/*/*.jpg"))[:3]
@@ -312,3 +312,24 @@ def test_train_det_trains_on_a_coco_camera_traps_file(survey: Path, tmp_path: Pa
     assert train_det.main(args) == 0
     (_, info) = load_detector(tmp_path / "run" / "retinanet_vit_t16_1.pt")
     assert set(info.class_to_idx) == {"Rubra flava", "Caerula alba", "human"}
+
+
+def test_crops_output_follows_the_outputs_rule(survey: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The folder's other files are the user's: a folder holding only them is written into, and --overwrite
+    deletes the earlier run's crops and tables, never them."""
+    output = tmp_path / "crops"
+    output.mkdir()
+    (output / "README.txt").write_text("my notes\n")
+    (output / "train").mkdir()
+    (output / "train" / "keep.txt").write_text("mine\n")
+    assert tools_main(["crops", str(survey), "-o", str(output)]) == 0
+    first = _crops_on_disk(output)
+    assert first and (output / ".birder-outputs.json").is_file()
+
+    stale = output / "val" / "Old species" / "x_box0.jpg"  # a class of the earlier run only
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_bytes((next(output.glob("*/*/*.jpg"))).read_bytes())
+    capsys.readouterr()
+    assert tools_main(["crops", str(survey), "-o", str(output), "--overwrite"]) == 0
+    assert _crops_on_disk(output) == first and not stale.parent.exists()
+    assert (output / "README.txt").read_text() == "my notes\n" and (output / "train" / "keep.txt").is_file()

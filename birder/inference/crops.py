@@ -4,6 +4,7 @@ output (docs/compatibility.md, "MegaDetector batch output") that review tools su
 ``birder-predict --detector`` (:mod:`birder.runs.detect`) and ``birder-serve --detector`` use them.
 """
 
+import copy
 import json
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -144,3 +145,69 @@ def write_md_json(path: str | Path, output: Mapping[str, Any]) -> Path:
     with atomic_write_path(path) as tmp_path:
         tmp_path.write_text(json.dumps(output, indent=1), encoding="utf-8")
     return Path(path)
+
+
+def md_with_classifications(
+    document: Mapping[str, Any],
+    classifications: Mapping[tuple[int, int], Sequence[tuple[str, float]]],
+    *,
+    class_names: Sequence[str] = (),
+    descriptions: Mapping[str, str] | None = None,
+    classifier: str | None = None,
+) -> dict[str, Any]:
+    """A MegaDetector batch output written back with species, as MegaDetector's classification step writes them.
+
+    ``classifications``: ``(image entry, detection index)`` (the detection ``document["images"][entry]
+    ["detections"][index]``) -> ``(class name, probability)`` pairs, in any order. Each such detection gets
+    ``classifications``: ``[class id, probability]`` pairs, best first (replacing any an earlier classifier wrote);
+    ``classification_categories`` maps the ids to the names, ``classification_category_descriptions`` gets
+    ``descriptions`` (class name -> :func:`md_taxonomy_description`) of the classes used. Ids follow
+    ``class_names`` (the model's order), then any other name; a category the document already has keeps its id
+    (and its detections elsewhere their classifications). ``info`` gets ``classifier`` and
+    ``classification_completion_time``. Every other field, image and detection stays as it was; ``document`` itself
+    is not changed."""
+    output = copy.deepcopy(dict(document))
+    existing = output.get("classification_categories")
+    categories: dict[str, str] = dict(existing) if isinstance(existing, dict) else {}
+    id_of = {name: cid for (cid, name) in categories.items()}
+    next_id = max((_category_number(cid) for cid in categories), default=-1) + 1
+    used = list(class_names) + sorted({name for pairs in classifications.values() for (name, _) in pairs})
+    for name in dict.fromkeys(used):
+        if name not in id_of:
+            (id_of[name], categories[str(next_id)]) = (str(next_id), name)
+            next_id += 1
+
+    images = output.get("images")
+    for (entry, index), pairs in classifications.items():
+        try:
+            detection = images[entry]["detections"][index]
+        except (IndexError, KeyError, TypeError):
+            raise ValueError(f"the document has no detection {index} in images[{entry}]") from None
+        ranked = sorted(pairs, key=lambda pair: pair[1], reverse=True)
+        detection["classifications"] = [[id_of[name], round(float(probability), 4)] for (name, probability) in ranked]
+
+    if categories or "classification_categories" in output:
+        output["classification_categories"] = categories
+    if descriptions:
+        described = output.get("classification_category_descriptions")
+        described = dict(described) if isinstance(described, dict) else {}
+        for name, text in descriptions.items():
+            if name in id_of:
+                described[id_of[name]] = str(text)
+        output["classification_category_descriptions"] = described
+    info = output.get("info")
+    info = dict(info) if isinstance(info, dict) else {}
+    info.setdefault("format_version", MD_FORMAT_VERSION)
+    if classifier is not None:
+        info["classifier"] = classifier
+    info["classification_completion_time"] = md_timestamp()
+    output["info"] = info
+    return output
+
+
+def _category_number(category_id: str) -> int:
+    """A classification category id as a number (-1: not one), to number new categories after the last."""
+    try:
+        return int(category_id)
+    except ValueError:
+        return -1

@@ -25,8 +25,9 @@ any case) give no crops.
 ``OUT`` also gets ``summary.csv`` (crops per class and split, as printed), ``crops.csv`` (every crop: its file,
 photo, box, class, split, location), ``locations.csv`` (the split of each location) and ``unreadable.csv`` (photos
 missing or not decodable: listed, not fatal). Every crop is written atomically; ``--resume`` continues an
-interrupted run (the same split is recomputed and checked against ``locations.csv``). An existing non-empty ``OUT``
-is refused unless ``--resume`` or ``--overwrite`` (which removes what an earlier ``crops`` run wrote there first).
+interrupted run (the same split is recomputed and checked against ``locations.csv``). ``OUT`` follows the outputs rule
+of every command (:mod:`birder.io.outputs`): one holding an earlier run's crops or tables is refused unless
+``--resume`` or ``--overwrite`` (which removes what an earlier ``crops`` run wrote there first, and only that).
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ import csv
 import json
 import math
 import random
-import shutil
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +47,7 @@ from birder.errors import BirderError
 from birder.inference.crops import crop_box
 from birder.io.atomic import atomic_write_path
 from birder.io.images import load_image
+from birder.io.outputs import OutputFolder
 
 SPLITS = ("train", "val", "test")
 DEFAULT_SPLIT = "0.8,0.1,0.1"
@@ -59,6 +60,10 @@ CROPS_FILE = "crops.csv"
 LOCATIONS_FILE = "locations.csv"
 UNREADABLE_FILE = "unreadable.csv"
 OUTPUT_FILES = (SUMMARY_FILE, CROPS_FILE, LOCATIONS_FILE, UNREADABLE_FILE)
+# What a crops run writes in its folder (birder.io.outputs): the tables, the crops of the split ImageFolders and the
+# temporary files of a crop whose writing was cut short
+OUTPUT_PATTERNS = (*OUTPUT_FILES, *(f"{split}/*/{name}" for split in SPLITS for name in ("*.jpg", ".*.tmp")))
+PROG = "python -m birder.tools crops"
 CROP_QUALITY = 95
 
 
@@ -353,21 +358,21 @@ def pixel_box(box: BoxSource, size: tuple[int, int]) -> tuple[float, float, floa
     return (x, y, x + width, y + height)
 
 
-def _prepare_output(output: Path, overwrite: bool, resume: bool) -> None:
-    """Refuse a non-empty ``output`` unless resuming or overwriting (then remove what ``crops`` wrote there)."""
-    if output.exists() and not output.is_dir():
-        raise BirderError(f"output '{output}' is a file, not a folder")
-    if not output.exists() or not any(output.iterdir()) or resume:
-        return
-    if not overwrite:
-        raise BirderError(
-            f"output folder '{output}' is not empty: give --resume to continue an interrupted run, or --overwrite "
-            "to replace it"
-        )
-    for split in SPLITS:
-        shutil.rmtree(output / split, ignore_errors=True)
-    for name in OUTPUT_FILES:
-        (output / name).unlink(missing_ok=True)
+def _claim_output(output: Path, inputs: Sequence[Path], overwrite: bool, resume: bool, located: dict[str, str]) -> None:
+    """The outputs rule of every command (:mod:`birder.io.outputs`): a folder holding an earlier run's crops or tables
+    is refused unless ``resume`` (then the split must be the earlier one) or ``overwrite`` (then those files, and
+    only those, are deleted first); never onto the annotation or labels file."""
+    folder = OutputFolder(output, PROG, OUTPUT_PATTERNS)
+    earlier = folder.check(inputs=inputs, resume=resume, overwrite=overwrite)
+    if resume and earlier:
+        _check_resumed_split(output, located)
+    folder.claim(inputs=inputs, resume=resume, overwrite=overwrite)
+    if overwrite:
+        # A class folder left empty in a split would be read by ImageFolder as a class without images
+        for split in SPLITS:
+            for sub in sorted((output / split).glob("*"), reverse=True):
+                if sub.is_dir() and not sub.is_symlink() and not any(sub.iterdir()):
+                    sub.rmdir()
 
 
 def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
@@ -400,8 +405,10 @@ def cut_crops(
     margin: float = DEFAULT_MARGIN,
     overwrite: bool = False,
     resume: bool = False,
+    inputs: Sequence[Path] = (),
 ) -> CropReport:
-    """Cut every box of ``annotations`` (photos under ``images_root``) into ``output``'s split ImageFolders."""
+    """Cut every box of ``annotations`` (photos under ``images_root``) into ``output``'s split ImageFolders;
+    ``inputs``: the files read (never written over)."""
     if not margin >= 0:
         raise BirderError(f"--crop-margin must be a fraction >= 0, got {margin}")
     if not annotations.boxes:
@@ -414,10 +421,7 @@ def cut_crops(
         folders[label] = folder
     crops_per_location = Counter(box.location for box in annotations.boxes)
     located = split_locations(dict(crops_per_location), shares, seed)
-    _prepare_output(output, overwrite, resume)
-    if resume and output.exists() and any(output.iterdir()):
-        _check_resumed_split(output, located)
-    output.mkdir(parents=True, exist_ok=True)
+    _claim_output(output, inputs, overwrite, resume, located)
     _write_csv(
         output / LOCATIONS_FILE,
         ["location", "split", "boxes"],
@@ -456,6 +460,7 @@ def cut_crops(
         [(name, *(counts[s][name] for s in SPLITS), sum(counts[s][name] for s in SPLITS)) for name in classes],
     )
     _write_csv(output / UNREADABLE_FILE, ["photo", "error"], unreadable)
+    OutputFolder(output, PROG, OUTPUT_PATTERNS).finish()
     notes = list(annotations.notes)
     if annotations.left_out:
         listed = ", ".join(f"{name} {count}" for (name, count) in sorted(annotations.left_out.items()))
@@ -551,6 +556,7 @@ def run(args: argparse.Namespace) -> int:
         margin=args.crop_margin,
         overwrite=args.overwrite,
         resume=args.resume,
+        inputs=[annotation_file, *([Path(args.labels)] if args.labels else [])],
     )
     print_summary(report, output)
     return 0
