@@ -13,7 +13,12 @@ How a results folder maps onto the standard:
   none, so a timezone (``+02:00`` or ``Europe/Vienna``) is required; photos without an EXIF time are left out
   (counted in one line);
 - one machine observation per photo (``observationLevel`` media) and, with events, one per event (``event``);
-  ``observationType`` animal with the predicted ``scientificName``, or unknown when the model abstained.
+  ``observationType`` animal with the predicted ``scientificName``, or unknown when the model abstained;
+- for a crop-then-classify run (``--detector``): one media-level observation per box, with ``bboxX``, ``bboxY``,
+  ``bboxWidth``, ``bboxHeight`` (the box as a fraction of the photo, from its top-left corner) and ``count`` 1,
+  people and vehicles as ``human`` / ``vehicle``; a photo without a box is a ``blank`` observation; with events,
+  one event-level observation per species of the event, ``count`` the most of its boxes in one photo
+  (:mod:`birder.geo.box_events`).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from birder.errors import BirderError
+from birder.geo.box_events import box_corners, box_observation
 from birder.geo.events import parse_exif_time
 from birder.geo.places import parse_number
 from birder.geo.results import ResultsFolder, answer_of, common_root, photo_folder, relative_path, write_rows
@@ -258,17 +264,63 @@ def _photo_rows(
         if event_id:
             (start, end, _) = spans.get(event_id, (times[path], times[path], deployment.deployment_id))
             spans[event_id] = (min(start, times[path]), max(end, times[path]), deployment.deployment_id)
-        observation = _observation(results, photo)
-        observation.update(
-            deploymentID=deployment.deployment_id,
-            mediaID=media_id,
-            eventID=event_id,
-            eventStart=moment,
-            eventEnd=moment,
-            observationLevel="media",
-        )
-        observations.append(_row(columns["observations"], observation))
+        for observation in _media_observations(results, photo):
+            observation.update(
+                deploymentID=deployment.deployment_id,
+                mediaID=media_id,
+                eventID=event_id,
+                eventStart=moment,
+                eventEnd=moment,
+                observationLevel="media",
+            )
+            observations.append(_row(columns["observations"], observation))
     return (media, observations, spans)
+
+
+def _media_observations(results: ResultsFolder, photo: dict[str, str]) -> list[dict[str, Any]]:
+    """A photo's media-level observations: its answer, or (boxes) one per box, or ``blank`` for no box."""
+    if results.boxes is None:
+        return [_observation(results, photo)]
+    rows = results.boxes.get(photo["path"], [])
+    if not rows:
+        return [_typed_observation(results, "blank", "", "", None)]
+    size = results.sizes.get(photo["path"])
+    return [_box_values(results, row, size) for row in rows]
+
+
+def _typed_observation(
+    results: ResultsFolder, kind: str, name: str, probability: str, count: int | None
+) -> dict[str, Any]:
+    """The classification fields of an observation of a given type (a box's, an event's of boxes, a blank)."""
+    return {
+        "observationType": kind,
+        "scientificName": name or None,
+        "count": count,
+        "classificationMethod": "machine",
+        "classifiedBy": results.model_name,
+        "classificationTimestamp": iso(results.classified_at) if results.classified_at else None,
+        "classificationProbability": probability if kind == "animal" and probability else None,
+    }
+
+
+def _box_values(results: ResultsFolder, row: dict[str, str], size: tuple[int, int] | None) -> dict[str, Any]:
+    """A box's observation: its type and species, count 1, its box as fractions of the photo (a whole-image answer:
+    no box)."""
+    (kind, name, probability) = box_observation(row)
+    values = _typed_observation(results, kind, name, probability, 1)
+    corners = box_corners(row)
+    if size is not None and corners is not None:
+        (x1, y1, x2, y2) = corners
+        (width, height) = size
+        left = min(max(x1 / width, 0.0), 1.0)
+        top = min(max(y1 / height, 0.0), 1.0)
+        values.update(
+            bboxX=round(left, 6),
+            bboxY=round(top, 6),
+            bboxWidth=round(min(max(x2 / width, 0.0), 1.0) - left, 6),
+            bboxHeight=round(min(max(y2 / height, 0.0), 1.0) - top, 6),
+        )
+    return values
 
 
 def _event_rows(results: ResultsFolder, spans: dict[str, _Span], columns: list[str]) -> list[list[str]]:
@@ -277,7 +329,13 @@ def _event_rows(results: ResultsFolder, spans: dict[str, _Span], columns: list[s
     for event in results.events:
         span = spans.get(event["event_id"])
         if span is not None:
-            observation = _observation(results, event)
+            if "observation_type" in event:  # a crop-then-classify run's: per event and species, counted
+                count = int(event["count"]) if event.get("count") else None
+                kind = event["observation_type"]
+                name = event["label"] if kind == "animal" else ""
+                observation = _typed_observation(results, kind, name, event.get("label_probability", ""), count)
+            else:
+                observation = _observation(results, event)
             observation.update(
                 deploymentID=span[2],
                 eventID=event["event_id"],

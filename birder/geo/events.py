@@ -16,6 +16,7 @@ import datetime as dt
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -95,3 +96,12 @@ def combine_probabilities(probabilities: npt.NDArray[np.floating]) -> npt.NDArra
     mean = logs.mean(axis=0)
     combined = np.exp(mean - mean.max())
     return combined / combined.sum()
+
+
+@dataclass(frozen=True)
+class EventsReport:
+    """What ``--events`` wrote: the events table, how many events, how many of them untimed photos."""
+
+    path: Path
+    events: int
+    untimed: int

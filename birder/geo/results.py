@@ -1,7 +1,9 @@
 """A ``birder-predict`` results folder as the event and export code reads it, and the events table on disk.
 
-The results table (``results.csv`` or ``.parquet``) has one row per photo; the events table (``events.<format>``,
-written with ``--events``) one row per event. Both are read as text cells by column name, whatever the format.
+The results table (``results.csv`` or ``.parquet``) has one row per photo, or, for a crop-then-classify run
+(``--detector``), one row per box (a photo without a box keeps one row, ``detections`` 0) beside a photos table of
+each photo's size. The events table (``events.<format>``, written with ``--events``) has one row per event, or per
+event and species for boxes. All are read as text cells by column name, whatever the format.
 """
 
 from __future__ import annotations
@@ -17,10 +19,14 @@ from typing import Any
 
 from birder.errors import BirderError
 from birder.io.atomic import atomic_write_path
-from birder.io.table_files import open_text, read_csv_table
+from birder.io.table_files import TableSpec, open_text, read_csv_table, read_table_rows, write_table
 
 RESULTS_TABLE = "results"
 EVENTS_TABLE = "events"
+PHOTOS_TABLE = "photos"
+# The results table of a crop-then-classify run has these (birder.runs.detect's box columns)
+BOX_MARKER_COLUMN = "det_class"
+SOURCE_DETECTION = "detection"
 RUN_INFO = "run.json"
 TABLE_FORMATS = ("csv", "parquet")
 
@@ -84,6 +90,14 @@ class ResultsFolder:
     events: list[dict[str, str]] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
     classified_at: dt.datetime | None = None  # when the results table was written (UTC)
+    # A crop-then-classify run's: photo path -> its rows (boxes, or a whole-image answer; none for an empty photo)
+    # and photo path -> (width, height). None for a run with a row per photo.
+    boxes: dict[str, list[dict[str, str]]] | None = None
+    sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    @property
+    def has_boxes(self) -> bool:
+        return self.boxes is not None
 
     @property
     def model_name(self) -> str:
@@ -113,11 +127,34 @@ def read_results_folder(directory: str | os.PathLike) -> ResultsFolder:
     results = find_table(directory, RESULTS_TABLE, settings.get("format"))
     if results is None:
         raise BirderError(f"'{directory}' holds no results table (results.csv or results.parquet): run birder-predict")
-    (_, photos) = read_rows(results)
+    (header, photos) = read_rows(results)
     events_path = find_table(directory, EVENTS_TABLE, settings.get("format"))
     events = read_rows(events_path)[1] if events_path is not None else []
     written = dt.datetime.fromtimestamp(results.stat().st_mtime, tz=dt.UTC).replace(microsecond=0)
-    return ResultsFolder(directory, photos, events, settings, written)
+    folder = ResultsFolder(directory, photos, events, settings, written)
+    if BOX_MARKER_COLUMN in header:
+        _split_boxes(folder, find_table(directory, PHOTOS_TABLE, settings.get("format")))
+    return folder
+
+
+def _split_boxes(folder: ResultsFolder, photos_table: Path | None) -> None:
+    """A row per box -> one row per photo (its first: the photo's EXIF columns are on every row) and its boxes."""
+    by_photo: dict[str, list[dict[str, str]]] = {}
+    for row in folder.photos:
+        rows = by_photo.setdefault(row["path"], [])
+        if row.get("source"):  # a box, or a whole-image answer; an empty photo's row has no source
+            rows.append(row)
+    first: dict[str, dict[str, str]] = {}
+    for row in folder.photos:
+        first.setdefault(row["path"], row)
+    folder.photos = list(first.values())
+    folder.boxes = by_photo
+    if photos_table is not None:
+        for row in read_rows(photos_table)[1]:
+            try:
+                folder.sizes[row["path"]] = (int(row["width"]), int(row["height"]))
+            except (KeyError, ValueError):
+                continue
 
 
 def photo_folder(path: str) -> str:
@@ -133,6 +170,18 @@ def common_root(paths: Sequence[str]) -> str:
 
 def relative_path(path: str, root: str) -> str:
     return Path(os.path.relpath(os.path.abspath(path), root)).as_posix()
+
+
+def fill_event_ids(path: Path, spec: TableSpec, event_of: dict[str, str], column_name: str = "event_id") -> None:
+    """Fill the ``event_id`` column of the results table at ``path`` (of ``spec``) from photo path -> event id;
+    every row of a photo (each of its boxes) gets its event."""
+    column = spec.header.index(column_name)
+    rows = []
+    for row in read_table_rows(path, spec):
+        row = list(row)
+        row[column] = event_of.get(row[0], "")
+        rows.append(row)
+    write_table(path, spec, rows)
 
 
 def answer_of(row: dict[str, str]) -> tuple[str, str]:
