@@ -54,6 +54,17 @@ def positive_int(text: str) -> int:
     return _whole_number(text, 1, "at least 1")
 
 
+def positive_number(text: str) -> float:
+    """An argparse type: a number above 0 (a size in MiB, a time in seconds), one clear line otherwise."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got '{text}'") from None
+    if not value > 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be above 0, got {value:g}")
+    return value
+
+
 def fraction(text: str) -> float:
     """An argparse type: a number from 0 to 1 (a probability, a share), one clear line otherwise."""
     try:

@@ -32,7 +32,7 @@ import textwrap
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -289,13 +289,25 @@ def spatial_folds(block_cells: npt.NDArray[np.uint64], folds: int, seed: int = 0
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+class _SparseRows(NamedTuple):
+    """Which columns each row holds: row i's are ``columns[indptr[i]:indptr[i + 1]]``. A CSR matrix without its
+    values: the values (each fold's counts, say) are arrays of their own in this layout."""
+
+    indptr: npt.NDArray[np.int64]
+    columns: npt.NDArray[np.int64]
+
+    @classmethod
+    def of(cls, matrix: Any) -> _SparseRows:
+        """The layout of a scipy CSR matrix (its indices as int64, as the expansions index with them)."""
+        return cls(matrix.indptr.astype(np.int64), matrix.indices.astype(np.int64))
+
+
 @dataclass
 class _Level:
     """One resolution: the counts of all records per (cell, species) as sparse rows, each fold's training share of
     them (all minus the fold's), and each record's training counts of its own cell."""
 
-    indptr: npt.NDArray[np.int64]  # cell i's species are classes[indptr[i]:indptr[i + 1]]
-    classes: npt.NDArray[np.int64]
+    cells: _SparseRows  # each cell's species
     training: list[npt.NDArray[np.float64]]  # per fold: the (cell, species) counts without the fold's records
     row: npt.NDArray[np.int64]  # each scored record's cell
     own: npt.NDArray[np.float64]  # each scored record's species' training count in its cell (its fold left out)
@@ -403,7 +415,7 @@ class HeldOutScorer:
             training.append(counts)
             own[slot] = counts[pair_of_record[held]]
             total[slot] = np.add.reduceat(counts, indptr[:-1])[row[held]]
-        level = _Level(indptr, pairs % self.num_classes, training, row[self.scored], own, total)
+        level = _Level(_SparseRows(indptr, pairs % self.num_classes), training, row[self.scored], own, total)
         if self.neighbours:
             self._ring(level, distinct)
         return level
@@ -422,7 +434,9 @@ class HeldOutScorer:
         (level.ring, level.ring_own, level.ring_total) = ([], np.zeros(len(level.row)), np.zeros(len(level.row)))
         for fold in range(self.num_folds):
             (held, slot) = (self.held[fold], self.slots[fold])
-            counts = csr_matrix((level.training[fold], level.classes, level.indptr), shape=(cells, self.num_classes))
+            counts = csr_matrix(
+                (level.training[fold], level.cells.columns, level.cells.indptr), shape=(cells, self.num_classes)
+            )
             ring = (adjacency @ counts).tocsr()
             ring.sort_indices()
             level.ring.append(ring)
@@ -453,24 +467,12 @@ class HeldOutScorer:
             base_own[slot] = base[self.classes[held]]
             for resolution, level in self.levels.items():
                 weighted[resolution][slot] = self._weighted(
-                    ("level", resolution, fold),
-                    level.indptr,
-                    level.classes,
-                    level.training[fold],
-                    level.row[slot],
-                    factors,
-                    days,
+                    ("level", resolution, fold), level.cells, level.training[fold], level.row[slot], factors, days
                 )
                 if level.ring is not None:
                     ring = level.ring[fold]
                     ring_weighted[resolution][slot] = self._weighted(
-                        ("ring", resolution, fold),
-                        ring.indptr.astype(np.int64),
-                        ring.indices.astype(np.int64),
-                        ring.data,
-                        level.row[slot],
-                        factors,
-                        days,
+                        ("ring", resolution, fold), _SparseRows.of(ring), ring.data, level.row[slot], factors, days
                     )
         result = (
             own_factor,
@@ -521,18 +523,16 @@ class HeldOutScorer:
         return local
 
     def _pair_rows(
-        self,
-        local: _LocalSeasons,
-        indptr: npt.NDArray[np.int64],
-        classes: npt.NDArray[np.int64],
-        level_row: npt.NDArray[np.int64],
-    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        self, local: _LocalSeasons, cells: _SparseRows, level_row: npt.NDArray[np.int64]
+    ) -> tuple[_SparseRows, npt.NDArray[np.int64], npt.NDArray[np.int64]]:
         """Sparse rows over the (season cell, species) pairs: one row per (level cell, season cell) combination
-        of the scored records, holding the level cell's species that have dated records in that season cell.
+        of the scored records, holding the species of ``cells`` (each level cell's) that have dated records in
+        that season cell.
 
-        Returns the rows' ``indptr``, the pair of each element, the element's position in the level's counts, and
-        each scored record's row.
+        Returns the rows (their columns: the pairs), each element's position in the level's counts, and each
+        scored record's row.
         """
+        (indptr, classes) = cells
         seasons = local.seasons
         key = (id(local), id(level_row))
         if key not in self._combos:
@@ -544,7 +544,8 @@ class HeldOutScorer:
         keep = local.pair_keys[found] == keys
         (owner, positions, pairs) = (owner[keep], positions[keep], found[keep])
         combo_indptr = np.searchsorted(owner, np.arange(len(combos) + 1)).astype(np.int64)
-        return (combo_indptr, pairs.astype(np.int64), positions, combo_of_record.reshape(-1).astype(np.int64))
+        combo_rows = _SparseRows(combo_indptr, pairs.astype(np.int64))
+        return (combo_rows, positions, combo_of_record.reshape(-1).astype(np.int64))
 
     def _smoothed_pairs(
         self, local: _LocalSeasons, season_resolution: int, kernel_days: float, fold: int
@@ -580,10 +581,13 @@ class HeldOutScorer:
         }
         species_of_pair = local.pair_keys % self.num_classes
         season_of_pair = local.pair_keys // self.num_classes
-        seasons_indptr = np.searchsorted(season_of_pair, np.arange(local.seasons + 1)).astype(np.int64)
+        # Each season cell's pairs (a row of the pairs themselves, in pair_keys' order)
+        seasons_pairs = _SparseRows(
+            np.searchsorted(season_of_pair, np.arange(local.seasons + 1)).astype(np.int64),
+            np.arange(len(local.pair_keys)),
+        )
         structures = {
-            resolution: self._pair_rows(local, level.indptr, level.classes, level.row)
-            for (resolution, level) in self.levels.items()
+            resolution: self._pair_rows(local, level.cells, level.row) for (resolution, level) in self.levels.items()
         }
         for fold in range(self.num_folds):
             (held, slot) = (self.held[fold], self.slots[fold])
@@ -599,19 +603,17 @@ class HeldOutScorer:
             base = (base + 1.0) / (base.sum() + self.num_classes)
             out["global"][slot] = self._weighted(
                 ("local", season_resolution, fold),
-                seasons_indptr,
-                np.arange(len(local.pair_keys)),
+                seasons_pairs,
                 base[species_of_pair],
                 local.season_row[slot],
                 difference,
                 days,
             )
             for resolution, level in self.levels.items():
-                (indptr, pairs, positions, rows) = structures[resolution]
+                (pair_rows, positions, rows) = structures[resolution]
                 out["levels"][resolution][slot] = self._weighted(
                     ("local level", season_resolution, resolution, fold),
-                    indptr,
-                    pairs,
+                    pair_rows,
                     level.training[fold][positions],
                     rows[slot],
                     difference,
@@ -621,14 +623,11 @@ class HeldOutScorer:
                     ring = level.ring[fold]
                     ring_key = (season_resolution, resolution, fold)
                     if ring_key not in self._ring_structures:
-                        self._ring_structures[ring_key] = self._pair_rows(
-                            local, ring.indptr.astype(np.int64), ring.indices.astype(np.int64), level.row
-                        )
-                    (indptr, pairs, positions, rows) = self._ring_structures[ring_key]
+                        self._ring_structures[ring_key] = self._pair_rows(local, _SparseRows.of(ring), level.row)
+                    (pair_rows, positions, rows) = self._ring_structures[ring_key]
                     out["rings"][resolution][slot] = self._weighted(
                         ("local ring", season_resolution, resolution, fold),
-                        indptr,
-                        pairs,
+                        pair_rows,
                         ring.data[positions],
                         rows[slot],
                         difference,
@@ -694,13 +693,14 @@ class _WeightedCounts:
     def __call__(
         self,
         key: tuple,
-        indptr: npt.NDArray[np.int64],
-        classes: npt.NDArray[np.int64],
+        layout: _SparseRows,
         counts: npt.NDArray[np.float64],
         rows: npt.NDArray[np.int64],
         factors: npt.NDArray[np.float64],
         days: npt.NDArray[np.int64],
     ) -> npt.NDArray[np.float64]:
+        """``counts`` are laid out as ``layout``; its columns index the rows of ``factors``."""
+        (indptr, classes) = layout
         columns = factors.shape[1]
         cells = len(indptr) - 1
         if key in self._expansions:
@@ -719,7 +719,7 @@ class _WeightedCounts:
             index_type = np.int32 if factors.size < 2**31 else np.int64
             self._expansions[key] = (owner.astype(np.int32), flat.astype(index_type), counts[positions])
             self._cached += elements
-            return self(key, indptr, classes, counts, rows, factors, days)
+            return self(key, layout, counts, rows, factors, days)
 
         out = np.zeros(len(rows))
         ends = np.cumsum(lengths)

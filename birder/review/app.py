@@ -26,20 +26,17 @@ from typing import Any
 
 from birder.errors import BirderError, ImageDecodeError, one_line
 from birder.review.session import ReviewSession
+from birder.web_page import add_page
 
 try:
     from fastapi import FastAPI, Request
-    from fastapi.responses import FileResponse, JSONResponse, Response
-    from fastapi.staticfiles import StaticFiles
+    from fastapi.responses import JSONResponse, Response
     from starlette.exceptions import HTTPException as StarletteHTTPException
     from starlette.middleware.base import BaseHTTPMiddleware
 except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError(f"birder-review needs the 'serve' extra: pip install 'birder[serve]' ({err})") from err
 
 STATIC_DIR = Path(__file__).parent / "static"
-# The style and icon both birder pages share (birder/static), served under /static after the page's own files
-SHARED_STATIC = [("birder", "static")]
-_PAGE_CSP = "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'"
 # Photos are sent no larger than this (longest side): a review screen needs no 50 MP frame
 MAX_PHOTO_SIDE = 1600
 TOKEN_HEADER = "X-Review-Token"
@@ -157,11 +154,7 @@ def create_review_app(session: ReviewSession, *, reviewer: str, token: str | Non
     async def search(q: str = "") -> dict[str, Any]:
         return {"matches": session.names.search(q)}
 
-    @app.get("/", include_in_schema=False)
-    async def index() -> FileResponse:
-        return FileResponse(STATIC_DIR / "review.html", headers={"Content-Security-Policy": _PAGE_CSP})
-
-    app.mount("/static", StaticFiles(directory=STATIC_DIR, packages=SHARED_STATIC), name="static")
+    add_page(app, STATIC_DIR, "review.html")
 
     @app.exception_handler(BirderError)
     async def user_error(_request: Request, err: BirderError) -> JSONResponse:

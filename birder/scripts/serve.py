@@ -15,6 +15,7 @@ before opening it to a network.
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,7 @@ from birder.errors import BirderError
 from birder.geo.predict import add_prior_arguments
 from birder.inference.optimize import DTYPE_CHOICES
 from birder.log_setup import configure_logging
+from birder.run_options import positive_int, positive_number
 from birder.scripts.common import add_decision_arguments, add_run_arguments, model_command_parser, run_command
 
 if TYPE_CHECKING:
@@ -36,6 +38,27 @@ if TYPE_CHECKING:
 
 PROG = "birder-serve"
 logger = logging.getLogger("birder.serve")
+
+# The service's limits, each a count or an amount above 0: (option, argparse type, default, what it bounds)
+_LIMITS: tuple[tuple[str, Callable[[str], float], float, str], ...] = (
+    ("--max-batch-size", positive_int, 32, "images per batch"),
+    ("--max-upload-mb", positive_number, 20.0, "largest request body, in MiB"),
+    (
+        "--max-inflight-mb",
+        positive_number,
+        256.0,
+        "request bodies held at once, in MiB, at least --max-upload-mb; uploads beyond it get 503 before they are read",
+    ),
+    ("--max-pixels", positive_int, 50_000_000, "largest image, in pixels"),
+    (
+        "--max-explanations",
+        positive_int,
+        8,
+        "/v1/explain requests waiting or running at once (one runs at a time); more get 503",
+    ),
+    ("--timeout", positive_number, 30.0, "request timeout in seconds, every route"),
+    ("--top-k", positive_int, 5, "species returned by default"),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,23 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_arguments(
         parser, workers_default_text="2 to 8, by CPU cores", workers_help="threads decoding photos", dtype=DTYPE_CHOICES
     )
-    parser.add_argument("--max-batch-size", type=int, default=32, help="images per batch (default: %(default)s)")
+    for option, kind, default, bounds in _LIMITS:
+        parser.add_argument(option, type=kind, default=default, help=f"{bounds} (default: %(default)s)")
     parser.add_argument(
         "--batch-window-ms",
         type=float,
         default=5.0,
         help="longest a request waits for others to share its batch (default: %(default)s ms)",
-    )
-    parser.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body (default: %(default)s)")
-    parser.add_argument(
-        "--max-inflight-mb",
-        type=float,
-        default=256.0,
-        help="request bodies held at once, in MiB; uploads beyond it get 503 before they are read "
-        "(default: %(default)s; at least --max-upload-mb)",
-    )
-    parser.add_argument(
-        "--max-pixels", type=int, default=50_000_000, help="largest image, in pixels (default: %(default)s)"
     )
     parser.add_argument(
         "--max-decode-mb",
@@ -75,17 +88,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="memory for decoding photos at once, in MiB; a photo waits for room (default: 26 bytes per pixel of "
         "--max-pixels, 1244 MiB at 50 MP: one 8-bit photo with alpha at the pixel limit)",
     )
-    parser.add_argument(
-        "--max-explanations",
-        type=int,
-        default=8,
-        help="/v1/explain requests waiting or running at once (one runs at a time); more get 503 "
-        "(default: %(default)s)",
-    )
-    parser.add_argument(
-        "--timeout", type=float, default=30.0, help="request timeout in seconds, every route (default: %(default)s)"
-    )
-    parser.add_argument("--top-k", type=int, default=5, help="species returned by default (default: %(default)s)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument(
         "--index", type=Path, metavar="DIR", help="a birder-index folder built with this model: adds /v1/similar"
@@ -107,18 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    positive = {
-        "--max-batch-size": args.max_batch_size,
-        "--max-upload-mb": args.max_upload_mb,
-        "--max-inflight-mb": args.max_inflight_mb,
-        "--max-pixels": args.max_pixels,
-        "--timeout": args.timeout,
-        "--top-k": args.top_k,
-        "--max-explanations": args.max_explanations,
-    }
-    for option, value in positive.items():
-        if value <= 0:
-            parser.error(f"{option} must be positive, got {value}")
+    # The limits (_LIMITS) are above 0 already, checked by their argparse types; here, what one says of another
     if args.max_inflight_mb < args.max_upload_mb:
         parser.error(
             f"--max-inflight-mb ({args.max_inflight_mb:g}) must be at least --max-upload-mb ({args.max_upload_mb:g}), "

@@ -72,12 +72,12 @@ from birder.serve.uploads import (
     read_image_request,
     short_text,
 )
+from birder.web_page import add_page
 
 try:
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, JSONResponse
-    from fastapi.staticfiles import StaticFiles
+    from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError(f"birder-serve needs the 'serve' extra: pip install 'birder[serve]' ({err})") from err
@@ -85,10 +85,6 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
-# The style and icon both birder pages share (birder/static), served under /static after the page's own files
-SHARED_STATIC = [("birder", "static")]
-# The page loads nothing from anywhere else; the browser enforces it.
-_PAGE_CSP = "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'"
 
 T = TypeVar("T")
 
@@ -454,15 +450,11 @@ def create_app(
     # Load balancers and uptime checks often ask with HEAD: the same answer, without its body
     app.add_api_route("/healthz", healthz, methods=["HEAD"], operation_id="healthz_head")
 
-    @app.get("/", include_in_schema=False)
-    async def index() -> FileResponse:
-        return FileResponse(STATIC_DIR / "index.html", headers={"Content-Security-Policy": _PAGE_CSP})
-
     # Explanation maps, and similar photos with an index (birder.search.store.PhotoIndex): birder.serve.extras
     add_extra_routes(app, service, photo_index)
     if detector is not None:
         add_detect_route(app, service, detector, answer_for, check_place)
-    app.mount("/static", StaticFiles(directory=STATIC_DIR, packages=SHARED_STATIC), name="static")
+    add_page(app, STATIC_DIR, "index.html")
     return app
 
 
