@@ -9,6 +9,12 @@ class BirderError(Exception):
     """Base class of every error birder raises on purpose."""
 
 
+def check_at_least(value: float, minimum: float, what: str, error: type[Exception] = BirderError) -> None:
+    """Raise ``error`` (one line naming ``what``) when a count or a size is below ``minimum``."""
+    if not value >= minimum:  # NaN too
+        raise error(f"{what} must be at least {minimum:g}, got {value:g}")
+
+
 class UnknownModelError(BirderError, KeyError):
     """A network or pretrained model name that is not registered."""
 

@@ -27,7 +27,7 @@ import numpy.typing as npt
 import torch
 from torch.utils.data import DataLoader
 
-from birder.errors import BirderError, RunFailedError
+from birder.errors import BirderError, RunFailedError, check_at_least
 from birder.inference.classification import infer_batch, logits_from_embeddings
 from birder.inference.dataset import ImageFileDataset, PhotoBatch, PhotoMetadata, collate_photos, one_line_error
 from birder.io.checkpoint import ModelInfo, names_by_index
@@ -138,10 +138,8 @@ class Predictor:
         read_metadata: bool = True,
         calibrated: bool = True,
     ) -> None:
-        if batch_size < 1:
-            raise BirderError(f"batch size must be at least 1, got {batch_size}")
-        if num_workers < 0:
-            raise BirderError(f"number of workers cannot be negative, got {num_workers}")
+        check_at_least(batch_size, 1, "the batch size")
+        check_at_least(num_workers, 0, "the number of workers")
 
         self.net = net
         self.transform = transform

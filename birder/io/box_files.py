@@ -30,7 +30,7 @@ import copy
 import json
 import math
 import os
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -347,6 +347,20 @@ class _Reader:
             raise self.error(where, f"'{key}' must be the photo's path, found {_value(value)}")
         return (value, normal_path(value, self.root))
 
+    def _photo_entries(
+        self, items: list[Any], key: str, what: str, file_key: str
+    ) -> Iterator[tuple[int, dict[str, Any], str, str, str]]:
+        """``(entry, item, where, file as written, normalised path)`` of each photo entry of the list ``key``,
+        each checked to be an object naming its file under ``file_key``."""
+        for entry, item in enumerate(items):
+            where = f"{key}[{entry}]"
+            if not isinstance(item, dict):
+                raise self.error(where, f"{what} must be an object, found {_value(item)}")
+            if file_key not in item:
+                raise self.error(where, f"{what} without '{file_key}'")
+            (file, path) = self._file(item[file_key], where, file_key)
+            yield (entry, item, f"{key}[{entry}] '{_shown(file)}'", file, path)
+
     def _check_version(self, document: Mapping[str, Any]) -> None:
         info = document.get("info")
         if info is None:
@@ -407,14 +421,7 @@ class _Reader:
         if "classification_categories" in document:
             self._categories(document["classification_categories"], "classification_categories")
         photos = []
-        for entry, image in enumerate(images):
-            where = f"images[{entry}]"
-            if not isinstance(image, dict):
-                raise self.error(where, f"an image entry must be an object, found {_value(image)}")
-            if "file" not in image:
-                raise self.error(where, "an image entry without 'file'")
-            (file, path) = self._file(image["file"], where, "file")
-            where = f"images[{entry}] '{_shown(file)}'"
+        for entry, image, where, file, path in self._photo_entries(images, "images", "an image entry", "file"):
             failure = image.get("failure")
             detections = image.get("detections")
             if failure is not None:
@@ -432,14 +439,9 @@ class _Reader:
         predictions = self._list(document, "predictions", SPECIESNET)
         categories: dict[str, str] = {}
         photos = []
-        for entry, prediction in enumerate(predictions):
-            where = f"predictions[{entry}]"
-            if not isinstance(prediction, dict):
-                raise self.error(where, f"a prediction must be an object, found {_value(prediction)}")
-            if "filepath" not in prediction:
-                raise self.error(where, "a prediction without 'filepath'")
-            (file, path) = self._file(prediction["filepath"], where, "filepath")
-            where = f"predictions[{entry}] '{_shown(file)}'"
+        for entry, prediction, where, file, path in self._photo_entries(
+            predictions, "predictions", "a prediction", "filepath"
+        ):
             failures = prediction.get("failures")
             if failures is not None and not (
                 isinstance(failures, list) and all(isinstance(item, str) for item in failures)

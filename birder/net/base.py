@@ -7,7 +7,7 @@ config plus an optional per-call override.
 """
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from torch import nn
@@ -17,6 +17,15 @@ from birder.tasks import DEFAULT_TASK
 
 # A per-call override of a network's registered config (``{"hidden_dim": 64, ...}``), or None.
 ConfigOverride = Mapping[str, Any] | None
+
+
+class NetOptions(TypedDict, total=False):
+    """The keyword arguments every network takes (see :class:`BaseNet`); a subclass passes them on unchanged."""
+
+    config: ConfigOverride
+    size: tuple[int, int] | None
+
+
 # An input size (height, width), or None for the network's default.
 InputSize = tuple[int, int] | None
 

@@ -10,7 +10,7 @@ Token order is ``[registers..., class, patches...]``; the position embedding cov
 import math
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +18,7 @@ from torch import nn
 
 from birder.errors import BirderError
 from birder.model_registry import registry
-from birder.net.base import BaseNet, ConfigOverride, FSDPUnit
+from birder.net.base import BaseNet, FSDPUnit, NetOptions
 
 
 class StochasticDepth(nn.Module):
@@ -252,15 +252,8 @@ class ViT(BaseNet):
     }
     default_size = (224, 224)
 
-    def __init__(
-        self,
-        input_channels: int,
-        num_classes: int,
-        *,
-        config: ConfigOverride = None,
-        size: tuple[int, int] | None = None,
-    ) -> None:
-        super().__init__(input_channels, num_classes, config=config, size=size)
+    def __init__(self, input_channels: int, num_classes: int, **options: Unpack[NetOptions]) -> None:
+        super().__init__(input_channels, num_classes, **options)
         cfg = self.config
         self.patch_size: int = cfg["patch_size"]
         self.hidden_dim: int = cfg["hidden_dim"]

@@ -18,6 +18,8 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
+from birder.errors import check_at_least
+
 logger = logging.getLogger(__name__)
 
 Result = TypeVar("Result")
@@ -69,10 +71,8 @@ class DynamicBatcher(Generic[Result]):
         window_s: float = 0.005,
         max_queue: int = 1024,
     ) -> None:
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
-        if window_s < 0:
-            raise ValueError(f"the batching window cannot be negative, got {window_s}")
+        check_at_least(max_batch_size, 1, "max_batch_size", ValueError)
+        check_at_least(window_s, 0, "the batching window", ValueError)
 
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
