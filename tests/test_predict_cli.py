@@ -170,7 +170,10 @@ def test_user_errors_exit_2_with_one_line(setup, tmp_path: Path, capsys: pytest.
 def test_run_prediction_as_a_library(setup, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     (model, photos) = setup
     options = prediction_run.PredictionOptions(
-        [photos], weights=model, output_dir=tmp_path / "library", num_workers=0, progress=False, save_embeddings=True
+        [photos],
+        model=prediction_run.ModelOptions(weights=model),
+        execution=prediction_run.ExecutionOptions(num_workers=0, progress=False),
+        output=prediction_run.OutputOptions(output_dir=tmp_path / "library", save_embeddings=True),
     )
     report = prediction_run.run_prediction(options)
     assert report.summary.classified == len(GOOD_PHOTOS) and report.summary.failures == len(BAD_PHOTOS)

@@ -7,6 +7,10 @@ is given).
 """
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from birder.inference.decision import DecisionOptions
 
 # The execution options and the error wrapper every command shares (re-exported: scripts import them from here)
 from birder.run_options import (  # noqa: F401
@@ -70,4 +74,17 @@ def add_decision_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--unknown-threshold", type=float, metavar="S", help="unknown above this score (default: the calibrated one)"
+    )
+
+
+def decision_options(args: argparse.Namespace) -> "DecisionOptions":
+    """The answer options of ``args`` (parsed by a parser with :func:`add_decision_arguments`)."""
+    from birder.inference.decision import DecisionOptions
+
+    return DecisionOptions(
+        uncalibrated=args.uncalibrated,
+        thresholds=args.thresholds,
+        taxonomy=args.taxonomy,
+        unknown_method=args.unknown_method,
+        unknown_threshold=args.unknown_threshold,
     )
