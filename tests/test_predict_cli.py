@@ -413,7 +413,7 @@ def test_run_errors_stop_with_one_line_and_bad_photos_do_not(
     assert not (tmp_path / "model" / "results.csv").exists()
 
     with monkeypatch.context() as patch:
-        patch.setattr(prediction_run, "classification_transform", lambda *args, **kwargs: broken_transform)
+        patch.setattr("birder.runs.steps.classification_transform", lambda *args, **kwargs: broken_transform)
         assert main([*base, "-j", "2", "--output-dir", str(tmp_path / "transform")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("birder-predict: error:") and "RuntimeError: boom second line" in err and "\n" not in err
