@@ -37,6 +37,7 @@ from birder.inference import predictor as P
 from birder.inference.classification import infer_image
 from birder.io.journal import JOURNAL_DIR
 from birder.runs import predict as prediction_run
+from birder.runs.predict_options import ExecutionOptions, ModelOptions, OutputOptions
 from birder.scripts.predict import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,9 +172,9 @@ def test_run_prediction_as_a_library(setup, tmp_path: Path, capsys: pytest.Captu
     (model, photos) = setup
     options = prediction_run.PredictionOptions(
         [photos],
-        model=prediction_run.ModelOptions(weights=model),
-        execution=prediction_run.ExecutionOptions(num_workers=0, progress=False),
-        output=prediction_run.OutputOptions(output_dir=tmp_path / "library", save_embeddings=True),
+        model=ModelOptions(weights=model),
+        execution=ExecutionOptions(num_workers=0, progress=False),
+        output=OutputOptions(output_dir=tmp_path / "library", save_embeddings=True),
     )
     report = prediction_run.run_prediction(options)
     assert report.summary.classified == len(GOOD_PHOTOS) and report.summary.failures == len(BAD_PHOTOS)

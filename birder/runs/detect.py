@@ -66,7 +66,6 @@ from birder.runs.steps import (
     classified_rows,
     journal_batches,
     make_predictor,
-    prepare_job,
 )
 
 SOURCE_DETECTION = "detection"
@@ -189,6 +188,8 @@ class DetectionSteps(RunSteps):
     """Crop-then-classify, a kind of run (see the module's docstring): a row per detected box. It serves one run:
     :meth:`prepare` loads the detector, which the other steps use."""
 
+    tables_class = DetectionTables
+
     def __init__(self, options: DetectionOptions) -> None:
         self.options = options
         self._step: DetectionStep | None = None
@@ -204,7 +205,7 @@ class DetectionSteps(RunSteps):
         check_options(options, self.options)
 
     def prepare(self, options: PredictionOptions, context: DistInfo) -> PredictionJob:
-        job = prepare_job(options, context, DetectionTables)
+        job = super().prepare(options, context)
         self._step = load_detection_step(self.options, context.device)
         job.settings.update(self._step.settings())
         return job

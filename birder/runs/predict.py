@@ -42,39 +42,15 @@ from birder.io.outputs import OutputFolder, check_output_file
 from birder.plots import plot_predictions
 from birder.runs.detect import DetectionSteps
 from birder.runs.photo_lists import parse_shard, select_photos
-from birder.runs.predict_options import (
-    DEFAULT_WORKERS,
-    DETECTION_EXPORTS,
-    PROG,
-    DetectionOptions,
-    ExecutionOptions,
-    ModelOptions,
-    OutputOptions,
-    PredictionOptions,
-)
-from birder.runs.steps import (
-    PredictionJob,
-    RunPlan,
-    RunSteps,
-    Tally,
-    classified_rows,
-    journal_batches,
-    make_predictor,
-    prepare_job,
-)
+from birder.runs.predict_options import DEFAULT_WORKERS, PROG, PredictionOptions
+from birder.runs.steps import PredictionJob, RunPlan, RunSteps, Tally, classified_rows, journal_batches, make_predictor
 
-# The options (birder.runs.predict_options) and a kind's steps (birder.runs.steps), named here too: a caller of
-# run_prediction imports what it needs from one module
+# Named here too (a caller of run_prediction, older callers): the options' module and the frame's
 __all__ = [
     "DEFAULT_WORKERS",
-    "DETECTION_EXPORTS",
     "PREDICTION_OUTPUTS",
     "PROG",
     "ClassificationSteps",
-    "DetectionOptions",
-    "ExecutionOptions",
-    "ModelOptions",
-    "OutputOptions",
     "PredictionOptions",
     "RunReport",
     "RunSteps",
@@ -246,9 +222,6 @@ def _plan(job: PredictionJob) -> RunPlan:
 
 class ClassificationSteps(RunSteps):
     """A run that classifies whole photos: a row per photo."""
-
-    def prepare(self, options: PredictionOptions, context: DistInfo) -> PredictionJob:
-        return prepare_job(options, context)
 
     def predict(self, job: PredictionJob, context: DistInfo, plan: RunPlan, mine: list[int]) -> float:
         """Classify this rank's photos into its journals; returns the seconds it took."""

@@ -73,13 +73,16 @@ class RunSteps(ABC):
     in the same frame (ranks, plan, journals, merge). An instance serves one run: what a kind loads besides the
     classifier (a detector) is kept on it by :meth:`prepare`."""
 
+    tables_class: type[PredictionTables] = PredictionTables  # the kind's tables
+
     def check(self, options: PredictionOptions) -> None:
         """Refuse, in one line and before anything loads, what this kind of run cannot do (nothing by default)."""
         return None
 
-    @abstractmethod
     def prepare(self, options: PredictionOptions, context: DistInfo) -> PredictionJob:
-        """Load what the run needs (every rank): :func:`prepare_job`, with the kind's tables."""
+        """Load what the run needs (every rank): the classifier and the rest of :func:`prepare_job`, with the
+        kind's tables; a kind that loads more (a detector) adds it here."""
+        return prepare_job(options, context, self.tables_class)
 
     @abstractmethod
     def predict(self, job: PredictionJob, context: DistInfo, plan: RunPlan, mine: list[int]) -> float:

@@ -7,7 +7,8 @@ is given).
 """
 
 import argparse
-from typing import TYPE_CHECKING
+from dataclasses import fields
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from birder.inference.decision import DecisionOptions
@@ -77,14 +78,19 @@ def add_decision_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+G = TypeVar("G")  # a group of options: a dataclass
+
+
+def options_group(group: type[G], args: argparse.Namespace, **given: Any) -> G:
+    """One typed group of a command's options (a dataclass) from its parsed arguments: each field from the argument
+    of the same name, or from ``given`` (a field whose argument has another name, or a value worked out)."""
+    parsed = vars(args)
+    values = {field.name: given[field.name] if field.name in given else parsed[field.name] for field in fields(group)}
+    return group(**values)
+
+
 def decision_options(args: argparse.Namespace) -> "DecisionOptions":
     """The answer options of ``args`` (parsed by a parser with :func:`add_decision_arguments`)."""
     from birder.inference.decision import DecisionOptions
 
-    return DecisionOptions(
-        uncalibrated=args.uncalibrated,
-        thresholds=args.thresholds,
-        taxonomy=args.taxonomy,
-        unknown_method=args.unknown_method,
-        unknown_threshold=args.unknown_threshold,
-    )
+    return options_group(DecisionOptions, args)

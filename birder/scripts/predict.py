@@ -53,6 +53,7 @@ from birder.scripts.common import (  # noqa: F401 (the exit codes: tests and cal
     add_model_arguments,
     add_run_arguments,
     decision_options,
+    options_group,
     run_command,
 )
 
@@ -148,73 +149,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def options_from_args(args: argparse.Namespace) -> PredictionOptions:
-    """The run's options, group by group, from parsed arguments (a mistake no group can hold: BirderError)."""
+    """The run's options, group by group, from parsed arguments (each argument's destination is the name of its
+    option in its group); a mistake no group can hold raises :class:`~birder.errors.BirderError`."""
     return PredictionOptions(
         inputs=args.inputs,
         manifest=args.manifest,
         shard=args.shard,
-        model=ModelOptions(
-            name=args.model,
-            weights=args.weights,
-            network=args.network,
-            size=args.size,
-            center_crop=args.center_crop,
-            simple_crop=args.simple_crop,
-            tta=args.tta,
-        ),
-        execution=ExecutionOptions(
-            device=args.device,
-            batch_size=args.batch_size,
-            num_workers=args.num_workers,
-            dtype=args.dtype,
-            amp=args.amp,
-            progress=args.progress,
-            quantize=args.quantize,
-            compile=args.compile,
-            chunk_size=args.chunk_size,
-        ),
-        output=_output_options(args),
+        model=options_group(ModelOptions, args, name=args.model),
+        execution=options_group(ExecutionOptions, args),
+        output=options_group(OutputOptions, args),
         decision=decision_options(args),
         detection=_detection_options(args),
-        geo=GeoOptions(
-            prior=args.prior,
-            prior_strength=args.prior_strength,
-            lat=args.lat,
-            lon=args.lon,
-            date=args.date,
-            locations=args.locations,
-            events=args.events,
-            event_gap=args.event_gap,
-            exports=[name for name in args.exports if name not in DETECTION_EXPORTS],
+        geo=options_group(
+            GeoOptions,
+            args,
+            exports=tuple(name for name in args.exports if name not in DETECTION_EXPORTS),
             camtrap=export_options(args),
         ),
     )
 
 
-def _output_options(args: argparse.Namespace) -> OutputOptions:
-    return OutputOptions(
-        output_dir=args.output_dir,
-        table_format=args.table_format,
-        top_k=args.top_k,
-        min_prob=args.min_prob,
-        species=args.species,
-        save_probabilities=args.save_probabilities,
-        save_logits=args.save_logits,
-        save_embeddings=args.save_embeddings,
-        save_features=args.save_features,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        show=args.show,
-        plot=args.plot,
-        plot_max=args.plot_max,
-        explain=args.explain,
-        explain_method=args.explain_method,
-    )
-
-
 def _detection_options(args: argparse.Namespace) -> DetectionOptions | None:
     """The crop-then-classify group: None without ``--detector``, whose options are then refused in one line."""
-    exports = [name for name in args.exports if name in DETECTION_EXPORTS]
+    exports = tuple(name for name in args.exports if name in DETECTION_EXPORTS)
     if args.detector is None:
         needs_detector = {
             f"--export {exports[0] if exports else ''}": bool(exports),
@@ -228,15 +185,7 @@ def _detection_options(args: argparse.Namespace) -> DetectionOptions | None:
                     f"{option} is about detected boxes: it needs --detector FILE (a birder-train-det file)"
                 )
         return None
-    return DetectionOptions(
-        detector=args.detector,
-        det_threshold=args.det_threshold,
-        crop_margin=args.crop_margin,
-        fallback_whole_image=args.fallback_whole_image,
-        save_crops=args.save_crops,
-        draw=args.draw,
-        exports=exports,
-    )
+    return options_group(DetectionOptions, args, exports=exports)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
