@@ -36,7 +36,14 @@ from benchmarks.synthetic import class_name, make_class_folder, make_scene, writ
 from birder.inference.classification import infer_batch
 from birder.inference.crops import crop_box
 from birder.io.images import load_image
-from birder.runs.predict import PredictionOptions, run_prediction
+from birder.runs.predict import run_prediction
+from birder.runs.predict_options import (
+    DetectionOptions,
+    ExecutionOptions,
+    ModelOptions,
+    OutputOptions,
+    PredictionOptions,
+)
 from birder.scripts import train_det
 from birder.training.classification import TrainConfig, train_classifier
 
@@ -188,18 +195,21 @@ def train_models(args: argparse.Namespace, data: dict[str, Path]) -> dict[str, o
     }
 
 
-def _predict(args: argparse.Namespace, data: dict[str, Path], classifier: Path, name: str, **extra: object) -> Path:
+def _predict(
+    args: argparse.Namespace,
+    data: dict[str, Path],
+    classifier: Path,
+    name: str,
+    detection: DetectionOptions | None = None,
+) -> Path:
     """``birder-predict`` over the test scenes (the library call behind the command); returns the results table."""
     output = args.workdir / name
     options = PredictionOptions(
         inputs=[data["test"]],
-        weights=classifier,
-        output_dir=output,
-        num_workers=0,
-        progress=False,
-        top_k=1,
-        dtype="float32",
-        **extra,  # type: ignore[arg-type]
+        model=ModelOptions(weights=classifier),
+        execution=ExecutionOptions(num_workers=0, progress=False, dtype="float32"),
+        output=OutputOptions(output_dir=output, top_k=1),
+        detection=detection,
     )
     run_prediction(options)
     return output / "results.csv"
@@ -223,9 +233,9 @@ def evaluate(args: argparse.Namespace, data: dict[str, Path], trained: dict[str,
     whole_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
-    detector_options = {"detector": trained["detector"], "det_threshold": args.threshold, "crop_margin": args.margin}
+    detection = DetectionOptions(str(trained["detector"]), det_threshold=args.threshold, crop_margin=args.margin)
     best: dict[str, dict[str, str]] = {}
-    for row in _read(_predict(args, data, classifier, "crops", **detector_options)):
+    for row in _read(_predict(args, data, classifier, "crops", detection)):
         if row["path"] not in best:  # rows of a photo come best box first
             best[row["path"]] = row
     crop_seconds = time.perf_counter() - started

@@ -115,7 +115,7 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> _Spy:
     spy = _Spy()
     # Modules that import it by name, and the lazy imports that read it from its module
     monkeypatch.setattr(model_module, "load_for_inference", spy)
-    for module in ("predict", "calibrate"):
+    for module in ("steps", "calibrate"):
         monkeypatch.setattr(f"birder.runs.{module}.load_for_inference", spy)
     monkeypatch.setattr("birder.search.build.load_for_inference", spy)
     monkeypatch.setattr("birder.training.evaluation.load_for_inference", spy)
@@ -150,12 +150,12 @@ def test_every_command_loads_through_it(
 
 def test_the_detector_and_the_teacher_load_through_it(spy: _Spy, tmp_path: Path) -> None:
     from birder.runs.detect import load_detection_step
-    from birder.runs.predict import PredictionOptions
+    from birder.runs.predict_options import DetectionOptions
     from birder.training.distillation import DistillSettings, load_teacher
 
     detector = tmp_path / "det.pt"
     with pytest.raises(BirderError, match=SPY_MESSAGE):
-        load_detection_step(PredictionOptions(inputs=[], detector=str(detector)), torch.device("cpu"))
+        load_detection_step(DetectionOptions(detector=str(detector)), torch.device("cpu"))
     teacher = tmp_path / "teacher.pt"
     with pytest.raises(BirderError, match=SPY_MESSAGE):
         info = tiny_model_info()

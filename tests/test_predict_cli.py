@@ -37,6 +37,7 @@ from birder.inference import predictor as P
 from birder.inference.classification import infer_image
 from birder.io.journal import JOURNAL_DIR
 from birder.runs import predict as prediction_run
+from birder.runs.predict_options import ExecutionOptions, ModelOptions, OutputOptions
 from birder.scripts.predict import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,7 +171,10 @@ def test_user_errors_exit_2_with_one_line(setup, tmp_path: Path, capsys: pytest.
 def test_run_prediction_as_a_library(setup, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     (model, photos) = setup
     options = prediction_run.PredictionOptions(
-        [photos], weights=model, output_dir=tmp_path / "library", num_workers=0, progress=False, save_embeddings=True
+        [photos],
+        model=ModelOptions(weights=model),
+        execution=ExecutionOptions(num_workers=0, progress=False),
+        output=OutputOptions(output_dir=tmp_path / "library", save_embeddings=True),
     )
     report = prediction_run.run_prediction(options)
     assert report.summary.classified == len(GOOD_PHOTOS) and report.summary.failures == len(BAD_PHOTOS)
@@ -410,7 +414,7 @@ def test_run_errors_stop_with_one_line_and_bad_photos_do_not(
     assert not (tmp_path / "model" / "results.csv").exists()
 
     with monkeypatch.context() as patch:
-        patch.setattr(prediction_run, "classification_transform", lambda *args, **kwargs: broken_transform)
+        patch.setattr("birder.runs.steps.classification_transform", lambda *args, **kwargs: broken_transform)
         assert main([*base, "-j", "2", "--output-dir", str(tmp_path / "transform")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("birder-predict: error:") and "RuntimeError: boom second line" in err and "\n" not in err

@@ -67,7 +67,8 @@ def test_the_options_reach_each_run(monkeypatch: pytest.MonkeyPatch) -> None:
         index._build_or_add(_parse("birder-index", argv))
     assert (indexed[0].device, indexed[0].num_workers, indexed[0].batch_size) == ("cuda:1", 2, 3)
     predicted = predict.options_from_args(_parse("birder-predict", argv))
-    assert (predicted.device, predicted.num_workers, predicted.batch_size) == ("cuda:1", 2, 3)
+    execution = predicted.execution
+    assert (execution.device, execution.num_workers, execution.batch_size) == ("cuda:1", 2, 3)
     calibrated = calibrate.options_from_args(_parse("birder-calibrate", argv))
     assert (calibrated.device, calibrated.workers, calibrated.batch_size) == ("cuda:1", 2, 3)
     scored = evaluate.scoring_options(_parse("birder-eval", argv))

@@ -267,18 +267,33 @@ def build_policy(
     )
 
 
+@dataclass(frozen=True)
+class DecisionOptions:
+    """How a command decides the answer from the probabilities (the ``answer`` options of birder-predict and
+    birder-serve, same names); the global threshold is each command's ``--min-prob``."""
+
+    uncalibrated: bool = False  # ignore the model's calibration (temperature, fitted thresholds, unknown test)
+    thresholds: str = "per-species"  # per-species (the calibrated model's, else --min-prob), global or none
+    taxonomy: str | os.PathLike | None = None  # species,genus,family,order CSV: fall back to higher ranks
+    unknown_method: str | None = None  # None: the model's own unknown test (if any); "none": no test
+    unknown_threshold: float | None = None
+
+
 def policy_from_options(
-    net: Any, class_names: Sequence[str], options: Any, *, model_class_names: Sequence[str] | None = None
+    net: Any,
+    class_names: Sequence[str],
+    options: DecisionOptions,
+    *,
+    min_prob: float,
+    model_class_names: Sequence[str] | None = None,
 ) -> DecisionPolicy:
-    """:func:`build_policy` from the answer options of a command, read by name from ``options`` (parsed arguments
-    or :class:`~birder.runs.predict.PredictionOptions`): ``uncalibrated``, ``thresholds``, ``min_prob``,
-    ``taxonomy``, ``unknown_method``, ``unknown_threshold``."""
+    """:func:`build_policy` from a command's answer options and its global threshold (``--min-prob``)."""
     return build_policy(
         net,
         class_names,
         calibrated=not options.uncalibrated,
         thresholds=options.thresholds,
-        min_prob=options.min_prob,
+        min_prob=min_prob,
         taxonomy=options.taxonomy,
         unknown_method=options.unknown_method,
         unknown_threshold=options.unknown_threshold,

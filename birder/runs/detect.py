@@ -1,7 +1,9 @@
 """Crop-then-classify: ``birder-predict --detector det.pt``, a row per detected box.
 
 The run is :func:`birder.runs.predict.run_prediction`'s (plan, ``torchrun`` shards, journals, resume, merge,
-failures table); the steps here are those that differ (:data:`STEPS`):
+failures table); the steps here are those that differ (:class:`DetectionSteps`, a
+:class:`~birder.runs.steps.RunSteps`), and its options are the run's ``detection`` group
+(:class:`~birder.runs.predict_options.DetectionOptions`):
 
 - prepare: the classifier as for any run (``-n NAME`` or ``--weights FILE``), and the detector
   (:func:`~birder.net.detection.checkpoint.load_detector`, run in float32);
@@ -10,7 +12,7 @@ failures table); the steps here are those that differ (:data:`STEPS`):
   ``det_threshold`` are cropped with a margin (:func:`~birder.inference.crops.crop_box`) and every crop goes
   through the classifier's own preprocessing and batch loop (``classification_transform``,
   :meth:`~birder.inference.predictor.Predictor.predict_tensor`) and the decision order
-  (:func:`birder.runs.predict.classified_rows`: species list, prior, top-k, ``label`` / ``rank`` /
+  (:func:`birder.runs.steps.classified_rows`: species list, prior, top-k, ``label`` / ``rank`` /
   ``label_probability``);
 - after the merge: the MegaDetector batch output (``--export md-json``), from the final tables.
 
@@ -55,17 +57,15 @@ from birder.inference.tables import PredictionTables, photo_file_stem
 from birder.inference.taxonomy import Taxonomy
 from birder.io.journal import final_path
 from birder.io.table_files import PATH_COLUMN, Column, Row, TableSpec, read_table_rows
-from birder.runs.predict import (
-    DETECTION_EXPORTS,
+from birder.runs.predict_options import DetectionOptions, PredictionOptions
+from birder.runs.steps import (
     PredictionJob,
-    PredictionOptions,
     RunPlan,
     RunSteps,
     Tally,
     classified_rows,
     journal_batches,
     make_predictor,
-    prepare_job,
 )
 
 SOURCE_DETECTION = "detection"
@@ -83,41 +83,34 @@ BOX_COLUMNS = (
     Column("det_score", "float32", ".6f"),
     Column("source"),
 )
-# Options of a classification run that have no per-box meaning (yet): refused with a detector
-_NOT_WITH_DETECTOR = {
-    "save_probabilities": "--save-probabilities",
-    "save_logits": "--save-logits",
-    "save_embeddings": "--save-embeddings",
-    "save_features": "--save-features",
-    "explain": "--explain",
-    "events": "--events",
-    "plot": "--plot",
-    "show": "--show",
-}
 _BOX_COLOURS = ((255, 64, 64), (64, 160, 255), (255, 200, 0), (64, 220, 120), (220, 90, 255), (255, 140, 40))
 
 
-def detector_file(options: PredictionOptions) -> Path:
-    """The ``--detector`` file of a crop-then-classify run (a run without one is not of this kind)."""
-    if options.detector is None:
-        raise BirderError("a crop-then-classify run needs --detector FILE (a birder-train-det .pt file)")
-    return Path(options.detector)
-
-
-def check_options(options: PredictionOptions) -> None:
+def check_options(options: PredictionOptions, detection: DetectionOptions) -> None:
     """Refuse, in one line and before anything loads, what a crop-then-classify run cannot do."""
-    if not detector_file(options).is_file():
-        raise BirderError(f"--detector '{options.detector}' does not exist (a birder-train-det .pt file expected)")
-    if not 0.0 <= options.det_threshold <= 1.0:
-        raise BirderError(f"--det-threshold must be between 0 and 1, got {options.det_threshold}")
-    if not options.crop_margin >= 0.0:
-        raise BirderError(f"--crop-margin must be a fraction >= 0, got {options.crop_margin}")
-    for name, option in _NOT_WITH_DETECTOR.items():
-        if getattr(options, name):
+    if not Path(detection.detector).is_file():
+        raise BirderError(f"--detector '{detection.detector}' does not exist (a birder-train-det .pt file expected)")
+    if not 0.0 <= detection.det_threshold <= 1.0:
+        raise BirderError(f"--det-threshold must be between 0 and 1, got {detection.det_threshold}")
+    if not detection.crop_margin >= 0.0:
+        raise BirderError(f"--crop-margin must be a fraction >= 0, got {detection.crop_margin}")
+    # Options of a classification run that have no per-box meaning (yet)
+    output = options.output
+    per_photo = {
+        "--save-probabilities": output.save_probabilities,
+        "--save-logits": output.save_logits,
+        "--save-embeddings": output.save_embeddings,
+        "--save-features": output.save_features,
+        "--explain": bool(output.explain),
+        "--events": options.geo.events,
+        "--plot": bool(output.plot),
+        "--show": output.show,
+    }
+    for option, given in per_photo.items():
+        if given:
             raise BirderError(f"{option} is not available with --detector: it is per photo, rows are per box here")
-    others = [name for name in options.exports if name not in DETECTION_EXPORTS]
-    if others:
-        raise BirderError(f"--export {others[0]} is not available with --detector; --export md-json is")
+    if options.geo.exports:
+        raise BirderError(f"--export {options.geo.exports[0]} is not available with --detector; --export md-json is")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -167,35 +160,79 @@ class DetectionStep:
     net: torch.nn.Module
     transform: Callable[[Image.Image], torch.Tensor]
     class_names: list[str]  # the detector's (its class_to_idx order)
-    options: PredictionOptions
+    options: DetectionOptions
 
     def settings(self) -> dict[str, Any]:
         """What shapes the rows (a resume must match it)."""
         options = self.options
         return {
-            "detector": os.path.abspath(detector_file(options)),
+            "detector": os.path.abspath(options.detector),
             "det_threshold": options.det_threshold,
             "crop_margin": options.crop_margin,
             "fallback_whole_image": options.fallback_whole_image,
         }
 
 
-def load_detection_step(options: PredictionOptions, device: torch.device) -> DetectionStep:
+def load_detection_step(options: DetectionOptions, device: torch.device) -> DetectionStep:
     """The ``--detector`` file, ready for inference on ``device`` (float32: torchvision's box operations)."""
     from birder.inference.model import load_for_inference
 
     try:
-        loaded = load_for_inference(weights=detector_file(options), detector=True, device=device)
+        loaded = load_for_inference(weights=Path(options.detector), detector=True, device=device)
     except CheckpointError as err:
         raise BirderError(f"--detector: {err}") from None
     return DetectionStep(loaded.net, loaded.transform, loaded.class_names, options)
 
 
-def _prepare_detection(options: PredictionOptions, context: DistInfo) -> PredictionJob:
-    job = prepare_job(options, context, DetectionTables)
-    job.detection = load_detection_step(options, context.device)
-    job.settings.update(job.detection.settings())
-    return job
+class DetectionSteps(RunSteps):
+    """Crop-then-classify, a kind of run (see the module's docstring): a row per detected box. It serves one run:
+    :meth:`prepare` loads the detector, which the other steps use."""
+
+    tables_class = DetectionTables
+
+    def __init__(self, options: DetectionOptions) -> None:
+        self.options = options
+        self._step: DetectionStep | None = None
+
+    @property
+    def step(self) -> DetectionStep:
+        """The run's detector (once :meth:`prepare` has loaded it)."""
+        if self._step is None:
+            raise RuntimeError("the detector is loaded by DetectionSteps.prepare, which has not run")
+        return self._step
+
+    def check(self, options: PredictionOptions) -> None:
+        check_options(options, self.options)
+
+    def prepare(self, options: PredictionOptions, context: DistInfo) -> PredictionJob:
+        job = super().prepare(options, context)
+        self._step = load_detection_step(self.options, context.device)
+        job.settings.update(self._step.settings())
+        return job
+
+    def predict(self, job: PredictionJob, context: DistInfo, plan: RunPlan, mine: list[int]) -> float:
+        """Detect, crop and classify this rank's photos into its journals; returns the seconds it took."""
+        predictor = make_predictor(job)
+        transform = PhotoAndDetectorInput(self.step.transform)
+        loader = predictor.loader(plan.paths, mine, transform=transform, stack=False)
+        batches = (_batch_rows(job, self.step, predictor, batch, plan.paths) for batch in loader)
+        return journal_batches(job, context, plan, len(mine), batches, "Detecting")
+
+    def tally(self, job: PredictionJob) -> Tally:
+        return DetectionTally(job)
+
+    def after(self, job: PredictionJob, plan: RunPlan) -> None:
+        """(rank 0, after the merge) ``--export md-json``."""
+        if "md-json" in self.options.exports:
+            path = write_md_results(job, plan, self.step)
+            print(f"  {'export':<13} {path}")
+
+
+def detection_tables(job: PredictionJob) -> DetectionTables:
+    """The tables of a crop-then-classify run's job (prepared by :meth:`DetectionSteps.prepare`)."""
+    if not isinstance(job.tables, DetectionTables):
+        raise TypeError("a crop-then-classify job has DetectionTables: prepare it with DetectionSteps.prepare")
+    return job.tables
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -222,14 +259,6 @@ class _Image:
     lead: list[Any]
 
 
-def _predict_detection(job: PredictionJob, context: DistInfo, plan: RunPlan, mine: list[int]) -> float:
-    """Detect, crop and classify this rank's photos into its journals; returns the seconds it took."""
-    predictor = make_predictor(job)
-    loader = predictor.loader(plan.paths, mine, transform=PhotoAndDetectorInput(job.detection.transform), stack=False)
-    batches = (_batch_rows(job, predictor, batch, plan.paths) for batch in loader)
-    return journal_batches(job, context, plan, len(mine), batches, "Detecting")
-
-
 def _photos_and_tensors(batch: PhotoBatch) -> list[tuple[Image.Image, torch.Tensor]]:
     """The photos of a batch with their detector inputs: this run's loader keeps them as pairs (``stack=False``)."""
     if not isinstance(batch.inputs, list):
@@ -238,18 +267,17 @@ def _photos_and_tensors(batch: PhotoBatch) -> list[tuple[Image.Image, torch.Tens
 
 
 def _batch_rows(
-    job: PredictionJob, predictor: P.Predictor, batch: PhotoBatch, paths: list[str]
+    job: PredictionJob, step: DetectionStep, predictor: P.Predictor, batch: PhotoBatch, paths: list[str]
 ) -> tuple[dict[str, list[Row]], int]:
     """``(rows by table, photos)`` of one batch of photos."""
     if batch.run_error is not None:
         raise P.PredictionError(f"{batch.run_error}; check the preprocessing options (size, crop)")
-    tables: DetectionTables = job.tables
+    tables = detection_tables(job)
     rows = tables.failure_rows((paths[index], reason) for (index, reason) in batch.failures)
     count = len(batch.indices) + len(batch.failures)
     if not batch.indices:
         return (rows, count)
 
-    step: DetectionStep = job.detection
     inputs = _photos_and_tensors(batch)
     photos = [photo for (photo, _) in inputs]
     try:
@@ -257,7 +285,7 @@ def _batch_rows(
             step.net,
             [tensor for (_, tensor) in inputs],
             [(photo.height, photo.width) for photo in photos],
-            score_threshold=job.options.det_threshold,
+            score_threshold=step.options.det_threshold,
         )
     except Exception as exc:
         raise P.model_failure(paths[batch.indices[0]], exc, "the detector") from exc
@@ -269,14 +297,14 @@ def _batch_rows(
         mine = [
             _Image(
                 place,
-                crop_box(photo, box, job.options.crop_margin),
+                crop_box(photo, box, step.options.crop_margin),
                 [number, len(boxes), *box, step.class_names[label], score, SOURCE_DETECTION],
             )
             for (number, (box, score, label)) in enumerate(
                 zip(boxes, detections.scores.tolist(), detections.labels.tolist(), strict=True)
             )
         ]
-        if not mine and job.options.fallback_whole_image:
+        if not mine and step.options.fallback_whole_image:
             mine.append(_Image(place, photo, [None, 0, None, None, None, None, None, None, SOURCE_WHOLE_IMAGE]))
         per_photo.append(mine)
 
@@ -288,7 +316,7 @@ def _batch_rows(
         results += boxes
         detections = sum(image.lead[-1] == SOURCE_DETECTION for image in mine)
         photo_rows.append(tables.photos.format_row([paths[index], photo.width, photo.height, detections]))
-        _write_files(job, paths[index], photo, mine, boxes)
+        _write_files(step.options, tables, paths[index], photo, mine, boxes)
     rows.update({"results": results, "photos": photo_rows})
     return (rows, count)
 
@@ -297,7 +325,7 @@ def _classify(
     job: PredictionJob, predictor: P.Predictor, images: list[_Image], paths: list[str], metadata: Sequence[Any]
 ) -> Iterator[Row]:
     """The results rows of ``images`` (crops and whole photos), classified ``batch_size`` at a time."""
-    size = job.options.batch_size
+    size = job.options.execution.batch_size
     for start in range(0, len(images), size):
         chunk = images[start : start + size]
         inputs = torch.stack([job.transform(image.image) for image in chunk])
@@ -314,9 +342,15 @@ def _classify(
         )["results"]
 
 
-def _write_files(job: PredictionJob, path: str, photo: Image.Image, images: list[_Image], rows: list[Row]) -> None:
+def _write_files(
+    options: DetectionOptions,
+    tables: DetectionTables,
+    path: str,
+    photo: Image.Image,
+    images: list[_Image],
+    rows: list[Row],
+) -> None:
     """``--save-crops DIR`` (each box's crop) and ``--draw DIR`` (the photo with its labelled boxes)."""
-    options = job.options
     boxes = [(image, row) for (image, row) in zip(images, rows, strict=False) if image.lead[-1] == SOURCE_DETECTION]
     stem = photo_file_stem(path)
     if options.save_crops is not None:
@@ -327,7 +361,7 @@ def _write_files(job: PredictionJob, path: str, photo: Image.Image, images: list
     if options.draw is not None:
         folder = Path(options.draw)
         folder.mkdir(parents=True, exist_ok=True)
-        labelled = [(image.lead[2:6], job.tables.caption(row)) for (image, row) in boxes]
+        labelled = [(image.lead[2:6], tables.caption(row)) for (image, row) in boxes]
         draw_boxes(photo, labelled).save(folder / f"{stem}.jpg", quality=90)
 
 
@@ -360,6 +394,7 @@ class DetectionTally(Tally):
 
     def __init__(self, job: PredictionJob) -> None:
         super().__init__(job)
+        self.tables = detection_tables(job)
         self.summary.noun = "boxes"
         (self.photos, self.empty, self.boxes, self.whole) = (0, 0, 0, 0)
 
@@ -371,10 +406,10 @@ class DetectionTally(Tally):
         self.empty += row[3] == "0"
 
     def on_result(self, row: Row) -> None:
-        source = row[self.job.tables.columns["source"]]
+        source = row[self.tables.columns["source"]]
         if not source:
             return
-        (path, prediction, top) = self.job.tables.parse_result(row)
+        (path, prediction, top) = self.tables.parse_result(row)
         self.summary.add(path, prediction, [name for (name, _) in top])
         self.boxes += source == SOURCE_DETECTION
         self.whole += source == SOURCE_WHOLE_IMAGE
@@ -392,13 +427,6 @@ class DetectionTally(Tally):
         return self.summary.format(header=header)
 
 
-def _after_detection(job: PredictionJob, plan: RunPlan) -> None:
-    """(rank 0, after the merge) ``--export md-json``."""
-    if "md-json" in job.options.exports:
-        path = write_md_results(job, plan)
-        print(f"  {'export':<13} {path}")
-
-
 def _md_base(inputs: Sequence[str | os.PathLike], paths: Sequence[str]) -> str:
     """The folder the batch output's ``file`` entries are relative to: the one folder given, else the photos'
     deepest common folder."""
@@ -407,21 +435,21 @@ def _md_base(inputs: Sequence[str | os.PathLike], paths: Sequence[str]) -> str:
     return os.path.commonpath([os.path.dirname(os.path.abspath(path)) for path in paths])
 
 
-def write_md_results(job: PredictionJob, plan: RunPlan) -> Path:
+def write_md_results(job: PredictionJob, plan: RunPlan, step: DetectionStep) -> Path:
     """The MegaDetector batch output (docs/compatibility.md) of the run's final tables: every photo, its boxes
     with the detector's category and score, the box normalised to the photo, the species top-k as
     ``classifications``; unreadable photos with their ``failure``."""
-    (options, tables) = (job.options, job.tables)
-    folder = Path(options.output_dir)
+    (options, tables) = (job.options, detection_tables(job))
+    folder = Path(options.output.output_dir)
     columns = tables.columns
 
     def read(spec: TableSpec) -> Iterator[Row]:
-        return read_table_rows(final_path(folder, spec, options.table_format), spec)
+        return read_table_rows(final_path(folder, spec, options.output.table_format), spec)
 
     sizes = {row[0]: (int(row[1]), int(row[2])) for row in read(tables.photos)}
     failures = {row[0]: row[1] for row in read(tables.failures)}
     species = {name: str(index) for (index, name) in enumerate(tables.class_names)}
-    categories = {name: str(index + 1) for (index, name) in enumerate(job.detection.class_names)}
+    categories = {name: str(index + 1) for (index, name) in enumerate(step.class_names)}
     boxes: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in read(tables.results):
         if row[columns["source"]] != SOURCE_DETECTION:
@@ -445,18 +473,20 @@ def write_md_results(job: PredictionJob, plan: RunPlan) -> Path:
             images.append({"file": file, "failure": failures[path]})
         elif path in sizes:
             images.append({"file": file, "detections": boxes.get(path, [])})
+    model = options.model
     info = {
-        "classifier": options.model or (Path(options.weights).name if options.weights is not None else None),
+        "classifier": model.name or (Path(model.weights).name if model.weights is not None else None),
         "classification_completion_time": md_timestamp(),
-        "detector_metadata": {"typical_detection_threshold": options.det_threshold},
+        "detector_metadata": {"typical_detection_threshold": step.options.det_threshold},
     }
     # With a taxonomy, each species' ranks as SpeciesNet writes them: review tools read the scientific name there
-    lineage = Taxonomy.from_csv(options.taxonomy).lineage if options.taxonomy else None
+    taxonomy = options.decision.taxonomy
+    lineage = Taxonomy.from_csv(taxonomy).lineage if taxonomy else None
     output = md_batch_output(
         images,
         {index: name for (name, index) in categories.items()},
         {index: name for (name, index) in species.items()},
-        detector=detector_file(options).name,
+        detector=Path(step.options.detector).name,
         info=info,
         classification_descriptions=(
             {index: md_taxonomy_description(name, lineage.get(name)) for (name, index) in species.items()}
@@ -465,6 +495,3 @@ def write_md_results(job: PredictionJob, plan: RunPlan) -> Path:
         ),
     )
     return write_md_json(folder / MD_JSON_FILE, output)
-
-
-STEPS = RunSteps(_prepare_detection, _predict_detection, DetectionTally, _after_detection)

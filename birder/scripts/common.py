@@ -7,6 +7,11 @@ is given).
 """
 
 import argparse
+from dataclasses import fields
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from birder.inference.decision import DecisionOptions
 
 # The execution options and the error wrapper every command shares (re-exported: scripts import them from here)
 from birder.run_options import (  # noqa: F401
@@ -71,3 +76,21 @@ def add_decision_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--unknown-threshold", type=float, metavar="S", help="unknown above this score (default: the calibrated one)"
     )
+
+
+G = TypeVar("G")  # a group of options: a dataclass
+
+
+def options_group(group: type[G], args: argparse.Namespace, **given: Any) -> G:
+    """One typed group of a command's options (a dataclass) from its parsed arguments: each field from the argument
+    of the same name, or from ``given`` (a field whose argument has another name, or a value worked out)."""
+    parsed = vars(args)
+    values = {field.name: given[field.name] if field.name in given else parsed[field.name] for field in fields(group)}
+    return group(**values)
+
+
+def decision_options(args: argparse.Namespace) -> "DecisionOptions":
+    """The answer options of ``args`` (parsed by a parser with :func:`add_decision_arguments`)."""
+    from birder.inference.decision import DecisionOptions
+
+    return options_group(DecisionOptions, args)

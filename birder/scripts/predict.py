@@ -9,8 +9,9 @@ Examples::
     birder-predict -n vit_l16_mim-eu-common --manifest photos.txt --shard 2/8 --output-dir out/2  # job 2 of 8
     python -m birder.tools merge-results out/* -o merged                                          # once all are done
 
-The run is :func:`birder.runs.predict.run_prediction`; this module turns arguments into its options (each
-argument's destination is the option's name) and its errors into exit codes. A mistake the user can fix (bad path,
+The run is :func:`birder.runs.predict.run_prediction`; this module turns arguments into its options (the typed
+groups of :mod:`birder.runs.predict_options`, each argument's destination the name of its option in its group) and
+its errors into exit codes. A mistake the user can fix (bad path,
 unknown model, no photos) ends with one line on stderr and exit code 2. A failure that is no single photo's (the
 model or the transform raising) ends the run with one line and exit code 1; photos that cannot be decoded never
 do: they are listed in ``failures.csv``.
@@ -25,13 +26,25 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from birder.geo.predict import add_geo_arguments
+from birder.errors import BirderError
+from birder.geo.export import export_options
+from birder.geo.predict import GeoOptions, add_geo_arguments
 from birder.inference.optimize import DTYPE_CHOICES
 from birder.introspection.explain import EXPLAIN_METHODS
 from birder.io.journal import OUTPUT_FORMATS
 from birder.log_setup import configure_logging
 from birder.run_options import fraction, positive_int
-from birder.runs.predict import DEFAULT_WORKERS, PROG, PredictionOptions, run_prediction
+from birder.runs.predict import run_prediction
+from birder.runs.predict_options import (
+    DEFAULT_WORKERS,
+    DETECTION_EXPORTS,
+    PROG,
+    DetectionOptions,
+    ExecutionOptions,
+    ModelOptions,
+    OutputOptions,
+    PredictionOptions,
+)
 from birder.scripts.common import (  # noqa: F401 (the exit codes: tests and callers read them here)
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -39,6 +52,8 @@ from birder.scripts.common import (  # noqa: F401 (the exit codes: tests and cal
     add_decision_arguments,
     add_model_arguments,
     add_run_arguments,
+    decision_options,
+    options_group,
     run_command,
 )
 
@@ -134,8 +149,43 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def options_from_args(args: argparse.Namespace) -> PredictionOptions:
-    # One name for both: every argument's destination is the name of its option
-    return PredictionOptions(**vars(args))
+    """The run's options, group by group, from parsed arguments (each argument's destination is the name of its
+    option in its group); a mistake no group can hold raises :class:`~birder.errors.BirderError`."""
+    return PredictionOptions(
+        inputs=args.inputs,
+        manifest=args.manifest,
+        shard=args.shard,
+        model=options_group(ModelOptions, args, name=args.model),
+        execution=options_group(ExecutionOptions, args),
+        output=options_group(OutputOptions, args),
+        decision=decision_options(args),
+        detection=_detection_options(args),
+        geo=options_group(
+            GeoOptions,
+            args,
+            exports=tuple(name for name in args.exports if name not in DETECTION_EXPORTS),
+            camtrap=export_options(args),
+        ),
+    )
+
+
+def _detection_options(args: argparse.Namespace) -> DetectionOptions | None:
+    """The crop-then-classify group: None without ``--detector``, whose options are then refused in one line."""
+    exports = tuple(name for name in args.exports if name in DETECTION_EXPORTS)
+    if args.detector is None:
+        needs_detector = {
+            f"--export {exports[0] if exports else ''}": bool(exports),
+            "--fallback-whole-image": args.fallback_whole_image,
+            "--save-crops": args.save_crops is not None,
+            "--draw": args.draw is not None,
+        }
+        for option, given in needs_detector.items():
+            if given:
+                raise BirderError(
+                    f"{option} is about detected boxes: it needs --detector FILE (a birder-train-det file)"
+                )
+        return None
+    return options_group(DetectionOptions, args, exports=exports)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -173,8 +173,9 @@ def load_serving_prior(args: argparse.Namespace, class_names: list[str]) -> "Loc
 def decision_policy(args: argparse.Namespace, model: "InferenceModel") -> "DecisionPolicy":
     """How answers are decided (:mod:`birder.inference.decision`): the model's calibration and the options."""
     from birder.inference.decision import policy_from_options
+    from birder.scripts.common import decision_options
 
-    return policy_from_options(model.net, model.class_names, args)
+    return policy_from_options(model.net, model.class_names, decision_options(args), min_prob=args.min_prob)
 
 
 def load_serving_index(directory: Path | None, model: "InferenceModel") -> object:
