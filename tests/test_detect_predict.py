@@ -255,7 +255,8 @@ def test_the_merge_takes_an_inputs_rows_from_the_attempt_that_finished_it(tmp_pa
         (["--detector", "{classifier}"], "not a detector file"),
         (["--detector", "{photos}/missing.pt"], "does not exist"),
         (["--detector", "{detector}", "--save-probabilities"], "--save-probabilities is not available with --detector"),
-        (["--detector", "{detector}", "--export", "coco-ct"], "--export coco-ct is not available with --detector"),
+        # (--events and --export camtrap-dp / coco-ct work with a detector: tests/test_detect_chain.py)
+        (["--detector", "{detector}", "--explain", "{photos}/x"], "--explain is not available with --detector"),
         (["--detector", "{detector}", "--crop-margin", "-1"], "--crop-margin must be a fraction >= 0"),
         (["--export", "md-json"], "--export md-json is about detected boxes: it needs --detector"),
         (["--save-crops", "crops"], "--save-crops is about detected boxes: it needs --detector"),

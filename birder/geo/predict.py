@@ -24,16 +24,25 @@ import numpy as np
 import numpy.typing as npt
 
 from birder.errors import BirderError, one_line
+from birder.geo.box_events import write_box_events
 from birder.geo.camtrap import CamtrapOptions
-from birder.geo.events import DEFAULT_GAP, Event, combine_probabilities, group_events, parse_exif_time, parse_gap
+from birder.geo.events import (
+    DEFAULT_GAP,
+    Event,
+    EventsReport,
+    combine_probabilities,
+    group_events,
+    parse_exif_time,
+    parse_gap,
+)
 from birder.geo.places import PlaceResolver
 from birder.geo.prior import MODE_NONE, LocationPrior, out_of_range
 from birder.geo.prior_file import load_prior_for
-from birder.geo.results import EVENTS_TABLE, find_table, photo_folder, read_rows, write_rows
+from birder.geo.results import EVENTS_TABLE, fill_event_ids, find_table, photo_folder, read_rows, write_rows
 from birder.inference.decision import apply_prior, check_prior_strength
 from birder.inference.tables import shown_top_k
 from birder.io.download import sha256_file
-from birder.io.table_files import Column, Row, TableSpec, read_table_rows, write_table
+from birder.io.table_files import Column, TableSpec
 
 EVENT_ID_COLUMN = "event_id"
 PRIOR_MODE_COLUMN = "prior"
@@ -218,13 +227,6 @@ def _event_place(
     return (location, date)
 
 
-@dataclass
-class EventsReport:
-    path: Path
-    events: int
-    untimed: int
-
-
 def write_events(
     output_dir: Path,
     table_format: str,
@@ -258,7 +260,7 @@ def write_events(
     path = output_dir / f"{EVENTS_TABLE}.{table_format}"
     numeric = [name for name in event_columns(top_k, photo_prior is not None) if name.endswith("_prob")]
     write_rows(path, event_columns(top_k, photo_prior is not None), table, numeric=numeric)
-    _fill_event_ids(results_path, results_spec, {photos[i]["path"]: e.event_id for e in events for i in e.members})
+    fill_event_ids(results_path, results_spec, {photos[i]["path"]: e.event_id for e in events for i in e.members})
     return EventsReport(path, len(events), sum(not e.timed for e in events))
 
 
@@ -287,19 +289,6 @@ def _event_rows(
 
 def _iso(moment: dt.datetime | None) -> str:
     return moment.isoformat() if moment is not None else ""
-
-
-def _fill_event_ids(path: Path, spec: TableSpec, event_of: dict[str, str]) -> None:
-    column = spec.header.index(EVENT_ID_COLUMN)
-
-    def filled(rows: Any) -> Any:
-        for row in rows:
-            row = list(row)
-            row[column] = event_of.get(row[0], "")
-            yield row
-
-    rows: list[Row] = list(filled(read_table_rows(path, spec)))
-    write_table(path, spec, rows)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -334,6 +323,8 @@ class GeoStep:
     event_gap: str = DEFAULT_GAP
     exports: Sequence[str] = ()
     camtrap: CamtrapOptions = field(default_factory=CamtrapOptions)
+    # A crop-then-classify run's (a row per box): events are counted from the boxes (birder.geo.box_events)
+    per_box: bool = False
 
     @classmethod
     def from_options(
@@ -396,9 +387,12 @@ class GeoStep:
 
         lines = []
         if self.events:
-            report = write_events(
-                output_dir, table_format, results_spec, self.event_gap, top_k, decide, self.photo_prior
-            )
+            if self.per_box:
+                report = write_box_events(output_dir, table_format, results_spec, self.event_gap)
+            else:
+                report = write_events(
+                    output_dir, table_format, results_spec, self.event_gap, top_k, decide, self.photo_prior
+                )
             untimed = f", {report.untimed} of them photos without an EXIF time" if report.untimed else ""
             lines.append(f"Events: {report.events}{untimed}")
             lines.append(f"  {'events':<13} {report.path}")

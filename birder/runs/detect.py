@@ -30,6 +30,7 @@ Tables (:class:`DetectionTables`):
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -102,15 +103,12 @@ def check_options(options: PredictionOptions, detection: DetectionOptions) -> No
         "--save-embeddings": output.save_embeddings,
         "--save-features": output.save_features,
         "--explain": bool(output.explain),
-        "--events": options.geo.events,
         "--plot": bool(output.plot),
         "--show": output.show,
     }
     for option, given in per_photo.items():
         if given:
             raise BirderError(f"{option} is not available with --detector: it is per photo, rows are per box here")
-    if options.geo.exports:
-        raise BirderError(f"--export {options.geo.exports[0]} is not available with --detector; --export md-json is")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -206,6 +204,9 @@ class DetectionSteps(RunSteps):
 
     def prepare(self, options: PredictionOptions, context: DistInfo) -> PredictionJob:
         job = super().prepare(options, context)
+        if job.geo is not None:
+            # Events and exports of boxes: an event's species and counts come from its boxes (birder.geo.box_events)
+            job.geo = dataclasses.replace(job.geo, per_box=True)
         self._step = load_detection_step(self.options, context.device)
         job.settings.update(self._step.settings())
         return job
