@@ -165,6 +165,52 @@ class ReducedImage:
         rectangle = crop_rectangle(self.full_size, box, margin)
         return self.image.crop(_reduced_rectangle(rectangle, self.reduction, self.image.size))
 
+    def crop_resized(self, box: Sequence[float], margin: float, size: Sequence[int]) -> Image.Image | None:
+        """The crop of ``box`` grown by ``margin`` (as :meth:`crop`) resampled to ``size`` ``(height, width)``
+        (bicubic, antialiased: the classifier's resize) from its exact full-resolution rectangle, so its edges
+        are not rounded to this decode's coarser pixels; None when this decode has fewer than ``size`` pixels
+        there. Given to a classifier whose transform resizes to ``size``, it is that resize already done."""
+        if self.crop_reduction(box, margin, size) < self.reduction:
+            return None
+        (left, top, right, bottom) = crop_rectangle(self.full_size, box, margin)
+        # Full-resolution edges in decoded pixels; the decode's last row and column may stand for fewer pixels
+        region = tuple(
+            min(edge / self.reduction, limit)
+            for edge, limit in zip((left, top, right, bottom), (*self.image.size, *self.image.size), strict=True)
+        )
+        target = (int(size[-1]), int(size[0]))
+        return self.image.resize(target, Image.Resampling.BICUBIC, box=region, reducing_gap=None)
+
+
+def reduced_crops(
+    source: str | os.PathLike,
+    decoded: ReducedImage,
+    boxes: Sequence[Sequence[float]],
+    margin: float,
+    size: Sequence[int],
+) -> tuple[list[Image.Image], int]:
+    """Each of ``boxes`` (full-resolution xyxy) grown by ``margin``, resampled to ``size`` ``(height, width)``
+    (:meth:`ReducedImage.crop_resized`): from ``decoded`` (``source`` decoded by :func:`load_image_reduced`) where
+    it has enough pixels, the others from one more decode of ``source`` at the largest reduction they all have
+    enough pixels at (full resolution only when a box is that small). Returns the crops, in the order of ``boxes``,
+    and that second decode's reduction (0: none was needed).
+
+    Raises:
+        ImageDecodeError: ``source`` could not be decoded a second time (it changed on disk since).
+    """
+    cut = [decoded.crop_resized(box, margin, size) for box in boxes]
+    missing = [index for index, crop in enumerate(cut) if crop is None]
+    reduction = min((decoded.crop_reduction(boxes[index], margin, size) for index in missing), default=0)
+    again = load_image_reduced(source, max_reduction=reduction) if missing else None
+    crops = []
+    for box, crop in zip(boxes, cut, strict=True):
+        # The second decode has enough pixels for every box: it is at the smallest reduction any of them needs
+        found = crop if crop is not None or again is None else again.crop_resized(box, margin, size)
+        if found is None:
+            raise AssertionError(f"no crop of {box} at reduction {reduction}")  # not reached: see above
+        crops.append(found)
+    return (crops, again.reduction if again is not None else 0)
+
 
 def crop_rectangle(photo_size: Sequence[int], box: Sequence[float], margin: float = 0.0) -> tuple[int, int, int, int]:
     """The pixel rectangle ``(left, top, right, bottom)`` that :func:`birder.inference.crops.crop_box` cuts from a
