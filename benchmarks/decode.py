@@ -50,15 +50,23 @@ STATS = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 REPORTED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
 
 
-def median_seconds(call: Callable[[], Any], runs: int, warmup: int = 1) -> float:
+def median_seconds(
+    call: Callable[[], Any], runs: int, warmup: int = 1, clock: Callable[[], float] = time.perf_counter
+) -> float:
+    """The median time of ``runs`` calls after ``warmup``: wall time, or with ``clock=time.process_time`` this
+    process's CPU time (all its threads): steadier than wall time on a machine shared with other jobs."""
     for _ in range(warmup):
         call()
     times = []
     for _ in range(runs):
-        started = time.perf_counter()
+        started = clock()
         call()
-        times.append(time.perf_counter() - started)
+        times.append(clock() - started)
     return statistics.median(times)
+
+
+def wall_and_cpu(call: Callable[[], Any], runs: int) -> dict[str, float]:
+    return {"wall_s": median_seconds(call, runs), "cpu_s": median_seconds(call, runs, clock=time.process_time)}
 
 
 def write_photo(path: Path, size: tuple[int, int], seed: int) -> Path:
@@ -92,9 +100,17 @@ def matched(reference: Detections, candidate: Detections, top: int) -> list[floa
 
 def decode_section(photo: Path, detector_size: int, crop_size: int, box_side: int, runs: int) -> dict[str, Any]:
     transform = detection_transform((detector_size, detector_size), STATS)
-    full_path = median_seconds(lambda: transform(load_image(photo)), runs)
+    full_path = wall_and_cpu(lambda: transform(load_image(photo)), runs)
     reduced = load_image_reduced(photo, detector_size)
-    reduced_path = median_seconds(lambda: transform(load_image_reduced(photo, detector_size).image), runs)
+    reduced_path = wall_and_cpu(lambda: transform(load_image_reduced(photo, detector_size).image), runs)
+    decode_only = {
+        f"reduction_{reduction}_cpu_s": median_seconds(
+            lambda reduction=reduction: load_image_reduced(photo, max_reduction=reduction),
+            runs,
+            clock=time.process_time,
+        )
+        for reduction in (1, 2, 4, 8)
+    }
 
     # A box of box_side x box_side in the middle of the frame, cut and resized for a crop_size classifier
     (width, height) = reduced.full_size
@@ -110,22 +126,27 @@ def decode_section(photo: Path, detector_size: int, crop_size: int, box_side: in
         assert crop is not None
         return crop
 
-    full_crop_s = median_seconds(full_crop, runs)
-    reduced_crop_s = median_seconds(reduced_crop, runs)
+    full_crop_s = wall_and_cpu(full_crop, runs)
+    reduced_crop_s = wall_and_cpu(reduced_crop, runs)
     difference = np.abs(np.asarray(full_crop(), np.float32) - np.asarray(reduced_crop(), np.float32))
     return {
         "photo": f"{width} x {height} JPEG, quality 90, {photo.stat().st_size / 1e6:.1f} MB",
         "detector_input_px": detector_size,
         "detector_reduction": reduced.reduction,
         "reduced_size": list(reduced.image.size),
-        "detector_decode_resize_s": {"full": full_path, "reduced": reduced_path, "speedup": full_path / reduced_path},
+        "decode_only": decode_only,
+        "detector_decode_resize": {
+            "full": full_path,
+            "reduced": reduced_path,
+            "cpu_speedup": full_path["cpu_s"] / reduced_path["cpu_s"],
+        },
         "crop": {
             "box_px": box_side,
             "classifier_px": crop_size,
             "reduction": crop_reduction,
-            "full_s": full_crop_s,
-            "reduced_s": reduced_crop_s,
-            "speedup": full_crop_s / reduced_crop_s,
+            "full": full_crop_s,
+            "reduced": reduced_crop_s,
+            "cpu_speedup": full_crop_s["cpu_s"] / reduced_crop_s["cpu_s"],
             "mean_abs_pixel_difference": float(difference.mean()),
         },
     }
