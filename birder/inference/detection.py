@@ -53,11 +53,16 @@ def detect_tensors(
     ``merge_iou``: boxes of any classes that overlap the photo's better-scoring box by more than this IoU are merged
     into it (class-agnostic suppression: the kept box keeps its own class and score); ``None`` keeps every box.
 
+    ``det_net`` may run its backbone in bfloat16 (:func:`birder.inference.model.load_for_inference` with a
+    ``dtype``); inputs are given in its head's dtype (float32) and boxes come back in float32 either way.
+
     Photos of the same transformed size run in one forward pass; others apart: a batch of different sizes would be
     padded to the largest, and the backbone's global attention would see the padding, so a photo's boxes would
     depend on the photos it was batched with.
     """
     reference = next(det_net.parameters())
+    # The head's dtype: a detector whose backbone runs in bfloat16 takes float32 inputs (its box operations do)
+    input_dtype = getattr(det_net, "input_dtype", reference.dtype)
     padded = [_pad_thin(det_net, tensor) for tensor in tensors]
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for index, tensor in enumerate(padded):
@@ -66,7 +71,7 @@ def detect_tensors(
     outputs: dict[int, dict[str, torch.Tensor]] = {}
     with torch.inference_mode():
         for indices in by_shape.values():
-            batch = [padded[i].to(device=reference.device, dtype=reference.dtype) for i in indices]
+            batch = [padded[i].to(device=reference.device, dtype=input_dtype) for i in indices]
             outputs.update(zip(indices, det_net(batch), strict=True))
 
     results = []

@@ -83,6 +83,23 @@ def convert_dtype(
     return (optimize_for_inference(net, choice.dtype), choice)
 
 
+def convert_detector_dtype(
+    det_net: nn.Module,
+    requested: str,
+    device: torch.device,
+    *,
+    flags: Iterable[str] | None = None,
+    cuda_capability: tuple[int, int] | None = None,
+) -> DtypeChoice:
+    """Run a detector's backbone and feature pyramid in ``requested`` (``auto``:
+    :func:`~birder.inference.optimize.choose_dtype` for ``device``, so bfloat16 only where it is native), in place;
+    its head and torchvision's box operations (anchors, proposals, RoIAlign, NMS, box decoding) stay float32, cast
+    at the backbone's boundary. Returns the choice (the dtype of the backbone)."""
+    choice = choose_dtype(requested, device, flags=flags, cuda_capability=cuda_capability)
+    det_net.convert_backbone(getattr(torch, choice.dtype))
+    return choice
+
+
 def load_for_inference(
     name: str | None = None,
     weights: str | os.PathLike | None = None,
@@ -95,8 +112,9 @@ def load_for_inference(
 ) -> InferenceModel:
     """The model a command names (``-n NAME`` / ``--weights FILE`` / ``--network``; with ``detector``, the
     detector file ``weights``), in eval mode on ``device`` (a name :func:`birder.distributed.resolve_device`
-    takes, or a device), converted to ``dtype`` when given (None: float32 as loaded). A bad input raises a
-    one-line :class:`~birder.errors.BirderError`."""
+    takes, or a device), converted to ``dtype`` when given (None: float32 as loaded; a detector converts its backbone
+    and pyramid only, :func:`convert_detector_dtype`). A bad input raises a one-line
+    :class:`~birder.errors.BirderError`."""
     from birder.loading import load_named_or_file_model
 
     target = device if isinstance(device, torch.device) else resolve_device(device)
@@ -107,6 +125,7 @@ def load_for_inference(
         if weights is None:
             raise BirderError("a detector is a file: pass it with --detector FILE")
         (det_net, info) = load_detector(weights, inference=True, device=target)
+        choice = AS_LOADED if dtype is None else convert_detector_dtype(det_net, dtype, target)
         return InferenceModel(
             det_net,
             info,
@@ -114,7 +133,7 @@ def load_for_inference(
             names_by_index(info.class_to_idx),
             detection_transform(det_net.size, info.rgb_stats),
             target,
-            AS_LOADED,
+            choice,
             None,
             str(weights),
         )

@@ -119,11 +119,14 @@ class ViTDetBackbone(nn.Module):
         return patches.transpose(1, 2).reshape(x.shape[0], vit.hidden_dim, grid[0], grid[1])
 
     def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
-        feature = self.last_map(x)
+        # The backbone may run in another dtype than the head (bfloat16 behind float32 box operations,
+        # DetectionBaseNet.convert_backbone): the batch comes in and the maps go out in the head's dtype. In one
+        # dtype both casts are no-ops (the same tensors).
+        feature = self.last_map(x.to(next(self.vit.parameters()).dtype))
         levels = [stage(feature) for stage in self.pyramid]
         # The coarsest level, as ViTDet and torchvision's LastLevelMaxPool make it: a strided 1x1 max pool.
         levels.append(F.max_pool2d(levels[-1], kernel_size=1, stride=2))
-        return OrderedDict((str(idx), level) for idx, level in enumerate(levels))
+        return OrderedDict((str(idx), level.to(x.dtype)) for idx, level in enumerate(levels))
 
 
 class DetectionBaseNet(nn.Module):
@@ -201,6 +204,19 @@ class DetectionBaseNet(nn.Module):
     @property
     def vit(self) -> BaseNet:
         return self.detector.backbone.vit
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype of the inputs and of the box operations (anchors, proposals, RoIAlign, NMS, box decoding): the
+        head's. The backbone runs in its own (:meth:`convert_backbone`) behind casts at its boundary."""
+        head = (param for name, param in self.named_parameters() if not name.startswith("detector.backbone."))
+        return next(head).dtype
+
+    def convert_backbone(self, dtype: torch.dtype) -> "DetectionBaseNet":
+        """Run the ViT and its feature pyramid in ``dtype`` (bfloat16 where the CPU or GPU has native bf16
+        matmuls); the head, and torchvision's box operations with it, stay as they are (float32). Returns self."""
+        self.detector.backbone.to(dtype)
+        return self
 
     def forward(self, images: list[torch.Tensor], targets: Targets | None = None) -> Any:
         if self.training:

@@ -1,0 +1,113 @@
+"""A detector's backbone and feature pyramid in bfloat16, its box operations in float32: the same boxes and classes
+as float32 (matched IoU >= 0.9), and float32 unchanged (bit for bit)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY_VIT_CONFIG
+from detect_support import save_tiny_detector, tiny_detector
+from torchvision.ops import box_iou
+
+from birder.inference.detection import Detections, detect_tensors
+from birder.inference.model import AS_LOADED, convert_detector_dtype, load_for_inference
+from birder.inference.optimize import DTYPE_ENV
+from birder.model_registry import registry
+from birder.net.detection.base import DetectionBaseNet
+
+
+def seeded_faster_rcnn(seed: int = 0) -> DetectionBaseNet:
+    """A seeded tiny Faster R-CNN whose class scores are spread out (random weights alone score every box about
+    the same), so its best boxes are well apart from the rest."""
+    torch.manual_seed(seed)
+    body = registry.net_factory("vit_t16", 0, config=TINY_VIT_CONFIG, size=(128, 128))
+    config = {"fpn_channels": 16, "representation_size": 32, "anchor_sizes": [16, 32, 64, 128]}
+    det = registry.detection_net_factory("faster_rcnn", 3, body, config=config)
+    with torch.no_grad():
+        det.detector.roi_heads.box_predictor.cls_score.weight.mul_(20.0)
+    return det.eval()
+
+
+def photos(count: int, seed: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    # Smooth, photo-like inputs (normalised): noise upsampled from a coarse grid
+    return [
+        F.interpolate(torch.randn(1, 3, 12, 16, generator=generator), size=(96, 128), mode="bilinear")[0]
+        for _ in range(count)
+    ]
+
+
+def assert_same_detections(reference: Detections, candidate: Detections, top: int) -> None:
+    """Each of ``reference``'s ``top`` best boxes is in ``candidate`` with its class, at IoU >= 0.9."""
+    assert len(reference.boxes) >= 1 and candidate.boxes.dtype == torch.float32
+    iou = box_iou(reference.boxes[:top], candidate.boxes)
+    same_class = reference.labels[:top, None] == candidate.labels[None, :]
+    best = torch.where(same_class, iou, torch.zeros_like(iou)).max(dim=1).values
+    assert bool((best >= 0.9).all()), best
+
+
+def test_bf16_backbone_finds_the_float32_boxes_faster_rcnn() -> None:
+    inputs = photos(4, seed=1)
+    sizes = [(960, 1280)] * len(inputs)
+    reference = detect_tensors(seeded_faster_rcnn(), inputs, sizes, score_threshold=0.3)
+    det = seeded_faster_rcnn().convert_backbone(torch.bfloat16)
+    assert next(det.vit.parameters()).dtype == torch.bfloat16 and det.input_dtype == torch.float32
+    assert det.detector.roi_heads.box_predictor.cls_score.weight.dtype == torch.float32
+    found = detect_tensors(det, inputs, sizes, score_threshold=0.0)
+    for expected, got in zip(reference, found, strict=True):
+        assert_same_detections(expected, got, top=10)
+
+
+def test_load_for_inference_runs_a_detector_file_in_bf16(tmp_path: Path) -> None:
+    path = save_tiny_detector(tmp_path / "det.pt", classes=("bird", "mammal"))
+    float32 = load_for_inference(weights=path, detector=True, device="cpu")
+    bf16 = load_for_inference(weights=path, detector=True, device="cpu", dtype="bfloat16")
+
+    assert float32.dtype == AS_LOADED and bf16.dtype.dtype == "bfloat16"
+    assert next(bf16.net.vit.parameters()).dtype == torch.bfloat16
+    assert all(param.dtype == torch.bfloat16 for param in bf16.net.detector.backbone.pyramid.parameters())
+    assert all(param.dtype == torch.float32 for param in bf16.net.detector.head.parameters())
+    inputs = photos(3, seed=2)
+    sizes = [(480, 640)] * len(inputs)
+    expected = detect_tensors(float32.net, inputs, sizes)
+    got = detect_tensors(bf16.net, inputs, sizes)
+    for reference, candidate in zip(expected, got, strict=True):
+        assert len(candidate.boxes) == len(reference.boxes)
+        assert_same_detections(reference, candidate, top=len(reference.boxes))
+
+
+def test_float32_is_unchanged_bit_for_bit(tmp_path: Path) -> None:
+    path = save_tiny_detector(tmp_path / "det.pt")
+    loaded = load_for_inference(weights=path, detector=True, device="cpu")
+    asked = load_for_inference(weights=path, detector=True, device="cpu", dtype="float32")
+    inputs = photos(2, seed=3)
+    sizes = [(96, 128)] * 2
+    plain_found = detect_tensors(loaded.net, inputs, sizes)
+    for plain, converted in zip(plain_found, detect_tensors(asked.net, inputs, sizes), strict=True):
+        assert torch.equal(plain.boxes, converted.boxes) and torch.equal(plain.scores, converted.scores)
+
+    # The backbone's maps are exactly the pyramid of its last map (the computation before any dtype handling)
+    (det, _) = tiny_detector()
+    body = det.detector.backbone
+    batch = torch.stack(inputs)
+    with torch.no_grad():
+        maps = body(batch)
+        last = body.last_map(batch)
+        levels = [stage(last) for stage in body.pyramid]
+    levels.append(F.max_pool2d(levels[-1], kernel_size=1, stride=2))
+    assert [key for key in maps] == ["0", "1", "2", "3"]
+    for got, expected in zip(maps.values(), levels, strict=True):
+        assert got.dtype == torch.float32 and torch.equal(got, expected)
+
+
+def test_auto_chooses_bf16_only_where_the_cpu_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(DTYPE_ENV, raising=False)
+    (emulated, _) = tiny_detector()
+    choice = convert_detector_dtype(emulated, "auto", torch.device("cpu"), flags={"avx2", "avx512f"})
+    assert choice.dtype == "float32" and next(emulated.vit.parameters()).dtype == torch.float32
+
+    (native, _) = tiny_detector()
+    choice = convert_detector_dtype(native, "auto", torch.device("cpu"), flags={"avx2", "avx512_bf16"})
+    assert choice.dtype == "bfloat16" and "avx512_bf16" in choice.reason
+    assert next(native.vit.parameters()).dtype == torch.bfloat16 and native.input_dtype == torch.float32
