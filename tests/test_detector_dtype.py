@@ -11,7 +11,7 @@ from detect_support import save_tiny_detector, tiny_detector
 from torchvision.ops import box_iou
 
 from birder.inference.detection import Detections, detect_tensors
-from birder.inference.model import AS_LOADED, convert_detector_dtype, load_for_inference
+from birder.inference.model import AS_LOADED, convert_dtype, load_for_inference
 from birder.inference.optimize import DTYPE_ENV
 from birder.model_registry import registry
 from birder.net.detection.base import DetectionBaseNet
@@ -104,10 +104,10 @@ def test_float32_is_unchanged_bit_for_bit(tmp_path: Path) -> None:
 def test_auto_chooses_bf16_only_where_the_cpu_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(DTYPE_ENV, raising=False)
     (emulated, _) = tiny_detector()
-    choice = convert_detector_dtype(emulated, "auto", torch.device("cpu"), flags={"avx2", "avx512f"})
+    (_, choice) = convert_dtype(emulated, "auto", torch.device("cpu"), flags={"avx2", "avx512f"})
     assert choice.dtype == "float32" and next(emulated.vit.parameters()).dtype == torch.float32
 
     (native, _) = tiny_detector()
-    choice = convert_detector_dtype(native, "auto", torch.device("cpu"), flags={"avx2", "avx512_bf16"})
+    (_, choice) = convert_dtype(native, "auto", torch.device("cpu"), flags={"avx2", "avx512_bf16"})
     assert choice.dtype == "bfloat16" and "avx512_bf16" in choice.reason
     assert next(native.vit.parameters()).dtype == torch.bfloat16 and native.input_dtype == torch.float32

@@ -76,28 +76,20 @@ def convert_dtype(
     cuda_capability: tuple[int, int] | None = None,
 ) -> tuple[nn.Module, DtypeChoice]:
     """``net`` converted to ``requested`` (``auto``: :func:`~birder.inference.optimize.choose_dtype` for
-    ``device``) and the choice; an export (.pts, .pt2, .onnx) runs as it was exported, its dtype fixed in the file."""
-    if not isinstance(net, BaseNet):
+    ``device``, so bfloat16 only where it is native) and the choice.
+
+    A detector converts its backbone and feature pyramid only, in place: its head and torchvision's box operations
+    (anchors, proposals, RoIAlign, NMS, box decoding) stay float32, cast at the backbone's boundary. An export (.pts,
+    .pt2, .onnx) runs as it was exported, its dtype fixed in the file."""
+    from birder.net.detection.base import DetectionBaseNet
+
+    if not isinstance(net, BaseNet | DetectionBaseNet):
         return (net, EXPORT_DTYPE)
     choice = choose_dtype(requested, device, flags=flags, cuda_capability=cuda_capability)
+    if isinstance(net, DetectionBaseNet):
+        net.convert_backbone(getattr(torch, choice.dtype))
+        return (net, choice)
     return (optimize_for_inference(net, choice.dtype), choice)
-
-
-def convert_detector_dtype(
-    det_net: nn.Module,
-    requested: str,
-    device: torch.device,
-    *,
-    flags: Iterable[str] | None = None,
-    cuda_capability: tuple[int, int] | None = None,
-) -> DtypeChoice:
-    """Run a detector's backbone and feature pyramid in ``requested`` (``auto``:
-    :func:`~birder.inference.optimize.choose_dtype` for ``device``, so bfloat16 only where it is native), in place;
-    its head and torchvision's box operations (anchors, proposals, RoIAlign, NMS, box decoding) stay float32, cast
-    at the backbone's boundary. Returns the choice (the dtype of the backbone)."""
-    choice = choose_dtype(requested, device, flags=flags, cuda_capability=cuda_capability)
-    det_net.convert_backbone(getattr(torch, choice.dtype))
-    return choice
 
 
 def load_for_inference(
@@ -113,7 +105,7 @@ def load_for_inference(
     """The model a command names (``-n NAME`` / ``--weights FILE`` / ``--network``; with ``detector``, the
     detector file ``weights``), in eval mode on ``device`` (a name :func:`birder.distributed.resolve_device`
     takes, or a device), converted to ``dtype`` when given (None: float32 as loaded; a detector converts its backbone
-    and pyramid only, :func:`convert_detector_dtype`). A bad input raises a one-line
+    and pyramid only, :func:`convert_dtype`). A bad input raises a one-line
     :class:`~birder.errors.BirderError`."""
     from birder.loading import load_named_or_file_model
 
@@ -125,7 +117,7 @@ def load_for_inference(
         if weights is None:
             raise BirderError("a detector is a file: pass it with --detector FILE")
         (det_net, info) = load_detector(weights, inference=True, device=target)
-        choice = AS_LOADED if dtype is None else convert_detector_dtype(det_net, dtype, target)
+        choice = AS_LOADED if dtype is None else convert_dtype(det_net, dtype, target)[1]
         return InferenceModel(
             det_net,
             info,
