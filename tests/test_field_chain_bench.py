@@ -152,3 +152,39 @@ def test_read_stages_when_recorded(tmp_path: Path) -> None:
     (tmp_path / "run.json").write_text(json.dumps({"stages": {"decode": 1.5, "detector": {"seconds": 3.0}}}))
     assert field_chain.read_stages(tmp_path) == {"decode": 1.5, "detector": 3.0}
     assert field_chain.stage_shares({"decode": 1.5}, 3.0) == {"decode": 0.5}
+
+
+@pytest.mark.slow
+def test_chain_runs_birder_predict_and_records_what_it_refuses(tmp_path: Path) -> None:
+    # The whole chain through birder-predict in a child process (or two: a refusal is retried without the option;
+    # about 20 s, minutes on a loaded machine), on tiny models and six small photos: every photo
+    # gets its rows; an option this checkout refuses (--events or the Camtrap DP export with --detector before
+    # issue 21) is dropped and recorded with the refusal's line, one accepted writes its output.
+    from conftest import make_tiny_vit
+    from detect_support import save_tiny_detector
+
+    import birder
+
+    photos = tmp_path / "photos"
+    field_chain.make_field_set(photos, 6, seed=1, size=SMALL)
+    names = [field_chain.class_name(c) for c in field_chain.CLASSES]
+    info = birder.ModelInfo({name: i for (i, name) in enumerate(names)}, None, {"mean": (0.5,) * 3, "std": (0.25,) * 3})
+    classifier = birder.save_model(make_tiny_vit(len(names), size=(32, 32)), tmp_path / "tiny.pt", info)
+    common = {
+        "taxonomy": field_chain.write_taxonomy(tmp_path / "taxonomy.csv"),
+        "prior": field_chain.build_prior(tmp_path, classifier, seed=0),
+    }
+    output = tmp_path / "out"
+    run = field_chain.ChainRun("tiny", field_chain.REPO, classifier, save_tiny_detector(tmp_path / "det.pt"), output)
+    result = field_chain.run_chain(run, photos, common, workers=0)
+    assert result["returncode"] == 0, result
+    assert result["seconds"] > 0 and result["peak_rss_bytes"] > 50 * 2**20  # a Python with torch loaded
+    assert set(field_chain.read_boxes(output)) == {p.relative_to(photos).as_posix() for p in photos.glob("*/*.JPG")}
+    refused = {item["option"]: item["message"] for item in result["refused"]}
+    for option in ("--events", "--export camtrap-dp"):
+        if option in refused:
+            assert option.split()[0] in refused[option] and option not in result["command"]
+        else:
+            assert option in result["command"]
+    if "--export camtrap-dp" not in refused:
+        assert any(output.rglob("datapackage.json"))
