@@ -6,6 +6,7 @@ The full set is 12 MP; the generator is the same at any size, so the set's prope
 
 import datetime as dt
 import io
+import itertools
 import json
 from pathlib import Path
 
@@ -45,11 +46,11 @@ def test_set_has_cameras_bursts_exif_and_truth(field_set: tuple[Path, dict]) -> 
     for shots in bursts.values():
         # Three photos one second apart from one camera, the same animals in each
         times = sorted(dt.datetime.fromisoformat(shot["taken"]) for shot in shots)
-        assert len(shots) == 3 and [(b - a).total_seconds() for (a, b) in zip(times, times[1:])] == [1.0, 1.0]
+        assert len(shots) == 3 and [(b - a).total_seconds() for (a, b) in itertools.pairwise(times)] == [1.0, 1.0]
         assert len({shot["camera"] for shot in shots}) == 1
         assert len({tuple(sorted(shot["classes"])) for shot in shots}) <= 2  # an animal may find no place in a shot
     starts = sorted(min(dt.datetime.fromisoformat(s["taken"]) for s in shots) for shots in bursts.values())
-    assert all((b - a).total_seconds() > 120 for (a, b) in zip(starts, starts[1:]) if a != b)
+    assert all((b - a).total_seconds() > 120 for (a, b) in itertools.pairwise(starts) if a != b)
 
 
 def test_set_empty_share_and_animal_sizes(field_set: tuple[Path, dict]) -> None:
@@ -62,7 +63,7 @@ def test_set_empty_share_and_animal_sizes(field_set: tuple[Path, dict]) -> None:
         assert item["count"] == len(item["boxes"]) == len(item["classes"]) and item["count"] <= 3
         for x, y, w, h in item["boxes"]:
             assert 0.004 <= w * h / frame <= 0.21  # 0.5-20 % of the frame (the side is rounded to a pixel)
-            assert 0 <= x and x + w <= SMALL[1] and 0 <= y and y + h <= SMALL[0]
+            assert x >= 0 and y >= 0 and x + w <= SMALL[1] and y + h <= SMALL[0]
     assert any(item["count"] >= 2 for item in photos)
 
 
