@@ -675,6 +675,13 @@ def print_table(report: dict[str, Any]) -> None:
         print(f"{'':<9} stages: {text}")
     if report.get("card_over_baseline") is not None:
         print(f"card / baseline: {report['card_over_baseline']:.2f}x (same run)")
+        kept = report["card_against_baseline_boxes"]
+        share = kept["share_iou_at_least_0.9"]
+        changed = kept["share_species_changed"]
+        print(
+            f"card against baseline: {kept['boxes']} boxes, IoU >= 0.9 for {'-' if share is None else f'{share:.1%}'}"
+            f", species changed for {'-' if changed is None else f'{changed:.1%}'} of matched boxes"
+        )
     print(f"report   {report['output']}")
 
 
@@ -761,9 +768,12 @@ def main(argv: list[str] | None = None) -> int:
             result = run_chain(run, photos, common, args.workers)
             earlier = configs.get(name, {}).get("rounds_seconds", [])
             configs[name] = _summarise(name, result, run, truth, [*earlier, result["seconds"]])
-    ratio = None
+    (ratio, kept_answers) = (None, None)
     if all(name in configs and "photos_per_hour" in configs[name] for name in ("card", "baseline")):
         ratio = configs["card"]["photos_per_hour"] / configs["baseline"]["photos_per_hour"]
+        # The same weights through both codes: what the faster code changed in the boxes and species (a random head
+        # is more sensitive to its input than a trained one: an upper bound of the change)
+        kept_answers = compare_results(runs_dir / "baseline", runs_dir / "card")
     empty = sum(item["count"] == 0 for item in truth["photos"].values()) / count
     report = {
         "machine": machine,
@@ -790,6 +800,7 @@ def main(argv: list[str] | None = None) -> int:
         "baseline_commit": BASELINE_COMMIT,
         "configs": configs,
         "card_over_baseline": ratio,
+        "card_against_baseline_boxes": kept_answers,
         "output": str(args.output),
         "seconds": time.perf_counter() - started,
     }
