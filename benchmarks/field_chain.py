@@ -1,0 +1,813 @@
+"""The whole camera-trap chain on camera-trap photos: photos an hour through ``birder-predict``, as a user runs it.
+
+    python -m benchmarks.field_chain                       # 300 photos, every configuration (see the README)
+    python -m benchmarks.field_chain --photos 24 --configs fast baseline   # a short run
+    nice -n 10 python -m benchmarks.field_chain --photos 24 --small        # a smoke run (short training)
+
+1. **The photos** (generated once from ``--seed``, cached in ``--cache``; rebuilt only when the settings change):
+   ``--photos`` 4000 x 3000 JPEGs of quality 90 in three camera folders, bursts of three photos one second apart
+   (EXIF DateTimeOriginal and GPS), 60 % of the bursts empty, the others 1-3 animals (the generated object classes
+   of ``benchmarks.synthetic``) each covering 0.5-20 % of the frame. The background is textured at several scales
+   (colour fields, foliage blobs, strokes, pixel noise): a flat image decodes several times faster than a photo.
+   The truth (boxes, classes, counts per photo) is ``truth.json`` beside the photos.
+2. **The models**, cached: a small classifier trained on the objects by ``birder-train`` and calibrated by
+   ``birder-calibrate``; a small class-agnostic ("animal") Faster R-CNN trained on small scenes of the same kind by
+   ``birder-train-det``; the card's shapes (vit_l16 classifier at 256 px, vit_b16 Faster R-CNN at 512 px)
+   **random-initialised** (their speed does not depend on training; their boxes and species mean nothing); a
+   taxonomy CSV and a prior (``birder-prior build`` from generated records around the cameras).
+3. **The chain**, per configuration, ``birder-predict`` in a child process (its peak RSS from its rusage) with
+   ``--detector``, the calibrated classifier, ``--taxonomy``, ``--prior``, ``--events`` and ``--export camtrap-dp``.
+   An option the code refuses is dropped and the refusal recorded. Configurations:
+
+   - ``baseline``: the code before issue 21 (commit :data:`BASELINE_COMMIT`, checked out by ``git worktree`` in the
+     cache), the card's shapes, its defaults; it refuses ``--events`` and the Camtrap DP export with ``--detector``.
+   - ``card``: the card's shapes, this checkout's code and defaults.
+   - ``fast``: the small trained detector and classifier, this checkout's code.
+
+Reports photos/hour, card/baseline in the same run, each stage's share of the wall time where ``run.json`` records
+``stages``, peak RSS, boxes per photo and, for the trained pair, the answers against the truth (count accuracy, kept
+boxes overlapping with IoU > 0.5), in ``--output`` (JSON, written atomically) and as a table.
+:func:`compare_results` compares the boxes and species of two results folders (two configurations, two decode
+modes): the share of boxes kept with IoU >= 0.9 and the share whose species changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from benchmarks.synthetic import class_name, make_class_folder, render_object, textured_background
+
+REPO = Path(__file__).resolve().parent.parent
+BASELINE_COMMIT = "7521490"  # the last commit before issue 21: today's code path
+GENERATOR_VERSION = 1  # bump when the photos or their truth change: the cache is rebuilt
+CAMERAS = {"cam_1": (47.3769, 8.5417), "cam_2": (47.4012, 8.5890), "cam_3": (47.3520, 8.4901)}  # folder -> lat, lon
+START = dt.datetime(2024, 6, 3, 5, 40, 0)
+BURST = 3  # photos a trigger takes, one second apart
+BURST_GAP = dt.timedelta(minutes=17)  # between a camera's bursts: every burst its own event
+PHOTO_SIZE = (3000, 4000)  # height, width: 12 MP
+JPEG_QUALITY = 90
+EMPTY_SHARE = 0.6
+ANIMALS = (1, 3)
+AREA = (0.005, 0.2)  # an animal's share of the frame (drawn log-uniform: small ones are the common case)
+CLASSES = [0, 9, 18, 27, 36, 45]  # 6 species: each its own shape and colour pair
+ANIMAL_CLASS = "animal"
+
+# The trained pair: small enough to train in minutes on two cores
+CLASSIFIER_SIZE = 64
+CLASSIFIER_CONFIG = {"patch_size": 8, "hidden_dim": 64, "num_layers": 4, "num_heads": 4, "mlp_dim": 128}
+SMALL_CLASSIFIER_CONFIG = {"patch_size": 8, "hidden_dim": 16, "num_layers": 1, "num_heads": 2, "mlp_dim": 32}
+DETECTOR_SCENE = (192, 256)  # height, width of the detector's training scenes and its input
+DETECTOR_HEAD = {
+    "fpn_channels": 32,
+    "anchor_sizes": [16, 32, 64, 128],
+    "representation_size": 256,
+    "rpn_batch_size_per_image": 64,
+    "box_batch_size_per_image": 64,
+    "rpn_pre_nms_top_n_train": 300,
+    "rpn_post_nms_top_n_train": 100,
+    "rpn_pre_nms_top_n_test": 200,
+    "rpn_post_nms_top_n_test": 30,
+    "box_detections_per_img": 10,
+}
+CROP_MARGIN = 0.1  # birder-predict's default --crop-margin: the classifier trains on crops framed like it
+# The card's shapes
+CARD_CLASSIFIER = ("vit_l16", 256)
+CARD_DETECTOR = ("vit_b16", (384, 512))
+# Few boxes per photo from a random-initialised head: at most the scenes' animals (its scores are near 0.5)
+CARD_DETECTOR_HEAD = {"box_detections_per_img": ANIMALS[1]}
+CONFIGS = ("baseline", "card", "fast")
+STAGES = ("decode", "detector", "crops", "classifier", "decision", "writing")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The photos
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def field_background(size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
+    """A textured RGB background ``(height, width)``: the project's cluttered background (drawn at a quarter of the
+    size: colour fields and strokes), foliage-like blobs at three scales relative to the frame (so a small scene
+    looks like a reduced 12 MP one) and pixel noise. Integer arithmetic: a 12 MP frame takes about a second."""
+    (height, width) = size
+    base = textured_background((max(8, height // 4), max(8, width // 4)), rng)
+    pixels = np.asarray(base.resize((width, height), Image.Resampling.BICUBIC), dtype=np.int16).copy()
+    foliage = np.zeros((height, width), dtype=np.float32)
+    for share, amplitude in ((1 / 12, 28.0), (1 / 60, 22.0), (1 / 300, 16.0)):
+        cells = (max(2, round(height * share)), max(2, round(width * share)))
+        coarse = rng.uniform(0, 255, size=(max(2, height // cells[0]), max(2, width // cells[1]))).astype(np.uint8)
+        layer = np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC), np.float32)
+        foliage += (layer - 127.5) * (amplitude / 127.5)
+    for channel, tint in enumerate((0.8, 1.0, 0.6)):  # leaves: green more than red and blue
+        pixels[..., channel] += (foliage * tint).astype(np.int16)
+        pixels[..., channel] += rng.integers(-18, 19, size=(height, width), dtype=np.int16)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def place_animals(
+    image: Image.Image, classes: list[int], areas: list[float], rng: np.random.Generator
+) -> list[tuple[float, float, float, float]]:
+    """Paste one animal per class, each covering its share of the frame, where it overlaps no other; returns their
+    boxes ``[x, y, width, height]`` (an animal with no free place left is not drawn: the truth has what is drawn)."""
+    (width, height) = image.size
+    boxes: list[tuple[float, float, float, float]] = []
+    for class_id, area in zip(classes, areas, strict=True):
+        side = max(4, min(round(math.sqrt(area * width * height)), height, width))
+        for _attempt in range(30):
+            (x, y) = (int(rng.integers(0, width - side + 1)), int(rng.integers(0, height - side + 1)))
+            if all(x + side <= bx or bx + bw <= x or y + side <= by or by + bh <= y for (bx, by, bw, bh) in boxes):
+                break
+        else:
+            continue
+        # Drawn at most 384 px a side, then enlarged: the drawing's cost grows with the square of its side
+        animal = render_object(class_id, min(side, 384), rng)
+        if animal.size[0] != side:
+            animal = animal.resize((side, side), Image.Resampling.BICUBIC)
+        image.paste(animal, (x, y), animal)
+        boxes.append((float(x), float(y), float(side), float(side)))
+    return boxes
+
+
+def camera_exif(taken: dt.datetime, position: tuple[float, float]) -> Image.Exif:
+    """EXIF DateTimeOriginal and a GPS position, as a camera trap writes them."""
+    exif = Image.Exif()
+    exif.get_ifd(0x8769)[0x9003] = taken.strftime("%Y:%m:%d %H:%M:%S")
+    (lat, lon) = position
+    exif.get_ifd(0x8825).update(
+        {1: "N" if lat >= 0 else "S", 2: (abs(lat), 0.0, 0.0), 3: "E" if lon >= 0 else "W", 4: (abs(lon), 0.0, 0.0)}
+    )
+    return exif
+
+
+def _set_settings(photos: int, seed: int, size: tuple[int, int]) -> dict[str, Any]:
+    return {"version": GENERATOR_VERSION, "photos": photos, "seed": seed, "size": list(size), "quality": JPEG_QUALITY}
+
+
+def make_field_set(root: Path, photos: int, *, seed: int = 0, size: tuple[int, int] = PHOTO_SIZE) -> dict[str, Any]:
+    """The camera-trap set in ``root`` (``<camera>/IMG_NNNN.JPG`` + ``truth.json``), unless ``root`` already holds
+    the set of these settings. Returns the truth: per photo (``camera/name``) its camera, time, boxes, classes."""
+    settings = _set_settings(photos, seed, size)
+    truth_path = root / "truth.json"
+    if truth_path.is_file():
+        truth = json.loads(truth_path.read_text())
+        if truth.get("settings") == settings:
+            return truth
+    if root.exists():
+        shutil.rmtree(root)
+    rng = np.random.default_rng(seed)
+    bursts = math.ceil(photos / BURST)
+    empty = set(rng.permutation(bursts)[: round(EMPTY_SHARE * bursts)].tolist())
+    cameras = list(CAMERAS)
+    records: dict[str, dict[str, Any]] = {}
+    for burst in range(bursts):
+        camera = cameras[burst % len(cameras)]
+        started = START + BURST_GAP * (burst // len(cameras))
+        count = 0 if burst in empty else int(rng.integers(ANIMALS[0], ANIMALS[1] + 1))
+        classes = [int(c) for c in rng.choice(CLASSES, size=count)]
+        areas = np.exp(rng.uniform(math.log(AREA[0]), math.log(AREA[1]), size=count)).tolist()
+        for shot in range(min(BURST, photos - burst * BURST)):
+            image = field_background(size, rng)
+            boxes = place_animals(image, classes, areas, rng)
+            taken = started + dt.timedelta(seconds=shot)
+            name = f"{camera}/IMG_{burst * BURST + shot:04d}.JPG"
+            (root / camera).mkdir(parents=True, exist_ok=True)
+            image.save(root / name, quality=JPEG_QUALITY, exif=camera_exif(taken, CAMERAS[camera]))
+            drawn = classes[: len(boxes)]
+            records[name] = {
+                "camera": camera,
+                "burst": burst,
+                "taken": taken.isoformat(),
+                "boxes": [list(box) for box in boxes],
+                "classes": [class_name(c) for c in drawn],
+                "count": len(boxes),
+            }
+    truth = {"settings": settings, "photos": records}
+    _write_json(truth_path, truth)
+    return truth
+
+
+def _write_json(path: Path, data: Any) -> None:
+    from birder.io.atomic import atomic_write_text
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(data, indent=1))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The models
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Training:
+    """How much the trained pair learns: the benchmark's or ``--small``'s."""
+
+    crops_per_class: int = 100
+    classifier_epochs: int = 15
+    detector_scenes: int = 160  # birder-train-det runs at about 1 scene/s here: 160 x 12 epochs, about 30 min
+    detector_epochs: int = 12
+    backbone: dict[str, Any] = field(default_factory=lambda: dict(CLASSIFIER_CONFIG))
+
+
+SMALL_TRAINING = Training(10, 2, 24, 2, dict(SMALL_CLASSIFIER_CONFIG))
+
+
+def _digest(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _call(main: Any, argv: list[str], what: str) -> None:
+    code = main(argv)
+    if code not in (0, None):
+        raise RuntimeError(f"{what} failed (exit code {code}): {' '.join(argv)}")
+
+
+def _field_scenes(root: Path, count: int, seed: int) -> Path:
+    """Small scenes of the photos' kind with 0-3 animals, class-agnostic COCO ("animal"): the detector's data."""
+    rng = np.random.default_rng(seed)
+    coco: dict[str, Any] = {"images": [], "annotations": [], "categories": [{"id": 1, "name": ANIMAL_CLASS}]}
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        image = field_background(DETECTOR_SCENE, rng)
+        animals = int(rng.integers(0, ANIMALS[1] + 1))
+        classes = [int(c) for c in rng.choice(CLASSES, size=animals)]
+        areas = np.exp(rng.uniform(math.log(AREA[0]), math.log(AREA[1]), size=animals)).tolist()
+        boxes = place_animals(image, classes, areas, rng)
+        file_name = f"images/{index:05d}.jpg"
+        image.save(root / file_name, quality=JPEG_QUALITY)
+        (height, width) = DETECTOR_SCENE
+        coco["images"].append({"id": index + 1, "file_name": file_name, "height": height, "width": width})
+        for box in boxes:
+            coco["annotations"].append(
+                {
+                    "id": len(coco["annotations"]) + 1,
+                    "image_id": index + 1,
+                    "category_id": 1,
+                    "bbox": list(box),
+                    "area": box[2] * box[3],
+                    "iscrowd": 0,
+                }
+            )
+    path = root / "annotations.json"
+    path.write_text(json.dumps(coco))
+    return path
+
+
+def trained_pair(cache: Path, training: Training, seed: int) -> dict[str, Any]:
+    """The small classifier (``birder-train``, calibrated by ``birder-calibrate``) and detector (``birder-train-det``
+    from the classifier's backbone), trained once per setting."""
+    from birder.scripts import calibrate, train, train_det
+
+    root = cache / f"trained_{_digest({'training': vars(training), 'seed': seed})}"
+    done = root / "models.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    if root.exists():
+        shutil.rmtree(root)
+    started = time.perf_counter()
+    crops = root / "crops"
+    fill = min(0.95, 1.0 / (1.0 + 2.0 * CROP_MARGIN))  # the object's share of a crop's side at the default margin
+    make_class_folder(crops / "train", CLASSES, training.crops_per_class, size=CLASSIFIER_SIZE, seed=seed, fill=fill)
+    make_class_folder(
+        crops / "val", CLASSES, max(4, training.crops_per_class // 4), size=CLASSIFIER_SIZE, seed=seed + 1, fill=fill
+    )
+    output = root / "classifier"
+    argv = ["--data-dir", str(crops), "--network", "vit_t16", "--model-config", json.dumps(training.backbone)]
+    argv += ["--size", str(CLASSIFIER_SIZE), "--epochs", str(training.classifier_epochs), "--warmup-epochs", "1"]
+    argv += ["-b", "32", "--lr", "3e-3", "--aug-level", "1", "-j", "0", "--no-progress", "--seed", str(seed)]
+    _call(
+        train.main,
+        [*argv, "--output-dir", str(output), "--save-every", str(training.classifier_epochs)],
+        "birder-train",
+    )
+    classifier = output / f"vit_t16_{training.classifier_epochs}.pt"
+    calibrated = root / "classifier_calibrated.pt"
+    argv = ["--weights", str(classifier), "--val", str(crops / "val"), "--train", str(crops / "train")]
+    _call(calibrate.main, [*argv, "-o", str(calibrated), "-j", "0", "--no-progress"], "birder-calibrate")
+
+    scenes = {
+        split: _field_scenes(root / split, count, seed + offset)
+        for (split, count, offset) in (
+            ("det_train", training.detector_scenes, 2),
+            ("det_val", max(4, training.detector_scenes // 6), 3),
+        )
+    }
+    det_output = root / "detector"
+    size = f"{DETECTOR_SCENE[0]}x{DETECTOR_SCENE[1]}"
+    argv = ["--network", "faster_rcnn", "--model-config", json.dumps(DETECTOR_HEAD), "--size", size]
+    argv += ["--train-json", str(scenes["det_train"]), "--val-json", str(scenes["det_val"])]
+    argv += ["--epochs", str(training.detector_epochs), "--warmup-epochs", "1", "--batch-size", "4", "--lr", "2e-3"]
+    argv += ["--init", str(classifier), "--layer-decay", "0.8", "--scale-range", "0.8", "1.25", "--workers", "0"]
+    argv += ["--no-progress", "--output-dir", str(det_output), "--save-every", str(training.detector_epochs)]
+    _call(train_det.main, argv, "birder-train-det")
+    with open(det_output / "det_metrics.csv", newline="") as handle:
+        curve = [round(float(row["map50"]), 3) for row in csv.DictReader(handle)]
+    models = {
+        "classifier": str(calibrated),
+        "detector": str(det_output / f"faster_rcnn_vit_t16_{training.detector_epochs}.pt"),
+        "detector_map50_by_epoch": curve,
+        "training": vars(training),
+        "seconds": time.perf_counter() - started,
+    }
+    _write_json(done, models)
+    return models
+
+
+def card_pair(cache: Path, classifier: Path, crops_val: Path) -> dict[str, Any]:
+    """The card's shapes, random-initialised (seeded), with the trained classifier's classes: the classifier
+    calibrated by ``birder-calibrate`` on the objects' validation photos (its thresholds mean nothing, its cost is
+    the card's), the detector's head limited to :data:`CARD_DETECTOR_HEAD`."""
+    import torch
+
+    import birder
+    from birder.io.checkpoint import ModelInfo, make_signature
+    from birder.model_registry import registry
+    from birder.net.detection.checkpoint import save_detector
+    from birder.scripts import calibrate
+
+    root = cache / "card"
+    done = root / "models.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    root.mkdir(parents=True, exist_ok=True)
+    (_, info) = birder.load_model(classifier, inference=True)
+    (network, size) = CARD_CLASSIFIER
+    torch.manual_seed(0)
+    net = registry.net_factory(network, len(info.class_to_idx), size=(size, size))
+    plain = birder.save_model(
+        net.eval(), root / f"{network}_random.pt", ModelInfo(info.class_to_idx, None, info.rgb_stats)
+    )
+    calibrated = root / f"{network}_random_calibrated.pt"
+    _call(
+        calibrate.main,
+        [
+            "--weights",
+            str(plain),
+            "--val",
+            str(crops_val),
+            "-o",
+            str(calibrated),
+            "-j",
+            "0",
+            "--no-progress",
+            "--overwrite",
+        ],
+        "birder-calibrate",
+    )
+
+    (backbone, det_size) = CARD_DETECTOR
+    body = registry.net_factory(backbone, 0, size=det_size)
+    det = registry.detection_net_factory("faster_rcnn", 1, body, config=dict(CARD_DETECTOR_HEAD))
+    det_info = ModelInfo({ANIMAL_CLASS: 0}, make_signature(3, det_size, 1), info.rgb_stats)
+    detector = save_detector(det.eval(), root / f"faster_rcnn_{backbone}_random.pt", det_info)
+    models = {"classifier": str(calibrated), "detector": str(detector), "random_initialised": True}
+    _write_json(done, models)
+    return models
+
+
+def write_taxonomy(path: Path) -> Path:
+    """species,genus,family,order of the object classes: shapes of a colour pair share a genus."""
+    rows = ["species,genus,family,order"]
+    rows += [f"{class_name(c)},Genus{c // 8},Familia{c // 32},Ordo" for c in CLASSES]
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+def write_records(path: Path, seed: int, per_species: int = 60) -> Path:
+    """Occurrence records around the cameras (Darwin Core columns): every species seen near some cameras in June."""
+    rng = np.random.default_rng(seed)
+    positions = list(CAMERAS.values())
+    rows = ["species,decimalLatitude,decimalLongitude,eventDate"]
+    for index, class_id in enumerate(CLASSES):
+        homes = [positions[index % len(positions)], positions[(index + 1) % len(positions)]]
+        for _ in range(per_species):
+            (lat, lon) = homes[int(rng.integers(0, len(homes)))]
+            day = START.date() + dt.timedelta(days=int(rng.integers(-40, 40)))
+            lat += float(rng.normal(0, 0.05))
+            lon += float(rng.normal(0, 0.05))
+            rows.append(f"{class_name(class_id)},{lat:.5f},{lon:.5f},{day.isoformat()}")
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+def build_prior(cache: Path, classifier: Path, seed: int) -> Path:
+    from birder.scripts import prior
+
+    output = cache / f"prior_{seed}.bpr"
+    if not output.is_file():
+        records = write_records(cache / f"records_{seed}.csv", seed)
+        _call(prior.main, ["build", str(records), "--classes", str(classifier), "-o", str(output)], "birder-prior")
+    return output
+
+
+def baseline_checkout(cache: Path) -> Path:
+    """A ``git worktree`` of :data:`BASELINE_COMMIT` in the cache (detached; created once)."""
+    path = cache / "baseline_code"
+    if not (path / "birder" / "__init__.py").is_file():
+        if path.exists():
+            shutil.rmtree(path)
+        subprocess.run(["git", "-C", str(REPO), "worktree", "prune"], check=True)
+        subprocess.run(
+            ["git", "-C", str(REPO), "worktree", "add", "--detach", str(path), BASELINE_COMMIT],
+            check=True,
+            capture_output=True,
+        )
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The chain
+# ---------------------------------------------------------------------------------------------------------------------
+
+# Options dropped, in this order, when a run refuses them (the baseline refuses both with --detector)
+DROPPABLE = (("--export", "camtrap-dp"), ("--events",))
+
+
+@dataclass
+class ChainRun:
+    name: str
+    code: Path  # the checkout whose birder-predict runs
+    classifier: Path
+    detector: Path
+    output: Path
+    extra: list[str] = field(default_factory=list)
+
+
+def _run_child(argv: list[str], cwd: Path) -> dict[str, Any]:
+    """Run ``argv`` in ``cwd``; its exit code, wall seconds, peak RSS (the largest of the command and its decode
+    workers: Linux accounts a reaped child's peak to its parent) and the last lines of its stderr."""
+    env = {**os.environ, "PYTHONPATH": str(cwd)}
+    started = time.perf_counter()
+    with (
+        open(os.devnull, "wb") as devnull,
+        subprocess.Popen(argv, cwd=cwd, env=env, stdout=devnull, stderr=subprocess.PIPE) as child,
+    ):
+        stderr = child.stderr.read().decode(errors="replace") if child.stderr else ""
+        (_, status, usage) = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+    seconds = time.perf_counter() - started
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    return {
+        "returncode": child.returncode,
+        "seconds": seconds,
+        "peak_rss_bytes": usage.ru_maxrss * 1024,
+        "stderr_tail": lines[-3:],
+    }
+
+
+def run_chain(run: ChainRun, photos: Path, common: dict[str, Path], workers: int) -> dict[str, Any]:
+    """``birder-predict`` over the photos as a user runs the whole chain; options it refuses are dropped (and
+    recorded) one at a time."""
+    argv = [sys.executable, "-m", "birder.scripts.predict", str(photos), "--weights", str(run.classifier)]
+    argv += ["--detector", str(run.detector), "--taxonomy", str(common["taxonomy"]), "--prior", str(common["prior"])]
+    argv += ["--output-dir", str(run.output), "--overwrite", "--no-progress", "--device", "cpu", "-j", str(workers)]
+    argv += run.extra
+    options = [list(option) for option in DROPPABLE]
+    refused: list[dict[str, str]] = []
+    while True:
+        full = argv + [part for option in options for part in option]
+        child = _run_child(full, run.code)
+        if child["returncode"] == 0 or not options:
+            break
+        message = " ".join(child["stderr_tail"][-1:])
+        if child["returncode"] != 2 or not any(option[0] in message for option in options):
+            break  # not a refusal of an option we can drop
+        dropped = next(option for option in options if option[0] in message)
+        options.remove(dropped)
+        refused.append({"option": " ".join(dropped), "message": message})
+    result: dict[str, Any] = {
+        "command": " ".join(["birder-predict", *full[3:]]),
+        "code": str(run.code),
+        "refused": refused,
+        **child,
+    }
+    if child["returncode"] != 0:
+        result["error"] = " ".join(child["stderr_tail"])
+        return result
+    result["stages"] = read_stages(run.output)
+    return result
+
+
+def read_stages(output: Path) -> dict[str, float] | None:
+    """Seconds per stage from ``run.json``'s "stages", where the run records them (None where it does not)."""
+    path = output / "run.json"
+    if not path.is_file():
+        return None
+    stages = json.loads(path.read_text()).get("stages")
+    if not isinstance(stages, dict):
+        return None
+    seconds = {}
+    for name, value in stages.items():
+        number = value.get("seconds") if isinstance(value, dict) else value
+        if isinstance(number, (int, float)):
+            seconds[name] = float(number)
+    return seconds or None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The answers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Box:
+    xyxy: tuple[float, float, float, float]
+    species: str
+
+
+def iou(a: tuple[float, ...] | list[float], b: tuple[float, ...] | list[float]) -> float:
+    """IoU of two ``x1, y1, x2, y2`` boxes."""
+    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = width * height
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def photo_key(path: str) -> str:
+    """``camera/name`` of a photo path: the truth's key, the same whatever folder the run was given."""
+    parts = Path(path).parts
+    return "/".join(parts[-2:])
+
+
+def read_boxes(results: Path) -> dict[str, list[Box]]:
+    """The kept boxes of each photo of a ``birder-predict --detector`` results folder (``results.csv``); a photo
+    without a box maps to an empty list (a whole-image fallback row is not a box)."""
+    boxes: dict[str, list[Box]] = {}
+    with open(results / "results.csv", newline="") as handle:
+        for row in csv.DictReader(handle):
+            kept = boxes.setdefault(photo_key(row["path"]), [])
+            if row.get("detections") in ("0", "") or row.get("source") == "whole-image" or not row.get("x1"):
+                continue
+            xyxy = tuple(float(row[name]) for name in ("x1", "y1", "x2", "y2"))
+            kept.append(Box(xyxy, row.get("top1_class") or row.get("label") or ""))  # type: ignore[arg-type]
+    return boxes
+
+
+def match_boxes(a: list[Box], b: list[Box]) -> list[tuple[Box, Box | None, float]]:
+    """Each box of ``a`` with its best-overlapping unused box of ``b`` (greedy by IoU), or None."""
+    pairs = sorted(((iou(x.xyxy, y.xyxy), i, j) for i, x in enumerate(a) for j, y in enumerate(b)), reverse=True)
+    (matched, used_a, used_b) = ({}, set(), set())
+    for overlap, i, j in pairs:
+        if overlap > 0 and i not in used_a and j not in used_b:
+            matched[i] = (j, overlap)
+            used_a.add(i)
+            used_b.add(j)
+    return [
+        (box, b[matched[i][0]] if i in matched else None, matched[i][1] if i in matched else 0.0)
+        for i, box in enumerate(a)
+    ]
+
+
+def compare_boxes(reference: dict[str, list[Box]], other: dict[str, list[Box]], *, min_iou: float = 0.9) -> dict:
+    """Boxes of ``other`` against ``reference`` (two configurations, or two decode modes of one): the share of the
+    reference's boxes matched by a box with IoU >= ``min_iou``, and among matched boxes the share whose species
+    differs. A box without a match counts as moved (IoU 0)."""
+    (boxes, kept, matched, changed) = (0, 0, 0, 0)
+    for key, reference_boxes in reference.items():
+        for box, partner, overlap in match_boxes(reference_boxes, other.get(key, [])):
+            boxes += 1
+            kept += overlap >= min_iou
+            if partner is not None:
+                matched += 1
+                changed += partner.species != box.species
+    unmatched_other = sum(max(0, len(other.get(k, [])) - len(v)) for (k, v) in reference.items())
+    return {
+        "boxes": boxes,
+        f"share_iou_at_least_{min_iou}": kept / boxes if boxes else None,
+        "matched_boxes": matched,
+        "share_species_changed": changed / matched if matched else None,
+        "extra_boxes_in_other": unmatched_other,
+    }
+
+
+def compare_results(reference: Path, other: Path, *, min_iou: float = 0.9) -> dict:
+    """:func:`compare_boxes` of two ``birder-predict --detector`` results folders."""
+    return compare_boxes(read_boxes(reference), read_boxes(other), min_iou=min_iou)
+
+
+def count_accuracy(boxes: dict[str, list[Box]], truth: dict[str, Any]) -> dict[str, Any]:
+    """Per photo of the truth, whether its kept boxes number its animals; and the photos where two kept boxes overlap
+    with IoU > 0.5 (one animal counted twice)."""
+    photos = truth["photos"]
+    right = sum(len(boxes.get(key, [])) == item["count"] for (key, item) in photos.items())
+    overlapping = sorted(
+        key
+        for (key, kept) in boxes.items()
+        if any(iou(x.xyxy, y.xyxy) > 0.5 for i, x in enumerate(kept) for y in kept[i + 1 :])
+    )
+    counted = [len(boxes.get(key, [])) for key in photos]
+    return {
+        "photos": len(photos),
+        "count_accuracy": right / len(photos) if photos else None,
+        "photos_with_overlapping_boxes": len(overlapping),
+        "overlapping_examples": overlapping[:5],
+        "boxes_per_photo": float(np.mean(counted)) if counted else 0.0,
+        "true_animals_per_photo": float(np.mean([item["count"] for item in photos.values()])) if photos else 0.0,
+    }
+
+
+def species_accuracy(boxes: dict[str, list[Box]], truth: dict[str, Any]) -> float | None:
+    """Share of true animals whose best-overlapping kept box (IoU >= 0.5) has their species."""
+    (animals, right) = (0, 0)
+    for key, item in truth["photos"].items():
+        true_boxes = [
+            Box((x, y, x + w, y + h), name) for ((x, y, w, h), name) in zip(item["boxes"], item["classes"], strict=True)
+        ]
+        for box, partner, overlap in match_boxes(true_boxes, boxes.get(key, [])):
+            animals += 1
+            right += partner is not None and overlap >= 0.5 and partner.species == box.species
+    return right / animals if animals else None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def stage_shares(stages: dict[str, float] | None, wall: float) -> dict[str, float] | None:
+    return None if not stages else {name: seconds / wall for (name, seconds) in stages.items()}
+
+
+def print_table(report: dict[str, Any]) -> None:
+    from benchmarks.inference import machine_label
+
+    print(
+        f"Field chain: {report['photos']['count']} photos of {report['photos']['size']} px "
+        f"({report['photos']['empty_share']:.0%} empty), {report['machine']['threads']} threads"
+    )
+    flags = ", ".join(
+        f"{flag} {'yes' if present else 'no'}" for (flag, present) in report["machine"]["chain_flags"].items()
+    )
+    print(f"  machine  {machine_label(report['machine'])}; {flags}")
+    print(f"{'config':<9} {'photos/h':>9} {'wall s':>8} {'peak RSS':>9} {'boxes/ph':>9} {'count ok':>9}  notes")
+    for name, run in report["configs"].items():
+        if "error" in run:
+            print(f"{name:<9} failed: {run['error']}")
+            continue
+        answers = run.get("answers", {})
+        accuracy = answers.get("count_accuracy")
+        notes = [f"refused {r['option']}" for r in run["refused"]]
+        if run.get("random_initialised"):
+            notes.append("random-initialised models")
+        print(
+            f"{name:<9} {run['photos_per_hour']:>9.0f} {run['seconds']:>8.1f} "
+            f"{run['peak_rss_bytes'] / 2**30:>7.2f}GB {answers.get('boxes_per_photo', 0):>9.2f} "
+            f"{'-' if accuracy is None else f'{accuracy:.2f}':>9}  {'; '.join(notes)}"
+        )
+        shares = run.get("stage_shares")
+        text = ", ".join(f"{k} {v:.0%}" for (k, v) in shares.items()) if shares else "not recorded by this code"
+        print(f"{'':<9} stages: {text}")
+    if report.get("card_over_baseline") is not None:
+        print(f"card / baseline: {report['card_over_baseline']:.2f}x (same run)")
+        kept = report["card_against_baseline_boxes"]
+        share = kept["share_iou_at_least_0.9"]
+        changed = kept["share_species_changed"]
+        print(
+            f"card against baseline: {kept['boxes']} boxes, IoU >= 0.9 for {'-' if share is None else f'{share:.1%}'}"
+            f", species changed for {'-' if changed is None else f'{changed:.1%}'} of matched boxes"
+        )
+    print(f"report   {report['output']}")
+
+
+def _summarise(name: str, result: dict, run: ChainRun, truth: dict, rounds: list[float]) -> dict[str, Any]:
+    """A configuration's figures: the last round's run, its wall time the median of every round's."""
+    result["random_initialised"] = name in ("baseline", "card")
+    if "error" in result:
+        return result
+    count = len(truth["photos"])
+    result["rounds_seconds"] = rounds
+    result["seconds"] = float(np.median(rounds))
+    result["photos_per_hour"] = count / result["seconds"] * 3600.0
+    result["stage_shares"] = stage_shares(result["stages"], rounds[-1])
+    kept = read_boxes(run.output)
+    result["answers"] = count_accuracy(kept, truth)
+    if name == "fast":
+        result["answers"]["species_accuracy"] = species_accuracy(kept, truth)
+    return result
+
+
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--photos", type=int, default=300, help="photos in the set (default: 300)")
+    parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
+    parser.add_argument("--cache", type=Path, default=REPO / "benchmarks" / ".cache" / "field_chain")
+    parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "field_chain.json")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=1, help="rounds over the configurations; the median counts")
+    parser.add_argument("--workers", type=int, default=2, help="birder-predict -j (default: 2)")
+    parser.add_argument("--small", action="store_true", help="short training of the trained pair (a smoke run)")
+    parser.add_argument("--photo-size", type=int, nargs=2, default=PHOTO_SIZE, metavar=("H", "W"))
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from benchmarks.inference import machine_description
+    from birder.inference.optimize import cpu_flags
+
+    args = _args(argv)
+    cache = args.cache.resolve()
+    cache.mkdir(parents=True, exist_ok=True)
+    machine = machine_description(torch.device("cpu"))
+    # The flags the chain's speed turns on, present or not (machine_description lists only those present)
+    flags = set(cpu_flags())
+    machine["chain_flags"] = {flag: flag in flags for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")}
+    started = time.perf_counter()
+    photos = cache / f"photos_{args.photos}_{args.seed}_{args.photo_size[0]}x{args.photo_size[1]}"
+    truth = make_field_set(photos, args.photos, seed=args.seed, size=tuple(args.photo_size))
+    generated = time.perf_counter() - started
+    training = SMALL_TRAINING if args.small else Training()
+    trained = trained_pair(cache, training, args.seed)
+    crops_val = Path(trained["classifier"]).parent / "crops" / "val"
+    common = {
+        "taxonomy": write_taxonomy(cache / "taxonomy.csv"),
+        "prior": build_prior(cache, Path(trained["classifier"]), args.seed),
+    }
+    card = card_pair(cache, Path(trained["classifier"]), crops_val) if {"card", "baseline"} & set(args.configs) else {}
+
+    runs_dir = cache / "runs"
+    plans = {
+        "baseline": lambda: ChainRun(
+            "baseline",
+            baseline_checkout(cache),
+            Path(card["classifier"]),
+            Path(card["detector"]),
+            runs_dir / "baseline",
+        ),
+        "card": lambda: ChainRun("card", REPO, Path(card["classifier"]), Path(card["detector"]), runs_dir / "card"),
+        "fast": lambda: ChainRun(
+            "fast", REPO, Path(trained["classifier"]), Path(trained["detector"]), runs_dir / "fast"
+        ),
+    }
+    count = len(truth["photos"])
+    configs: dict[str, Any] = {}
+    # Rounds interleave the configurations: load from other processes on a shared machine then slows each alike
+    for round_ in range(args.repeats):
+        for name in args.configs:
+            if "error" in configs.get(name, {}):
+                continue
+            run = plans[name]()
+            print(f"running {name} ({run.code}), round {round_ + 1} of {args.repeats} ...", flush=True)
+            result = run_chain(run, photos, common, args.workers)
+            earlier = configs.get(name, {}).get("rounds_seconds", [])
+            configs[name] = _summarise(name, result, run, truth, [*earlier, result["seconds"]])
+    (ratio, kept_answers) = (None, None)
+    if all(name in configs and "photos_per_hour" in configs[name] for name in ("card", "baseline")):
+        ratio = configs["card"]["photos_per_hour"] / configs["baseline"]["photos_per_hour"]
+        # The same weights through both codes: what the faster code changed in the boxes and species (a random head
+        # is more sensitive to its input than a trained one: an upper bound of the change)
+        kept_answers = compare_results(runs_dir / "baseline", runs_dir / "card")
+    empty = sum(item["count"] == 0 for item in truth["photos"].values()) / count
+    report = {
+        "machine": machine,
+        "photos": {
+            "count": count,
+            "size": f"{args.photo_size[1]}x{args.photo_size[0]}",
+            "empty_share": empty,
+            "jpeg_quality": JPEG_QUALITY,
+            "folder": str(photos),
+            "generated_seconds": generated,
+        },
+        "models": {
+            "fast": {
+                "classifier": f"vit_t16 {training.backbone} at {CLASSIFIER_SIZE} px (birder-train, calibrated)",
+                "detector": f"faster_rcnn vit_t16 at {DETECTOR_SCENE[1]}x{DETECTOR_SCENE[0]} (birder-train-det)",
+                "detector_map50_by_epoch": trained["detector_map50_by_epoch"],
+            },
+            "card": {
+                "classifier": f"{CARD_CLASSIFIER[0]} at {CARD_CLASSIFIER[1]} px, random-initialised",
+                "detector": f"faster_rcnn {CARD_DETECTOR[0]} at {CARD_DETECTOR[1][1]} px, random-initialised, "
+                f"{CARD_DETECTOR_HEAD}",
+            },
+        },
+        "baseline_commit": BASELINE_COMMIT,
+        "configs": configs,
+        "card_over_baseline": ratio,
+        "card_against_baseline_boxes": kept_answers,
+        "output": str(args.output),
+        "seconds": time.perf_counter() - started,
+    }
+    _write_json(args.output, report)
+    print_table(report)
+    return 0 if all("error" not in run for run in configs.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
