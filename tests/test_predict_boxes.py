@@ -23,9 +23,10 @@ from test_predict_cli import _interrupt_after
 
 from birder.errors import BirderError
 from birder.geo.validate import validate_camtrap_dp, validate_md_json
-from birder.runs.detect import check_options
+from birder.runs.detect import DetectionSteps, check_options
+from birder.runs.predict import run_steps
 from birder.runs.predict_options import DetectionOptions, PredictionOptions
-from birder.scripts.predict import main
+from birder.scripts.predict import build_parser, main, options_from_args
 
 MD_CATEGORIES = ("animal", "person", "vehicle")
 TOP_K = 3
@@ -281,7 +282,8 @@ def _speciesnet(world: dict[str, Any]) -> dict[str, Any]:
 def _coco(world: dict[str, Any]) -> dict[str, Any]:
     """The detector run's boxes as a COCO results file: pixel boxes (from results.csv), a score per box."""
     rows = _read_csv(world["detected"] / "results.csv")
-    sizes = {row["path"]: (int(row["width"]), int(row["height"])) for row in _read_csv(world["detected"] / "photos.csv")}
+    photos = _read_csv(world["detected"] / "photos.csv")
+    sizes = {row["path"]: (int(row["width"]), int(row["height"])) for row in photos}
     images = []
     annotations = []
     for number, (path, (width, height)) in enumerate(sizes.items()):
@@ -403,6 +405,16 @@ def test_bad_inputs_are_one_line(
     assert error.startswith("birder-predict: error: ") and error.count("\n") == 1, error
     assert fragment.format(**named) in error, error
     assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_the_options_land_in_the_detection_group() -> None:
+    argv = ["photos/", "--boxes", "md.json", "--boxes-root", "card/", "--det-threshold", "0.2", "--export", "md-json"]
+    options = options_from_args(build_parser().parse_args(argv))
+    assert options.detection == DetectionOptions(
+        boxes="md.json", boxes_root="card/", det_threshold=0.2, exports=("md-json",)
+    )
+    assert isinstance(run_steps(options), DetectionSteps)
+    assert "md.json" in [str(path) for path in options.input_files()]  # never an output
 
 
 def test_a_library_caller_gives_exactly_one_source() -> None:
