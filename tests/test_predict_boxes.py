@@ -435,3 +435,31 @@ def test_the_boxes_file_is_an_input_never_overwritten(world: dict[str, Any], tmp
     error = capsys.readouterr().err
     assert "is one of this command's inputs" in error and error.count("\n") == 1
     assert inside.read_bytes() == world["boxes_file"].read_bytes()
+
+
+def test_shards_of_a_manifest_merge_like_one_run(world: dict[str, Any], tmp_path: Path, capsys) -> None:
+    """A manifest's photos (the file's paths then start at the photos' common folder), in two jobs: each takes its
+    block's boxes from the file; merged, they are the one run's tables but for the file's unmatched paths, which
+    only a run that sees every photo can name."""
+    from birder.tools.cli import main as tools
+
+    manifest = tmp_path / "photos.txt"
+    names = sorted([*GOOD_PHOTOS, *BAD_PHOTOS])
+    manifest.write_text("".join(f"{world['photos'] / name}\n" for name in names))
+    args = ["--weights", str(world["classifier"]), "--manifest", str(manifest), "-j", "0", "--no-progress"]
+    args += ["--top-k", str(TOP_K), "--boxes", str(world["boxes_file"])]
+    for k in (1, 2):
+        assert main([*args, "--shard", f"{k}/2", "--output-dir", str(tmp_path / f"shard{k}")]) == 0
+    assert "match no photo" not in capsys.readouterr().err
+    assert main([*args, "--output-dir", str(tmp_path / "whole")]) == 0
+    assert "4 path(s) of the boxes file" in capsys.readouterr().err
+    assert tools(["merge-results", str(tmp_path / "shard1"), str(tmp_path / "shard2"), "-o", str(tmp_path / "m")]) == 0
+    for table in ("results", "photos", "failures"):
+        merged = _read_csv(tmp_path / "m" / f"{table}.csv")
+        whole = _read_csv(tmp_path / "whole" / f"{table}.csv")
+        if table == "failures":
+            whole = [row for row in whole if "no photo of this run" not in row["error"]]
+            assert len(whole) == len(BAD_PHOTOS) + 1
+        assert [(r["path"], r.get("box"), r.get("top1_class")) for r in merged] == [
+            (r["path"], r.get("box"), r.get("top1_class")) for r in whole
+        ], table
