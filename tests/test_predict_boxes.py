@@ -463,3 +463,20 @@ def test_shards_of_a_manifest_merge_like_one_run(world: dict[str, Any], tmp_path
         assert [(r["path"], r.get("box"), r.get("top1_class")) for r in merged] == [
             (r["path"], r.get("box"), r.get("top1_class")) for r in whole
         ], table
+
+
+def test_photos_without_a_box_above_the_threshold_may_get_the_whole_image_answer(
+    world: dict[str, Any], tmp_path: Path
+) -> None:
+    out = tmp_path / "whole"
+    args = ["--boxes", str(world["boxes_file"]), "--det-threshold", "0.95", "--fallback-whole-image"]
+    assert main(_args(world, out, *args)) == 0
+    rows = _read_csv(out / "results.csv")
+    listed = [name for name in GOOD_PHOTOS if name != NOT_LISTED]
+    for name in listed:
+        mine = [row for row in rows if row["path"] == str(world["photos"] / name)]
+        # Every detection of the file kept as a row (none counted, none classified), then the whole photo's answer
+        extra = len(EXTRA) if name == CROWDED else 0
+        assert [row["source"] for row in mine] == [""] * (BOXES_PER_PHOTO + extra) + ["whole-image"]
+        assert mine[-1]["top1_class"] in CLASSES and all(row["top1_class"] == "" for row in mine[:-1])
+    assert {row["detections"] for row in _read_csv(out / "photos.csv")} == {"0"}
