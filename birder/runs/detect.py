@@ -10,7 +10,8 @@ failures table); the steps here are those that differ (:class:`DetectionSteps`, 
   float32), or the boxes file a user already has (``--boxes``: :class:`~birder.runs.box_sources.FileBoxes`, whose
   people, vehicles and detections below the threshold pass through unclassified);
 - predict: each batch of photos is decoded once (:func:`~birder.io.images.load_image`), the detector finds boxes
-  in all of them in one pass (:func:`~birder.inference.detection.detect_tensors`), boxes scoring at least
+  in all of them in one pass (:func:`~birder.inference.detection.detect_tensors`; a boxes file instead gives each
+  photo's, and the photos it lists as failed or does not list are failures, never decoded), boxes scoring at least
   ``det_threshold`` are cropped with a margin (:func:`~birder.inference.crops.crop_box`) and every crop goes
   through the classifier's own preprocessing and batch loop (``classification_transform``,
   :meth:`~birder.inference.predictor.Predictor.predict_tensor`) and the decision order
