@@ -52,7 +52,6 @@ class SourceBox:
 class BoxSource(ABC):
     """Where a crop-then-classify run's boxes come from (see the module's docstring). An instance serves one run."""
 
-    option = ""  # the command-line option that chose it, for messages
     options: DetectionOptions  # the run's detection group: threshold, margin, fallback, files to write
 
     @abstractmethod
@@ -96,8 +95,6 @@ class FileBoxes(BoxSource):
     (a malformed file is refused before the run clears or claims anything), its paths resolved against
     ``--boxes-root`` or the inputs' folder, and read again once the photos are known when the root they give
     differs (photos of a manifest)."""
-
-    option = "--boxes"
 
     def __init__(self, options: DetectionOptions, inputs: Sequence[str | os.PathLike]) -> None:
         if options.boxes is None:

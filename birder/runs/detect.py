@@ -183,7 +183,6 @@ class DetectionStep(BoxSource):
     transform: Callable[[Image.Image], torch.Tensor]
     class_names: list[str]  # the detector's (its class_to_idx order)
     options: DetectionOptions
-    option = "--detector"
 
     def settings(self) -> dict[str, Any]:
         """What shapes the rows (a resume must match it)."""
