@@ -1,26 +1,31 @@
-"""Crop-then-classify: ``birder-predict --detector det.pt``, a row per detected box.
+"""Crop-then-classify: ``birder-predict --detector det.pt`` (or ``--boxes FILE``), a row per box.
 
 The run is :func:`birder.runs.predict.run_prediction`'s (plan, ``torchrun`` shards, journals, resume, merge,
 failures table); the steps here are those that differ (:class:`DetectionSteps`, a
 :class:`~birder.runs.steps.RunSteps`), and its options are the run's ``detection`` group
 (:class:`~birder.runs.predict_options.DetectionOptions`):
 
-- prepare: the classifier as for any run (``-n NAME`` or ``--weights FILE``), and the detector
-  (:func:`~birder.net.detection.checkpoint.load_detector`, run in float32);
+- prepare: the classifier as for any run (``-n NAME`` or ``--weights FILE``), and the run's box source
+  (:mod:`birder.runs.box_sources`): the detector (:func:`~birder.net.detection.checkpoint.load_detector`, run in
+  float32), or the boxes file a user already has (``--boxes``: :class:`~birder.runs.box_sources.FileBoxes`, whose
+  people, vehicles and detections below the threshold pass through unclassified);
 - predict: each batch of photos is decoded once (:func:`~birder.io.images.load_image`), the detector finds boxes
-  in all of them in one pass (:func:`~birder.inference.detection.detect_tensors`), boxes scoring at least
+  in all of them in one pass (:func:`~birder.inference.detection.detect_tensors`; a boxes file instead gives each
+  photo's, and the photos it lists as failed or does not list are failures, never decoded), boxes scoring at least
   ``det_threshold`` are cropped with a margin (:func:`~birder.inference.crops.crop_box`) and every crop goes
   through the classifier's own preprocessing and batch loop (``classification_transform``,
   :meth:`~birder.inference.predictor.Predictor.predict_tensor`) and the decision order
   (:func:`birder.runs.steps.classified_rows`: species list, prior, top-k, ``label`` / ``rank`` /
   ``label_probability``);
-- after the merge: the MegaDetector batch output (``--export md-json``), from the final tables.
+- after the merge: the MegaDetector batch output (``--export md-json``), from the final tables (with
+  ``--boxes``: the file itself written back with the species of its detections).
 
 Tables (:class:`DetectionTables`):
 
 - ``results``: a row per box: ``path``, ``box`` (its index in the photo, best score first), ``detections`` (the
   photo's number of boxes), ``x1 y1 x2 y2`` (the box in the photo's pixels, EXIF orientation applied),
-  ``det_class``, ``det_score``, ``source`` (``detection``), then the columns of a classification run: prediction,
+  ``det_class``, ``det_score``, ``source`` (``detection``; a boxes file's box that is not classified: ``passed``
+  at or above the threshold, empty below), then the columns of a classification run: prediction,
   top-k, EXIF date and position, the answer. A photo without a box keeps one row with ``detections`` 0 and empty
   species columns, or with ``fallback_whole_image`` the whole photo's answer, ``source`` ``whole-image``.
 - ``photos``: ``path``, ``width``, ``height``, ``detections``: a photo is done once its row is on disk (written
@@ -33,7 +38,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,7 +62,8 @@ from birder.inference.detection import detect_tensors
 from birder.inference.tables import PredictionTables, photo_file_stem
 from birder.inference.taxonomy import Taxonomy
 from birder.io.journal import final_path
-from birder.io.table_files import PATH_COLUMN, Column, Row, TableSpec, read_table_rows
+from birder.io.table_files import PATH_COLUMN, Column, Row, TableSpec, read_table_rows, write_table
+from birder.runs.box_sources import SOURCE_PASSED, BoxSource, FileBoxes, SourceBox
 from birder.runs.predict_options import DetectionOptions, PredictionOptions
 from birder.runs.steps import (
     PredictionJob,
@@ -89,8 +95,21 @@ _BOX_COLOURS = ((255, 64, 64), (64, 160, 255), (255, 200, 0), (64, 220, 120), (2
 
 def check_options(options: PredictionOptions, detection: DetectionOptions) -> None:
     """Refuse, in one line and before anything loads, what a crop-then-classify run cannot do."""
-    if not Path(detection.detector).is_file():
+    if (detection.detector is None) == (detection.boxes is None):
+        given = "both" if detection.detector is not None else "neither"
+        raise BirderError(
+            "crop-then-classify takes its boxes from --detector FILE (a birder-train-det file) or --boxes FILE (a "
+            f"MegaDetector, SpeciesNet or COCO file), exactly one of the two ({given} given)"
+        )
+    if detection.boxes_root is not None and detection.boxes is None:
+        raise BirderError("--boxes-root is where the paths of a --boxes file start: it needs --boxes FILE")
+    if detection.detector is not None and not Path(detection.detector).is_file():
         raise BirderError(f"--detector '{detection.detector}' does not exist (a birder-train-det .pt file expected)")
+    if detection.boxes is not None and not Path(detection.boxes).is_file():
+        raise BirderError(
+            f"--boxes '{detection.boxes}' does not exist (a MegaDetector batch output, SpeciesNet predictions or "
+            "COCO JSON file expected)"
+        )
     if not 0.0 <= detection.det_threshold <= 1.0:
         raise BirderError(f"--det-threshold must be between 0 and 1, got {detection.det_threshold}")
     if not detection.crop_margin >= 0.0:
@@ -106,9 +125,10 @@ def check_options(options: PredictionOptions, detection: DetectionOptions) -> No
         "--plot": bool(output.plot),
         "--show": output.show,
     }
+    source = "--detector" if detection.detector is not None else "--boxes"
     for option, given in per_photo.items():
         if given:
-            raise BirderError(f"{option} is not available with --detector: it is per photo, rows are per box here")
+            raise BirderError(f"{option} is not available with {source}: it is per photo, rows are per box here")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -134,8 +154,12 @@ class DetectionTables(PredictionTables):
 
     def empty_row(self, path: str, metadata: Sequence[Any]) -> Row:
         """The row of a photo without a box: ``detections`` 0, the species columns empty, EXIF as for the rest."""
-        values: list[Any] = [path, None, 0, *([None] * (len(BOX_COLUMNS) - 2)), None, *([None] * 2 * self.top_k)]
-        values += metadata
+        return self.box_row(path, [None, 0, *([None] * (len(BOX_COLUMNS) - 2))], metadata)
+
+    def box_row(self, path: str, lead: Sequence[Any], metadata: Sequence[Any]) -> Row:
+        """The row of a box that is not classified (``lead``: its :data:`BOX_COLUMNS` cells): the species columns
+        empty, EXIF as for the rest."""
+        values: list[Any] = [path, *lead, None, *([None] * 2 * self.top_k), *metadata]
         return self.results.format_row(values + [None] * (len(self.results.columns) - len(values)))
 
     def caption(self, row: Row) -> str:
@@ -152,8 +176,8 @@ class DetectionTables(PredictionTables):
 
 
 @dataclass
-class DetectionStep:
-    """The detector of a run and what it does with the boxes."""
+class DetectionStep(BoxSource):
+    """The detector of a run and what it does with the boxes: the box source of ``--detector``."""
 
     net: torch.nn.Module
     transform: Callable[[Image.Image], torch.Tensor]
@@ -163,12 +187,39 @@ class DetectionStep:
     def settings(self) -> dict[str, Any]:
         """What shapes the rows (a resume must match it)."""
         options = self.options
+        assert options.detector is not None
         return {
             "detector": os.path.abspath(options.detector),
             "det_threshold": options.det_threshold,
             "crop_margin": options.crop_margin,
             "fallback_whole_image": options.fallback_whole_image,
         }
+
+    def input_transform(self) -> Callable[[Image.Image], tuple[Image.Image, torch.Tensor]]:
+        return PhotoAndDetectorInput(self.transform)
+
+    def boxes(
+        self, photos: Sequence[Image.Image], inputs: Sequence[Any], paths: Sequence[str]
+    ) -> list[list[SourceBox]]:
+        """The boxes the detector finds in a batch of decoded photos (``inputs``: its tensors), best first."""
+        try:
+            found = detect_tensors(
+                self.net,
+                list(inputs),
+                [(photo.height, photo.width) for photo in photos],
+                score_threshold=self.options.det_threshold,
+            )
+        except Exception as exc:
+            raise P.model_failure(paths[0], exc, "the detector") from exc
+        return [
+            [
+                SourceBox(number, (box[0], box[1], box[2], box[3]), self.class_names[label], score)
+                for (number, (box, score, label)) in enumerate(
+                    zip(detections.boxes.tolist(), detections.scores.tolist(), detections.labels.tolist(), strict=True)
+                )
+            ]
+            for detections in found
+        ]
 
 
 def load_detection_step(options: DetectionOptions, device: torch.device) -> DetectionStep:
@@ -183,49 +234,77 @@ def load_detection_step(options: DetectionOptions, device: torch.device) -> Dete
 
 
 class DetectionSteps(RunSteps):
-    """Crop-then-classify, a kind of run (see the module's docstring): a row per detected box. It serves one run:
-    :meth:`prepare` loads the detector, which the other steps use."""
+    """Crop-then-classify, a kind of run (see the module's docstring): a row per box. It serves one run: the box
+    source (the detector, loaded by :meth:`prepare`, or the boxes file, read by :meth:`check`) is kept for the
+    other steps."""
 
     tables_class = DetectionTables
 
     def __init__(self, options: DetectionOptions) -> None:
         self.options = options
-        self._step: DetectionStep | None = None
+        self._source: BoxSource | None = None
+
+    @property
+    def source(self) -> BoxSource:
+        """Where the run's boxes come from (once :meth:`prepare` has loaded it)."""
+        if self._source is None:
+            raise RuntimeError("the box source is loaded by DetectionSteps.prepare, which has not run")
+        return self._source
 
     @property
     def step(self) -> DetectionStep:
-        """The run's detector (once :meth:`prepare` has loaded it)."""
-        if self._step is None:
-            raise RuntimeError("the detector is loaded by DetectionSteps.prepare, which has not run")
-        return self._step
+        """The run's detector (once :meth:`prepare` has loaded it; a run with --boxes has none)."""
+        if not isinstance(self.source, DetectionStep):
+            raise RuntimeError("this crop-then-classify run takes its boxes from a file: it has no detector")
+        return self.source
 
     def check(self, options: PredictionOptions) -> None:
         check_options(options, self.options)
+        if self.options.boxes is not None:
+            # Read now: a malformed file is one line before the model loads and before any output is touched
+            self._source = FileBoxes(self.options, options.inputs)
 
     def prepare(self, options: PredictionOptions, context: DistInfo) -> PredictionJob:
         job = super().prepare(options, context)
         if job.geo is not None:
             # Events and exports of boxes: an event's species and counts come from its boxes (birder.geo.box_events)
             job.geo = dataclasses.replace(job.geo, per_box=True)
-        self._step = load_detection_step(self.options, context.device)
-        job.settings.update(self._step.settings())
+        if self.options.detector is not None:
+            self._source = load_detection_step(self.options, context.device)
+        elif self._source is None:  # a library caller who skipped check()
+            self._source = FileBoxes(self.options, options.inputs)
+        job.settings.update(self.source.settings())
         return job
 
     def predict(self, job: PredictionJob, context: DistInfo, plan: RunPlan, mine: list[int]) -> float:
-        """Detect, crop and classify this rank's photos into its journals; returns the seconds it took."""
+        """Find (or look up), crop and classify this rank's photos' boxes into its journals; returns the seconds."""
+        source = self.source
+        source.start(plan.paths, report=context.is_main, whole_list=job.options.shard is None)
+        # Photos the source has no boxes for (a file's failed or missing ones) are failures, never decoded
+        skipped = {index: reason for index in mine if (reason := source.failure(plan.paths[index])) is not None}
         predictor = make_predictor(job)
-        transform = PhotoAndDetectorInput(self.step.transform)
-        loader = predictor.loader(plan.paths, mine, transform=transform, stack=False)
-        batches = (_batch_rows(job, self.step, predictor, batch, plan.paths) for batch in loader)
+        loaded = [index for index in mine if index not in skipped]
+        loader = predictor.loader(plan.paths, loaded, transform=source.input_transform(), stack=False)
+        batches = _with_skipped(
+            job, loader, skipped, plan.paths, lambda batch: _batch_rows(job, source, predictor, batch, plan.paths)
+        )
         return journal_batches(job, context, plan, len(mine), batches, "Detecting")
 
     def tally(self, job: PredictionJob) -> Tally:
-        return DetectionTally(job)
+        return DetectionTally(job, self.options)
 
     def after(self, job: PredictionJob, plan: RunPlan) -> None:
-        """(rank 0, after the merge) ``--export md-json``."""
+        """(rank 0, after the merge) The failure rows of a boxes file's paths that match no photo;
+        ``--export md-json``."""
+        source = self.source
+        unmatched = source.unmatched_failures()
+        if unmatched:
+            add_failure_rows(job, unmatched)
         if "md-json" in self.options.exports:
-            path = write_md_results(job, plan, self.step)
+            if isinstance(source, FileBoxes):
+                path = write_md_boxes(job, source)
+            else:
+                path = write_md_results(job, plan, self.step)
             print(f"  {'export':<13} {path}")
 
 
@@ -256,7 +335,7 @@ class _Image:
     """One image for the classifier: a box's crop or a whole photo, and its row's lead cells."""
 
     photo: int  # its photo's place in the batch
-    image: Image.Image
+    image: Image.Image | None  # None: a box that passes through unclassified (its row has the lead cells only)
     lead: list[Any]
 
 
@@ -267,8 +346,16 @@ def _photos_and_tensors(batch: PhotoBatch) -> list[tuple[Image.Image, torch.Tens
     return batch.inputs
 
 
+def _box_source_cell(box: SourceBox) -> str | None:
+    """A box row's ``source``: classified; passed through and counted (a file's person or vehicle); or neither
+    (a file's detection below the threshold, kept for reference)."""
+    if box.classify:
+        return SOURCE_DETECTION
+    return SOURCE_PASSED if box.counted else None
+
+
 def _batch_rows(
-    job: PredictionJob, step: DetectionStep, predictor: P.Predictor, batch: PhotoBatch, paths: list[str]
+    job: PredictionJob, source: BoxSource, predictor: P.Predictor, batch: PhotoBatch, paths: list[str]
 ) -> tuple[dict[str, list[Row]], int]:
     """``(rows by table, photos)`` of one batch of photos."""
     if batch.run_error is not None:
@@ -281,45 +368,65 @@ def _batch_rows(
 
     inputs = _photos_and_tensors(batch)
     photos = [photo for (photo, _) in inputs]
-    try:
-        found = detect_tensors(
-            step.net,
-            [tensor for (_, tensor) in inputs],
-            [(photo.height, photo.width) for photo in photos],
-            score_threshold=step.options.det_threshold,
-        )
-    except Exception as exc:
-        raise P.model_failure(paths[batch.indices[0]], exc, "the detector") from exc
+    batch_paths = [paths[i] for i in batch.indices]
+    found = source.boxes(photos, [extra for (_, extra) in inputs], batch_paths)
 
-    # Each photo's images for the classifier: its boxes' crops, best first (or the whole photo, or none)
+    # Each photo's images for the classifier: its boxes' crops in the source's order (or the whole photo, or
+    # none), with the boxes that pass through unclassified in their places
+    options = source.options
     per_photo: list[list[_Image]] = []
-    for place, (photo, detections) in enumerate(zip(photos, found, strict=True)):
-        boxes = detections.boxes.tolist()
+    for place, (photo, boxes) in enumerate(zip(photos, found, strict=True)):
         mine = [
             _Image(
                 place,
-                crop_box(photo, box, step.options.crop_margin),
-                [number, len(boxes), *box, step.class_names[label], score, SOURCE_DETECTION],
+                crop_box(photo, box.corners, options.crop_margin) if box.classify else None,
+                [box.number, len(boxes), *box.corners, box.category, box.score, _box_source_cell(box)],
             )
-            for (number, (box, score, label)) in enumerate(
-                zip(boxes, detections.scores.tolist(), detections.labels.tolist(), strict=True)
-            )
+            for box in boxes
         ]
-        if not mine and step.options.fallback_whole_image:
+        if not any(box.counted for box in boxes) and options.fallback_whole_image:
             mine.append(_Image(place, photo, [None, 0, None, None, None, None, None, None, SOURCE_WHOLE_IMAGE]))
         per_photo.append(mine)
 
-    images = [image for mine in per_photo for image in mine]
-    classified = _classify(job, predictor, images, [paths[i] for i in batch.indices], batch.metadata)
+    images = [image for mine in per_photo for image in mine if image.image is not None]
+    classified = _classify(job, predictor, images, batch_paths, batch.metadata)
     (results, photo_rows) = ([], [])
     for index, photo, metadata, mine in zip(batch.indices, photos, batch.metadata, per_photo, strict=True):
-        boxes = [next(classified) for _ in mine] if mine else [tables.empty_row(paths[index], metadata)]
-        results += boxes
-        detections = sum(image.lead[-1] == SOURCE_DETECTION for image in mine)
+        boxes = [
+            next(classified) if image.image is not None else tables.box_row(paths[index], image.lead, metadata)
+            for image in mine
+        ]
+        results += boxes or [tables.empty_row(paths[index], metadata)]
+        detections = sum(image.lead[-1] in (SOURCE_DETECTION, SOURCE_PASSED) for image in mine)
         photo_rows.append(tables.photos.format_row([paths[index], photo.width, photo.height, detections]))
-        _write_files(step.options, tables, paths[index], photo, mine, boxes)
+        _write_files(options, tables, paths[index], photo, mine, boxes)
     rows.update({"results": results, "photos": photo_rows})
     return (rows, count)
+
+
+def _with_skipped(
+    job: PredictionJob,
+    loader: Iterable[PhotoBatch],
+    skipped: Mapping[int, str],
+    paths: list[str],
+    batch_rows: Callable[[PhotoBatch], tuple[dict[str, list[Row]], int]],
+) -> Iterator[tuple[dict[str, list[Row]], int]]:
+    """``batch_rows`` of each batch the loader gives, with the failure rows of the ``skipped`` photos (index ->
+    reason: never decoded) in their places: a journal's rows follow the photos' order."""
+    tables = detection_tables(job)
+    pending = sorted(skipped)
+    for batch in loader:
+        (rows, count) = batch_rows(batch)
+        last = max([*batch.indices, *(index for (index, _) in batch.failures)], default=-1)
+        before = [index for index in pending if index < last]
+        if before:
+            pending = pending[len(before) :]
+            failures = sorted([*batch.failures, *((index, skipped[index]) for index in before)])
+            rows.update(tables.failure_rows((paths[index], reason) for (index, reason) in failures))
+            count += len(before)
+        yield (rows, count)
+    if pending:
+        yield (tables.failure_rows((paths[index], skipped[index]) for index in pending), len(pending))
 
 
 def _classify(
@@ -353,12 +460,13 @@ def _write_files(
 ) -> None:
     """``--save-crops DIR`` (each box's crop) and ``--draw DIR`` (the photo with its labelled boxes)."""
     boxes = [(image, row) for (image, row) in zip(images, rows, strict=False) if image.lead[-1] == SOURCE_DETECTION]
+    crops = [(image.image, image.lead) for (image, _) in boxes if image.image is not None]
     stem = photo_file_stem(path)
     if options.save_crops is not None:
         folder = Path(options.save_crops)
         folder.mkdir(parents=True, exist_ok=True)
-        for image, _ in boxes:
-            image.image.save(folder / f"{stem}_box{image.lead[0]}.jpg", quality=95)
+        for crop, lead in crops:
+            crop.save(folder / f"{stem}_box{lead[0]}.jpg", quality=95)
     if options.draw is not None:
         folder = Path(options.draw)
         folder.mkdir(parents=True, exist_ok=True)
@@ -393,11 +501,12 @@ def draw_boxes(photo: Image.Image, boxes: Sequence[tuple[Sequence[float], str]])
 class DetectionTally(Tally):
     """A crop-then-classify run's summary: boxes and photos; the species counted per box."""
 
-    def __init__(self, job: PredictionJob) -> None:
+    def __init__(self, job: PredictionJob, options: DetectionOptions | None = None) -> None:
         super().__init__(job)
         self.tables = detection_tables(job)
         self.summary.noun = "boxes"
-        (self.photos, self.empty, self.boxes, self.whole) = (0, 0, 0, 0)
+        self.from_file = options is not None and options.boxes is not None
+        (self.photos, self.empty, self.boxes, self.whole, self.passed) = (0, 0, 0, 0, 0)
 
     def callbacks(self) -> dict[str, Callable[[Row], None]]:
         return {**super().callbacks(), "results": self.on_result, "photos": self.on_photo}
@@ -408,8 +517,9 @@ class DetectionTally(Tally):
 
     def on_result(self, row: Row) -> None:
         source = row[self.tables.columns["source"]]
-        if not source:
-            return
+        self.passed += source == SOURCE_PASSED
+        if source not in (SOURCE_DETECTION, SOURCE_WHOLE_IMAGE):
+            return  # no box, or one that passed through unclassified
         (path, prediction, top) = self.tables.parse_result(row)
         self.summary.add(path, prediction, [name for (name, _) in top])
         self.boxes += source == SOURCE_DETECTION
@@ -417,14 +527,22 @@ class DetectionTally(Tally):
 
     def as_dict(self) -> dict[str, Any]:
         counts = {"photos": self.photos, "boxes": self.boxes, "photos_without_detections": self.empty}
-        return {**self.summary.as_dict(), **counts, "whole_image_answers": self.whole}
+        passed = {"boxes_passed_through": self.passed} if self.from_file else {}
+        return {**self.summary.as_dict(), **counts, "whole_image_answers": self.whole, **passed}
 
     def format(self) -> str:
         whole = f", {self.whole} answered as whole images" if self.whole else ""
-        header = (
-            f"Detected {self.boxes} boxes in {self.photos} photos ({self.empty} without any{whole}), "
-            f"{self.summary.failures} could not be read."
-        )
+        if self.from_file:
+            header = (
+                f"Classified {self.boxes} boxes of the boxes file in {self.photos} photos ({self.empty} without "
+                f"any{whole}; {self.passed} people and vehicles passed through), {self.summary.failures} not "
+                "classified (unreadable, or failed or missing in the boxes file)."
+            )
+        else:
+            header = (
+                f"Detected {self.boxes} boxes in {self.photos} photos ({self.empty} without any{whole}), "
+                f"{self.summary.failures} could not be read."
+            )
         return self.summary.format(header=header)
 
 
@@ -496,3 +614,41 @@ def write_md_results(job: PredictionJob, plan: RunPlan, step: DetectionStep) -> 
         ),
     )
     return write_md_json(folder / MD_JSON_FILE, output)
+
+
+def add_failure_rows(job: PredictionJob, failures: Sequence[tuple[str, str]]) -> None:
+    """(rank 0, after the merge) Add ``(path, reason)`` rows that are no photo of the run (a boxes file's paths
+    matching none) to the final failures table. The merge of a resumed run drops them (they are no input of it)
+    before they are added again: never twice."""
+    (options, tables) = (job.options, detection_tables(job))
+    path = final_path(Path(options.output.output_dir), tables.failures, options.output.table_format)
+    rows = list(read_table_rows(path, tables.failures)) if path.is_file() else []
+    write_table(path, tables.failures, [*rows, *tables.failure_rows(failures)["failures"]])
+
+
+def write_md_boxes(job: PredictionJob, source: FileBoxes) -> Path:
+    """``--export md-json`` of a run with ``--boxes``: the boxes file written back as a MegaDetector batch output
+    with each classified detection's top-k species as ``classifications`` (and with ``--taxonomy`` the species'
+    ranks as ``classification_category_descriptions``), every other field as the file has it."""
+    (options, tables) = (job.options, detection_tables(job))
+    folder = Path(options.output.output_dir)
+    columns = tables.columns
+    classified: dict[str, dict[int, list[tuple[str, float]]]] = defaultdict(dict)
+    for row in read_table_rows(final_path(folder, tables.results, options.output.table_format), tables.results):
+        if row[columns["source"]] == SOURCE_DETECTION:
+            top = [pair for pair in tables.parse_result(row)[2] if pair[0]]
+            classified[row[0]][int(row[columns["box"]])] = top
+    taxonomy = options.decision.taxonomy
+    lineage = Taxonomy.from_csv(taxonomy).lineage if taxonomy else None
+    model = options.model
+    return source.write_md(
+        folder / MD_JSON_FILE,
+        classified,
+        class_names=tables.class_names,
+        descriptions=(
+            {name: md_taxonomy_description(name, lineage.get(name)) for name in tables.class_names}
+            if lineage is not None
+            else None
+        ),
+        classifier=model.name or (Path(model.weights).name if model.weights is not None else None),
+    )

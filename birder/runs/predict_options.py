@@ -7,7 +7,8 @@ Each group is what one part of the run reads, with ``birder-predict``'s argument
   every command shares, with predict's own: ``quantize``, ``compile``, ``chunk_size``);
 - :class:`OutputOptions`: the tables, the pictures, resuming and overwriting;
 - :class:`~birder.inference.decision.DecisionOptions`: how the answer is decided (``label``, ``rank``, ...);
-- :class:`DetectionOptions`: crop-then-classify (:mod:`birder.runs.detect`), None for a run without a detector;
+- :class:`DetectionOptions`: crop-then-classify (:mod:`birder.runs.detect`), the boxes from a ``detector`` or a
+  ``boxes`` file; None for a run of whole photos;
 - :class:`~birder.geo.predict.GeoOptions`: the location-and-season prior, events, camera-trap exports.
 
 ``birder-predict`` builds them from its arguments (:func:`birder.scripts.predict.options_from_args`); a library
@@ -85,11 +86,16 @@ class OutputOptions:
 
 @dataclass(frozen=True)
 class DetectionOptions:
-    """Crop-then-classify (:mod:`birder.runs.detect`): each box the ``detector`` finds is classified, a row per
-    box. A run without a detector has no such group (``PredictionOptions.detection`` is None)."""
+    """Crop-then-classify (:mod:`birder.runs.detect`): each box the ``detector`` finds, or each animal box of a
+    ``boxes`` file (exactly one of the two), is classified, a row per box. A run of whole photos has no such group
+    (``PredictionOptions.detection`` is None)."""
 
-    detector: str | os.PathLike  # a birder-train-det file
-    det_threshold: float = 0.5  # boxes scoring below it are dropped
+    detector: str | os.PathLike | None = None  # a birder-train-det file
+    # Or the boxes a user already has (birder.io.box_files: MegaDetector batch output, SpeciesNet, COCO), their
+    # relative paths resolved against boxes_root (None: birder.io.box_files.boxes_root decides)
+    boxes: str | os.PathLike | None = None
+    boxes_root: str | os.PathLike | None = None
+    det_threshold: float = 0.5  # boxes scoring below it are dropped (a file's: kept as rows, not classified)
     crop_margin: float = 0.1  # each crop grows by this fraction of its box's width and height on each side
     fallback_whole_image: bool = False  # a photo without boxes gets the whole photo's answer (source whole-image)
     save_crops: str | os.PathLike | None = None  # a folder: each crop as a JPEG
@@ -114,6 +120,7 @@ class PredictionOptions:
 
     def input_files(self) -> list[str | os.PathLike]:
         """The files a run reads besides the photos: no output may be one of them."""
-        detector = self.detection.detector if self.detection is not None else None
-        named = (self.model.weights, detector, self.manifest, self.output.species, self.decision.taxonomy)
+        detection = self.detection if self.detection is not None else DetectionOptions()
+        (detector, boxes) = (detection.detector, detection.boxes)
+        named = (self.model.weights, detector, boxes, self.manifest, self.output.species, self.decision.taxonomy)
         return [path for path in (*named, self.geo.prior, self.geo.locations) if path is not None]

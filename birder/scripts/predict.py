@@ -6,6 +6,7 @@ Examples::
     birder-predict --weights vit_l16_mim-eu-common.pt --network vit_l16 photos/ --save-embeddings
     torchrun --nproc_per_node 4 -m birder.scripts.predict -n vit_l16_mim-eu-common /data/photos --resume
     birder-predict -n vit_l16_mim-eu-common --detector det.pt photos/ --draw boxes/ --export md-json
+    birder-predict -n vit_l16_mim-eu-common --boxes md_output.json photos/ --export md-json  # MegaDetector's boxes
     birder-predict -n vit_l16_mim-eu-common --manifest photos.txt --shard 2/8 --output-dir out/2  # job 2 of 8
     python -m birder.tools merge-results out/* -o merged                                          # once all are done
 
@@ -126,6 +127,19 @@ def build_parser() -> argparse.ArgumentParser:
     det = parser.add_argument_group("crop-then-classify (a row per detected box)")
     det.add_argument("--detector", metavar="FILE", help="a detector file (birder-train-det): classify each box found")
     det.add_argument(
+        "--boxes",
+        metavar="FILE",
+        help="instead of --detector, the boxes you already have: a MegaDetector batch output (MegaDetector, "
+        "AddaxAI, SpeciesNet's ensemble), SpeciesNet predictions or a COCO (Camera Traps) file with boxes; its "
+        "animals are classified, people and vehicles pass through",
+    )
+    det.add_argument(
+        "--boxes-root",
+        metavar="DIR",
+        help="the folder the --boxes file's relative paths start from (default: the one INPUT folder, else the "
+        "photos' common folder)",
+    )
+    det.add_argument(
         "--det-threshold", type=fraction, default=0.5, metavar="S", help="boxes scoring at least S (default: 0.5)"
     )
     det.add_argument(
@@ -144,7 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     det.add_argument("--draw", metavar="DIR", help="write each photo with its labelled boxes into DIR")
 
     add_decision_arguments(parser)
-    add_geo_arguments(parser, extra_exports=[("md-json", "MegaDetector batch output (with --detector)")])
+    add_geo_arguments(
+        parser, extra_exports=[("md-json", "MegaDetector batch output (with --detector, or --boxes written back)")]
+    )
     return parser
 
 
@@ -170,21 +186,30 @@ def options_from_args(args: argparse.Namespace) -> PredictionOptions:
 
 
 def _detection_options(args: argparse.Namespace) -> DetectionOptions | None:
-    """The crop-then-classify group: None without ``--detector``, whose options are then refused in one line."""
+    """The crop-then-classify group: None without ``--detector`` or ``--boxes`` (exactly one of the two), whose
+    options are then refused in one line."""
     exports = tuple(name for name in args.exports if name in DETECTION_EXPORTS)
-    if args.detector is None:
+    if args.detector is not None and args.boxes is not None:
+        raise BirderError(
+            "--detector finds the boxes and --boxes reads them from a file: give one of the two, not both"
+        )
+    if args.detector is None and args.boxes is None:
         needs_detector = {
             f"--export {exports[0] if exports else ''}": bool(exports),
             "--fallback-whole-image": args.fallback_whole_image,
             "--save-crops": args.save_crops is not None,
             "--draw": args.draw is not None,
+            "--boxes-root": args.boxes_root is not None,
         }
         for option, given in needs_detector.items():
             if given:
                 raise BirderError(
-                    f"{option} is about detected boxes: it needs --detector FILE (a birder-train-det file)"
+                    f"{option} is about detected boxes: it needs --detector FILE (a birder-train-det file) or "
+                    "--boxes FILE (a MegaDetector, SpeciesNet or COCO file)"
                 )
         return None
+    if args.boxes_root is not None and args.boxes is None:
+        raise BirderError("--boxes-root is where the paths of a --boxes file start: it needs --boxes FILE")
     return options_group(DetectionOptions, args, exports=exports)
 
 
