@@ -25,9 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from birder.errors import BirderError
+from birder.geo.box_events import box_observation
 from birder.geo.results import (
     EVENTS_TABLE,
     RESULTS_TABLE,
+    SOURCE_PASSED,
     answer_of,
     find_table,
     photo_folder,
@@ -350,12 +352,16 @@ def _box_units(rows: list[dict[str, str]], resolve: Any, sizes: dict[str, tuple[
         boxes = []
         whole: Answer | None = None
         for row in photo_rows:
-            if row.get("source") == "whole-image":
+            source = row.get("source")
+            if source == "whole-image":
                 whole = row_answer(row)
-            elif (_number(row.get("detections")) or 0) > 0 and row.get("box", "") != "":
+            elif source and (_number(row.get("detections")) or 0) > 0 and row.get("box", "") != "":
                 (x1, y1, x2, y2) = (_number(row.get(name)) or 0.0 for name in ("x1", "y1", "x2", "y2"))
                 score = _number(row.get("det_score")) or 0.0
-                boxes.append(Box(0, int(float(row["box"])), (x1, y1, x2, y2), score, row_answer(row)))
+                # A person or a vehicle of a --boxes file was never classified: it is what the file says it is
+                answer = Answer(box_observation(row)[0]) if source == SOURCE_PASSED else row_answer(row)
+                boxes.append(Box(0, int(float(row["box"])), (x1, y1, x2, y2), score, answer))
+            # (a box of the file below --det-threshold has no source: not one of the run's boxes)
         boxes.sort(key=lambda box: box.index)
         if whole is not None:
             answer = whole
