@@ -282,6 +282,7 @@ def run_dataset(name: str, seed: int, workdir: Path, epochs: int, tiny: bool) ->
                 "settings": result.candidate.settings,
                 "fold_auroc_mean": None if result.skipped else result.mean,
                 "fold_auroc_sd": None if result.skipped else result.sd,
+                "fold_auroc_by_view": {view: float(np.mean(v)) for (view, v) in result.view_auroc.items()},
                 "skipped": result.skipped,
                 "true_auroc": true,
             }

@@ -456,7 +456,7 @@ def _view_scores(
     classes = np.unique(targets)
     head = fit_linear_head(embeddings, targets, classes, device=device)
     temperature = _fold_temperature(head(query_sets[0][known]), np.searchsorted(classes, val_targets[known]))
-    for (queries, scores) in zip(query_sets, found, strict=True):
+    for queries, scores in zip(query_sets, found, strict=True):
         logits = head(queries)
         scores[Candidate("msp")] = _msp(logits, temperature)
         scores[Candidate("energy")] = _energy(logits)
@@ -464,7 +464,7 @@ def _view_scores(
     grid = [candidate.neighbours for candidate in listed if candidate.method == "knn"]
     if grid:
         bank = knn_bank(embeddings, targets, bank_per_class)
-        for (queries, scores) in zip(query_sets, found, strict=True):
+        for queries, scores in zip(query_sets, found, strict=True):
             similarities = nearest_similarities(bank, normalise(queries), max(grid))
             for k in grid:
                 scores[Candidate("knn", neighbours=k)] = 1.0 - similarities[:, min(k, similarities.shape[1]) - 1]
@@ -475,7 +475,7 @@ def _view_scores(
         if estimator == "none":
             _skip_ill_conditioned(statistics, f"fold {number}", listed, skipped)
         for method in MAHALANOBIS_METHODS:
-            for (queries, scores) in zip(query_sets, found, strict=True):
+            for queries, scores in zip(query_sets, found, strict=True):
                 scores[Candidate(method, shrinkage=estimator)] = statistics.score(method, queries)
     return found
 
