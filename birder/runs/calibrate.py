@@ -150,7 +150,9 @@ def calibrate_model_file(options: CalibrateOptions) -> CalibrationReport:
             neighbours=choice.neighbours if choice is not None else DEFAULT_NEIGHBOURS,
             bank_per_class=options.bank_per_class,
         )
-        ensemble = choice.ensemble if choice is not None else None
+        # The ensemble the folds found is kept (for birder-eval and --unknown-method ensemble) unless the user forced
+        # a single method
+        ensemble = choice.ensemble if choice is not None and forced in (None, "ensemble") else None
         if ensemble is not None:
             known = np.asarray(val.targets) >= 0
             members = [(member.method, member.neighbours) for member in ensemble.members]
