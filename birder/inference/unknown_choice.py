@@ -44,6 +44,14 @@ What makes a fold fair to each candidate:
   No view is right for every method (each one alone chose worse than the three together on those data sets); the
   fold's figure of a candidate is the mean of its three AUROCs. ``benchmarks/unknown_choice.py`` measures how far
   the chosen candidate falls from the best one on true unknowns, on three differently generated data sets.
+
+When the folds cannot tell the best candidates apart, betting on one of them is a guess: the ``ensemble``
+(:func:`ensemble_members`) averages the best settings of each method whose mean fold AUROC falls short of the best
+one's by at most one standard error of that shortfall over the same folds, each score z-normalised on the fold's
+known photos (as prediction normalises on the known validation photos, :func:`birder.inference.unknown.fit_ensemble`).
+It is one more candidate, scored on the same folds and views, listed last so that it is chosen only when its mean
+is above every single candidate's. Its Mahalanobis members use the shrinkage the class statistics will be fitted
+with, so the sidecar can score it with one covariance. With training photos only (it needs the sidecar).
 """
 
 from __future__ import annotations
