@@ -15,6 +15,7 @@ from test_unknown_choice import NAMES_12, _world
 
 import birder
 from benchmarks.synthetic import make_class_folder
+from birder.errors import BirderError
 from birder.inference.calibration import softmax
 from birder.inference.labeled import collect_outputs, labeled_photos
 from birder.inference.unknown import (
@@ -116,7 +117,10 @@ def test_the_ensemble_round_trips_through_the_sidecar_and_stays_small(tmp_path: 
     # The members add a few numbers to the header, whatever the number of classes
     assert len(json.dumps(read_stats_file(path)[1]["ensemble"])) < 1000
     # A sidecar without an ensemble (every one written before it) loads with none
-    assert ClassStatistics.load(statistics.save(tmp_path / "plain.safetensors"), NAMES_12).ensemble == ()
+    plain = ClassStatistics.load(statistics.save(tmp_path / "plain.safetensors"), NAMES_12)
+    assert plain.ensemble == ()
+    with pytest.raises(BirderError, match=r"hold no ensemble .* choose another --unknown-method"):
+        unknown_scores("ensemble", embeddings=test.embeddings, statistics=plain)
 
 
 def _result(candidate: Candidate, folds: tuple[float, ...]) -> CandidateResult:

@@ -236,7 +236,10 @@ def ensemble_scores(
 ) -> npt.NDArray[np.float64]:
     """The mean of the members' normalised scores (higher: more likely unknown)."""
     if not members:
-        raise BirderError("these class statistics hold no ensemble: run birder-calibrate --train again")
+        raise BirderError(
+            "the model's class statistics hold no ensemble (birder-calibrate found no candidates its folds could not "
+            "tell apart, or a single --unknown-method was forced): choose another --unknown-method"
+        )
     total = 0.0
     for member in members:
         raw = member_scores(
