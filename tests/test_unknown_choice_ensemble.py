@@ -259,3 +259,29 @@ def test_predict_and_eval_use_the_ensemble_the_sidecar_holds(
     )
     assert float(table["ensemble"]["auroc"]) == pytest.approx(auroc(expected, unknown_scores_), abs=1e-3)
     assert EnsembleMember("knn", 2).describe() == "knn k=2"
+
+
+def test_calibrate_keeps_the_ensemble_in_the_calibration_file_and_its_sidecar(
+    model_and_photos: tuple[Path, Path, Path],  # noqa: F811 (the fixture)
+    tmp_path: Path,
+    capsys,
+) -> None:
+    (model, val, train) = model_and_photos
+    output = tmp_path / "calibrated.pt"
+    argv = ["--weights", str(model), "--val", str(val), "--train", str(train), "-o", str(output), "--keep-known", "0.9"]
+    argv += ["--unknown-folds", "3", "--unknown-method", "ensemble", "-j", "0", "--no-progress"]
+    assert calibrate_script.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "unknown test: ensemble" in out and "(normalised scores of: " in out
+    (net, _) = birder.load_model(output, inference=True)
+    calibration = net.calibration
+    chosen = calibration.unknown_selection["chosen"]
+    assert calibration.unknown_method == "ensemble" == chosen["method"]
+    statistics = ClassStatistics.load(stats_path_for(output), NAMES)
+    # The sidecar's members are the recorded choice's, and the file has a threshold for their score
+    assert [(m.method, m.neighbours) for m in statistics.ensemble] == [
+        (m["method"], m.get("neighbours")) for m in chosen["settings"]["members"]
+    ]
+    mahalanobis = [m["shrinkage"] for m in chosen["settings"]["members"] if "shrinkage" in m]
+    assert all(shrinkage == statistics.shrinkage for shrinkage in mahalanobis)
+    assert np.isfinite(calibration.unknown_thresholds["ensemble"])
