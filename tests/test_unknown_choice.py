@@ -18,9 +18,11 @@ from birder.errors import BirderError
 from birder.inference.calibration import MIN_TEMPERATURE_PHOTOS, fit_temperature_checked, softmax
 from birder.inference.unknown import (
     MAHALANOBIS_METHODS,
-    METHODS,
+    SINGLE_METHODS,
     ClassStatistics,
     auroc,
+    ensemble_scores,
+    fit_ensemble,
     nearest_similarities,
     normalise,
     sidecar_bytes,
@@ -98,7 +100,21 @@ def _world(kind: str, seed: int) -> tuple[Photos, Photos, Photos, Photos]:
 NAMES_12 = [f"c{i}" for i in range(KNOWN)]
 
 
-def _true_auroc(candidate: Candidate, train: Photos, test: Photos, unknown: Photos) -> float:
+def _true_auroc(candidate: Candidate, train: Photos, test: Photos, unknown: Photos, val: Photos) -> float:
+    if candidate.method == "ensemble":  # its members normalised on the known validation photos, as calibrate does
+        shrinkage = next((m.shrinkage for m in candidate.members if m.shrinkage), "ledoit_wolf")
+        statistics = ClassStatistics.fit(train.embeddings, train.targets, NAMES_12, shrinkage=shrinkage)
+
+        def inputs(photos: Photos) -> dict:
+            return {"probabilities": softmax(photos.logits), "logits": photos.logits, "embeddings": photos.embeddings}
+
+        members = fit_ensemble(
+            [(m.method, m.neighbours) for m in candidate.members], statistics=statistics, **inputs(val)
+        )
+        return auroc(
+            ensemble_scores(members, statistics=statistics, **inputs(test)),
+            ensemble_scores(members, statistics=statistics, **inputs(unknown)),
+        )
     if candidate.method == "msp":
         return auroc(1 - softmax(test.logits).max(1), 1 - softmax(unknown.logits).max(1))
     if candidate.method == "energy":
@@ -119,16 +135,19 @@ def _true_auroc(candidate: Candidate, train: Photos, test: Photos, unknown: Phot
 def test_the_folds_pick_the_kind_of_test_that_is_clearly_best_on_true_unknowns(kind: str, family: tuple) -> None:
     (train, val, test, unknown) = _world(kind, seed=3)
     choice = choose_unknown_test(val, NAMES_12, train=train if kind != "shifted" else None, folds=4, seed=0)
-    assert choice.chosen.method in family, choice.format()
+    # The ensemble's kind: its members' (each of them of the family)
+    kinds = {m.method for m in choice.chosen.members} if choice.chosen.method == "ensemble" else {choice.chosen.method}
+    assert kinds <= set(family), choice.format()
     assert choice.folds == 4 and sum(choice.held_out) == KNOWN  # every class held out once
     scored = [result for result in choice.results if not result.skipped]
     assert all(len(result.fold_auroc) == 4 for result in scored)
     assert max(scored, key=lambda result: result.mean).candidate == choice.chosen
 
     # On the true unknowns (classes no fold saw), the chosen kind is the best kind too, by a clear margin
-    true = {result.candidate: _true_auroc(result.candidate, train, test, unknown) for result in scored}
-    best_in_family = max(value for (candidate, value) in true.items() if candidate.method in family)
-    best_elsewhere = max(value for (candidate, value) in true.items() if candidate.method not in family)
+    true = {result.candidate: _true_auroc(result.candidate, train, test, unknown, val) for result in scored}
+    singles = {candidate: value for (candidate, value) in true.items() if candidate.method != "ensemble"}
+    best_in_family = max(value for (candidate, value) in singles.items() if candidate.method in family)
+    best_elsewhere = max(value for (candidate, value) in singles.items() if candidate.method not in family)
     assert true[choice.chosen] >= best_in_family - 0.02
     assert best_in_family >= best_elsewhere + 0.1
 
@@ -251,7 +270,9 @@ def test_calibrate_prints_the_table_and_the_file_records_the_choice(
     assert net.calibration.unknown_method == chosen["method"] and not selection["forced"]
     assert selection["folds"] == 3 and selection["classes"] == len(NAMES)
     methods = {candidate["method"] for candidate in selection["candidates"]}
-    assert methods == set(METHODS)
+    # Every single method, and the ensemble when the folds could not tell the best ones apart
+    formed = [candidate for candidate in selection["candidates"] if candidate["method"] == "ensemble"]
+    assert methods == set(SINGLE_METHODS) | ({"ensemble"} if formed else set())
     for candidate in selection["candidates"]:
         if candidate["skipped"] is None:
             assert len(candidate["fold_auroc"]) == 3
@@ -259,6 +280,8 @@ def test_calibrate_prints_the_table_and_the_file_records_the_choice(
             # Each candidate is a row of the printed table with its mean
             settings = next(iter(candidate["settings"].values()), "")
             label = f"k={settings}" if candidate["method"] == "knn" else str(settings)
+            if candidate["method"] == "ensemble":
+                label = f"mean of {len(settings)}"
             row = next(line for line in out.splitlines() if f" {candidate['method']} " in line and label in line)
             assert f"{candidate['mean']:.4f} ±" in row
     best = max((c for c in selection["candidates"] if c["skipped"] is None), key=lambda c: c["mean"])
@@ -277,7 +300,7 @@ def test_calibrate_prints_the_table_and_the_file_records_the_choice(
     assert evaluate_script.main([*argv, "--unknown-dir", str(unknown)]) == 0
     with open(report / "unknown_detection.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert [row["method"] for row in rows] == list(METHODS)
+    assert [row["method"] for row in rows] == list(SINGLE_METHODS) + (["ensemble"] if formed else [])
     assert [row["method"] for row in rows if row["chosen"] == "1"] == [chosen["method"]]
     knn_row = next(row for row in rows if row["method"] == "knn")
     assert knn_row["settings"].startswith(f"k={info['neighbours']} of ")
@@ -302,7 +325,8 @@ def test_unknown_method_forces_the_method_with_its_best_settings(
     assert selection["forced"] and selection["chosen"]["method"] == "relative_mahalanobis"
     forced = [c for c in selection["candidates"] if c["method"] == "relative_mahalanobis" and c["skipped"] is None]
     assert selection["chosen"]["settings"] == max(forced, key=lambda c: c["mean"])["settings"]
-    assert set(calibration.unknown_thresholds) == set(METHODS)  # predict can still switch methods
+    # predict can still switch methods (a forced single method keeps no ensemble)
+    assert set(calibration.unknown_thresholds) == set(SINGLE_METHODS)
 
 
 def test_one_validation_photo_is_refused_in_one_line_and_nothing_is_written(
@@ -366,7 +390,11 @@ def test_unknown_choice_benchmark_runs_end_to_end_tiny(tmp_path: Path) -> None:
     report = json.loads(output.read_text())
     (result,) = report["results"]
     assert report["machine"]["cpu_model"] and result["dataset"] == "shapes"
-    assert {c["method"] for c in result["candidates"]} == set(METHODS)
+    assert {c["method"] for c in result["candidates"]} - {"ensemble"} == set(SINGLE_METHODS)
+    # The choice before the ensemble is reported beside it, from the same run
+    single = result["single_choice"]
+    assert single["gap_to_best"] == pytest.approx(result["best"]["true_auroc"] - single["true_auroc"])
+    assert single["method"] != "ensemble"
     assert result["gap_to_best"] == pytest.approx(result["best"]["true_auroc"] - result["chosen"]["true_auroc"])
     # birder-eval's figure for the calibrated file's own test is the benchmark's figure for the chosen candidate
     assert result["eval_chosen"]["auroc"] == pytest.approx(result["chosen"]["true_auroc"], abs=1e-6)

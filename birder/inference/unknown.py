@@ -9,7 +9,11 @@
   (the same shrinkage): directions along which every class varies (lighting, background) count less;
 - ``knn``: 1 - the cosine similarity of the normalised embedding to its k-th nearest training embedding, in a bank of
   at most ``bank_per_class`` training embeddings per class, searched exactly with faiss (``faiss.knn``, the flat
-  inner-product search of :mod:`birder.search`'s exact index; numpy when faiss is not installed).
+  inner-product search of :mod:`birder.search`'s exact index; numpy when faiss is not installed);
+- ``ensemble``: the mean of several of the above, each z-normalised by the mean and spread of its score on the
+  known validation photos (:class:`EnsembleMember`): chosen when the folds cannot tell its members apart and their
+  mean separates the stand-in unknowns better than any one of them. Its Mahalanobis members share the statistics'
+  shrinkage and its kNN members their bank, so it adds a few numbers to the sidecar's header (:func:`ensemble_scores`).
 
 The embedding methods need :class:`ClassStatistics`, computed from training photos by ``birder-calibrate
 --train`` into the model's sidecar file. Which method is the default and its settings (shrinkage estimator, k) are
@@ -21,7 +25,8 @@ other classes.
 The sidecar's size is bounded (:func:`sidecar_bytes`): class means in float32, two ``D x D`` precision matrices in
 float64 (the within-class one and the background one; float64 because an unshrunk covariance can have a condition
 number where float32 would spoil the distances) and the bank in float16. At the card's scale (707 classes, 1024-d,
-64 per class) that is 2.9 + 16.8 + 92.7 = 112.3 MB.
+64 per class) that is 2.9 + 16.8 + 92.7 = 112.3 MB; the ensemble's members (method, k, centre, scale) add under
+1 kB of header, whatever the number of classes.
 """
 
 from __future__ import annotations
@@ -39,8 +44,11 @@ import torch
 from birder.errors import BirderError, CheckpointError
 from birder.io.calibration import read_stats_file, write_stats_file
 
-METHODS = ("msp", "energy", "mahalanobis", "relative_mahalanobis", "knn")
-EMBEDDING_METHODS = ("mahalanobis", "relative_mahalanobis", "knn")
+METHODS = ("msp", "energy", "mahalanobis", "relative_mahalanobis", "knn", "ensemble")
+# The methods that need class statistics (the ensemble's members are stored in them)
+EMBEDDING_METHODS = ("mahalanobis", "relative_mahalanobis", "knn", "ensemble")
+# The methods an ensemble's members can be
+SINGLE_METHODS = METHODS[:-1]
 MAHALANOBIS_METHODS = ("mahalanobis", "relative_mahalanobis")
 # How the shared covariance is shrunk towards (trace / D) * I: estimated from the data, or not at all
 SHRINKAGE_ESTIMATORS = ("ledoit_wolf", "oas", "none")
@@ -62,6 +70,8 @@ _CHUNK = 16_384
 FloatArray = npt.NDArray[np.floating]
 # What each score is computed from (the embedding methods: embeddings)
 _INPUTS = {"msp": "probabilities", "energy": "raw logits"}
+# An ensemble member's spread on known photos is at least this (a constant score would divide by zero)
+_MIN_SCALE = 1e-12
 
 
 def normalise(embeddings: FloatArray) -> npt.NDArray[np.float32]:
@@ -144,6 +154,102 @@ def _inverse(covariance: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float6
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# The ensemble's members
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EnsembleMember:
+    """One score of the ``ensemble`` method and how it is normalised: ``(score - centre) / scale``, its mean and
+    standard deviation on the known validation photos (no unknown photos needed)."""
+
+    method: str  # one of SINGLE_METHODS
+    neighbours: int | None = None  # knn's k (the Mahalanobis members use the statistics' shrinkage)
+    centre: float = 0.0
+    scale: float = 1.0
+
+    def describe(self) -> str:
+        return f"{self.method} k={self.neighbours}" if self.method == "knn" else self.method
+
+    def record(self) -> dict[str, object]:
+        return {"method": self.method, "neighbours": self.neighbours, "centre": self.centre, "scale": self.scale}
+
+    @classmethod
+    def from_record(cls, record: dict[str, object]) -> EnsembleMember:
+        method = str(record["method"])
+        if method not in SINGLE_METHODS:
+            raise CheckpointError(f"an ensemble member of unknown method '{method}' (calibrate again)")
+        neighbours = record.get("neighbours")
+        return cls(
+            method, None if neighbours is None else int(neighbours), float(record["centre"]), float(record["scale"])
+        )
+
+
+def member_scores(
+    member: EnsembleMember,
+    *,
+    probabilities: FloatArray | None = None,
+    logits: FloatArray | None = None,
+    embeddings: FloatArray | None = None,
+    statistics: ClassStatistics | None = None,
+) -> npt.NDArray[np.float64]:
+    """A member's raw (not normalised) unknown score of each photo."""
+    if member.method == "knn":
+        if embeddings is None or statistics is None:
+            raise BirderError("the 'knn' unknown test needs embeddings and class statistics")
+        return statistics.knn(embeddings, member.neighbours)
+    return unknown_scores(
+        member.method, probabilities=probabilities, logits=logits, embeddings=embeddings, statistics=statistics
+    )
+
+
+def fit_ensemble(
+    members: Sequence[tuple[str, int | None]],
+    *,
+    probabilities: FloatArray | None = None,
+    logits: FloatArray | None = None,
+    embeddings: FloatArray | None = None,
+    statistics: ClassStatistics | None = None,
+) -> tuple[EnsembleMember, ...]:
+    """The ensemble of ``members`` (``(method, k)``, k for knn only) normalised on known photos: each member's
+    centre and scale are the mean and standard deviation of its score on them."""
+    fitted = []
+    for method, neighbours in members:
+        raw = member_scores(
+            EnsembleMember(method, neighbours),
+            probabilities=probabilities,
+            logits=logits,
+            embeddings=embeddings,
+            statistics=statistics,
+        )
+        fitted.append(EnsembleMember(method, neighbours, float(raw.mean()), max(float(raw.std()), _MIN_SCALE)))
+    return tuple(fitted)
+
+
+def ensemble_scores(
+    members: Sequence[EnsembleMember],
+    *,
+    probabilities: FloatArray | None = None,
+    logits: FloatArray | None = None,
+    embeddings: FloatArray | None = None,
+    statistics: ClassStatistics | None = None,
+) -> npt.NDArray[np.float64]:
+    """The mean of the members' normalised scores (higher: more likely unknown)."""
+    if not members:
+        raise BirderError(
+            "the model's class statistics hold no ensemble (birder-calibrate found no candidates its folds could not "
+            "tell apart, or a single --unknown-method was forced): choose another --unknown-method"
+        )
+    total = 0.0
+    for member in members:
+        raw = member_scores(
+            member, probabilities=probabilities, logits=logits, embeddings=embeddings, statistics=statistics
+        )
+        total = total + (raw - member.centre) / member.scale
+    return np.asarray(total, dtype=np.float64) / len(members)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # The class statistics
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -166,6 +272,8 @@ class ClassStatistics:
     bank_per_class: int = DEFAULT_BANK_PER_CLASS
     # Of the two estimated covariances (within-class, background); not stored: only the fit decides on them
     conditions: tuple[float, float] = field(default=(float("nan"), float("nan")), compare=False)
+    # The members of the ``ensemble`` method, normalised on known photos (empty: no ensemble)
+    ensemble: tuple[EnsembleMember, ...] = ()
 
     @classmethod
     def fit(
@@ -218,6 +326,10 @@ class ClassStatistics:
         )
 
     def supports(self, method: str) -> bool:
+        if method == "ensemble":
+            return bool(self.ensemble) and all(
+                member.method not in EMBEDDING_METHODS or self.supports(member.method) for member in self.ensemble
+            )
         return method in EMBEDDING_METHODS and (method != "relative_mahalanobis" or self.background_mean is not None)
 
     def describe(self, method: str) -> str:
@@ -225,6 +337,8 @@ class ClassStatistics:
         ``"k=1 of 640 (at most 64 per class)"``."""
         if method == "knn":
             return f"k={self.neighbours} of {len(self.bank)} (at most {self.bank_per_class} per class)"
+        if method == "ensemble":
+            return "mean of " + " + ".join(member.describe() for member in self.ensemble)
         if method in MAHALANOBIS_METHODS:
             weight = self.shrinkage_weights[0]
             name = self.shrinkage if isinstance(self.shrinkage, str) else "fixed"
@@ -271,6 +385,8 @@ class ClassStatistics:
             return self.relative_mahalanobis(embeddings)
         if method == "knn":
             return self.knn(embeddings)
+        if method == "ensemble" and all(member.method in EMBEDDING_METHODS for member in self.ensemble):
+            return ensemble_scores(self.ensemble, embeddings=embeddings, statistics=self)
         raise BirderError(f"'{method}' is not an embedding unknown test ({', '.join(EMBEDDING_METHODS)})")
 
     # The sidecar file
@@ -291,6 +407,7 @@ class ClassStatistics:
             "shrinkage": self.shrinkage,
             "shrinkage_weights": list(self.shrinkage_weights),
             "bank_per_class": self.bank_per_class,
+            "ensemble": [member.record() for member in self.ensemble],
         }
         return write_stats_file(path, tensors, info)
 
@@ -313,6 +430,7 @@ class ClassStatistics:
                 info.get("shrinkage", 0.1),  # older sidecars: the fixed weight they were fitted with
                 tuple(info.get("shrinkage_weights", (0.1, 0.1))),
                 int(info.get("bank_per_class", 32)),
+                ensemble=tuple(EnsembleMember.from_record(member) for member in info.get("ensemble", [])),
             )
         except KeyError as err:
             raise CheckpointError(f"{path}: not a class-statistics file (no {err} tensor)") from None
@@ -376,6 +494,14 @@ def unknown_scores(
     if method in EMBEDDING_METHODS:
         if statistics is None:
             raise BirderError(f"the '{method}' unknown test needs class statistics: run birder-calibrate with --train")
+        if method == "ensemble":
+            return ensemble_scores(
+                statistics.ensemble,
+                probabilities=probabilities,
+                logits=logits,
+                embeddings=embeddings,
+                statistics=statistics,
+            )
         return statistics.score(method, embeddings)
 
     raise BirderError(f"unknown method '{method}'; choose one of: {', '.join(METHODS)}")

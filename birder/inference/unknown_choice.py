@@ -44,6 +44,14 @@ What makes a fold fair to each candidate:
   No view is right for every method (each one alone chose worse than the three together on those data sets); the
   fold's figure of a candidate is the mean of its three AUROCs. ``benchmarks/unknown_choice.py`` measures how far
   the chosen candidate falls from the best one on true unknowns, on three differently generated data sets.
+
+When the folds cannot tell the best candidates apart, betting on one of them is a guess: the ``ensemble``
+(:func:`ensemble_members`) averages the best settings of each method whose mean fold AUROC falls short of the best
+one's by at most one standard error of that shortfall over the same folds, each score z-normalised on the fold's
+known photos (as prediction normalises on the known validation photos, :func:`birder.inference.unknown.fit_ensemble`).
+It is one more candidate, scored on the same folds and views, listed last so that it is chosen only when its mean
+is above every single candidate's. Its Mahalanobis members use the shrinkage the class statistics will be fitted
+with, so the sidecar can score it with one covariance. With training photos only (it needs the sidecar).
 """
 
 from __future__ import annotations
@@ -105,6 +113,7 @@ class Candidate:
     method: str
     shrinkage: str | None = None  # the Mahalanobis methods
     neighbours: int | None = None  # knn
+    members: tuple[Candidate, ...] = ()  # ensemble: the candidates whose normalised scores it averages
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -112,11 +121,15 @@ class Candidate:
             return {"shrinkage": self.shrinkage}
         if self.method == "knn":
             return {"neighbours": self.neighbours}
+        if self.method == "ensemble":
+            return {"members": [{"method": member.method, **member.settings} for member in self.members]}
         return {}
 
     def describe(self) -> str:
         if self.method == "knn":
             return f"k={self.neighbours}"
+        if self.method == "ensemble":
+            return " + ".join(f"{member.method} {member.describe()}".rstrip() for member in self.members)
         return self.shrinkage or ""
 
 
@@ -161,17 +174,22 @@ class UnknownChoice:
     forced: bool = False
     held_out: list[int] = field(default_factory=list)  # classes held out per fold
 
+    @property
+    def ensemble(self) -> Candidate | None:
+        """The ensemble candidate the folds scored (None: fewer than two members, or no training photos)."""
+        return next((r.candidate for r in self.results if r.candidate.method == "ensemble" and not r.skipped), None)
+
     def best(self, method: str) -> CandidateResult | None:
         scored = [result for result in self.results if result.candidate.method == method and not result.skipped]
         return max(scored, key=lambda result: result.mean) if scored else None
 
     @property
     def shrinkage(self) -> str:
-        """The class statistics' estimator: that of the best Mahalanobis candidate (both methods share it)."""
-        scored = [r for r in self.results if r.candidate.method in MAHALANOBIS_METHODS and not r.skipped]
+        """The class statistics' estimator: that of the best Mahalanobis candidate (both methods and the ensemble's
+        Mahalanobis members share it)."""
         if self.chosen.method in MAHALANOBIS_METHODS:
             return str(self.chosen.shrinkage)
-        return str(max(scored, key=lambda r: r.mean).candidate.shrinkage) if scored else DEFAULT_SHRINKAGE
+        return _best_shrinkage(self.results)
 
     @property
     def neighbours(self) -> int:
@@ -212,7 +230,11 @@ class UnknownChoice:
             figure = f"skipped: {result.skipped}" if result.skipped else f"{result.mean:.4f} ± {result.sd:.4f}"
             if not result.skipped:
                 figure = f"{figure:<18}" + "".join(f"{np.mean(result.view_auroc[v]):>20.4f}" for v in shown)
-            lines.append(f"  {mark} {result.candidate.method:<22}{result.candidate.describe():<14}{figure}".rstrip())
+            ensemble = result.candidate.method == "ensemble"
+            settings = f"mean of {len(result.candidate.members)}" if ensemble else result.candidate.describe()
+            lines.append(f"  {mark} {result.candidate.method:<22}{settings:<14}{figure}".rstrip())
+            if ensemble:
+                lines.append(f"      (normalised scores of: {result.candidate.describe()})")
         return "\n".join(lines)
 
 
@@ -277,10 +299,12 @@ def choose_unknown_test(
         full = ClassStatistics.fit(train.embeddings, train.targets, class_names, shrinkage="none", bank_per_class=1)
         _skip_ill_conditioned(full, "all training photos", listed, skipped)
 
+    fold_scores: list[FoldScores] = []
     for number, held in enumerate(groups, start=1):
         _score_fold(
-            number, held, val, train, class_names, temperature, bank_per_class, listed, scores, skipped, device, views
-        )
+            number, held, val, train, class_names, temperature, bank_per_class, listed, scores, skipped, device, views,
+            fold_scores,
+        )  # fmt: skip
 
     results = [
         CandidateResult(
@@ -291,6 +315,10 @@ def choose_unknown_test(
         )
         for candidate in listed
     ]
+    if fold_scores:
+        ensemble = _ensemble_result(results, fold_scores)
+        if ensemble is not None:
+            results.append(ensemble)  # last: it wins only when its fold AUROC is above every single candidate's
     scored = [result for result in results if not result.skipped and not math.isnan(result.mean)]
     pool = [result for result in scored if forced is None or result.candidate.method == forced]
     if not pool:
@@ -389,9 +417,11 @@ def _score_fold(
     skipped: dict[Candidate, str],
     device: torch.device | str,
     views: dict[Candidate, dict[str, list[float]]] | None = None,
+    fold_scores: list[FoldScores] | None = None,
 ) -> None:
     """Add fold ``number``'s AUROC of each candidate to ``scores`` (``held``: its stand-in unknown classes): with
-    training photos the mean over :data:`STAND_IN_VIEWS`, each view's figure also to ``views``."""
+    training photos the mean over :data:`STAND_IN_VIEWS`, each view's figure also to ``views``, and the candidates'
+    scores in each view to ``fold_scores`` (for the ensemble)."""
     val_targets = np.asarray(val.targets)
     unknown = np.isin(val_targets, held)
     known = (val_targets >= 0) & ~unknown
@@ -426,6 +456,8 @@ def _score_fold(
         listed, skipped, device,
     )  # fmt: skip
     by_view = dict(zip(("as_learned", "moved_to_nearest", "directions_removed"), fitted, strict=True))
+    if fold_scores is not None:
+        fold_scores.append(FoldScores(by_view, known, unknown))
     for candidate in scores:
         if candidate in skipped or candidate not in by_view["as_learned"]:
             continue
@@ -532,3 +564,81 @@ def move_to_nearest_kept(
             nearest = kept_means[int(np.argmin(((kept_means - means[index]) ** 2).sum(axis=1)))]
             moved[query_targets == index] += nearest - means[index]
     return moved.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The ensemble
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FoldScores:
+    """Every candidate's scores of a fold's validation photos in each view of its stand-in unknowns."""
+
+    by_view: dict[str, dict[Candidate, npt.NDArray[np.float64]]]
+    known: npt.NDArray[np.bool_]
+    unknown: npt.NDArray[np.bool_]
+
+
+def _best_shrinkage(results: Sequence[CandidateResult]) -> str:
+    """The estimator of the best scored Mahalanobis candidate: the one the class statistics are fitted with."""
+    scored = [r for r in results if r.candidate.method in MAHALANOBIS_METHODS and not r.skipped and r.fold_auroc]
+    return str(max(scored, key=lambda r: r.mean).candidate.shrinkage) if scored else DEFAULT_SHRINKAGE
+
+
+def ensemble_members(results: Sequence[CandidateResult]) -> tuple[Candidate, ...]:
+    """The candidates the folds cannot tell from the best one: the best settings of each method (the Mahalanobis
+    ones with the shrinkage the statistics will hold, so prediction can score them), kept when their mean fold AUROC
+    falls short of the best one's by at most one standard error of that shortfall over the same folds (paired: the
+    folds' own noise, most of which both candidates share); at least two, or none."""
+    shrinkage = _best_shrinkage(results)
+    best_of: dict[str, CandidateResult] = {}
+    for result in results:
+        candidate = result.candidate
+        if result.skipped or len(result.fold_auroc) < 2 or candidate.method == "ensemble":
+            continue
+        if candidate.method in MAHALANOBIS_METHODS and candidate.shrinkage != shrinkage:
+            continue
+        if candidate.method not in best_of or result.mean > best_of[candidate.method].mean:
+            best_of[candidate.method] = result
+    ranked = sorted(best_of.values(), key=lambda result: -result.mean)  # stable: the cheaper first of equals
+    if len(ranked) < 2:
+        return ()
+    top = ranked[0]
+    members = [top.candidate]
+    for result in ranked[1:]:
+        shortfall = np.asarray(top.fold_auroc) - np.asarray(result.fold_auroc)
+        if shortfall.mean() <= shortfall.std(ddof=1) / math.sqrt(len(shortfall)):
+            members.append(result.candidate)
+    return tuple(members) if len(members) >= 2 else ()
+
+
+def normalised_mean(
+    member_scores: Sequence[npt.NDArray[np.float64]], known: npt.NDArray[np.bool_]
+) -> npt.NDArray[np.float64]:
+    """The mean of the members' scores, each z-normalised on the ``known`` photos (as prediction normalises them on
+    the known validation photos)."""
+    total = np.zeros(len(member_scores[0]))
+    for values in member_scores:
+        reference = values[known]
+        total += (values - reference.mean()) / max(float(reference.std()), 1e-12)
+    return total / len(member_scores)
+
+
+def _ensemble_result(results: Sequence[CandidateResult], fold_scores: Sequence[FoldScores]) -> CandidateResult | None:
+    """The ensemble of :func:`ensemble_members` scored on the same folds and views as every candidate."""
+    members = ensemble_members(results)
+    if not members:
+        return None
+    per_fold: list[float] = []
+    per_view: dict[str, list[float]] = {view: [] for view in STAND_IN_VIEWS}
+    for fold in fold_scores:
+        figures = []
+        for view in STAND_IN_VIEWS:
+            combined = normalised_mean([fold.by_view[view][member] for member in members], fold.known)
+            figures.append(auroc(combined[fold.known], combined[fold.unknown]))
+            per_view[view].append(figures[-1])
+        per_fold.append(float(np.mean(figures)))
+    return CandidateResult(
+        Candidate("ensemble", members=members), tuple(per_fold), None, {v: tuple(f) for (v, f) in per_view.items()}
+    )

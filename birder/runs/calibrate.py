@@ -8,7 +8,8 @@
    the logits do not favour, are refused); with ``target_precision`` the per-species thresholds on the calibrated
    probabilities; the unknown test and its settings, chosen on folds of held-out classes
    (:mod:`birder.inference.unknown_choice`); with ``train`` the class statistics of the embedding unknown tests, with
-   the chosen shrinkage and k; with ``keep_known`` (or ``unknown_threshold``) the unknown thresholds on the
+   the chosen shrinkage and k (and the ensemble's members, normalised on the validation photos, when the folds
+   found one); with ``keep_known`` (or ``unknown_threshold``) the unknown thresholds on the
    validation photos.
 4. Write, each atomically: the class statistics to ``<output stem>.stats.safetensors``, then the model to
    ``output`` with the calibration in its metadata (:mod:`birder.io.calibration`). The state dict is the input's,
@@ -42,6 +43,7 @@ from birder.inference.unknown import (
     EMBEDDING_METHODS,
     METHODS,
     ClassStatistics,
+    fit_ensemble,
     threshold_for_keep_rate,
     unknown_scores,
 )
@@ -148,6 +150,22 @@ def calibrate_model_file(options: CalibrateOptions) -> CalibrationReport:
             neighbours=choice.neighbours if choice is not None else DEFAULT_NEIGHBOURS,
             bank_per_class=options.bank_per_class,
         )
+        # The ensemble the folds found is kept (for birder-eval and --unknown-method ensemble) unless the user forced
+        # a single method
+        ensemble = choice.ensemble if choice is not None and forced in (None, "ensemble") else None
+        if ensemble is not None:
+            known = np.asarray(val.targets) >= 0
+            members = [(member.method, member.neighbours) for member in ensemble.members]
+            statistics = replace(
+                statistics,
+                ensemble=fit_ensemble(
+                    members,
+                    probabilities=probabilities[known],
+                    logits=np.asarray(val.logits)[known],
+                    embeddings=np.asarray(val.embeddings)[known],
+                    statistics=statistics,
+                ),
+            )
     stats_path = stats_path_for(output) if statistics is not None else None
     method = _unknown_method(options, forced, choice)
 
@@ -243,6 +261,8 @@ def _choose(
             device=device,
         )
     except SelectionError as err:
+        if forced == "ensemble":
+            raise BirderError(f"--unknown-method ensemble: {err}") from None
         default = forced or ("knn" if train is not None else "msp")
         return (None, f"{err}; using {default}, shrinkage {DEFAULT_SHRINKAGE}, k = {DEFAULT_NEIGHBOURS}")
     return (choice, None)
@@ -272,7 +292,11 @@ def _unknown_thresholds(
 
     thresholds = {}
     if options.keep_known is not None:
-        available = [name for name in METHODS if statistics is not None or name not in EMBEDDING_METHODS]
+        available = [
+            name
+            for name in METHODS
+            if name not in EMBEDDING_METHODS or (statistics is not None and statistics.supports(name))
+        ]
         for name in available:
             scores = unknown_scores(
                 name, probabilities=probabilities, logits=val.logits, embeddings=val.embeddings, statistics=statistics
