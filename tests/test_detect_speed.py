@@ -290,3 +290,15 @@ def test_crop_box_cuts_the_pixels_of_its_rectangle() -> None:
     for (box, margin), (left, top, right, bottom) in cases.items():
         expected = np.asarray(photo)[top:bottom, left:right]
         assert np.array_equal(np.asarray(crop_box(photo, box, margin)), expected), box
+
+
+def test_the_detect_run_benchmark_tiny(tmp_path: Path) -> None:
+    from benchmarks import detect_run
+
+    output = tmp_path / "detect_run.json"
+    args = ["--tiny", "--workdir", str(tmp_path / "work"), "--workers", "0", "--threshold", "0.5"]
+    report = detect_run.main([*args, "--output", str(output)])
+    assert json.loads(output.read_text()) == json.loads(json.dumps(report))
+    assert set(report["runs"]) == {"full -j 0", "reduced -j 0"} and report["machine"]["cpu_model"]
+    for run in report["runs"].values():
+        assert run["photos_per_hour"] > 0 and {"decode", "detector", "writing"} <= set(run["stages_s"])
