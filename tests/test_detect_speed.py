@@ -302,3 +302,21 @@ def test_the_detect_run_benchmark_tiny(tmp_path: Path) -> None:
     assert set(report["runs"]) == {"full -j 0", "reduced -j 0"} and report["machine"]["cpu_model"]
     for run in report["runs"].values():
         assert run["photos_per_hour"] > 0 and {"decode", "detector", "writing"} <= set(run["stages_s"])
+
+
+def test_the_whole_image_fallback_of_a_reduced_decode_answers_as_the_full_one(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for seed in range(4):
+        textured(50 + seed).save(photos / f"empty_{seed}.jpg", quality=90)
+    fallback = ["--det-threshold", "0.9999", "--fallback-whole-image"]
+    assert _run(models, photos, tmp_path / "full", "--decode", "full", *fallback) == 0
+    assert _run(models, photos, tmp_path / "reduced", *fallback) == 0
+    (full, reduced) = (_read_csv(tmp_path / "full" / "results.csv"), _read_csv(tmp_path / "reduced" / "results.csv"))
+    assert [row["source"] for row in reduced] == ["whole-image"] * 4
+    assert [row["top1_class"] for row in reduced] == [row["top1_class"] for row in full]
+    np.testing.assert_allclose(
+        [float(row["top1_prob"]) for row in reduced], [float(row["top1_prob"]) for row in full], atol=0.02
+    )
