@@ -72,6 +72,11 @@ class ClassificationTransform:
         tensor = torch.from_numpy(pixels).permute(2, 0, 1).to(torch.float32).div_(255.0)
         return tensor.sub_(self._mean).div_(self._std)
 
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        """``(height, width)`` of an image of ``height`` x ``width`` after the resize step (before the center crop):
+        an image of that size already is not resized again (a crop resampled from a reduced decode)."""
+        return _resized_size(height, width, self.size, self.center_crop, self.simple_crop)
+
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(size={self.size}, center_crop={self.center_crop}, simple_crop={self.simple_crop}, "

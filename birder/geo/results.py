@@ -27,6 +27,8 @@ PHOTOS_TABLE = "photos"
 # The results table of a crop-then-classify run has these (birder.runs.detect's box columns)
 BOX_MARKER_COLUMN = "det_class"
 SOURCE_DETECTION = "detection"
+# A photo without a box answered as a whole (--fallback-whole-image)
+SOURCE_WHOLE_IMAGE = "whole-image"
 # A box of a --boxes file that is no animal (a person, a vehicle): kept in the rows, never classified
 SOURCE_PASSED = "passed"
 RUN_INFO = "run.json"

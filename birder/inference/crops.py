@@ -16,6 +16,7 @@ from PIL import Image
 
 from birder.inference.detection import infer_image
 from birder.io.atomic import atomic_write_path
+from birder.io.images import crop_rectangle
 
 MD_FORMAT_VERSION = "1.4"
 
@@ -29,14 +30,9 @@ class DetectedCrop(NamedTuple):
 
 def crop_box(photo: Image.Image, box: Sequence[float], margin: float = 0.0) -> Image.Image:
     """The part of ``photo`` inside ``box`` grown by ``margin`` (a fraction of the box's width and height on each
-    side: classifiers trained on loose crops want some context), clipped to the photo, at least 1 x 1 px."""
-    (x1, y1, x2, y2) = (float(v) for v in box)
-    (dx, dy) = ((x2 - x1) * margin, (y2 - y1) * margin)
-    left = min(max(int(x1 - dx), 0), photo.width - 1)
-    top = min(max(int(y1 - dy), 0), photo.height - 1)
-    right = max(min(round(x2 + dx), photo.width), left + 1)
-    bottom = max(min(round(y2 + dy), photo.height), top + 1)
-    return photo.crop((left, top, right, bottom))
+    side: classifiers trained on loose crops want some context), clipped to the photo, at least 1 x 1 px
+    (:func:`~birder.io.images.crop_rectangle`, the rectangle reduced decodes cut too)."""
+    return photo.crop(crop_rectangle(photo.size, box, margin))
 
 
 def detect_crops(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -65,6 +66,7 @@ class PhotoSample(NamedTuple):
     error: str | None
     metadata: PhotoMetadata
     run_error: str | None = None
+    seconds: float = 0.0  # reading, decoding and preprocessing it, where that ran (a loader worker): stage timings
 
 
 class PhotoBatch(NamedTuple):
@@ -75,6 +77,7 @@ class PhotoBatch(NamedTuple):
     metadata: list[PhotoMetadata]  # one per row of ``inputs``
     failures: list[tuple[int, str]]  # (dataset index, one-line reason)
     run_error: str | None = None  # the first sample's run_error: the batch loop must stop with it
+    seconds: float = 0.0  # the samples' seconds (decoding, in the loader's workers), summed
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -307,12 +310,14 @@ class ImageFileDataset(Dataset):
         return len(self.indices)
 
     def __getitem__(self, position: int) -> PhotoSample:
+        started = time.perf_counter()
         index = int(self.indices[position])
         path = self.paths[index]
         try:
             image = self.decode(path)
         except ImageDecodeError as exc:  # the photo's own failure, never the run's
-            return PhotoSample(index, None, _one_line_reason(path, exc), PhotoMetadata())
+            reason = _one_line_reason(path, exc)
+            return PhotoSample(index, None, reason, PhotoMetadata(), seconds=time.perf_counter() - started)
 
         try:
             tensor = self.transform(image)
@@ -323,7 +328,7 @@ class ImageFileDataset(Dataset):
             return PhotoSample(index, None, None, PhotoMetadata(), run_error=reason)
 
         metadata = read_photo_metadata(path) if self.read_metadata else PhotoMetadata()
-        return PhotoSample(index, tensor, None, metadata)
+        return PhotoSample(index, tensor, None, metadata, seconds=time.perf_counter() - started)
 
 
 def collate_photos(samples: Sequence[PhotoSample], stack: bool = True) -> PhotoBatch:
@@ -337,6 +342,7 @@ def collate_photos(samples: Sequence[PhotoSample], stack: bool = True) -> PhotoB
     failures = [(sample.index, sample.error) for sample in samples if sample.error is not None]
     items = [sample.tensor for sample in good]
     inputs = (torch.stack(items) if stack else items) if good else None
+    seconds = sum(sample.seconds for sample in samples)
     return PhotoBatch(
-        [sample.index for sample in good], inputs, [sample.metadata for sample in good], failures, run_error
+        [sample.index for sample in good], inputs, [sample.metadata for sample in good], failures, run_error, seconds
     )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -88,6 +89,9 @@ class PredictionBatch:
     features: dict[str, npt.NDArray[np.float32]] | None  # name -> [B, D, h, w] detection feature maps
     metadata: list[PhotoMetadata]
     failures: list[tuple[int, str]]  # (index, one-line reason) of the photos of this batch that failed
+    # Stage timings: the loader's seconds decoding the batch (in its workers) and the network's on it
+    decode_seconds: float = 0.0
+    model_seconds: float = 0.0
 
     @property
     def num_photos(self) -> int:
@@ -224,15 +228,25 @@ class Predictor:
             if batch.run_error is not None:
                 raise PredictionError(f"{batch.run_error}; check the preprocessing options (size, crop)")
             if batch.inputs is None:
-                yield PredictionBatch([], np.zeros((0, 0), np.float32), None, None, None, [], batch.failures)
+                empty = np.zeros((0, 0), np.float32)
+                yield PredictionBatch([], empty, None, None, None, [], batch.failures, batch.seconds)
                 continue
 
+            started = time.perf_counter()
             try:
                 (probabilities, embeddings, logits, features) = self.predict_tensor(batch.inputs)
             except Exception as exc:
                 raise model_failure(paths[batch.indices[0]], exc) from exc
             yield PredictionBatch(
-                batch.indices, probabilities, embeddings, logits, features, batch.metadata, batch.failures
+                batch.indices,
+                probabilities,
+                embeddings,
+                logits,
+                features,
+                batch.metadata,
+                batch.failures,
+                batch.seconds,
+                time.perf_counter() - started,
             )
 
 

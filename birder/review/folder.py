@@ -30,6 +30,7 @@ from birder.geo.results import (
     EVENTS_TABLE,
     RESULTS_TABLE,
     SOURCE_PASSED,
+    SOURCE_WHOLE_IMAGE,
     answer_of,
     find_table,
     photo_folder,
@@ -353,7 +354,7 @@ def _box_units(rows: list[dict[str, str]], resolve: Any, sizes: dict[str, tuple[
         whole: Answer | None = None
         for row in photo_rows:
             source = row.get("source")
-            if source == "whole-image":
+            if source == SOURCE_WHOLE_IMAGE:
                 whole = row_answer(row)
             elif source and (_number(row.get("detections")) or 0) > 0 and row.get("box", "") != "":
                 (x1, y1, x2, y2) = (_number(row.get(name)) or 0.0 for name in ("x1", "y1", "x2", "y2"))

@@ -24,16 +24,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
 
 from birder.errors import BirderError
 from birder.inference.crops import md_with_classifications, write_md_json
+from birder.inference.dataset import DetectionInput
 from birder.io.box_files import BoxFile, MatchedBoxes, boxes_root, normal_path, read_box_file, split_detections
 from birder.io.download import sha256_file
+from birder.io.images import ReducedImage
 from birder.runs.predict_options import PROG, DetectionOptions
 
-# A box that is not classified: a file's person or vehicle at or above the threshold (an observation of its kind)
-SOURCE_PASSED = "passed"
 UNMATCHED_SHOWN = 3  # paths named in the warning about the file's paths that match no photo
 
 
@@ -59,8 +60,9 @@ class BoxSource(ABC):
         """What shapes the rows (a resume must match it)."""
 
     @abstractmethod
-    def input_transform(self) -> Callable[[Image.Image], tuple[Image.Image, Any]]:
-        """What the run's loader makes of each decoded photo: ``(photo, what boxes() needs besides it)``."""
+    def input_transform(self) -> Callable[[Image.Image], DetectionInput]:
+        """The run's loader transform: each photo decoded (at a reduced scale or in full) and what :meth:`boxes`
+        needs besides it (the detector's input)."""
 
     def start(self, paths: Sequence[str], *, report: bool, whole_list: bool) -> None:
         """The run's photos are known (``paths``: the plan's, every rank's the same); ``report``: this process
@@ -72,10 +74,9 @@ class BoxSource(ABC):
         return None
 
     @abstractmethod
-    def boxes(
-        self, photos: Sequence[Image.Image], inputs: Sequence[Any], paths: Sequence[str]
-    ) -> list[list[SourceBox]]:
-        """The boxes of each decoded photo of a batch (``inputs``: the second items of :meth:`input_transform`)."""
+    def boxes(self, inputs: Sequence[DetectionInput], paths: Sequence[str]) -> list[list[SourceBox]]:
+        """The boxes of each decoded photo of a batch (what :meth:`input_transform` made of them), in the
+        full-resolution photo's pixels."""
 
     def unmatched_failures(self) -> list[tuple[str, str]]:
         """(rank 0, after the merge) Failure rows ``(path, reason)`` of what the source names that is no photo of
@@ -84,10 +85,11 @@ class BoxSource(ABC):
 
 
 class PhotoInput:
-    """The loader's transform of a run whose boxes need nothing but the decoded photo (a boxes file)."""
+    """The loader's transform of a run whose boxes need nothing but the decoded photo (a boxes file): decoded in
+    full, no detector input."""
 
-    def __call__(self, photo: Image.Image) -> tuple[Image.Image, None]:
-        return (photo, None)
+    def __call__(self, photo: Image.Image) -> DetectionInput:
+        return DetectionInput(ReducedImage(photo, photo.size, 1), torch.empty(0))
 
 
 class FileBoxes(BoxSource):
@@ -118,7 +120,7 @@ class FileBoxes(BoxSource):
             "fallback_whole_image": options.fallback_whole_image,
         }
 
-    def input_transform(self) -> Callable[[Image.Image], tuple[Image.Image, None]]:
+    def input_transform(self) -> Callable[[Image.Image], DetectionInput]:
         return PhotoInput()
 
     @property
@@ -152,20 +154,18 @@ class FileBoxes(BoxSource):
             return f"failed in the boxes file '{self.path.name}': {entry.failure}"
         return None
 
-    def boxes(
-        self, photos: Sequence[Image.Image], inputs: Sequence[Any], paths: Sequence[str]
-    ) -> list[list[SourceBox]]:
+    def boxes(self, inputs: Sequence[DetectionInput], paths: Sequence[str]) -> list[list[SourceBox]]:
         threshold = self.options.det_threshold
         animals = self.file.animal_categories
         found = []
-        for photo, path in zip(photos, paths, strict=True):
+        for item, path in zip(inputs, paths, strict=True):
             entry = self.matched.by_photo[path]
             chosen = {detection.index for detection in split_detections(entry, threshold, animals).classify}
             found.append(
                 [
                     SourceBox(
                         detection.index,
-                        detection.pixel_box(photo.size),
+                        detection.pixel_box(item.photo.full_size),
                         detection.category,
                         detection.conf,
                         classify=detection.index in chosen,

@@ -6,17 +6,24 @@ failures table); the steps here are those that differ (:class:`DetectionSteps`, 
 (:class:`~birder.runs.predict_options.DetectionOptions`):
 
 - prepare: the classifier as for any run (``-n NAME`` or ``--weights FILE``), and the run's box source
-  (:mod:`birder.runs.box_sources`): the detector (:func:`~birder.net.detection.checkpoint.load_detector`, run in
-  float32), or the boxes file a user already has (``--boxes``: :class:`~birder.runs.box_sources.FileBoxes`, whose
-  people, vehicles and detections below the threshold pass through unclassified);
-- predict: each batch of photos is decoded once (:func:`~birder.io.images.load_image`), the detector finds boxes
-  in all of them in one pass (:func:`~birder.inference.detection.detect_tensors`; a boxes file instead gives each
-  photo's, and the photos it lists as failed or does not list are failures, never decoded), boxes scoring at least
-  ``det_threshold`` are cropped with a margin (:func:`~birder.inference.crops.crop_box`) and every crop goes
-  through the classifier's own preprocessing and batch loop (``classification_transform``,
+  (:mod:`birder.runs.box_sources`): the detector (:func:`~birder.inference.model.load_for_inference`: its backbone
+  and pyramid in the run's ``--dtype``, ``auto`` giving bfloat16 only where the device has it natively; its box
+  operations float32), or the boxes file a user already has (``--boxes``:
+  :class:`~birder.runs.box_sources.FileBoxes`, whose people, vehicles and detections below the threshold pass
+  through unclassified; the photos it lists as failed or does not list are failures, never decoded);
+- predict: each batch of photos is decoded in the loader's workers, JPEGs at the smallest DCT scale that keeps the
+  detector's input size (:class:`~birder.inference.dataset.DetectionInputs`; ``decode="full"``: every photo at full
+  resolution, :func:`~birder.io.images.load_image`), the detector finds boxes in all of them in one pass
+  (:func:`~birder.inference.detection.detect_tensors`; boxes in full-resolution pixels), boxes scoring at least
+  ``det_threshold`` are cropped with a margin (the rectangle of :func:`~birder.inference.crops.crop_box`): from
+  the reduced decode, resampled straight to the classifier's size, where it has the pixels
+  (:meth:`~birder.io.images.ReducedImage.crop_resized`), else from one more decode at the scale the smallest box
+  needs (full resolution: :func:`~birder.inference.crops.crop_box` as with ``decode="full"``). The crops of
+  consecutive photos are classified together in ``batch_size`` chunks (:class:`CropQueue`) through the
+  classifier's own preprocessing and batch loop (``classification_transform``,
   :meth:`~birder.inference.predictor.Predictor.predict_tensor`) and the decision order
   (:func:`birder.runs.steps.classified_rows`: species list, prior, top-k, ``label`` / ``rank`` /
-  ``label_probability``);
+  ``label_probability``). Each stage's seconds go to ``run.json`` (:mod:`birder.runs.stages`);
 - after the merge: the MegaDetector batch output (``--export md-json``), from the final tables (with
   ``--boxes``: the file itself written back with the species of its detections).
 
@@ -37,7 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +54,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from birder.distributed import DistInfo
-from birder.errors import BirderError, CheckpointError
+from birder.errors import BirderError, CheckpointError, ImageDecodeError, one_line
+from birder.geo.results import SOURCE_DETECTION, SOURCE_PASSED, SOURCE_WHOLE_IMAGE
 from birder.inference import predictor as P
 from birder.inference.crops import (
     crop_box,
@@ -57,14 +65,18 @@ from birder.inference.crops import (
     md_timestamp,
     write_md_json,
 )
-from birder.inference.dataset import PhotoBatch
+from birder.inference.dataset import DetectionInput, DetectionInputs, PhotoBatch
 from birder.inference.detection import detect_tensors
+from birder.inference.model import AS_LOADED
+from birder.inference.optimize import DtypeChoice
 from birder.inference.tables import PredictionTables, photo_file_stem
 from birder.inference.taxonomy import Taxonomy
+from birder.io.images import ReducedImage, crop_rectangle, load_image, load_image_reduced
 from birder.io.journal import final_path
 from birder.io.table_files import PATH_COLUMN, Column, Row, TableSpec, read_table_rows, write_table
-from birder.runs.box_sources import SOURCE_PASSED, BoxSource, FileBoxes, SourceBox
-from birder.runs.predict_options import DetectionOptions, PredictionOptions
+from birder.runs.box_sources import BoxSource, FileBoxes, SourceBox
+from birder.runs.predict_options import DECODE_MODES, DetectionOptions, PredictionOptions
+from birder.runs.stages import StageTimes
 from birder.runs.steps import (
     PredictionJob,
     RunPlan,
@@ -75,8 +87,6 @@ from birder.runs.steps import (
     make_predictor,
 )
 
-SOURCE_DETECTION = "detection"
-SOURCE_WHOLE_IMAGE = "whole-image"
 MD_JSON_FILE = "megadetector.json"
 # What a box row says before the classifier's columns
 BOX_COLUMNS = (
@@ -110,6 +120,8 @@ def check_options(options: PredictionOptions, detection: DetectionOptions) -> No
             f"--boxes '{detection.boxes}' does not exist (a MegaDetector batch output, SpeciesNet predictions or "
             "COCO JSON file expected)"
         )
+    if detection.decode not in DECODE_MODES:
+        raise BirderError(f"--decode must be one of {', '.join(DECODE_MODES)}, got '{detection.decode}'")
     if not 0.0 <= detection.det_threshold <= 1.0:
         raise BirderError(f"--det-threshold must be between 0 and 1, got {detection.det_threshold}")
     if not detection.crop_margin >= 0.0:
@@ -183,9 +195,11 @@ class DetectionStep(BoxSource):
     transform: Callable[[Image.Image], torch.Tensor]
     class_names: list[str]  # the detector's (its class_to_idx order)
     options: DetectionOptions
+    size: tuple[int, int] = (0, 0)  # the detector's input (H, W): what a reduced decode must keep
+    dtype: DtypeChoice = AS_LOADED  # its backbone and pyramid's, and why
 
     def settings(self) -> dict[str, Any]:
-        """What shapes the rows (a resume must match it)."""
+        """What shapes the rows (a resume must match it: one table never mixes decodes or detector dtypes)."""
         options = self.options
         assert options.detector is not None
         return {
@@ -193,20 +207,22 @@ class DetectionStep(BoxSource):
             "det_threshold": options.det_threshold,
             "crop_margin": options.crop_margin,
             "fallback_whole_image": options.fallback_whole_image,
+            "decode": options.decode,
+            "detector_dtype": self.dtype.dtype,
         }
 
-    def input_transform(self) -> Callable[[Image.Image], tuple[Image.Image, torch.Tensor]]:
-        return PhotoAndDetectorInput(self.transform)
+    def input_transform(self) -> Callable[[Image.Image], DetectionInput]:
+        if self.options.decode == "full":
+            return PhotoAndDetectorInput(self.transform)
+        return DetectionInputs(self.transform, self.size)
 
-    def boxes(
-        self, photos: Sequence[Image.Image], inputs: Sequence[Any], paths: Sequence[str]
-    ) -> list[list[SourceBox]]:
-        """The boxes the detector finds in a batch of decoded photos (``inputs``: its tensors), best first."""
+    def boxes(self, inputs: Sequence[DetectionInput], paths: Sequence[str]) -> list[list[SourceBox]]:
+        """The boxes the detector finds in a batch of decoded photos, best first, in full-resolution pixels."""
         try:
             found = detect_tensors(
                 self.net,
-                list(inputs),
-                [(photo.height, photo.width) for photo in photos],
+                [item.tensor for item in inputs],
+                [item.full_hw for item in inputs],  # boxes in the full-resolution photo's pixels
                 score_threshold=self.options.det_threshold,
             )
         except Exception as exc:
@@ -222,15 +238,16 @@ class DetectionStep(BoxSource):
         ]
 
 
-def load_detection_step(options: DetectionOptions, device: torch.device) -> DetectionStep:
-    """The ``--detector`` file, ready for inference on ``device`` (float32: torchvision's box operations)."""
+def load_detection_step(options: DetectionOptions, device: torch.device, dtype: str = "float32") -> DetectionStep:
+    """The ``--detector`` file, ready for inference on ``device``, its backbone and pyramid in ``dtype`` (``auto``:
+    bfloat16 only where ``device`` has it natively); torchvision's box operations stay float32."""
     from birder.inference.model import load_for_inference
 
     try:
-        loaded = load_for_inference(weights=Path(options.detector), detector=True, device=device)
+        loaded = load_for_inference(weights=Path(options.detector), detector=True, device=device, dtype=dtype)
     except CheckpointError as err:
         raise BirderError(f"--detector: {err}") from None
-    return DetectionStep(loaded.net, loaded.transform, loaded.class_names, options)
+    return DetectionStep(loaded.net, loaded.transform, loaded.class_names, options, loaded.size, loaded.dtype)
 
 
 class DetectionSteps(RunSteps):
@@ -243,6 +260,7 @@ class DetectionSteps(RunSteps):
     def __init__(self, options: DetectionOptions) -> None:
         self.options = options
         self._source: BoxSource | None = None
+        self.times = StageTimes()
 
     @property
     def source(self) -> BoxSource:
@@ -270,7 +288,7 @@ class DetectionSteps(RunSteps):
             # Events and exports of boxes: an event's species and counts come from its boxes (birder.geo.box_events)
             job.geo = dataclasses.replace(job.geo, per_box=True)
         if self.options.detector is not None:
-            self._source = load_detection_step(self.options, context.device)
+            self._source = load_detection_step(self.options, context.device, job.options.execution.dtype)
         elif self._source is None:  # a library caller who skipped check()
             self._source = FileBoxes(self.options, options.inputs)
         job.settings.update(self.source.settings())
@@ -285,13 +303,29 @@ class DetectionSteps(RunSteps):
         predictor = make_predictor(job)
         loaded = [index for index in mine if index not in skipped]
         loader = predictor.loader(plan.paths, loaded, transform=source.input_transform(), stack=False)
-        batches = _with_skipped(
-            job, loader, skipped, plan.paths, lambda batch: _batch_rows(job, source, predictor, batch, plan.paths)
-        )
-        return journal_batches(job, context, plan, len(mine), batches, "Detecting")
+        times = self.times = StageTimes()
+        queue = CropQueue(job, predictor, plan.paths, times)
+        batches = _detection_rows(job, source, queue, times.waited(loader), plan.paths, times)
+        with_skipped = _with_skipped(job, batches, skipped, plan.paths)
+        return journal_batches(job, context, plan, len(mine), with_skipped, "Detecting", times)
 
     def tally(self, job: PredictionJob) -> Tally:
         return DetectionTally(job, self.options)
+
+    def run_info(self, job: PredictionJob) -> dict[str, Any]:
+        if not isinstance(self.source, DetectionStep):
+            return {}
+        step = self.step
+        return {
+            "detector_dtype": step.dtype.dtype,
+            "detector_dtype_reason": step.dtype.reason,
+            "decode": step.options.decode,
+        }
+
+    def summary_lines(self, job: PredictionJob) -> list[str]:
+        if not isinstance(self.source, DetectionStep):
+            return []
+        return [f"  detector      {self.step.dtype}, decode {self.step.options.decode}"]
 
     def after(self, job: PredictionJob, plan: RunPlan) -> None:
         """(rank 0, after the merge) The failure rows of a boxes file's paths that match no photo;
@@ -321,29 +355,132 @@ def detection_tables(job: PredictionJob) -> DetectionTables:
 
 
 class PhotoAndDetectorInput:
-    """The dataset's transform of a detection run: the decoded photo (for the crops) and the detector's input."""
+    """The dataset's transform of a ``decode="full"`` detection run: the photo decoded at full resolution
+    (:func:`~birder.io.images.load_image`, the loader's default) and the detector's input."""
 
     def __init__(self, transform: Callable[[Image.Image], torch.Tensor]) -> None:
         self.transform = transform
 
-    def __call__(self, photo: Image.Image) -> tuple[Image.Image, torch.Tensor]:
-        return (photo, self.transform(photo))
+    def __call__(self, photo: Image.Image) -> DetectionInput:
+        return DetectionInput(ReducedImage(photo, photo.size, 1), self.transform(photo))
+
+
+@dataclass
+class _Photo:
+    """A photo on its way to the journals: its boxes (images for the classifier, or boxes passing through) and, as
+    they are classified, their rows (the photo is done when every one has its row)."""
+
+    index: int  # its place in the run's paths
+    photo: ReducedImage
+    metadata: Any
+    images: list[_Image]
+
+    @property
+    def done(self) -> bool:
+        return all(image.row is not None for image in self.images)
+
+    @property
+    def rows(self) -> list[Row]:
+        return [image.row for image in self.images if image.row is not None]
 
 
 @dataclass
 class _Image:
-    """One image for the classifier: a box's crop or a whole photo, and its row's lead cells."""
+    """One box of a photo (or the whole photo) and its row's lead cells; ``image`` is what the classifier gets
+    (None: a box that passes through unclassified, its row made at once)."""
 
-    photo: int  # its photo's place in the batch
-    image: Image.Image | None  # None: a box that passes through unclassified (its row has the lead cells only)
+    owner: _Photo
+    image: Image.Image | None
     lead: list[Any]
+    row: Row | None = None
 
 
-def _photos_and_tensors(batch: PhotoBatch) -> list[tuple[Image.Image, torch.Tensor]]:
+def _photos_and_tensors(batch: PhotoBatch) -> list[DetectionInput]:
     """The photos of a batch with their detector inputs: this run's loader keeps them as pairs (``stack=False``)."""
     if not isinstance(batch.inputs, list):
         raise P.PredictionError("a crop-then-classify batch holds (photo, tensor) pairs: its loader must not stack")
     return batch.inputs
+
+
+class CropQueue:
+    """The images waiting for the classifier, across photos and loader batches: classified ``batch_size`` at a
+    time, so the classifier always gets full batches (photos without a box add nothing); photos leave in order,
+    once all their images are classified (a photo's row in the photos table marks it done: it comes last)."""
+
+    def __init__(self, job: PredictionJob, predictor: P.Predictor, paths: list[str], times: StageTimes) -> None:
+        (self.job, self.predictor, self.paths, self.times) = (job, predictor, paths, times)
+        self.waiting: list[_Image] = []
+        self.photos: deque[_Photo] = deque()
+
+    def add(self, photo: _Photo) -> None:
+        self.photos.append(photo)
+        self.waiting.extend(image for image in photo.images if image.image is not None)
+
+    def ready(self, flush: bool = False) -> list[_Photo]:
+        """The photos whose rows are all there, in order, after classifying every full chunk (``flush``: what is
+        left as well: the last photos of the run)."""
+        size = self.job.options.execution.batch_size
+        while len(self.waiting) >= size or (flush and self.waiting):
+            (chunk, self.waiting) = (self.waiting[:size], self.waiting[size:])
+            self._classify(chunk)
+        done = []
+        while self.photos and self.photos[0].done:
+            done.append(self.photos.popleft())
+        return done
+
+    def _classify(self, chunk: list[_Image]) -> None:
+        (job, times) = (self.job, self.times)
+        paths = [self.paths[image.owner.index] for image in chunk]
+        with times.timed("crops"):
+            inputs = torch.stack([job.transform(image.image) for image in chunk])
+        with times.timed("classifier"):
+            try:
+                (probabilities, embeddings, logits, _) = self.predictor.predict_tensor(inputs)
+            except Exception as exc:
+                raise P.model_failure(paths[0], exc) from exc
+        with times.timed("decision"):
+            rows = classified_rows(
+                job,
+                paths,
+                [image.owner.metadata for image in chunk],
+                (probabilities, embeddings, logits),
+                lead_values=[image.lead for image in chunk],
+            )["results"]
+        for image, row in zip(chunk, rows, strict=True):
+            image.row = row
+
+
+def _detection_rows(
+    job: PredictionJob,
+    source: BoxSource,
+    queue: CropQueue,
+    batches: Iterator[PhotoBatch],
+    paths: list[str],
+    times: StageTimes,
+) -> Iterator[tuple[dict[str, list[Row]], int]]:
+    """``(rows by table, photos)`` as photos are done: each loader batch's boxes found and cropped into ``queue``."""
+    tables = detection_tables(job)
+    for batch in batches:
+        times.add("decode", batch.seconds)
+        (rows, photos) = _batch_rows(job, source, batch, paths, times)
+        for photo in photos:
+            queue.add(photo)
+        yield _done_rows(tables, source.options, rows, queue.ready(), paths, times)
+    yield _done_rows(tables, source.options, {}, queue.ready(flush=True), paths, times)
+
+
+def _with_skipped(
+    job: PredictionJob,
+    batches: Iterable[tuple[dict[str, list[Row]], int]],
+    skipped: Mapping[int, str],
+    paths: list[str],
+) -> Iterator[tuple[dict[str, list[Row]], int]]:
+    """The failure rows of the ``skipped`` photos (index -> reason: never decoded) first, then ``batches`` (the
+    merge puts the final tables in the photos' order)."""
+    if skipped:
+        rows = detection_tables(job).failure_rows((paths[index], skipped[index]) for index in sorted(skipped))
+        yield (rows, len(skipped))
+    yield from batches
 
 
 def _box_source_cell(box: SourceBox) -> str | None:
@@ -354,124 +491,146 @@ def _box_source_cell(box: SourceBox) -> str | None:
     return SOURCE_PASSED if box.counted else None
 
 
+_WHOLE_IMAGE_LEAD = (None, 0, None, None, None, None, None, None, SOURCE_WHOLE_IMAGE)
+
+
 def _batch_rows(
-    job: PredictionJob, source: BoxSource, predictor: P.Predictor, batch: PhotoBatch, paths: list[str]
-) -> tuple[dict[str, list[Row]], int]:
-    """``(rows by table, photos)`` of one batch of photos."""
+    job: PredictionJob, source: BoxSource, batch: PhotoBatch, paths: list[str], times: StageTimes
+) -> tuple[dict[str, list[Row]], list[_Photo]]:
+    """The failure rows of one batch of photos, and its photos with their boxes, cropped for the classifier."""
     if batch.run_error is not None:
         raise P.PredictionError(f"{batch.run_error}; check the preprocessing options (size, crop)")
     tables = detection_tables(job)
-    rows = tables.failure_rows((paths[index], reason) for (index, reason) in batch.failures)
-    count = len(batch.indices) + len(batch.failures)
+    failures = [(paths[index], reason) for (index, reason) in batch.failures]
     if not batch.indices:
-        return (rows, count)
+        return (tables.failure_rows(failures), [])
 
     inputs = _photos_and_tensors(batch)
-    photos = [photo for (photo, _) in inputs]
-    batch_paths = [paths[i] for i in batch.indices]
-    found = source.boxes(photos, [extra for (_, extra) in inputs], batch_paths)
+    with times.timed("detector"):
+        found = source.boxes(inputs, [paths[index] for index in batch.indices])
 
-    # Each photo's images for the classifier: its boxes' crops in the source's order (or the whole photo, or
-    # none), with the boxes that pass through unclassified in their places
+    # Each photo's boxes in the source's order (the detector's: best first): crops for the classifier, the boxes
+    # that pass through unclassified in their places (their rows made now), or the whole photo, or none
     options = source.options
-    per_photo: list[list[_Image]] = []
-    for place, (photo, boxes) in enumerate(zip(photos, found, strict=True)):
-        mine = [
-            _Image(
-                place,
-                crop_box(photo, box.corners, options.crop_margin) if box.classify else None,
-                [box.number, len(boxes), *box.corners, box.category, box.score, _box_source_cell(box)],
-            )
-            for box in boxes
-        ]
-        if not any(box.counted for box in boxes) and options.fallback_whole_image:
-            mine.append(_Image(place, photo, [None, 0, None, None, None, None, None, None, SOURCE_WHOLE_IMAGE]))
-        per_photo.append(mine)
+    photos = []
+    with times.timed("crops"):
+        for index, item, metadata, boxes in zip(batch.indices, inputs, batch.metadata, found, strict=True):
+            whole = options.fallback_whole_image and not any(box.counted for box in boxes)
+            try:
+                crops = classifier_crops(
+                    job.transform, item.photo, paths[index], [box.corners for box in boxes if box.classify],
+                    options.crop_margin,
+                )  # fmt: skip
+                (width, height) = item.photo.full_size
+                if whole:
+                    crops += classifier_crops(
+                        job.transform, item.photo, paths[index], [(0.0, 0.0, float(width), float(height))], 0.0
+                    )
+            except ImageDecodeError as exc:  # changed on disk since the first decode: the photo's failure
+                failures.append((paths[index], one_line(exc, limit=500)))
+                continue
+            photo = _Photo(index, item.photo, metadata, [])
+            given = iter(crops)
+            for box in boxes:
+                lead = [box.number, len(boxes), *box.corners, box.category, box.score, _box_source_cell(box)]
+                image = _Image(photo, next(given) if box.classify else None, lead)
+                if image.image is None:
+                    image.row = tables.box_row(paths[index], lead, metadata)
+                photo.images.append(image)
+            if whole:
+                photo.images.append(_Image(photo, next(given), list(_WHOLE_IMAGE_LEAD)))
+            photos.append(photo)
+    return (tables.failure_rows(failures), photos)
 
-    images = [image for mine in per_photo for image in mine if image.image is not None]
-    classified = _classify(job, predictor, images, batch_paths, batch.metadata)
-    (results, photo_rows) = ([], [])
-    for index, photo, metadata, mine in zip(batch.indices, photos, batch.metadata, per_photo, strict=True):
-        boxes = [
-            next(classified) if image.image is not None else tables.box_row(paths[index], image.lead, metadata)
-            for image in mine
-        ]
-        results += boxes or [tables.empty_row(paths[index], metadata)]
-        detections = sum(image.lead[-1] in (SOURCE_DETECTION, SOURCE_PASSED) for image in mine)
-        photo_rows.append(tables.photos.format_row([paths[index], photo.width, photo.height, detections]))
-        _write_files(options, tables, paths[index], photo, mine, boxes)
-    rows.update({"results": results, "photos": photo_rows})
-    return (rows, count)
+
+def classifier_crops(
+    transform: Callable[[Image.Image], torch.Tensor],
+    photo: ReducedImage,
+    path: str | os.PathLike,
+    boxes: Sequence[Sequence[float]],
+    margin: float,
+) -> list[Image.Image]:
+    """Each of ``boxes`` (full-resolution xyxy) grown by ``margin``, as the classifier's ``transform`` is to get it:
+    from a full-resolution decode, the crop :func:`~birder.inference.crops.crop_box` cuts; from a reduced one,
+    resampled straight to the size the transform resizes that crop to
+    (:meth:`~birder.io.images.ReducedImage.crop_resized`, its exact edges), where the decode has that many pixels,
+    the others from one more decode of ``path`` at the scale the smallest of them needs.
+
+    Raises:
+        ImageDecodeError: ``path`` could not be decoded a second time (it changed on disk since).
+    """
+    if photo.reduction == 1:
+        return [crop_box(photo.image, box, margin) for box in boxes]
+    targets = [_resized_size(transform, crop_rectangle(photo.full_size, box, margin)) for box in boxes]
+    crops = [photo.crop_resized(box, margin, target) for (box, target) in zip(boxes, targets, strict=True)]
+    missing = [number for (number, crop) in enumerate(crops) if crop is None]
+    if missing:
+        reduction = min(photo.crop_reduction(boxes[number], margin, targets[number]) for number in missing)
+        again = load_image_reduced(path, max_reduction=reduction)
+        for number in missing:
+            crop = again.crop_resized(boxes[number], margin, targets[number]) if again.reduction > 1 else None
+            crops[number] = crop if crop is not None else crop_box(again.image, boxes[number], margin)
+    return [crop for crop in crops if crop is not None]
 
 
-def _with_skipped(
-    job: PredictionJob,
-    loader: Iterable[PhotoBatch],
-    skipped: Mapping[int, str],
+def _resized_size(transform: Callable[[Image.Image], torch.Tensor], rectangle: Sequence[int]) -> tuple[int, int]:
+    """``(H, W)`` the classifier's transform resizes a crop of ``rectangle`` (full-resolution pixels) to; a
+    transform that does not say keeps the crop's full-resolution size (a full decode then cuts it)."""
+    (left, top, right, bottom) = rectangle
+    resized = getattr(transform, "resized_size", None)
+    return resized(bottom - top, right - left) if resized is not None else (bottom - top, right - left)
+
+
+def _done_rows(
+    tables: DetectionTables,
+    options: DetectionOptions,
+    rows: dict[str, list[Row]],
+    done: list[_Photo],
     paths: list[str],
-    batch_rows: Callable[[PhotoBatch], tuple[dict[str, list[Row]], int]],
-) -> Iterator[tuple[dict[str, list[Row]], int]]:
-    """``batch_rows`` of each batch the loader gives, with the failure rows of the ``skipped`` photos (index ->
-    reason: never decoded) in their places: a journal's rows follow the photos' order."""
-    tables = detection_tables(job)
-    pending = sorted(skipped)
-    for batch in loader:
-        (rows, count) = batch_rows(batch)
-        last = max([*batch.indices, *(index for (index, _) in batch.failures)], default=-1)
-        before = [index for index in pending if index < last]
-        if before:
-            pending = pending[len(before) :]
-            failures = sorted([*batch.failures, *((index, skipped[index]) for index in before)])
-            rows.update(tables.failure_rows((paths[index], reason) for (index, reason) in failures))
-            count += len(before)
-        yield (rows, count)
-    if pending:
-        yield (tables.failure_rows((paths[index], skipped[index]) for index in pending), len(pending))
-
-
-def _classify(
-    job: PredictionJob, predictor: P.Predictor, images: list[_Image], paths: list[str], metadata: Sequence[Any]
-) -> Iterator[Row]:
-    """The results rows of ``images`` (crops and whole photos), classified ``batch_size`` at a time."""
-    size = job.options.execution.batch_size
-    for start in range(0, len(images), size):
-        chunk = images[start : start + size]
-        inputs = torch.stack([job.transform(image.image) for image in chunk])
-        try:
-            (probabilities, embeddings, logits, _) = predictor.predict_tensor(inputs)
-        except Exception as exc:
-            raise P.model_failure(paths[chunk[0].photo], exc) from exc
-        yield from classified_rows(
-            job,
-            [paths[image.photo] for image in chunk],
-            [metadata[image.photo] for image in chunk],
-            (probabilities, embeddings, logits),
-            lead_values=[image.lead for image in chunk],
-        )["results"]
+    times: StageTimes,
+) -> tuple[dict[str, list[Row]], int]:
+    """``(rows by table, photos)``: ``rows`` (the failures) and the rows of the photos ``done``, in order."""
+    (results, photo_rows) = ([], [])
+    for photo in done:
+        path = paths[photo.index]
+        results += photo.rows if photo.images else [tables.empty_row(path, photo.metadata)]
+        detections = sum(image.lead[-1] in (SOURCE_DETECTION, SOURCE_PASSED) for image in photo.images)
+        (width, height) = photo.photo.full_size
+        photo_rows.append(tables.photos.format_row([path, width, height, detections]))
+        with times.timed("writing"):
+            _write_files(options, tables, path, photo.photo, photo.images, photo.rows)
+    if done:
+        rows = {**rows, "results": results, "photos": photo_rows}
+    return (rows, len(rows.get("failures", ())) + len(done))
 
 
 def _write_files(
     options: DetectionOptions,
     tables: DetectionTables,
     path: str,
-    photo: Image.Image,
+    photo: ReducedImage,
     images: list[_Image],
     rows: list[Row],
 ) -> None:
-    """``--save-crops DIR`` (each box's crop) and ``--draw DIR`` (the photo with its labelled boxes)."""
+    """``--save-crops DIR`` (each box's crop) and ``--draw DIR`` (the photo with its labelled boxes): both from the
+    full-resolution photo, decoded again here when the run decoded it reduced."""
+    if options.save_crops is None and options.draw is None:
+        return
     boxes = [(image, row) for (image, row) in zip(images, rows, strict=False) if image.lead[-1] == SOURCE_DETECTION]
-    crops = [(image.image, image.lead) for (image, _) in boxes if image.image is not None]
+    full = photo.image if photo.reduction == 1 else load_image(path)
     stem = photo_file_stem(path)
     if options.save_crops is not None:
         folder = Path(options.save_crops)
         folder.mkdir(parents=True, exist_ok=True)
-        for crop, lead in crops:
-            crop.save(folder / f"{stem}_box{lead[0]}.jpg", quality=95)
+        for image, _ in boxes:
+            crop_box(full, image.lead[2:6], options.crop_margin).save(
+                folder / f"{stem}_box{image.lead[0]}.jpg", quality=95
+            )
     if options.draw is not None:
         folder = Path(options.draw)
         folder.mkdir(parents=True, exist_ok=True)
         labelled = [(image.lead[2:6], tables.caption(row)) for (image, row) in boxes]
-        draw_boxes(photo, labelled).save(folder / f"{stem}.jpg", quality=90)
+        draw_boxes(full, labelled).save(folder / f"{stem}.jpg", quality=90)
 
 
 def draw_boxes(photo: Image.Image, boxes: Sequence[tuple[Sequence[float], str]]) -> Image.Image:

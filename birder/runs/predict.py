@@ -43,6 +43,7 @@ from birder.plots import plot_predictions
 from birder.runs.detect import DetectionSteps
 from birder.runs.photo_lists import parse_shard, select_photos
 from birder.runs.predict_options import DEFAULT_WORKERS, PROG, PredictionOptions
+from birder.runs.stages import StageTimes, stages_info
 from birder.runs.steps import PredictionJob, RunPlan, RunSteps, Tally, classified_rows, journal_batches, make_predictor
 
 # Named here too (a caller of run_prediction, older callers): the options' module and the frame's
@@ -115,10 +116,16 @@ def run_prediction(options: PredictionOptions, steps: RunSteps | None = None) ->
             "torch": torch.__version__,
             "dtype": job.dtype.dtype,
             "dtype_reason": job.dtype.reason,
+            **steps.run_info(job),
+            **stages_info(steps.times, elapsed),
             **plan.run_info,
         }
         tally = steps.tally(job)
         report = _finish(job, plan, elapsed, run_info, tally)
+        for line in steps.summary_lines(job):
+            print(line)
+        if steps.times is not None and steps.times.seconds:
+            print(steps.times.format(elapsed, execution.num_workers))
         if job.geo is not None:
             _finish_geo(job)
         steps.after(job, plan)
@@ -226,14 +233,21 @@ class ClassificationSteps(RunSteps):
     def predict(self, job: PredictionJob, context: DistInfo, plan: RunPlan, mine: list[int]) -> float:
         """Classify this rank's photos into its journals; returns the seconds it took."""
         predictor = make_predictor(job)
+        times = self.times = StageTimes()
 
         def batches() -> Iterator[tuple[dict[str, list[list[str]]], int]]:
-            for batch in predictor.predict_files(plan.paths, mine):
-                yield (_batch_rows(job, batch, plan.paths), batch.num_photos)
+            # The time in the loop's next batch is the wait for the loader's photos and the network's own seconds
+            for batch in times.waited(predictor.predict_files(plan.paths, mine)):
+                times.add("waiting", -batch.model_seconds)
+                times.add("decode", batch.decode_seconds)
+                times.add("classifier", batch.model_seconds)
+                with times.timed("decision"):
+                    rows = _batch_rows(job, batch, plan.paths)
+                yield (rows, batch.num_photos)
                 if job.options.output.explain is not None:
                     _write_explanations(job, batch, plan.paths)
 
-        return journal_batches(job, context, plan, len(mine), batches(), "Classifying")
+        return journal_batches(job, context, plan, len(mine), batches(), "Classifying", times)
 
     def tally(self, job: PredictionJob) -> Tally:
         return PhotoTally(job)

@@ -31,6 +31,7 @@ PROG = "birder-predict"
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 # Exports written from a crop-then-classify run's own tables (birder.runs.detect), not by birder.geo
 DETECTION_EXPORTS = ("md-json",)
+DECODE_MODES = ("reduced", "full")  # --decode: the first is the default
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,7 @@ class DetectionOptions:
     save_crops: str | os.PathLike | None = None  # a folder: each crop as a JPEG
     draw: str | os.PathLike | None = None  # a folder: each photo with its labelled boxes
     exports: Sequence[str] = ()  # written from the run's own tables: DETECTION_EXPORTS
+    decode: str = "reduced"  # DECODE_MODES: reduced-scale JPEG decoding (detector and crops), or full resolution
 
 
 @dataclass

@@ -39,6 +39,7 @@ from birder.io.journal import JournalSet
 from birder.io.outputs import OutputFolder
 from birder.net.base import BaseNet
 from birder.runs.predict_options import PROG, PredictionOptions
+from birder.runs.stages import StageTimes
 
 
 @dataclass
@@ -74,6 +75,7 @@ class RunSteps(ABC):
     classifier (a detector) is kept on it by :meth:`prepare`."""
 
     tables_class: type[PredictionTables] = PredictionTables  # the kind's tables
+    times: StageTimes | None = None  # where this rank's time went (set by predict): run.json's "stages"
 
     def check(self, options: PredictionOptions) -> None:
         """Refuse, in one line and before anything loads, what this kind of run cannot do (nothing by default)."""
@@ -95,6 +97,14 @@ class RunSteps(ABC):
     def after(self, job: PredictionJob, plan: RunPlan) -> None:
         """(rank 0, after the merge) What is written from the final tables (nothing by default)."""
         return None
+
+    def run_info(self, job: PredictionJob) -> dict[str, Any]:
+        """What ``run.json`` records about this kind's own models besides the classifier (nothing by default)."""
+        return {}
+
+    def summary_lines(self, job: PredictionJob) -> list[str]:
+        """Lines of the end-of-run summary about this kind's own models (none by default)."""
+        return []
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -292,9 +302,10 @@ def journal_batches(
     total: int,
     batches: Iterable[tuple[Mapping[str, list[list[str]]], int]],
     verb: str,
+    times: StageTimes | None = None,
 ) -> float:
     """Write ``(rows by table, photos)`` of each batch into this rank's journals, with a progress bar (rank 0);
-    returns the seconds it took."""
+    returns the seconds it took. ``times`` gets the journals' seconds as ``writing``."""
     execution = job.options.execution
     started = time.perf_counter()
     journals = JournalSet(
@@ -310,8 +321,14 @@ def journal_batches(
     # Closed whatever happens: the rows of the batches that finished become durable (a resume skips them)
     with progress, journals:
         for rows, photos in batches:
+            written = time.perf_counter()
             journals.add(rows, photos)
+            if times is not None:
+                times.add("writing", time.perf_counter() - written)
             progress.update(photos)
+        closing = time.perf_counter()  # the last rows are committed as the journals close
+    if times is not None:
+        times.add("writing", time.perf_counter() - closing)
     return time.perf_counter() - started
 
 

@@ -37,6 +37,7 @@ from birder.log_setup import configure_logging
 from birder.run_options import fraction, positive_int
 from birder.runs.predict import run_prediction
 from birder.runs.predict_options import (
+    DECODE_MODES,
     DEFAULT_WORKERS,
     DETECTION_EXPORTS,
     PROG,
@@ -156,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     det.add_argument("--save-crops", metavar="DIR", help="write each box's crop into DIR (<photo>-<hash>_box<N>.jpg)")
     det.add_argument("--draw", metavar="DIR", help="write each photo with its labelled boxes into DIR")
+    det.add_argument(
+        "--decode",
+        choices=DECODE_MODES,
+        help="reduced (default): JPEGs decoded at the smallest DCT scale the detector and each crop need; "
+        "full: every photo at full resolution (slower, the reference)",
+    )
 
     add_decision_arguments(parser)
     add_geo_arguments(
@@ -200,6 +207,7 @@ def _detection_options(args: argparse.Namespace) -> DetectionOptions | None:
             "--save-crops": args.save_crops is not None,
             "--draw": args.draw is not None,
             "--boxes-root": args.boxes_root is not None,
+            "--decode": args.decode is not None,
         }
         for option, given in needs_detector.items():
             if given:
@@ -210,7 +218,7 @@ def _detection_options(args: argparse.Namespace) -> DetectionOptions | None:
         return None
     if args.boxes_root is not None and args.boxes is None:
         raise BirderError("--boxes-root is where the paths of a --boxes file start: it needs --boxes FILE")
-    return options_group(DetectionOptions, args, exports=exports)
+    return options_group(DetectionOptions, args, exports=exports, decode=args.decode or DECODE_MODES[0])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
