@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 import numpy as np
 import numpy.typing as npt
@@ -185,55 +186,39 @@ class EnsembleMember:
         )
 
 
-def member_scores(
-    member: EnsembleMember,
-    *,
-    probabilities: FloatArray | None = None,
-    logits: FloatArray | None = None,
-    embeddings: FloatArray | None = None,
-    statistics: ClassStatistics | None = None,
-) -> npt.NDArray[np.float64]:
+class ScoreInputs(TypedDict, total=False):
+    """What an unknown test scores photos from: the classifier's outputs and the class statistics (each test needs
+    some of them: :func:`unknown_scores`)."""
+
+    probabilities: FloatArray | None
+    logits: FloatArray | None
+    embeddings: FloatArray | None
+    statistics: ClassStatistics | None
+
+
+def member_scores(member: EnsembleMember, **inputs: Unpack[ScoreInputs]) -> npt.NDArray[np.float64]:
     """A member's raw (not normalised) unknown score of each photo."""
     if member.method == "knn":
+        (embeddings, statistics) = (inputs.get("embeddings"), inputs.get("statistics"))
         if embeddings is None or statistics is None:
             raise BirderError("the 'knn' unknown test needs embeddings and class statistics")
         return statistics.knn(embeddings, member.neighbours)
-    return unknown_scores(
-        member.method, probabilities=probabilities, logits=logits, embeddings=embeddings, statistics=statistics
-    )
+    return unknown_scores(member.method, **inputs)
 
 
 def fit_ensemble(
-    members: Sequence[tuple[str, int | None]],
-    *,
-    probabilities: FloatArray | None = None,
-    logits: FloatArray | None = None,
-    embeddings: FloatArray | None = None,
-    statistics: ClassStatistics | None = None,
+    members: Sequence[tuple[str, int | None]], **inputs: Unpack[ScoreInputs]
 ) -> tuple[EnsembleMember, ...]:
     """The ensemble of ``members`` (``(method, k)``, k for knn only) normalised on known photos: each member's
     centre and scale are the mean and standard deviation of its score on them."""
     fitted = []
     for method, neighbours in members:
-        raw = member_scores(
-            EnsembleMember(method, neighbours),
-            probabilities=probabilities,
-            logits=logits,
-            embeddings=embeddings,
-            statistics=statistics,
-        )
+        raw = member_scores(EnsembleMember(method, neighbours), **inputs)
         fitted.append(EnsembleMember(method, neighbours, float(raw.mean()), max(float(raw.std()), _MIN_SCALE)))
     return tuple(fitted)
 
 
-def ensemble_scores(
-    members: Sequence[EnsembleMember],
-    *,
-    probabilities: FloatArray | None = None,
-    logits: FloatArray | None = None,
-    embeddings: FloatArray | None = None,
-    statistics: ClassStatistics | None = None,
-) -> npt.NDArray[np.float64]:
+def ensemble_scores(members: Sequence[EnsembleMember], **inputs: Unpack[ScoreInputs]) -> npt.NDArray[np.float64]:
     """The mean of the members' normalised scores (higher: more likely unknown)."""
     if not members:
         raise BirderError(
@@ -242,9 +227,7 @@ def ensemble_scores(
         )
     total = 0.0
     for member in members:
-        raw = member_scores(
-            member, probabilities=probabilities, logits=logits, embeddings=embeddings, statistics=statistics
-        )
+        raw = member_scores(member, **inputs)
         total = total + (raw - member.centre) / member.scale
     return np.asarray(total, dtype=np.float64) / len(members)
 

@@ -54,12 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--unknown-method",
         choices=("auto", *METHODS),
         default="auto",
-        help="default unknown test (auto, the default: the best on folds of held-out classes, printed as a table; "
-        "ensemble: the mean of the candidates the folds cannot tell apart)",
+        help="default unknown test: auto (the best single test on folds of held-out classes, printed) or one named",
     )
-    fit.add_argument(
-        "--unknown-threshold", type=float, metavar="S", help="the unknown test's threshold, given directly"
-    )
+    fit.add_argument("--unknown-threshold", type=float, metavar="S", help="the unknown test's threshold, given as is")
     fit.add_argument(
         "--unknown-folds",
         type=int,
