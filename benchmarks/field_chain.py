@@ -56,6 +56,7 @@ from benchmarks.synthetic import class_name, make_class_folder, render_object, t
 REPO = Path(__file__).resolve().parent.parent
 BASELINE_COMMIT = "7521490"  # the last commit before issue 21: today's code path
 GENERATOR_VERSION = 1  # bump when the photos or their truth change: the cache is rebuilt
+TIMEZONE = "Europe/Zurich"  # where CAMERAS are
 CAMERAS = {"cam_1": (47.3769, 8.5417), "cam_2": (47.4012, 8.5890), "cam_3": (47.3520, 8.4901)}  # folder -> lat, lon
 START = dt.datetime(2024, 6, 3, 5, 40, 0)
 BURST = 3  # photos a trigger takes, one second apart
@@ -476,6 +477,7 @@ def run_chain(run: ChainRun, photos: Path, common: dict[str, Path], workers: int
     argv = [sys.executable, "-m", "birder.scripts.predict", str(photos), "--weights", str(run.classifier)]
     argv += ["--detector", str(run.detector), "--taxonomy", str(common["taxonomy"]), "--prior", str(common["prior"])]
     argv += ["--output-dir", str(run.output), "--overwrite", "--no-progress", "--device", "cpu", "-j", str(workers)]
+    argv += ["--timezone", TIMEZONE]  # the cameras' clock (Camtrap DP); accepted by the baseline too
     argv += run.extra
     options = [list(option) for option in DROPPABLE]
     refused: list[dict[str, str]] = []
