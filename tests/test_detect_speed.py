@@ -231,6 +231,29 @@ def test_crops_of_several_photos_fill_the_classifiers_batches(tmp_path: Path, mo
     assert sizes == []
 
 
+def test_photos_waiting_for_the_classifier_hold_no_decode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Photos wait in the crop queue until the classifier's batch is full: a full-resolution decode held by each of
+    # them (36 MB a 12 MP photo) would grow with the batch size. Only --save-crops and --draw need it kept
+    photos = make_photo_folder(tmp_path / "photos")
+    models = {"classifier": save_tiny_model(tmp_path / "tiny.pt"), "detector": save_tiny_detector(tmp_path / "det.pt")}
+    held: list[bool] = []
+    original = D.CropQueue.add
+
+    def recorded(self: D.CropQueue, photo: object) -> None:
+        held.append(photo.photo is not None)  # type: ignore[attr-defined]
+        original(self, photo)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(D.CropQueue, "add", recorded)
+    args = ["--weights", str(models["classifier"]), "--detector", str(models["detector"]), str(photos), "-j", "0"]
+    args += ["--no-progress", "--decode", "full", "-b", "64"]
+    assert main([*args, "--output-dir", str(tmp_path / "out")]) == 0
+    assert len(held) == len(GOOD_PHOTOS) and not any(held)
+    held.clear()
+    assert main([*args, "--output-dir", str(tmp_path / "drawn"), "--draw", str(tmp_path / "drawings")]) == 0
+    assert len(held) == len(GOOD_PHOTOS) and all(held)
+    assert len(list((tmp_path / "drawings").glob("*.jpg"))) == len(GOOD_PHOTOS)
+
+
 def test_decode_is_a_detection_option_and_a_resume_keeps_it(
     models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -371,7 +371,10 @@ class _Photo:
     they are classified, their rows (the photo is done when every one has its row)."""
 
     index: int  # its place in the run's paths
-    photo: ReducedImage
+    full_size: tuple[int, int]  # (width, height) at full resolution, EXIF orientation applied
+    # The decode, kept only for --save-crops and --draw: photos wait in the queue until the classifier's batch is
+    # full, and a full-resolution decode is 36 MB a 12 MP photo
+    photo: ReducedImage | None
     metadata: Any
     images: list[_Image]
 
@@ -529,7 +532,8 @@ def _batch_rows(
             except ImageDecodeError as exc:  # changed on disk since the first decode: the photo's failure
                 failures.append((paths[index], one_line(exc, limit=500)))
                 continue
-            photo = _Photo(index, item.photo, metadata, [])
+            keep = options.save_crops is not None or options.draw is not None
+            photo = _Photo(index, item.photo.full_size, item.photo if keep else None, metadata, [])
             given = iter(crops)
             for box in boxes:
                 lead = [box.number, len(boxes), *box.corners, box.category, box.score, _box_source_cell(box)]
@@ -595,10 +599,11 @@ def _done_rows(
         path = paths[photo.index]
         results += photo.rows if photo.images else [tables.empty_row(path, photo.metadata)]
         detections = sum(image.lead[-1] in (SOURCE_DETECTION, SOURCE_PASSED) for image in photo.images)
-        (width, height) = photo.photo.full_size
+        (width, height) = photo.full_size
         photo_rows.append(tables.photos.format_row([path, width, height, detections]))
         with times.timed("writing"):
-            _write_files(options, tables, path, photo.photo, photo.images, photo.rows)
+            if photo.photo is not None:
+                _write_files(options, tables, path, photo.photo, photo.images, photo.rows)
     if done:
         rows = {**rows, "results": results, "photos": photo_rows}
     return (rows, len(rows.get("failures", ())) + len(done))
