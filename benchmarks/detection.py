@@ -5,6 +5,7 @@
     python -m benchmarks.detection --sections curve --heads retinanet --detector-epochs 60
     python -m benchmarks.detection --tiny                # a smoke run (seconds)
     python -m benchmarks.detection --metrics runs/det/det_metrics.csv   # adds a birder-train-det run's curve
+    python -m benchmarks.detection --sections counts     # boxes per photo against true counts (reuses the curve's)
 
 **Curve.** The slow test's recipe (``tests/test_detection_learning.py`` imports it from here), longer and on more
 data: generated scenes (``benchmarks.synthetic``: 0-3 objects of four shapes of one colour pair, 2-10 % of the
@@ -17,6 +18,18 @@ a second one, and lose much when other processes want the cores. Target: mAP@.5 
 photo per call, the median of ``--runs`` calls after ``--warmup``. bfloat16 is autocast, as ``--amp bf16``; it is
 measured only where it is native (CUDA, or a CPU with AVX512-BF16 or AMX): elsewhere it is emulated, far slower than
 float32, and printed as "not measured". Every figure is printed with the machine's label (CPU model, flags, threads).
+
+**Counts.** Does a box count animals? Held-out scenes with exactly 0-4 objects each (drawn evenly), those with two or
+more laid out apart, touching (boxes meeting or sharing a sliver of at most 10 % of the smaller side) or
+overlapping (a later object drawn over an earlier one, hiding 15-40 % of the smaller box), a third of them each
+(``benchmarks.synthetic.write_count_scenes``). The detector is the curve's faster_rcnn (trained by
+``birder-train-det``'s own argument parsing, cached in ``--workdir`` and reused), run through ``birder-predict
+--detector`` itself (its ``main``, default flags: the default threshold, class-agnostic merging) with the curve's
+classifier. Two scene sets: ``tune``, the curve's kind of scene (cluttered 128 px squares, objects 2-10 % of the
+frame), the one any choice was made on; ``final``, built differently (a foliage background under uneven light,
+160 x 120 px landscape photos, smaller objects: 1.5-6 % of the frame), only looked at once at the end. Reported:
+the share of photos whose box count equals the truth (overall, by true count, by layout), the largest IoU between
+two kept boxes of a photo and how many pairs exceed 0.5, mAP@.5 (pycocotools, the detector's own output).
 
 Crop-then-classify against whole-image top-1 is ``benchmarks/crop_classify.py``'s.
 """
@@ -33,9 +46,9 @@ from typing import Any
 import torch
 
 from benchmarks.inference import machine_description, machine_label
-from benchmarks.synthetic import make_class_folder, write_coco_scenes
+from benchmarks.synthetic import box_iou_xywh, make_class_folder, write_coco_scenes, write_count_scenes
 from birder.model_registry import registry
-from birder.scripts import train_det
+from birder.scripts import predict, train_det
 from birder.training.amp import autocast
 from birder.training.classification import TrainConfig, train_classifier
 from birder.training.detection import train_detector
@@ -232,9 +245,7 @@ def print_speed(label: str, measured: list[dict], skipped: list[dict]) -> None:
 
 
 def curve_section(args: argparse.Namespace) -> dict[str, Any]:
-    scale = TINY_SCALE if args.tiny else BENCHMARK_SCALE
-    overrides = {key: getattr(args, key) for key in asdict(scale) if getattr(args, key, None) is not None}
-    scale = Scale(**{**asdict(scale), **overrides})
+    scale = curve_scale(args)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.curve_threads)
     try:
@@ -259,9 +270,167 @@ def curve_section(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# Counts
+
+COUNT_HEAD = "faster_rcnn"
+# Two differently generated sets of scenes with known counts: "tune" is the curve's kind of scene, "final" is not
+COUNT_SETS: dict[str, dict[str, Any]] = {
+    "tune": {"seed": 10, "size": (SCENE_SIZE, SCENE_SIZE), "background": "clutter", "area_range": (0.02, 0.10)},
+    "final": {"seed": 20, "size": (120, 160), "background": "foliage", "area_range": (0.015, 0.06)},
+}
+TRUE_COUNTS = (0, 4)
+
+
+def curve_scale(args: argparse.Namespace) -> Scale:
+    """The curve section's scale with the command line's overrides."""
+    scale = TINY_SCALE if args.tiny else BENCHMARK_SCALE
+    overrides = {key: getattr(args, key) for key in asdict(scale) if getattr(args, key, None) is not None}
+    return Scale(**{**asdict(scale), **overrides})
+
+
+def curve_detector(args: argparse.Namespace, head: str) -> tuple[Path, Path, bool]:
+    """The curve recipe's classifier and ``head`` detector files in ``args.workdir``: trained there by the curve
+    section (or now, the same way) and reused. Returns them and whether they were trained now."""
+    scale = curve_scale(args)
+    classifier = args.workdir / "classifier" / f"vit_t16_{scale.classifier_epochs}.pt"
+    detector = args.workdir / head / f"{head}_vit_t16_{scale.detector_epochs}.pt"
+    if classifier.is_file() and detector.is_file():
+        return (classifier, detector, False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.curve_threads)
+    try:
+        data = prepare_data(args.workdir, scale, TINY_BACKBONE if args.tiny else None)
+        learning_curve(head, data, args.workdir / head, scale.detector_epochs)
+    finally:
+        torch.set_num_threads(threads)
+    return (Path(data["classifier"]), detector, True)
+
+
+def pair_overlaps(coco: dict[str, Any]) -> dict[str, list[float]]:
+    """The true boxes' IoU of each touching or overlapping pair (boxes sharing any area), by the photo's layout."""
+    boxes: dict[int, list[list[float]]] = {}
+    for annotation in coco["annotations"]:
+        boxes.setdefault(annotation["image_id"], []).append(annotation["bbox"])
+    ious: dict[str, list[float]] = {"touching": [], "overlapping": []}
+    for image in coco["images"]:
+        if image["layout"] not in ious:
+            continue
+        found = boxes.get(image["id"], [])
+        for i, first in enumerate(found):
+            for second in found[i + 1 :]:
+                if (iou := box_iou_xywh(tuple(first), tuple(second))) > 0:
+                    ious[image["layout"]].append(iou)
+    return ious
+
+
+def _share(hits: list[bool]) -> dict[str, Any]:
+    return {"photos": len(hits), "correct": sum(hits), "share": sum(hits) / len(hits) if hits else float("nan")}
+
+
+def count_scores(annotations: Path, run_dir: Path) -> dict[str, Any]:
+    """A ``birder-predict --detector`` run's boxes per photo against the scenes' true counts, and how much its kept
+    boxes of one photo overlap."""
+    coco = json.loads(annotations.read_text())
+    with open(run_dir / "photos.csv", newline="") as handle:
+        counted = {Path(row["path"]).name: int(row["detections"]) for row in csv.DictReader(handle)}
+    kept: dict[str, list[tuple[float, float, float, float]]] = {}
+    with open(run_dir / "results.csv", newline="") as handle:
+        for row in csv.DictReader(handle):
+            if row["x1"]:
+                (x1, y1, x2, y2) = (float(row[key]) for key in ("x1", "y1", "x2", "y2"))
+                kept.setdefault(Path(row["path"]).name, []).append((x1, y1, x2 - x1, y2 - y1))
+    (overall, by_count, by_layout) = ([], {}, {})
+    errors = {"fewer": 0, "more": 0}
+    for image in coco["images"]:
+        name = Path(image["file_name"]).name
+        if name not in counted:
+            raise RuntimeError(f"{name}: not in the run's photos.csv")
+        hit = counted[name] == image["count"]
+        overall.append(hit)
+        by_count.setdefault(image["count"], []).append(hit)
+        by_layout.setdefault(image["layout"], []).append(hit)
+        if not hit:
+            errors["fewer" if counted[name] < image["count"] else "more"] += 1
+    pair_ious = [
+        box_iou_xywh(first, second)
+        for boxes in kept.values()
+        for i, first in enumerate(boxes)
+        for second in boxes[i + 1 :]
+    ]
+    with open(run_dir / "run.json") as handle:
+        settings = json.load(handle).get("settings", {})
+    return {
+        "threshold": settings.get("det_threshold"),
+        "overall": _share(overall),
+        "by_true_count": {str(count): _share(hits) for count, hits in sorted(by_count.items())},
+        "by_layout": {layout: _share(hits) for layout, hits in sorted(by_layout.items())},
+        "miscounted": errors,
+        "kept_boxes": sum(len(boxes) for boxes in kept.values()),
+        "max_kept_pair_iou": max(pair_ious, default=0.0),
+        "kept_pairs_over_half": sum(iou > 0.5 for iou in pair_ious),
+    }
+
+
+def count_set(name: str, args: argparse.Namespace, classifier: Path, detector: Path) -> dict[str, Any]:
+    """One scene set: written (cached), run through ``birder-predict --detector`` with its defaults, scored."""
+    root = args.workdir / f"counts_{name}"
+    spec = COUNT_SETS[name]
+    annotations = root / "annotations.json"
+    if not annotations.is_file():
+        write_count_scenes(root, args.count_scenes, classes=CLASSES, num_objects=TRUE_COUNTS, **spec)
+    run_dir = args.workdir / f"counts_{name}_run"
+    argv = ["--weights", str(classifier), "--detector", str(detector), str(root / "images")]
+    argv += ["--output-dir", str(run_dir), "--overwrite", "-j", "0", "--no-progress", "--device", args.device]
+    if predict.main(argv) != 0:
+        raise RuntimeError(f"birder-predict {' '.join(argv)} failed")
+    scores = count_scores(annotations, run_dir)
+    ious = pair_overlaps(json.loads(annotations.read_text()))
+    scores["true_pair_iou"] = {
+        layout: {"pairs": len(values), "min": min(values), "median": statistics.median(values), "max": max(values)}
+        for layout, values in ious.items()
+        if values
+    }
+    held_out = evaluate_detector_file(detector, annotations, workers=0, progress_bar=False, device=args.device)
+    return {"set": name, "scenes": args.count_scenes, "generator": spec, **scores, "map50": held_out.map50}
+
+
+def counts_section(args: argparse.Namespace, label: str) -> dict[str, Any]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.curve_threads)
+    try:
+        (classifier, detector, trained) = curve_detector(args, COUNT_HEAD)
+        sets = [count_set(name, args, classifier, detector) for name in args.count_sets]
+    finally:
+        torch.set_num_threads(threads)
+    print(f"\nBoxes per photo against true counts ({detector}, {'trained now' if trained else 'cached'}) on {label}")
+    for result in sets:
+        overall = result["overall"]
+        print(
+            f"{result['set']:<6} threshold {result['threshold']}: count right in {overall['correct']}/"
+            f"{overall['photos']} photos ({overall['share']:.1%}); fewer boxes than objects in "
+            f"{result['miscounted']['fewer']}, more in {result['miscounted']['more']}; mAP@.5 {result['map50']:.3f}"
+        )
+        per_count = ", ".join(f"{k}: {v['share']:.0%} of {v['photos']}" for k, v in result["by_true_count"].items())
+        print(f"       by true count  {per_count}")
+        per_layout = ", ".join(f"{k}: {v['share']:.0%} of {v['photos']}" for k, v in result["by_layout"].items())
+        print(f"       by layout      {per_layout}")
+        for layout, iou in result["true_pair_iou"].items():
+            print(
+                f"       true {layout} pairs: {iou['pairs']}, box IoU {iou['min']:.2f}-{iou['max']:.2f} "
+                f"(median {iou['median']:.2f})"
+            )
+        print(
+            f"       kept boxes {result['kept_boxes']}: largest IoU of two in one photo "
+            f"{result['max_kept_pair_iou']:.3f}, pairs over 0.5: {result['kept_pairs_over_half']}"
+        )
+    return {"head": COUNT_HEAD, "detector": str(detector), "trained_now": trained, "sets": sets}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", nargs="+", choices=["speed", "curve"], default=["speed", "curve"])
+    parser.add_argument(
+        "--sections", nargs="+", choices=["speed", "curve", "counts"], default=["speed", "curve"]
+    )
     parser.add_argument("--heads", nargs="+", default=["faster_rcnn", "retinanet"])
     parser.add_argument("--backbones", nargs="+", default=["vit_b16", "vit_l16"], help="speed section")
     parser.add_argument("--sizes", nargs="+", type=int, default=[512, 1024], help="speed section")
@@ -276,12 +445,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(f"--{key.replace('_', '-')}", type=int, help=f"curve section (default {value})")
     parser.add_argument("--curve-threads", type=int, default=1, help="compute threads of the curve section")
     parser.add_argument("--workdir", type=Path, default=Path("detection_work"))
+    parser.add_argument("--count-scenes", type=int, default=300, help="counts section: scenes in each set")
+    parser.add_argument(
+        "--count-sets", nargs="+", choices=sorted(COUNT_SETS), default=["tune", "final"], help="counts section"
+    )
     parser.add_argument("--metrics", type=Path, help="a det_metrics.csv of birder-train-det: its curve is reported")
     parser.add_argument("--tiny", action="store_true", help="tiny ViTs, 64 and 128 px, tiny data (smoke run)")
     parser.add_argument("--output", type=Path, default=Path("detection.json"))
     args = parser.parse_args(argv)
     if args.tiny:
         (args.backbones, args.sizes, args.runs, args.warmup) = (["vit_t16"], [64, 128], 1, 0)
+        args.count_scenes = min(args.count_scenes, 6)
 
     machine = machine_description(torch.device(args.device))
     label = machine_label(machine)
@@ -290,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
         report["map_curve"] = read_curve(args.metrics)
     if "curve" in args.sections:
         report["curve"] = curve_section(args)
+    if "counts" in args.sections:
+        report["counts"] = counts_section(args, label)
     if "speed" in args.sections:
         (report["speed"], report["speed_not_measured"]) = speed_section(args, machine)
         print_speed(label, report["speed"], report["speed_not_measured"])

@@ -222,3 +222,199 @@ def write_coco_scenes(
     path = Path(root) / "annotations.json"
     path.write_text(json.dumps(coco))
     return path
+
+
+# Scenes with known counts: touching and overlapping objects
+
+COUNT_LAYOUTS = ("apart", "touching", "overlapping")
+# A touching pair's boxes meet, or share a sliver of at most this share of the smaller side (the drawn shapes fill
+# 90 % of their boxes, so boxes that only met would leave a visible gap).
+TOUCH_DEPTH = 0.1
+
+
+def _intersection(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
+    """Area shared by two ``[x, y, width, height]`` boxes."""
+    width = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
+    height = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
+    return max(width, 0.0) * max(height, 0.0)
+
+
+def box_iou_xywh(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
+    shared = _intersection(a, b)
+    return shared / (a[2] * a[3] + b[2] * b[3] - shared)
+
+
+def _touching_place(
+    rng: np.random.Generator, anchor: tuple[float, float, float, float], side: int
+) -> tuple[int, int]:
+    """A box of ``side`` beside ``anchor`` on a random side of it: the two meet, or overlap by a sliver."""
+    (ax, ay, aw, ah) = anchor
+    depth = int(rng.integers(0, int(TOUCH_DEPTH * min(aw, side)) + 1))
+    # Along the shared edge the two boxes face each other over at least 40 % of the smaller side
+    reach = int(0.6 * min(aw, side))
+    along = int(rng.integers(-reach, reach + 1))
+    which = int(rng.integers(0, 4))
+    if which == 0:  # right of the anchor
+        return (int(ax + aw - depth), int(ay + along))
+    if which == 1:  # left
+        return (int(ax - side + depth), int(ay + along))
+    if which == 2:  # below
+        return (int(ax + along), int(ay + ah - depth))
+    return (int(ax + along), int(ay - side + depth))  # above
+
+
+def make_count_scene(
+    rng: np.random.Generator,
+    count: int,
+    layout: str,
+    *,
+    size: tuple[int, int] = (128, 128),
+    classes: list[int] | None = None,
+    area_range: tuple[float, float] = (0.02, 0.10),
+    overlap_range: tuple[float, float] = (0.15, 0.4),
+    background: str = "clutter",
+    attempts: int = 400,
+) -> Scene | None:
+    """A scene of exactly ``count`` objects; each after the first is placed by ``layout``:
+
+    - ``apart``: at least 2 px from every other box;
+    - ``touching``: beside a random earlier object, the boxes meeting or sharing a sliver (:data:`TOUCH_DEPTH`);
+    - ``overlapping``: over a random earlier object, hiding a share ``overlap_range`` of the smaller of the two
+      boxes' areas (the later object is drawn on top: the earlier one is partly occluded).
+
+    No object shares any area with an object but the one it was placed against, so each stays at least
+    ``1 - overlap_range[1]`` visible. ``background``: ``clutter`` (:func:`textured_background`) or ``foliage``
+    (:func:`foliage_background`). None when the objects do not fit (the caller draws again)."""
+    (height, width) = size
+    classes = classes if classes is not None else list(range(8))
+    boxes: list[tuple[float, float, float, float]] = []
+    for index in range(count):
+        side = max(4, min(round(math.sqrt(rng.uniform(*area_range) * height * width)), height, width))
+        for _attempt in range(attempts):
+            if index == 0 or layout == "apart":
+                (x, y) = (int(rng.integers(0, width - side + 1)), int(rng.integers(0, height - side + 1)))
+                anchor = None
+            else:
+                anchor = int(rng.integers(0, len(boxes)))
+                (ax, ay, aw, ah) = boxes[anchor]
+                if layout == "touching":
+                    (x, y) = _touching_place(rng, boxes[anchor], side)
+                else:
+                    (x, y) = (int(ax + rng.integers(-side + 1, aw)), int(ay + rng.integers(-side + 1, ah)))
+            if not (0 <= x <= width - side and 0 <= y <= height - side):
+                continue
+            box = (float(x), float(y), float(side), float(side))
+            if anchor is None:
+                grown = (box[0] - 2, box[1] - 2, box[2] + 4, box[3] + 4)
+                if all(_intersection(grown, other) == 0 for other in boxes):
+                    break
+                continue
+            others_clear = all(_intersection(box, other) == 0 for i, other in enumerate(boxes) if i != anchor)
+            hidden = _intersection(box, boxes[anchor]) / min(side * side, boxes[anchor][2] * boxes[anchor][3])
+            if layout == "touching":
+                # Meeting edges share no area; the sliver is at most TOUCH_DEPTH of the smaller side deep
+                meets = hidden <= TOUCH_DEPTH and _intersection(
+                    (box[0] - 0.5, box[1] - 0.5, box[2] + 1, box[3] + 1), boxes[anchor]
+                ) > 0
+                if others_clear and meets:
+                    break
+            elif others_clear and overlap_range[0] <= hidden <= overlap_range[1]:
+                break
+        else:
+            return None
+        boxes.append(box)
+
+    image = textured_background(size, rng) if background == "clutter" else foliage_background(size, rng)
+    labels = [int(rng.choice(classes)) for _ in boxes]
+    for box, class_id in zip(boxes, labels, strict=True):
+        obj = render_object(class_id, int(box[2]), rng)
+        image.paste(obj, (int(box[0]), int(box[1])), obj)
+    return Scene(image, boxes, labels)
+
+
+def foliage_background(size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
+    """A background unlike :func:`textured_background`: overlapping blurred leaves (ellipses) of greens and
+    browns under uneven light, with fine grain."""
+    (height, width) = size
+    base = tuple(int(c) for c in rng.integers((40, 60, 20), (90, 120, 60)))
+    image = Image.new("RGB", (width, height), base)
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(30, 60))):
+        (cx, cy) = (float(rng.uniform(0, width)), float(rng.uniform(0, height)))
+        (rx, ry) = (float(rng.uniform(3, width / 6)), float(rng.uniform(2, height / 10)))
+        tone = rng.integers((30, 70, 10), (140, 190, 90))
+        draw.ellipse((cx - rx, cy - ry, cx + rx, cy + ry), fill=tuple(int(c) for c in tone))
+    pixels = np.asarray(image.filter(ImageFilter.GaussianBlur(1.5)), dtype=np.float32)
+    # Uneven light: a brightness ramp across the frame, then grain
+    ramp = np.linspace(float(rng.uniform(0.6, 1.0)), float(rng.uniform(1.0, 1.4)), width, dtype=np.float32)
+    pixels *= ramp[None, :, None]
+    pixels += rng.normal(0, 6, size=pixels.shape)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def write_count_scenes(
+    root: Path,
+    count: int,
+    *,
+    seed: int = 0,
+    size: tuple[int, int] = (128, 128),
+    classes: list[int] | None = None,
+    num_objects: tuple[int, int] = (0, 4),
+    area_range: tuple[float, float] = (0.02, 0.10),
+    overlap_range: tuple[float, float] = (0.15, 0.4),
+    background: str = "clutter",
+) -> Path:
+    """``count`` scenes of :func:`make_count_scene` as ``root/images/<i>.png`` plus ``root/annotations.json``
+    (COCO; each image also has its true ``count`` and ``layout``): counts drawn evenly from ``num_objects``
+    (inclusive), the layout of a scene with two or more objects evenly from :data:`COUNT_LAYOUTS`."""
+    rng = np.random.default_rng(seed)
+    classes = classes if classes is not None else list(range(8))
+    images_dir = Path(root) / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    coco: dict = {
+        "images": [],
+        "annotations": [],
+        "categories": [{"id": class_id + 1, "name": class_name(class_id)} for class_id in classes],
+    }
+    for index in range(count):
+        scene = None
+        while scene is None:
+            objects = int(rng.integers(num_objects[0], num_objects[1] + 1))
+            layout = COUNT_LAYOUTS[int(rng.integers(0, len(COUNT_LAYOUTS)))] if objects >= 2 else "apart"
+            scene = make_count_scene(
+                rng,
+                objects,
+                layout,
+                size=size,
+                classes=classes,
+                area_range=area_range,
+                overlap_range=overlap_range,
+                background=background,
+            )
+        file_name = f"images/{index:05d}.png"
+        scene.image.save(Path(root) / file_name)
+        coco["images"].append(
+            {
+                "id": index + 1,
+                "file_name": file_name,
+                "height": size[0],
+                "width": size[1],
+                "count": len(scene.boxes),
+                "layout": layout,
+            }
+        )
+        for box, label in zip(scene.boxes, scene.labels, strict=True):
+            coco["annotations"].append(
+                {
+                    "id": len(coco["annotations"]) + 1,
+                    "image_id": index + 1,
+                    "category_id": label + 1,
+                    "bbox": list(box),
+                    "area": box[2] * box[3],
+                    "iscrowd": 0,
+                }
+            )
+
+    path = Path(root) / "annotations.json"
+    path.write_text(json.dumps(coco))
+    return path
