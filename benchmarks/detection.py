@@ -428,9 +428,7 @@ def counts_section(args: argparse.Namespace, label: str) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--sections", nargs="+", choices=["speed", "curve", "counts"], default=["speed", "curve"]
-    )
+    parser.add_argument("--sections", nargs="+", choices=["speed", "curve", "counts"], default=["speed", "curve"])
     parser.add_argument("--heads", nargs="+", default=["faster_rcnn", "retinanet"])
     parser.add_argument("--backbones", nargs="+", default=["vit_b16", "vit_l16"], help="speed section")
     parser.add_argument("--sizes", nargs="+", type=int, default=[512, 1024], help="speed section")

@@ -244,9 +244,7 @@ def box_iou_xywh(a: tuple[float, float, float, float], b: tuple[float, float, fl
     return shared / (a[2] * a[3] + b[2] * b[3] - shared)
 
 
-def _touching_place(
-    rng: np.random.Generator, anchor: tuple[float, float, float, float], side: int
-) -> tuple[int, int]:
+def _touching_place(rng: np.random.Generator, anchor: tuple[float, float, float, float], side: int) -> tuple[int, int]:
     """A box of ``side`` beside ``anchor`` on a random side of it: the two meet, or overlap by a sliver."""
     (ax, ay, aw, ah) = anchor
     depth = int(rng.integers(0, int(TOUCH_DEPTH * min(aw, side)) + 1))
@@ -313,9 +311,10 @@ def make_count_scene(
             hidden = _intersection(box, boxes[anchor]) / min(side * side, boxes[anchor][2] * boxes[anchor][3])
             if layout == "touching":
                 # Meeting edges share no area; the sliver is at most TOUCH_DEPTH of the smaller side deep
-                meets = hidden <= TOUCH_DEPTH and _intersection(
-                    (box[0] - 0.5, box[1] - 0.5, box[2] + 1, box[3] + 1), boxes[anchor]
-                ) > 0
+                meets = (
+                    hidden <= TOUCH_DEPTH
+                    and _intersection((box[0] - 0.5, box[1] - 0.5, box[2] + 1, box[3] + 1), boxes[anchor]) > 0
+                )
                 if others_clear and meets:
                     break
             elif others_clear and overlap_range[0] <= hidden <= overlap_range[1]:

@@ -47,6 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--scale-range", type=float, nargs=2, default=defaults.scale_range, metavar=("LOW", "HIGH"), help="scale jitter"
     )
     recipe.add_argument("--hflip", type=float, default=defaults.hflip, help="horizontal flip probability")
+    recipe.add_argument(
+        "--copy-paste",
+        type=float,
+        default=defaults.copy_paste,
+        metavar="P",
+        help="probability that a training photo gets boxes of another pasted beside and over its own objects: "
+        "touching and partly hidden animals, for a detector whose boxes count animals (default: %(default)s)",
+    )
     # Detectors train with DDP: their saving and evaluation are not written for sharded models.
     add_training_args(parser, lr=defaults.lr, weight_decay=defaults.weight_decay, epochs=defaults.epochs, fsdp=False)
     parser.set_defaults(batch_size=defaults.batch_size)

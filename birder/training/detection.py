@@ -31,6 +31,7 @@ from birder.loading import load_model
 from birder.model_registry import Task, registry
 from birder.net.detection.base import DetectionBaseNet
 from birder.net.detection.checkpoint import save_detector
+from birder.training.detection_augment import CopyPasteDataset
 from birder.training.detection_eval import DetectionEvalResult, evaluate_detector
 from birder.training.loop import BatchEvent, EpochProgress, RunSettings, build_trainer, start_run
 from birder.training.metrics import MetricsCSV
@@ -64,6 +65,9 @@ class DetectionTrainConfig(RunSettings):
     rgb_stats: str | Mapping[str, Sequence[float]] | None = None  # default: the init checkpoint's, else "birder"
     scale_range: tuple[float, float] = (0.5, 1.5)  # scale jitter (relative to the size)
     hflip: float = 0.5
+    # Probability that a training photo gets boxes of another pasted beside and over its own objects
+    # (birder.training.detection_augment): groups of touching and partly hidden animals to learn counting from
+    copy_paste: float = 0.0
     epochs: int = 24
     batch_size: int = 8
     lr: float = 1e-4
@@ -141,6 +145,8 @@ def _train_detector(
 ) -> DetectionTrainResult:
     if config.fsdp:
         raise BirderError("--fsdp is for birder-train and birder-train-mim: detectors train with DDP")
+    if not 0.0 <= config.copy_paste <= 1.0:
+        raise BirderError(f"--copy-paste must be a probability from 0 to 1, got {config.copy_paste}")
     output_dir = Path(config.output_dir)
     check_training_folder(output_dir, config.resume)  # before anything slow: the data, the model
     seed_everything(config.seed)  # the same on every rank: identical initial weights (and EMA copies)
@@ -157,7 +163,11 @@ def _train_detector(
     size = tuple(net.size)
 
     transform = detection_train_transform(size, rgb_stats, tuple(config.scale_range), config.hflip)
-    train_set = DetectionDataset(train_data.images, transform, train=True, seed=config.seed)
+    train_set: DetectionDataset | CopyPasteDataset = DetectionDataset(
+        train_data.images, transform, train=True, seed=config.seed
+    )
+    if config.copy_paste > 0:
+        train_set = CopyPasteDataset(train_set, config.copy_paste, seed=config.seed)
     sampler = EpochSampler(len(train_set), seed=config.seed, rank=dist.rank, world_size=dist.world_size)
     identity = {
         "kind": "detection",

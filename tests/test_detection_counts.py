@@ -1,0 +1,147 @@
+"""A count of boxes is a count of animals: one box per object through ``birder-predict --detector``, and the
+copy-paste augmentation of ``birder-train-det`` that shows a detector touching and partly hidden animals.
+
+``python -m benchmarks.detection --sections counts`` measures the counts of a trained detector on generated scenes
+with touching and overlapping objects; these tests are the fast checks of the parts.
+"""
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_VIT_CONFIG
+from detect_support import DETECTOR_SIZE
+from test_predict import make_photo_folder, save_tiny_model
+from torchvision.ops import box_iou
+
+from benchmarks.synthetic import write_coco_scenes
+from birder.data.detection import DetectionDataset, detection_train_transform, read_coco
+from birder.inference.detection import detect_tensors
+from birder.io.checkpoint import ModelInfo, make_signature
+from birder.model_registry import registry
+from birder.net.detection.checkpoint import save_detector
+from birder.scripts import predict, train_det
+from birder.training.detection_augment import CopyPasteDataset, paste_boxes
+
+STATS = {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+
+
+def _two_class_detector(path: Path) -> tuple[torch.nn.Module, Path]:
+    """A tiny detector that scores every anchor the same for both of its classes: its head's suppression (within a
+    class) keeps the same box once per class, the case that made one animal two rows."""
+    torch.manual_seed(0)
+    body = registry.net_factory("vit_t16", 0, config=TINY_VIT_CONFIG, size=DETECTOR_SIZE)
+    config = {"fpn_channels": 16, "anchor_sizes": [16, 32, 64, 128], "detections_per_img": 8, "topk_candidates": 20}
+    det = registry.detection_net_factory("retinanet", 2, body, config=config).eval()
+    logits = det.detector.head.classification_head.cls_logits
+    with torch.no_grad():
+        logits.weight.zero_()
+        logits.bias.fill_(2.0)  # both classes, every anchor
+    info = ModelInfo({"bird": 0, "mammal": 1}, make_signature(3, DETECTOR_SIZE, 2), STATS)
+    return (det, save_detector(det, path, info))
+
+
+def _pairs_over(boxes: list[list[float]], iou: float) -> int:
+    if len(boxes) < 2:
+        return 0
+    overlaps = box_iou(torch.tensor(boxes), torch.tensor(boxes)).triu(diagonal=1)
+    return int((overlaps > iou).sum())
+
+
+def test_predict_keeps_no_two_boxes_of_a_photo_overlapping_by_more_than_half(tmp_path: Path) -> None:
+    (det, detector) = _two_class_detector(tmp_path / "det.pt")
+    photos = make_photo_folder(tmp_path / "photos")
+    # The head alone gives the same box under both classes (else this test could not fail)
+    unmerged = detect_tensors(det, [torch.zeros(3, *DETECTOR_SIZE)], [DETECTOR_SIZE], merge_iou=None)[0]
+    assert _pairs_over(unmerged.boxes.tolist(), 0.5) > 0 and len(set(unmerged.labels.tolist())) == 2
+
+    output = tmp_path / "out"
+    argv = ["--weights", str(save_tiny_model(tmp_path / "tiny.pt")), "--detector", str(detector), str(photos)]
+    assert predict.main([*argv, "-j", "0", "--no-progress", "--output-dir", str(output)]) == 0
+    boxes: dict[str, list[list[float]]] = {}
+    with open(output / "results.csv", newline="") as handle:
+        for row in csv.DictReader(handle):
+            if row["x1"]:
+                boxes.setdefault(row["path"], []).append([float(row[k]) for k in ("x1", "y1", "x2", "y2")])
+    assert boxes, "the detector found no box: nothing was checked"
+    assert {path: _pairs_over(found, 0.5) for path, found in boxes.items()} == {path: 0 for path in boxes}
+    with open(output / "photos.csv", newline="") as handle:
+        counted = {row["path"]: int(row["detections"]) for row in csv.DictReader(handle)}
+    assert {path: len(found) for path, found in boxes.items()} == {path: counted[path] for path in boxes}
+
+
+def _target(boxes: list[list[float]], labels: list[int]) -> dict[str, torch.Tensor]:
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), "labels": torch.tensor(labels)}
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_pasted_boxes_touch_or_overlap_but_never_hide_much_of_an_object(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    image = torch.zeros(3, 96, 96)
+    target = _target([[30.0, 30.0, 54.0, 54.0], [5.0, 60.0, 25.0, 80.0]], [0, 1])
+    donor = torch.rand(3, 96, 96)
+    donor_target = _target([[10.0, 10.0, 30.0, 30.0], [50.0, 40.0, 72.0, 70.0], [60.0, 5.0, 78.0, 25.0]], [2, 3, 1])
+    (pasted, new_target) = paste_boxes(image, target, donor, donor_target, rng, max_objects=3, max_hidden=0.4)
+
+    boxes = new_target["boxes"]
+    assert len(boxes) == len(new_target["labels"]) > 2  # something was pasted, the photo's own boxes kept first
+    assert torch.equal(boxes[:2], target["boxes"]) and new_target["labels"][:2].tolist() == [0, 1]
+    # Each donor box has its own size: a pasted box is known by it
+    donors = {
+        (int(x2 - x1), int(y2 - y1)): (label, int(x1), int(y1))
+        for (x1, y1, x2, y2), label in zip(donor_target["boxes"].tolist(), donor_target["labels"].tolist(), strict=True)
+    }
+    for box, label in zip(boxes[2:].int().tolist(), new_target["labels"][2:].tolist(), strict=True):
+        assert donors[(box[2] - box[0], box[3] - box[1])][0] == label  # a donor's box, its label, its own size
+    # The last paste lies on top of everything: its pixels are the donor's
+    (x1, y1, x2, y2) = boxes[-1].int().tolist()
+    (_, sx, sy) = donors[(x2 - x1, y2 - y1)]
+    assert torch.equal(pasted[:, y1:y2, x1:x2], donor[:, sy : sy + y2 - y1, sx : sx + x2 - x1])
+    # Every box keeps at least 60 % of its area in sight: the pixels of later pastes cover at most 40 % of it
+    painted = torch.zeros(len(boxes), 96, 96, dtype=torch.bool)
+    for later in range(len(boxes)):
+        (x1, y1, x2, y2) = (int(v) for v in boxes[later].tolist())
+        painted[:later, y1:y2, x1:x2] |= later >= 2
+    for index, (x1, y1, x2, y2) in enumerate(boxes.int().tolist()):
+        area = (x2 - x1) * (y2 - y1)
+        assert int(painted[index, y1:y2, x1:x2].sum()) <= 0.4 * area + 1e-6
+
+
+def test_most_pastes_touch_or_overlap_an_object_already_there() -> None:
+    image = torch.zeros(3, 128, 128)
+    target = _target([[50.0, 50.0, 74.0, 74.0]], [0])
+    donor_target = _target([[0.0, 0.0, 20.0, 20.0]], [1])
+    beside = 0
+    for seed in range(200):
+        (_, pasted) = paste_boxes(image, target, torch.ones(3, 128, 128), donor_target, np.random.default_rng(seed))
+        if len(pasted["boxes"]) == 2:
+            (x1, y1, x2, y2) = pasted["boxes"][1].tolist()
+            beside += x2 >= 50 and x1 <= 74 and y2 >= 50 and y1 <= 74
+    assert beside >= 0.7 * 200
+
+
+def test_copy_paste_dataset_is_seeded_by_sample_and_off_at_zero(tmp_path: Path) -> None:
+    annotations = write_coco_scenes(tmp_path / "scenes", 6, seed=0, size=(64, 64), classes=[0, 1], num_objects=(1, 2))
+    data = read_coco(annotations)
+    base = DetectionDataset(data.images, detection_train_transform((64, 64), STATS, (1.0, 1.0), 0.0), train=True)
+    always = CopyPasteDataset(base, 1.0, seed=3)
+    (first, again) = (always[(2, 1)], always[(2, 1)])
+    assert torch.equal(first.image, again.image) and torch.equal(first.target["boxes"], again.target["boxes"])
+    grown = [len(always[(2, i)].target["boxes"]) > len(base[(2, i)].target["boxes"]) for i in range(len(base))]
+    assert sum(grown) >= len(base) // 2
+    never = CopyPasteDataset(base, 0.0, seed=3)
+    for index in range(len(base)):
+        assert torch.equal(never[(2, index)].image, base[(2, index)].image)
+
+
+def test_train_det_refuses_a_copy_paste_that_is_no_probability(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    annotations = write_coco_scenes(tmp_path / "scenes", 2, seed=0, size=(64, 64), classes=[0], num_objects=(1, 1))
+    argv = ["--network", "retinanet", "--backbone", "vit_t16", "--train-json", str(annotations)]
+    argv += ["--val-json", str(annotations), "--output-dir", str(tmp_path / "run"), "--copy-paste", "1.5"]
+    assert train_det.main(argv) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error == ["birder-train-det: error: --copy-paste must be a probability from 0 to 1, got 1.5"]
