@@ -37,6 +37,7 @@ Crop-then-classify against whole-image top-1 is ``benchmarks/crop_classify.py``'
 import argparse
 import csv
 import json
+import shutil
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -83,6 +84,7 @@ HEAD_CONFIGS: dict[str, dict[str, Any]] = {
 # scale jitter (a cropped-off sliver of an object is a box the detector cannot learn from).
 OPTIMISATION = ["--lr", "3e-3", "--layer-decay", "0.6", "--warmup-epochs", "1", "--batch-size", "4"]
 AUGMENTATION = ["--scale-range", "0.8", "1.25"]
+RECIPE_FILE = "recipe.json"
 
 
 @dataclass(frozen=True)
@@ -170,6 +172,8 @@ def learning_curve(head: str, data: dict[str, Any], output_dir: Path, epochs: in
     for row in curve:
         row["seconds"] = round(trained_until[row["epoch"]] - started, 1)
     assert result.model_path is not None
+    # What the file was trained with: the counts section reuses it only while the recipe stays the same
+    (output_dir / RECIPE_FILE).write_text(json.dumps(recipe_settings(head, data, output_dir, epochs)))
     held_out = evaluate_detector_file(result.model_path, data["held_out"], workers=0, progress_bar=False)
     return {
         "head": head,
@@ -288,19 +292,37 @@ def curve_scale(args: argparse.Namespace) -> Scale:
     return Scale(**{**asdict(scale), **overrides})
 
 
+def recipe_settings(head: str, data: dict[str, Any], output_dir: Path, epochs: int) -> dict[str, Any]:
+    """The settings ``birder-train-det`` runs with for :func:`train_det_args` (order-free, comparable)."""
+    config = train_det.det_config_from_args(
+        train_det.build_parser().parse_args(train_det_args(head, data, output_dir, epochs))
+    )
+    return json.loads(json.dumps(asdict(config), default=str))
+
+
 def curve_detector(args: argparse.Namespace, head: str) -> tuple[Path, Path, bool]:
-    """The curve recipe's classifier and ``head`` detector files in ``args.workdir``: trained there by the curve
-    section (or now, the same way) and reused. Returns them and whether they were trained now."""
+    """The curve recipe's classifier and ``head`` detector files in ``args.workdir``: reused when the detector there
+    was trained with the recipe's settings of today (``RECIPE_FILE`` beside it), else trained now (the data and the
+    classifier too when missing). Returns them and whether the detector was trained now."""
     scale = curve_scale(args)
-    classifier = args.workdir / "classifier" / f"vit_t16_{scale.classifier_epochs}.pt"
-    detector = args.workdir / head / f"{head}_vit_t16_{scale.detector_epochs}.pt"
-    if classifier.is_file() and detector.is_file():
-        return (classifier, detector, False)
+    data = {
+        "classifier": args.workdir / "classifier" / f"vit_t16_{scale.classifier_epochs}.pt",
+        **{split: args.workdir / split / "annotations.json" for split in ("train", "val", "held_out")},
+    }
+    output_dir = args.workdir / head
+    detector = output_dir / f"{head}_vit_t16_{scale.detector_epochs}.pt"
+    recipe = recipe_settings(head, data, output_dir, scale.detector_epochs)
+    recorded = output_dir / RECIPE_FILE
+    if detector.is_file() and recorded.is_file() and json.loads(recorded.read_text()) == recipe:
+        return (data["classifier"], detector, False)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.curve_threads)
     try:
-        data = prepare_data(args.workdir, scale, TINY_BACKBONE if args.tiny else None)
-        learning_curve(head, data, args.workdir / head, scale.detector_epochs)
+        if not all(Path(path).is_file() for path in data.values()):
+            data = prepare_data(args.workdir, scale, TINY_BACKBONE if args.tiny else None)
+        if output_dir.exists():
+            shutil.rmtree(output_dir)  # another recipe's run: birder-train-det refuses a used folder
+        learning_curve(head, data, output_dir, scale.detector_epochs)
     finally:
         torch.set_num_threads(threads)
     return (Path(data["classifier"]), detector, True)
@@ -371,14 +393,15 @@ def count_scores(annotations: Path, run_dir: Path) -> dict[str, Any]:
     }
 
 
-def count_set(name: str, args: argparse.Namespace, classifier: Path, detector: Path) -> dict[str, Any]:
-    """One scene set: written (cached), run through ``birder-predict --detector`` with its defaults, scored."""
+def count_set(name: str, args: argparse.Namespace, classifier: Path, detector: Path, tag: str) -> dict[str, Any]:
+    """One scene set: written (cached), run through ``birder-predict --detector`` with its defaults, scored
+    (``tag`` names the run's folder)."""
     root = args.workdir / f"counts_{name}"
     spec = COUNT_SETS[name]
     annotations = root / "annotations.json"
     if not annotations.is_file():
         write_count_scenes(root, args.count_scenes, classes=CLASSES, num_objects=TRUE_COUNTS, **spec)
-    run_dir = args.workdir / f"counts_{name}_run"
+    run_dir = args.workdir / f"counts_{name}_run_{tag}"
     argv = ["--weights", str(classifier), "--detector", str(detector), str(root / "images")]
     argv += ["--output-dir", str(run_dir), "--overwrite", "-j", "0", "--no-progress", "--device", args.device]
     if predict.main(argv) != 0:
@@ -391,7 +414,14 @@ def count_set(name: str, args: argparse.Namespace, classifier: Path, detector: P
         if values
     }
     held_out = evaluate_detector_file(detector, annotations, workers=0, progress_bar=False, device=args.device)
-    return {"set": name, "scenes": args.count_scenes, "generator": spec, **scores, "map50": held_out.map50}
+    return {
+        "set": name,
+        "detector": str(detector),
+        "scenes": args.count_scenes,
+        "generator": spec,
+        **scores,
+        "map50": held_out.map50,
+    }
 
 
 def counts_section(args: argparse.Namespace, label: str) -> dict[str, Any]:
@@ -399,12 +429,14 @@ def counts_section(args: argparse.Namespace, label: str) -> dict[str, Any]:
     torch.set_num_threads(args.curve_threads)
     try:
         (classifier, detector, trained) = curve_detector(args, COUNT_HEAD)
-        sets = [count_set(name, args, classifier, detector) for name in args.count_sets]
+        detectors = [("recipe", detector), *((f"extra{i}", path) for i, path in enumerate(args.count_detectors))]
+        sets = [count_set(name, args, classifier, path, tag) for (tag, path) in detectors for name in args.count_sets]
     finally:
         torch.set_num_threads(threads)
-    print(f"\nBoxes per photo against true counts ({detector}, {'trained now' if trained else 'cached'}) on {label}")
+    print(f"\nBoxes per photo against true counts (the recipe's {'trained now' if trained else 'cached'}) on {label}")
     for result in sets:
         overall = result["overall"]
+        print(f"{result['detector']}")
         print(
             f"{result['set']:<6} threshold {result['threshold']}: count right in {overall['correct']}/"
             f"{overall['photos']} photos ({overall['share']:.1%}); fewer boxes than objects in "
@@ -444,6 +476,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--curve-threads", type=int, default=1, help="compute threads of the curve section")
     parser.add_argument("--workdir", type=Path, default=Path("detection_work"))
     parser.add_argument("--count-scenes", type=int, default=300, help="counts section: scenes in each set")
+    parser.add_argument(
+        "--count-detectors", nargs="*", type=Path, default=[], help="counts section: more detector files to count with"
+    )
     parser.add_argument(
         "--count-sets", nargs="+", choices=sorted(COUNT_SETS), default=["tune", "final"], help="counts section"
     )

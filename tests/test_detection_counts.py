@@ -6,6 +6,7 @@ with touching and overlapping objects; these tests are the fast checks of the pa
 """
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,8 @@ from detect_support import DETECTOR_SIZE
 from test_predict import make_photo_folder, save_tiny_model
 from torchvision.ops import box_iou
 
-from benchmarks.synthetic import write_coco_scenes
+from benchmarks.detection import count_scores
+from benchmarks.synthetic import COUNT_LAYOUTS, TOUCH_DEPTH, write_coco_scenes, write_count_scenes
 from birder.data.detection import DetectionDataset, detection_train_transform, read_coco
 from birder.inference.detection import detect_tensors
 from birder.io.checkpoint import ModelInfo, make_signature
@@ -145,3 +147,63 @@ def test_train_det_refuses_a_copy_paste_that_is_no_probability(
     assert train_det.main(argv) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert error == ["birder-train-det: error: --copy-paste must be a probability from 0 to 1, got 1.5"]
+
+
+def _hidden_share(a: list[float], b: list[float]) -> float:
+    """Share of the smaller of two ``[x, y, w, h]`` boxes that the other covers."""
+    width = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
+    height = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
+    return max(width, 0) * max(height, 0) / min(a[2] * a[3], b[2] * b[3])
+
+
+@pytest.mark.parametrize("background", ["clutter", "foliage"])
+def test_count_scenes_have_their_counts_and_layouts(tmp_path: Path, background: str) -> None:
+    annotations = write_count_scenes(
+        tmp_path / "scenes", 40, seed=4, size=(96, 128), classes=[0, 1, 2], background=background
+    )
+    coco = json.loads(annotations.read_text())
+    boxes: dict[int, list[list[float]]] = {image["id"]: [] for image in coco["images"]}
+    for annotation in coco["annotations"]:
+        boxes[annotation["image_id"]].append(annotation["bbox"])
+    layouts = set()
+    for image in coco["images"]:
+        found = boxes[image["id"]]
+        assert len(found) == image["count"] and 0 <= image["count"] <= 4
+        layouts.add(image["layout"])
+        shares = [_hidden_share(a, b) for i, a in enumerate(found) for b in found[i + 1 :]]
+        assert all(share <= 0.4 + 1e-9 for share in shares)  # every object at least 60 % in sight
+        if image["layout"] == "overlapping":
+            assert sum(0.15 <= share <= 0.4 for share in shares) >= image["count"] - 1
+        if image["layout"] == "touching":
+            assert all(share <= TOUCH_DEPTH for share in shares) and len(found) >= 2
+        if image["layout"] == "apart":
+            assert all(share == 0 for share in shares)
+    assert layouts == set(COUNT_LAYOUTS)
+
+
+def test_count_scores_compare_a_runs_boxes_with_the_true_counts(tmp_path: Path) -> None:
+    coco = {
+        "images": [
+            {"id": 1, "file_name": "images/a.png", "count": 2, "layout": "touching"},
+            {"id": 2, "file_name": "images/b.png", "count": 1, "layout": "apart"},
+            {"id": 3, "file_name": "images/c.png", "count": 0, "layout": "apart"},
+        ],
+        "annotations": [],
+    }
+    annotations = tmp_path / "annotations.json"
+    annotations.write_text(json.dumps(coco))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "photos.csv").write_text(
+        "path,width,height,detections\n/x/a.png,64,64,2\n/x/b.png,64,64,2\n/x/c.png,64,64,0\n"
+    )
+    (run / "results.csv").write_text(
+        "path,box,detections,x1,y1,x2,y2\n/x/a.png,0,2,0,0,10,10\n/x/a.png,1,2,10,0,20,10\n"
+        "/x/b.png,0,2,0,0,10,10\n/x/b.png,1,2,0,0,10,8\n/x/c.png,,0,,,,\n"
+    )
+    (run / "run.json").write_text(json.dumps({"settings": {"det_threshold": 0.5}}))
+    scores = count_scores(annotations, run)
+    assert scores["overall"] == {"photos": 3, "correct": 2, "share": pytest.approx(2 / 3)}
+    assert scores["by_true_count"]["1"]["correct"] == 0 and scores["by_layout"]["touching"]["correct"] == 1
+    assert scores["miscounted"] == {"fewer": 0, "more": 1} and scores["threshold"] == 0.5
+    assert scores["max_kept_pair_iou"] == pytest.approx(0.8) and scores["kept_pairs_over_half"] == 1
