@@ -81,9 +81,11 @@ HEAD_CONFIGS: dict[str, dict[str, Any]] = {
     "retinanet": {**PYRAMID, "topk_candidates": 200, "focal_alpha": 0.5, "focal_gamma": 1.0},
 }
 # The pyramid and head learn at 3e-3, the backbone's blocks 0.6x less per block down to the patch embedding; mild
-# scale jitter (a cropped-off sliver of an object is a box the detector cannot learn from).
+# scale jitter (a cropped-off sliver of an object is a box the detector cannot learn from). The training scenes'
+# objects never touch: copy-paste shows the detector touching and partly hidden ones (without it, 89.0 % of the
+# counts section's tuning scenes got their count right, 95.7 % with it).
 OPTIMISATION = ["--lr", "3e-3", "--layer-decay", "0.6", "--warmup-epochs", "1", "--batch-size", "4"]
-AUGMENTATION = ["--scale-range", "0.8", "1.25"]
+AUGMENTATION = ["--scale-range", "0.8", "1.25", "--copy-paste", "0.5"]
 RECIPE_FILE = "recipe.json"
 
 
