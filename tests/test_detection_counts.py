@@ -207,3 +207,21 @@ def test_count_scores_compare_a_runs_boxes_with_the_true_counts(tmp_path: Path) 
     assert scores["by_true_count"]["1"]["correct"] == 0 and scores["by_layout"]["touching"]["correct"] == 1
     assert scores["miscounted"] == {"fewer": 0, "more": 1} and scores["threshold"] == 0.5
     assert scores["max_kept_pair_iou"] == pytest.approx(0.8) and scores["kept_pairs_over_half"] == 1
+
+
+def test_train_det_pastes_boxes_only_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from birder.training import detection_augment
+
+    calls = []
+    original = detection_augment.paste_boxes
+    monkeypatch.setattr(detection_augment, "paste_boxes", lambda *a, **k: calls.append(1) or original(*a, **k))
+    annotations = write_coco_scenes(tmp_path / "scenes", 4, seed=1, size=(64, 64), classes=[0, 1], num_objects=(1, 2))
+    argv = ["--network", "retinanet", "--backbone", "vit_t16", "--backbone-config", json.dumps(TINY_VIT_CONFIG)]
+    argv += ["--model-config", json.dumps({"fpn_channels": 16, "anchor_sizes": [16, 32, 64, 128]})]
+    argv += ["--train-json", str(annotations), "--val-json", str(annotations), "--size", "64", "--epochs", "1"]
+    argv += ["--batch-size", "2", "--workers", "0", "--no-progress"]
+    assert train_det.main([*argv, "--output-dir", str(tmp_path / "plain")]) == 0
+    assert calls == []
+    assert train_det.main([*argv, "--output-dir", str(tmp_path / "pasted"), "--copy-paste", "1"]) == 0
+    assert len(calls) == 4  # every training photo once
+    assert (tmp_path / "pasted" / "retinanet_vit_t16_1.pt").is_file()
