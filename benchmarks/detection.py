@@ -82,10 +82,10 @@ HEAD_CONFIGS: dict[str, dict[str, Any]] = {
 }
 # The pyramid and head learn at 3e-3, the backbone's blocks 0.6x less per block down to the patch embedding; mild
 # scale jitter (a cropped-off sliver of an object is a box the detector cannot learn from). The training scenes'
-# objects never touch: copy-paste shows the detector touching and partly hidden ones (without it, 89.0 % of the
-# counts section's tuning scenes got their count right, 95.7 % with it).
+# objects never touch: copy-paste on every photo shows the detector touching and partly hidden ones (the counts
+# section's tuning scenes got their count right in 89.0 % of photos without it, 95.7 % at 0.5, 98.7 % at 1).
 OPTIMISATION = ["--lr", "3e-3", "--layer-decay", "0.6", "--warmup-epochs", "1", "--batch-size", "4"]
-AUGMENTATION = ["--scale-range", "0.8", "1.25", "--copy-paste", "0.5"]
+AUGMENTATION = ["--scale-range", "0.8", "1.25", "--copy-paste", "1"]
 RECIPE_FILE = "recipe.json"
 
 
@@ -283,6 +283,8 @@ COUNT_HEAD = "faster_rcnn"
 COUNT_SETS: dict[str, dict[str, Any]] = {
     "tune": {"seed": 10, "size": (SCENE_SIZE, SCENE_SIZE), "background": "clutter", "area_range": (0.02, 0.10)},
     "final": {"seed": 20, "size": (120, 160), "background": "foliage", "area_range": (0.015, 0.06)},
+    # Another draw of final's generator: untouched after final had been looked at (and the recipe changed since)
+    "fresh": {"seed": 21, "size": (120, 160), "background": "foliage", "area_range": (0.015, 0.06)},
 }
 TRUE_COUNTS = (0, 4)
 
