@@ -226,16 +226,18 @@ class Training:
     classifier_epochs: int = 15  # the student's, distilled and on labels alone
     detector_scenes: int = 160  # birder-train-det runs at about 1 scene/s here: 160 x 12 epochs, about 30 min
     detector_epochs: int = 12
+    detector_render_scale: int = 8  # the scenes drawn at 8x the detector input (the photos: 16x), then reduced
     backbone: dict[str, Any] = field(default_factory=lambda: dict(CLASSIFIER_CONFIG))
     teacher: dict[str, Any] = field(default_factory=lambda: dict(TEACHER_CONFIG))
     teacher_epochs: int = 15
-    aug_level: int = 1  # birder-train --aug-level of teacher and students
+    teacher_aug_level: int = 1  # birder-train --aug-level of the teacher (a user's large model, as it was trained)
+    aug_level: int = 1  # of both students (the distilled one and the label-only yardstick)
     distill: str = "soft"  # birder-train --distill, --distill-alpha, --distill-temperature
     distill_alpha: float = 0.5
     distill_temperature: float = 2.0
 
 
-SMALL_TRAINING = Training(10, 2, 24, 2, dict(SMALL_CLASSIFIER_CONFIG), dict(SMALL_TEACHER_CONFIG), 2)
+SMALL_TRAINING = Training(10, 2, 24, 2, 2, dict(SMALL_CLASSIFIER_CONFIG), dict(SMALL_TEACHER_CONFIG), 2)
 
 
 def _digest(data: Any) -> str:
@@ -248,17 +250,21 @@ def _call(main: Any, argv: list[str], what: str) -> None:
         raise RuntimeError(f"{what} failed (exit code {code}): {' '.join(argv)}")
 
 
-def _field_scenes(root: Path, count: int, seed: int) -> Path:
-    """Small scenes of the photos' kind with 0-3 animals, class-agnostic COCO ("animal"): the detector's data."""
+def _field_scenes(root: Path, count: int, seed: int, render_scale: int = 1) -> Path:
+    """Small scenes of the photos' kind with 0-3 animals, class-agnostic COCO ("animal"): the detector's data.
+    Drawn at ``render_scale`` times the detector's input and reduced (pixel averages, as a reduced-scale JPEG decode):
+    the detector then sees backgrounds as it sees the large photos, whose pixel noise and thin strokes a reduction
+    averages away; drawn at its input size, a scene keeps them, and the detector learns another background."""
     rng = np.random.default_rng(seed)
     coco: dict[str, Any] = {"images": [], "annotations": [], "categories": [{"id": 1, "name": ANIMAL_CLASS}]}
     (root / "images").mkdir(parents=True, exist_ok=True)
     for index in range(count):
-        image = field_background(DETECTOR_SCENE, rng)
+        image = field_background((DETECTOR_SCENE[0] * render_scale, DETECTOR_SCENE[1] * render_scale), rng)
         animals = int(rng.integers(0, ANIMALS[1] + 1))
         classes = [int(c) for c in rng.choice(CLASSES, size=animals)]
         areas = np.exp(rng.uniform(math.log(AREA[0]), math.log(AREA[1]), size=animals)).tolist()
-        boxes = place_animals(image, classes, areas, rng)
+        boxes = [tuple(v / render_scale for v in box) for box in place_animals(image, classes, areas, rng)]
+        image = image.reduce(render_scale)
         file_name = f"images/{index:05d}.jpg"
         image.save(root / file_name, quality=JPEG_QUALITY)
         (height, width) = DETECTOR_SCENE
@@ -306,7 +312,7 @@ def training_crops(cache: Path, training: Training, seed: int) -> Path:
 
 
 def train_crop_classifier(
-    output: Path, crops: Path, config: dict[str, Any], epochs: int, training: Training, seed: int, extra: list[str]
+    output: Path, crops: Path, config: dict[str, Any], epochs: int, aug_level: int, seed: int, extra: list[str]
 ) -> Path:
     """One ``birder-train`` run (its ``main``, as a user runs the command) of a vit_t16 of ``config`` on the crops;
     the final checkpoint. An output folder that already holds it is reused."""
@@ -319,7 +325,7 @@ def train_crop_classifier(
         shutil.rmtree(output)
     argv = ["--data-dir", str(crops), "--network", "vit_t16", "--model-config", json.dumps(config)]
     argv += ["--size", str(CLASSIFIER_SIZE), "--epochs", str(epochs), "--warmup-epochs", "1", "-b", "32"]
-    argv += ["--lr", "3e-3", "--aug-level", str(training.aug_level), "-j", "0", "--no-progress", "--seed", str(seed)]
+    argv += ["--lr", "3e-3", "--aug-level", str(aug_level), "-j", "0", "--no-progress", "--seed", str(seed)]
     _call(train.main, [*argv, *extra, "--output-dir", str(output), "--save-every", str(epochs)], "birder-train")
     return weights
 
@@ -330,18 +336,21 @@ def trained_classifiers(cache: Path, training: Training, seed: int) -> dict[str,
     alone (the distillation's yardstick) and the student distilled from the teacher (``birder-train --teacher ...
     --distill ...``)."""
     crops = training_crops(cache, training, seed)
-    key = {"crops": crops.name, "seed": seed, "aug_level": training.aug_level}
-    (teacher_epochs, student_epochs) = (training.teacher_epochs, training.classifier_epochs)
-    teacher_dir = _cached_dir(cache, "teacher", {**key, "config": training.teacher, "epochs": teacher_epochs})
-    teacher = train_crop_classifier(teacher_dir, crops, training.teacher, teacher_epochs, training, seed, [])
-    student_key = {**key, "config": training.backbone, "epochs": student_epochs}
+    (teacher_epochs, student_epochs, aug) = (training.teacher_epochs, training.classifier_epochs, training.aug_level)
+    teacher_key = {"crops": crops.name, "seed": seed, "aug_level": training.teacher_aug_level}
+    teacher_dir = _cached_dir(cache, "teacher", {**teacher_key, "config": training.teacher, "epochs": teacher_epochs})
+    teacher = train_crop_classifier(
+        teacher_dir, crops, training.teacher, teacher_epochs, training.teacher_aug_level, seed, []
+    )
+    student_key = {"crops": crops.name, "seed": seed, "aug_level": aug, "config": training.backbone}
+    student_key["epochs"] = student_epochs
     labels_dir = _cached_dir(cache, "student_labels", student_key)
-    labels_only = train_crop_classifier(labels_dir, crops, training.backbone, student_epochs, training, seed, [])
+    labels_only = train_crop_classifier(labels_dir, crops, training.backbone, student_epochs, aug, seed, [])
     recipe = {"kind": training.distill, "alpha": training.distill_alpha, "temperature": training.distill_temperature}
     distill = ["--teacher", str(teacher), "--distill", training.distill, "--distill-alpha", str(training.distill_alpha)]
     distill += ["--distill-temperature", str(training.distill_temperature)]
     student_dir = _cached_dir(cache, "student", {**student_key, "teacher": teacher_dir.name, **recipe})
-    student = train_crop_classifier(student_dir, crops, training.backbone, student_epochs, training, seed, distill)
+    student = train_crop_classifier(student_dir, crops, training.backbone, student_epochs, aug, seed, distill)
     return {"crops": crops, "teacher": teacher, "student_labels_only": labels_only, "student": student}
 
 
@@ -365,7 +374,7 @@ def trained_pair(cache: Path, training: Training, seed: int) -> dict[str, Any]:
     _call(calibrate.main, [*argv, "-o", str(calibrated), "-j", "0", "--no-progress"], "birder-calibrate")
 
     scenes = {
-        split: _field_scenes(root / split, count, seed + offset)
+        split: _field_scenes(root / split, count, seed + offset, training.detector_render_scale)
         for (split, count, offset) in (
             ("det_train", training.detector_scenes, 2),
             ("det_val", max(4, training.detector_scenes // 6), 3),
@@ -397,21 +406,46 @@ def trained_pair(cache: Path, training: Training, seed: int) -> dict[str, Any]:
 # The distilled classifier's figures
 # ---------------------------------------------------------------------------------------------------------------------
 
+TUNING_LOOSE = {"seed_offset": 50, "size": 96, "fill": 0.5}  # looser crops than the training ones, to tune on
 CONFIRM_SEED_OFFSET = 100  # the confirming sets' seeds: --seed + this (never used to tune the recipe)
 CONFIRM_PHOTOS = 90
 CONFIRM_PHOTO_SIZE = (1500, 2000)  # height, width: 3 MP, the same animals' shares of the frame at a quarter the pixels
 CONFIRM_CROP_SIZE = 2 * CLASSIFIER_SIZE  # loose crops at twice the classifier's input: resized as a detection is
 CONFIRM_FILL = 0.55  # the object's share of the crop's side: a loose box (the training crops' is 0.83)
+CONFIRM_LOOSE_MARGIN = 0.35  # crops of the confirming photos as a loose detector box frames them
 
 
-def cut_field_crops(photos: Path, truth: dict[str, Any], output: Path) -> Path:
-    """The crops ``birder-predict`` cuts around the photos' true boxes (the default margin), as an ImageFolder of
-    the true species (cut once per photo set). Each photo is decoded at the smallest DCT scale that keeps its
-    smallest animal at least the classifier's input size, as the chain decodes for crops."""
+def loose_crops(root: Path, seed: int, size: int, fill: float) -> Path:
+    """50 crops a class of the object at ``fill`` of the side (the training crops': 0.83) at ``size`` px, made once."""
+    if not (root / "done.json").is_file():
+        if root.exists():
+            shutil.rmtree(root)
+        make_class_folder(root, CLASSES, 50, size=size, seed=seed, fill=fill)
+        _write_json(root / "done.json", {"seed": seed, "size": size, "fill": fill})
+    return root
+
+
+def tuning_crops(cache: Path, crops: Path, photos: Path, truth: dict[str, Any], seed: int) -> dict[str, Path]:
+    """The sets the student's recipe is tuned on: the held-out crops (generated as the training crops), the crops
+    of this run's photos, and looser crops (:data:`TUNING_LOOSE`)."""
+    loose_seed = seed + TUNING_LOOSE["seed_offset"]
+    return {
+        "held_out_crops": crops / "held_out",
+        "field_crops": cut_field_crops(photos, truth, cache / f"{photos.name}_crops"),
+        "tuning_loose_crops": loose_crops(
+            cache / f"tuning_loose_crops_{loose_seed}", loose_seed, TUNING_LOOSE["size"], TUNING_LOOSE["fill"]
+        ),
+    }
+
+
+def cut_field_crops(photos: Path, truth: dict[str, Any], output: Path, margin: float = CROP_MARGIN) -> Path:
+    """The crops ``birder-predict`` cuts around the photos' true boxes (``margin``: its ``--crop-margin``), as an
+    ImageFolder of the true species (cut once per photo set and margin). Each photo is decoded at the smallest DCT
+    scale that keeps its smallest animal at least the classifier's input size, as the chain decodes for crops."""
     from birder.inference.crops import crop_box
 
     settings = output / "settings.json"
-    if settings.is_file() and json.loads(settings.read_text()) == truth["settings"]:
+    if settings.is_file() and json.loads(settings.read_text()) == {**truth["settings"], "margin": margin}:
         return output
     if output.exists():
         shutil.rmtree(output)
@@ -426,28 +460,29 @@ def cut_field_crops(photos: Path, truth: dict[str, Any], output: Path) -> Path:
             photo = image.convert("RGB")
         scale = photo.width / full_width
         for index, ((x, y, w, h), species) in enumerate(zip(item["boxes"], item["classes"], strict=True)):
-            crop = crop_box(photo, [x * scale, y * scale, (x + w) * scale, (y + h) * scale], CROP_MARGIN)
+            crop = crop_box(photo, [x * scale, y * scale, (x + w) * scale, (y + h) * scale], margin)
             (output / species).mkdir(parents=True, exist_ok=True)
             crop.save(output / species / f"{key.replace('/', '_')}_{index}.png")
-    _write_json(settings, truth["settings"])
+    _write_json(settings, {**truth["settings"], "margin": margin})
     return output
 
 
 def confirm_crops(cache: Path, seed: int) -> dict[str, Path]:
     """The confirming sets, other seeds and other generator settings than anything the recipe was tuned on: loose
-    crops (:data:`CONFIRM_FILL` at :data:`CONFIRM_CROP_SIZE` px), and the crops cut from a set of smaller photos."""
+    crops (:data:`CONFIRM_FILL` at :data:`CONFIRM_CROP_SIZE` px), and the crops cut from a set of smaller photos,
+    at the default margin and at :data:`CONFIRM_LOOSE_MARGIN`."""
     confirm_seed = seed + CONFIRM_SEED_OFFSET
-    loose = cache / f"confirm_loose_crops_{confirm_seed}"
-    if not (loose / "done.json").is_file():
-        if loose.exists():
-            shutil.rmtree(loose)
-        make_class_folder(loose, CLASSES, 50, size=CONFIRM_CROP_SIZE, seed=confirm_seed, fill=CONFIRM_FILL)
-        _write_json(loose / "done.json", {"seed": confirm_seed, "fill": CONFIRM_FILL})
+    loose = loose_crops(cache / f"confirm_loose_crops_{confirm_seed}", confirm_seed, CONFIRM_CROP_SIZE, CONFIRM_FILL)
     (height, width) = CONFIRM_PHOTO_SIZE
     photos = cache / f"confirm_photos_{CONFIRM_PHOTOS}_{confirm_seed + 1}_{height}x{width}"
     truth = make_field_set(photos, CONFIRM_PHOTOS, seed=confirm_seed + 1, size=CONFIRM_PHOTO_SIZE)
-    field_crops = cut_field_crops(photos, truth, cache / f"{photos.name}_crops")
-    return {"confirm_loose_crops": loose, "confirm_field_crops": field_crops}
+    return {
+        "confirm_loose_crops": loose,
+        "confirm_field_crops": cut_field_crops(photos, truth, cache / f"{photos.name}_crops"),
+        "confirm_field_loose_crops": cut_field_crops(
+            photos, truth, cache / f"{photos.name}_crops_margin{CONFIRM_LOOSE_MARGIN}", CONFIRM_LOOSE_MARGIN
+        ),
+    }
 
 
 def crops_top1(weights: Path, folder: Path) -> tuple[float | None, int]:
@@ -480,13 +515,16 @@ def parameters(weights: Path) -> int:
     return sum(tensor.numel() for tensor in net.parameters())
 
 
+RECIPE = ("distill", "distill_alpha", "distill_temperature", "aug_level", "classifier_epochs", "teacher_aug_level")
+
+
 def distillation_figures(trained: dict[str, Any], sets: dict[str, Path], confirming: set[str]) -> dict[str, Any]:
     """Teacher, distilled student and label-only student top-1 on each set of crops, and the student's share of
     its teacher's top-1 (the field-chain issue asks >= 0.95)."""
     figures: dict[str, Any] = {
         "teacher_parameters": parameters(Path(trained["teacher"])),
         "student_parameters": parameters(Path(trained["student"])),
-        "recipe": {k: trained["training"][k] for k in ("distill", "distill_alpha", "distill_temperature", "aug_level")},
+        "recipe": {k: trained["training"][k] for k in RECIPE},
         "sets": {},
     }
     for name, folder in sets.items():
@@ -914,10 +952,7 @@ def main(argv: list[str] | None = None) -> int:
     crops_val = Path(trained["crops"]) / "val"
     # The distilled classifier against its teacher: tuned on the held-out crops and the crops of this run's photos,
     # confirmed on sets of other seeds and generator settings
-    tuning = {
-        "held_out_crops": Path(trained["crops"]) / "held_out",
-        "field_crops": cut_field_crops(photos, truth, cache / f"{photos.name}_crops"),
-    }
+    tuning = tuning_crops(cache, Path(trained["crops"]), photos, truth, args.seed)
     confirming = confirm_crops(cache, args.seed)
     distillation = distillation_figures(trained, {**tuning, **confirming}, set(confirming))
     common = {

@@ -6,6 +6,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_tiny_vit
@@ -93,3 +94,31 @@ def test_teacher_students_and_figures_through_birder_train(tmp_path: Path) -> No
     assert again["student"] != models["student"] and again["student"].is_file()
     assert {name: again[name].stat().st_mtime_ns for name in stamps} == stamps  # reused, not retrained
     assert json.loads((models["crops"] / "done.json").read_text())["per_class"] == 4
+
+
+def _fine_detail(path: Path) -> float:
+    """Mean absolute difference of neighbouring pixels: the pixel noise and thin strokes a reduction averages away."""
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("L"), dtype=np.float32)
+    return float(np.abs(np.diff(pixels, axis=1)).mean())
+
+
+def test_detector_scenes_drawn_large_and_reduced_like_the_photos(tmp_path: Path) -> None:
+    # Drawn at 8x the detector's input and reduced: the detector's input size, boxes in its pixels, and less of the
+    # fine detail (the finest foliage, pixel noise) that a 12 MP photo reduced to the detector's input has lost
+    # (here, mean neighbour difference: drawn at the input size 9.9, drawn at 8x 7.1, a reduced photo 5.6)
+    (height, width) = field_chain.DETECTOR_SCENE
+    reduced = json.loads(field_chain._field_scenes(tmp_path / "reduced", 2, seed=1, render_scale=8).read_text())
+    plain = json.loads(field_chain._field_scenes(tmp_path / "plain", 2, seed=1).read_text())
+    assert [(i["height"], i["width"]) for i in reduced["images"]] == [(height, width)] * 2
+    assert reduced["annotations"], "the scenes have animals"
+    for annotation in reduced["annotations"]:
+        (x, y, w, h) = annotation["bbox"]
+        assert x >= 0 and y >= 0 and x + w <= width and y + h <= height and w * h == pytest.approx(annotation["area"])
+        assert 0.004 <= w * h / (height * width) <= 0.21  # 0.5-20 % of the frame, as in the photos
+    for image in reduced["images"]:
+        with Image.open(tmp_path / "reduced" / image["file_name"]) as scene:
+            assert scene.size == (width, height)
+    detail = [_fine_detail(tmp_path / "reduced" / image["file_name"]) for image in reduced["images"]]
+    plain_detail = [_fine_detail(tmp_path / "plain" / image["file_name"]) for image in plain["images"]]
+    assert max(detail) < 0.85 * min(plain_detail)
