@@ -10,11 +10,14 @@
    of ``benchmarks.synthetic``) each covering 0.5-20 % of the frame. The background is textured at several scales
    (colour fields, foliage blobs, strokes, pixel noise): a flat image decodes several times faster than a photo.
    The truth (boxes, classes, counts per photo) is ``truth.json`` beside the photos.
-2. **The models**, cached: a small classifier trained on the objects by ``birder-train`` and calibrated by
-   ``birder-calibrate``; a small class-agnostic ("animal") Faster R-CNN trained on small scenes of the same kind by
-   ``birder-train-det``; the card's shapes (vit_l16 classifier at 256 px, vit_b16 Faster R-CNN at 512 px)
-   **random-initialised** (their speed does not depend on training; their boxes and species mean nothing); a
-   taxonomy CSV and a prior (``birder-prior build`` from generated records around the cameras).
+2. **The models**, cached: a small classifier trained on the objects' crops as the card's student is made: a
+   teacher 6.8x its size trained by ``birder-train``, the student distilled from it (``birder-train --teacher ...
+   --distill soft``) and calibrated by ``birder-calibrate``, the same student on the labels alone beside it; a small
+   class-agnostic ("animal") Faster R-CNN trained from the student's backbone on small scenes of the same kind
+   (drawn at 8x and reduced, as the photos are) by ``birder-train-det``; the card's shapes (vit_l16 classifier at
+   256 px, vit_b16 Faster R-CNN at 512 px) **random-initialised** (their speed does not depend on training; their
+   boxes and species mean nothing); a taxonomy CSV and a prior (``birder-prior build`` from generated records
+   around the cameras).
 3. **The chain**, per configuration, ``birder-predict`` in a child process (its peak RSS from its rusage) with
    ``--detector``, the calibrated classifier, ``--taxonomy``, ``--prior``, ``--events`` and ``--export camtrap-dp``.
    An option the code refuses is dropped and the refusal recorded. Configurations:
@@ -26,7 +29,10 @@
 
 Reports photos/hour, card/baseline in the same run, each stage's share of the wall time where ``run.json`` records
 ``stages``, peak RSS, boxes per photo and, for the trained pair, the answers against the truth (count accuracy, kept
-boxes overlapping with IoU > 0.5), in ``--output`` (JSON, written atomically) and as a table.
+boxes overlapping with IoU > 0.5), in ``--output`` (JSON, written atomically) and as a table; and the distilled
+classifier's crop top-1 against its teacher's and the label-only student's (:func:`distillation_figures`) on sets it
+was tuned on (held-out crops, the crops of this run's photos' true boxes, loose crops) and on confirming sets of
+other seeds and generator settings (:func:`confirm_crops`).
 :func:`compare_results` compares the boxes and species of two results folders (two configurations, two decode
 modes): the share of boxes kept with IoU >= 0.9 and the share whose species changed.
 """
@@ -894,12 +900,12 @@ def print_table(report: dict[str, Any]) -> None:
             f"{distillation['student_parameters'] / 1e6:.2f} M parameters; --distill {recipe['distill']}, alpha "
             f"{recipe['distill_alpha']}, T {recipe['distill_temperature']}), crop top-1:"
         )
-        print(f"  {'crops':<20} {'n':>5} {'teacher':>8} {'student':>8} {'ratio':>6} {'labels only':>12}  role")
+        print(f"  {'crops':<26} {'n':>5} {'teacher':>8} {'student':>8} {'ratio':>6} {'labels only':>12}  role")
         for name, row in distillation["sets"].items():
             columns = ("teacher_top1", "student_top1", "student_over_teacher", "student_labels_only_top1")
             cells = [row[column] for column in columns]
             (teacher, student, ratio, labels) = ("-" if v is None else f"{v:.3f}" for v in cells)
-            print(f"  {name:<20} {row['crops']:>5} {teacher:>8} {student:>8} {ratio:>6} {labels:>12}  {row['role']}")
+            print(f"  {name:<26} {row['crops']:>5} {teacher:>8} {student:>8} {ratio:>6} {labels:>12}  {row['role']}")
     print(f"report   {report['output']}")
 
 
