@@ -246,7 +246,7 @@ class Training:
     distill_temperature: float = 2.0
 
 
-SMALL_TRAINING = Training(10, 2, 24, 2, 2, dict(SMALL_CLASSIFIER_CONFIG), dict(SMALL_TEACHER_CONFIG), 2)
+SMALL_TRAINING = Training(10, 2, 24, 2, 1, dict(SMALL_CLASSIFIER_CONFIG), dict(SMALL_TEACHER_CONFIG), 2)
 
 
 def _digest(data: Any) -> str:
