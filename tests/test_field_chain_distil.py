@@ -74,8 +74,8 @@ def test_crops_top1_counts_the_crops_of_the_class_a_model_names(tmp_path: Path) 
 
 @pytest.mark.slow
 def test_teacher_students_and_figures_through_birder_train(tmp_path: Path) -> None:
-    # About 10 s (a minute on a loaded machine): three tiny classifiers by birder-train's main (the teacher larger than the students), the
-    # distilled one with --teacher; a new distillation recipe retrains the distilled student only
+    # About 10 s (a minute on a loaded machine): three tiny classifiers by birder-train's main (the teacher larger
+    # than the students), the distilled one with --teacher; a new distillation recipe retrains that student only
     training = dataclasses.replace(field_chain.SMALL_TRAINING, crops_per_class=4, classifier_epochs=1, teacher_epochs=1)
     models = field_chain.trained_classifiers(tmp_path, training, seed=0)
     assert {path.parent.name.split("_")[0] for path in (models["teacher"], models["student"])} == {"teacher", "student"}
