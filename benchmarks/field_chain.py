@@ -261,9 +261,9 @@ def _call(main: Any, argv: list[str], what: str) -> None:
 
 def _field_scenes(root: Path, count: int, seed: int, render_scale: int = 1) -> Path:
     """Small scenes of the photos' kind with 0-3 animals, class-agnostic COCO ("animal"): the detector's data.
-    Drawn at ``render_scale`` times the detector's input and reduced (pixel averages, as a reduced-scale JPEG decode):
-    the detector then sees backgrounds as it sees the large photos, whose pixel noise and thin strokes a reduction
-    averages away; drawn at its input size, a scene keeps them, and the detector learns another background."""
+    Drawn at ``render_scale`` times the detector's input and reduced (pixel averages, as a reduced-scale JPEG decode
+    reaches a photo): the finest foliage and the pixel noise that a reduced 12 MP photo has lost are lost here too
+    (see :attr:`Training.detector_render_scale` for what it changed)."""
     rng = np.random.default_rng(seed)
     coco: dict[str, Any] = {"images": [], "annotations": [], "categories": [{"id": 1, "name": ANIMAL_CLASS}]}
     (root / "images").mkdir(parents=True, exist_ok=True)
@@ -545,7 +545,7 @@ def distillation_figures(trained: dict[str, Any], sets: dict[str, Path], confirm
         figures["sets"][name] = {
             "folder": str(folder),
             "crops": crops,
-            "role": "confirming (untouched while tuning)" if name in confirming else "tuning",
+            "role": "confirming" if name in confirming else "tuning",
             "teacher_top1": teacher,
             "student_top1": student,
             "student_labels_only_top1": labels_only,
