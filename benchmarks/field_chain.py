@@ -10,8 +10,10 @@
    of ``benchmarks.synthetic``) each covering 0.5-20 % of the frame. The background is textured at several scales
    (colour fields, foliage blobs, strokes, pixel noise): a flat image decodes several times faster than a photo.
    The truth (boxes, classes, counts per photo) is ``truth.json`` beside the photos.
-2. **The models**, cached: a small classifier trained on the objects by ``birder-train`` and calibrated by
-   ``birder-calibrate``; a small class-agnostic ("animal") Faster R-CNN trained on small scenes of the same kind by
+2. **The models**, cached: a small classifier trained on the objects' crops as the card's student is made: a
+   teacher 6.8x its size trained by ``birder-train``, the student distilled from it (``birder-train --teacher ...
+   --distill soft``) and calibrated by ``birder-calibrate``, the same student on the labels alone beside it; a small
+   class-agnostic ("animal") Faster R-CNN trained from the student's backbone on small scenes of the same kind by
    ``birder-train-det``; the card's shapes (vit_l16 classifier at 256 px, vit_b16 Faster R-CNN at 512 px)
    **random-initialised** (their speed does not depend on training; their boxes and species mean nothing); a
    taxonomy CSV and a prior (``birder-prior build`` from generated records around the cameras).
@@ -26,7 +28,10 @@
 
 Reports photos/hour, card/baseline in the same run, each stage's share of the wall time where ``run.json`` records
 ``stages``, peak RSS, boxes per photo and, for the trained pair, the answers against the truth (count accuracy, kept
-boxes overlapping with IoU > 0.5), in ``--output`` (JSON, written atomically) and as a table.
+boxes overlapping with IoU > 0.5), in ``--output`` (JSON, written atomically) and as a table; and the distilled
+classifier's crop top-1 against its teacher's and the label-only student's (:func:`distillation_figures`) on sets it
+was tuned on (held-out crops, the crops of this run's photos' true boxes, loose crops) and on confirming sets of
+other seeds and generator settings (:func:`confirm_crops`).
 :func:`compare_results` compares the boxes and species of two results folders (two configurations, two decode
 modes): the share of boxes kept with IoU >= 0.9 and the share whose species changed.
 """
@@ -73,6 +78,10 @@ ANIMAL_CLASS = "animal"
 CLASSIFIER_SIZE = 64
 CLASSIFIER_CONFIG = {"patch_size": 8, "hidden_dim": 64, "num_layers": 4, "num_heads": 4, "mlp_dim": 128}
 SMALL_CLASSIFIER_CONFIG = {"patch_size": 8, "hidden_dim": 16, "num_layers": 1, "num_heads": 2, "mlp_dim": 32}
+# The fast classifier is a student distilled from this teacher (1.03 M parameters, 6.8x the student's 0.15 M: the
+# card's vit_l16 / vit_s16 ratio in spirit), trained on the same crops
+TEACHER_CONFIG = {"patch_size": 8, "hidden_dim": 128, "num_layers": 6, "num_heads": 4, "mlp_dim": 384}
+SMALL_TEACHER_CONFIG = {"patch_size": 8, "hidden_dim": 32, "num_layers": 2, "num_heads": 2, "mlp_dim": 64}
 DETECTOR_SCENE = (192, 256)  # height, width of the detector's training scenes and its input
 DETECTOR_HEAD = {
     "fpn_channels": 32,
@@ -219,13 +228,28 @@ class Training:
     """How much the trained pair learns: the benchmark's or ``--small``'s."""
 
     crops_per_class: int = 100
-    classifier_epochs: int = 15
-    detector_scenes: int = 160  # birder-train-det runs at about 1 scene/s here: 160 x 12 epochs, about 30 min
+    classifier_epochs: int = 30  # the student's, distilled and on labels alone
+    # birder-train-det ran at 8-9 scenes/s on one thread here (160 x 12 epochs: 4-6 min, the machine shared). 320 x
+    # 24 epochs (mAP@.5 0.86 on held-out scenes) found more animals in the photos but kept 9.2 boxes a photo there
+    detector_scenes: int = 160
     detector_epochs: int = 12
+    # The detector's scenes drawn at this many times its input and reduced (see _field_scenes). Tried with the same
+    # student, against 1 (count right on 69 % of photos, species 0.55): 8, 12 epochs: count 70 %, species 0.46;
+    # 8, 24 epochs: count 55 % (1.27 boxes a photo, 0.79 animals), species 0.87
+    detector_render_scale: int = 1
     backbone: dict[str, Any] = field(default_factory=lambda: dict(CLASSIFIER_CONFIG))
+    teacher: dict[str, Any] = field(default_factory=lambda: dict(TEACHER_CONFIG))
+    teacher_epochs: int = 15
+    teacher_aug_level: int = 1  # birder-train --aug-level of the teacher (a user's large model, as it was trained)
+    # The students' (the distilled one and the label-only yardstick): strong augmentation and 30 epochs keep the
+    # teacher's top-1 on loose crops, where aug 1 and 15 epochs kept 83 % (tuning: docs/performance.md)
+    aug_level: int = 3
+    distill: str = "soft"  # birder-train --distill, --distill-alpha, --distill-temperature
+    distill_alpha: float = 0.5
+    distill_temperature: float = 2.0
 
 
-SMALL_TRAINING = Training(10, 2, 24, 2, dict(SMALL_CLASSIFIER_CONFIG))
+SMALL_TRAINING = Training(10, 2, 24, 2, 1, dict(SMALL_CLASSIFIER_CONFIG), dict(SMALL_TEACHER_CONFIG), 2)
 
 
 def _digest(data: Any) -> str:
@@ -238,17 +262,21 @@ def _call(main: Any, argv: list[str], what: str) -> None:
         raise RuntimeError(f"{what} failed (exit code {code}): {' '.join(argv)}")
 
 
-def _field_scenes(root: Path, count: int, seed: int) -> Path:
-    """Small scenes of the photos' kind with 0-3 animals, class-agnostic COCO ("animal"): the detector's data."""
+def _field_scenes(root: Path, count: int, seed: int, render_scale: int = 1) -> Path:
+    """Small scenes of the photos' kind with 0-3 animals, class-agnostic COCO ("animal"): the detector's data.
+    Drawn at ``render_scale`` times the detector's input and reduced (pixel averages, as a reduced-scale JPEG decode
+    reaches a photo): the finest foliage and the pixel noise that a reduced 12 MP photo has lost are lost here too
+    (see :attr:`Training.detector_render_scale` for what it changed)."""
     rng = np.random.default_rng(seed)
     coco: dict[str, Any] = {"images": [], "annotations": [], "categories": [{"id": 1, "name": ANIMAL_CLASS}]}
     (root / "images").mkdir(parents=True, exist_ok=True)
     for index in range(count):
-        image = field_background(DETECTOR_SCENE, rng)
+        image = field_background((DETECTOR_SCENE[0] * render_scale, DETECTOR_SCENE[1] * render_scale), rng)
         animals = int(rng.integers(0, ANIMALS[1] + 1))
         classes = [int(c) for c in rng.choice(CLASSES, size=animals)]
         areas = np.exp(rng.uniform(math.log(AREA[0]), math.log(AREA[1]), size=animals)).tolist()
-        boxes = place_animals(image, classes, areas, rng)
+        boxes = [tuple(v / render_scale for v in box) for box in place_animals(image, classes, areas, rng)]
+        image = image.reduce(render_scale)
         file_name = f"images/{index:05d}.jpg"
         image.save(root / file_name, quality=JPEG_QUALITY)
         (height, width) = DETECTOR_SCENE
@@ -269,10 +297,80 @@ def _field_scenes(root: Path, count: int, seed: int) -> Path:
     return path
 
 
+def _cached_dir(cache: Path, prefix: str, settings: Any) -> Path:
+    return cache / f"{prefix}_{_digest(settings)}"
+
+
+def training_crops(cache: Path, training: Training, seed: int) -> Path:
+    """The classifier's crops (generated once per setting): ``train``, ``val`` (scored every epoch, calibration) and
+    ``held_out`` (never trained on: the distilled classifier's figures), each its own seed, framed as
+    ``birder-predict`` frames a detection (the object fills the crop but the default margin)."""
+    root = _cached_dir(cache, "crops", {"per_class": training.crops_per_class, "seed": seed, "size": CLASSIFIER_SIZE})
+    done = root / "done.json"
+    if done.is_file():
+        return root
+    if root.exists():
+        shutil.rmtree(root)
+    fill = min(0.95, 1.0 / (1.0 + 2.0 * CROP_MARGIN))  # the object's share of a crop's side at the default margin
+    per_class = training.crops_per_class
+    for split, count, offset in (
+        ("train", per_class, 0),
+        ("val", max(4, per_class // 4), 1),
+        ("held_out", max(4, per_class // 2), 4),
+    ):
+        make_class_folder(root / split, CLASSES, count, size=CLASSIFIER_SIZE, seed=seed + offset, fill=fill)
+    _write_json(done, {"per_class": per_class, "seed": seed})
+    return root
+
+
+def train_crop_classifier(
+    output: Path, crops: Path, config: dict[str, Any], epochs: int, aug_level: int, seed: int, extra: list[str]
+) -> Path:
+    """One ``birder-train`` run (its ``main``, as a user runs the command) of a vit_t16 of ``config`` on the crops;
+    the final checkpoint. An output folder that already holds it is reused."""
+    from birder.scripts import train
+
+    weights = output / f"vit_t16_{epochs}.pt"
+    if weights.is_file():
+        return weights
+    if output.exists():
+        shutil.rmtree(output)
+    argv = ["--data-dir", str(crops), "--network", "vit_t16", "--model-config", json.dumps(config)]
+    argv += ["--size", str(CLASSIFIER_SIZE), "--epochs", str(epochs), "--warmup-epochs", "1", "-b", "32"]
+    argv += ["--lr", "3e-3", "--aug-level", str(aug_level), "-j", "0", "--no-progress", "--seed", str(seed)]
+    _call(train.main, [*argv, *extra, "--output-dir", str(output), "--save-every", str(epochs)], "birder-train")
+    return weights
+
+
+def trained_classifiers(cache: Path, training: Training, seed: int) -> dict[str, Path]:
+    """The crops and the classifiers trained on them, each cached by its own settings (a change of the distillation
+    recipe retrains the distilled student only): the teacher (:data:`TEACHER_CONFIG`), the student on the labels
+    alone (the distillation's yardstick) and the student distilled from the teacher (``birder-train --teacher ...
+    --distill ...``)."""
+    crops = training_crops(cache, training, seed)
+    (teacher_epochs, student_epochs, aug) = (training.teacher_epochs, training.classifier_epochs, training.aug_level)
+    teacher_key = {"crops": crops.name, "seed": seed, "aug_level": training.teacher_aug_level}
+    teacher_dir = _cached_dir(cache, "teacher", {**teacher_key, "config": training.teacher, "epochs": teacher_epochs})
+    teacher = train_crop_classifier(
+        teacher_dir, crops, training.teacher, teacher_epochs, training.teacher_aug_level, seed, []
+    )
+    student_key = {"crops": crops.name, "seed": seed, "aug_level": aug, "config": training.backbone}
+    student_key["epochs"] = student_epochs
+    labels_dir = _cached_dir(cache, "student_labels", student_key)
+    labels_only = train_crop_classifier(labels_dir, crops, training.backbone, student_epochs, aug, seed, [])
+    recipe = {"kind": training.distill, "alpha": training.distill_alpha, "temperature": training.distill_temperature}
+    distill = ["--teacher", str(teacher), "--distill", training.distill, "--distill-alpha", str(training.distill_alpha)]
+    distill += ["--distill-temperature", str(training.distill_temperature)]
+    student_dir = _cached_dir(cache, "student", {**student_key, "teacher": teacher_dir.name, **recipe})
+    student = train_crop_classifier(student_dir, crops, training.backbone, student_epochs, aug, seed, distill)
+    return {"crops": crops, "teacher": teacher, "student_labels_only": labels_only, "student": student}
+
+
 def trained_pair(cache: Path, training: Training, seed: int) -> dict[str, Any]:
-    """The small classifier (``birder-train``, calibrated by ``birder-calibrate``) and detector (``birder-train-det``
-    from the classifier's backbone), trained once per setting."""
-    from birder.scripts import calibrate, train, train_det
+    """The fast pair, trained once per setting: the fast classifier distilled from a larger teacher
+    (:func:`trained_classifiers`) and calibrated by ``birder-calibrate``, and the detector (``birder-train-det``
+    from the distilled student's backbone)."""
+    from birder.scripts import calibrate, train_det
 
     root = cache / f"trained_{_digest({'training': vars(training), 'seed': seed})}"
     done = root / "models.json"
@@ -281,28 +379,14 @@ def trained_pair(cache: Path, training: Training, seed: int) -> dict[str, Any]:
     if root.exists():
         shutil.rmtree(root)
     started = time.perf_counter()
-    crops = root / "crops"
-    fill = min(0.95, 1.0 / (1.0 + 2.0 * CROP_MARGIN))  # the object's share of a crop's side at the default margin
-    make_class_folder(crops / "train", CLASSES, training.crops_per_class, size=CLASSIFIER_SIZE, seed=seed, fill=fill)
-    make_class_folder(
-        crops / "val", CLASSES, max(4, training.crops_per_class // 4), size=CLASSIFIER_SIZE, seed=seed + 1, fill=fill
-    )
-    output = root / "classifier"
-    argv = ["--data-dir", str(crops), "--network", "vit_t16", "--model-config", json.dumps(training.backbone)]
-    argv += ["--size", str(CLASSIFIER_SIZE), "--epochs", str(training.classifier_epochs), "--warmup-epochs", "1"]
-    argv += ["-b", "32", "--lr", "3e-3", "--aug-level", "1", "-j", "0", "--no-progress", "--seed", str(seed)]
-    _call(
-        train.main,
-        [*argv, "--output-dir", str(output), "--save-every", str(training.classifier_epochs)],
-        "birder-train",
-    )
-    classifier = output / f"vit_t16_{training.classifier_epochs}.pt"
+    classifiers = trained_classifiers(cache, training, seed)
+    (crops, classifier) = (classifiers["crops"], classifiers["student"])
     calibrated = root / "classifier_calibrated.pt"
     argv = ["--weights", str(classifier), "--val", str(crops / "val"), "--train", str(crops / "train")]
     _call(calibrate.main, [*argv, "-o", str(calibrated), "-j", "0", "--no-progress"], "birder-calibrate")
 
     scenes = {
-        split: _field_scenes(root / split, count, seed + offset)
+        split: _field_scenes(root / split, count, seed + offset, training.detector_render_scale)
         for (split, count, offset) in (
             ("det_train", training.detector_scenes, 2),
             ("det_val", max(4, training.detector_scenes // 6), 3),
@@ -320,6 +404,7 @@ def trained_pair(cache: Path, training: Training, seed: int) -> dict[str, Any]:
         curve = [round(float(row["map50"]), 3) for row in csv.DictReader(handle)]
     models = {
         "classifier": str(calibrated),
+        **{name: str(path) for (name, path) in classifiers.items()},
         "detector": str(det_output / f"faster_rcnn_vit_t16_{training.detector_epochs}.pt"),
         "detector_map50_by_epoch": curve,
         "training": vars(training),
@@ -327,6 +412,149 @@ def trained_pair(cache: Path, training: Training, seed: int) -> dict[str, Any]:
     }
     _write_json(done, models)
     return models
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The distilled classifier's figures
+# ---------------------------------------------------------------------------------------------------------------------
+
+TUNING_LOOSE = {"seed_offset": 50, "size": 96, "fill": 0.5}  # looser crops than the training ones, to tune on
+CONFIRM_SEED_OFFSET = 100  # the confirming sets' seeds: --seed + this (never used to tune the recipe)
+CONFIRM_PHOTOS = 90
+CONFIRM_PHOTO_SIZE = (1500, 2000)  # height, width: 3 MP, the same animals' shares of the frame at a quarter the pixels
+CONFIRM_CROP_SIZE = 2 * CLASSIFIER_SIZE  # loose crops at twice the classifier's input: resized as a detection is
+CONFIRM_FILL = 0.55  # the object's share of the crop's side: a loose box (the training crops' is 0.83)
+CONFIRM_LOOSE_MARGIN = 0.35  # crops of the confirming photos as a loose detector box frames them
+
+
+def loose_crops(root: Path, seed: int, size: int, fill: float) -> Path:
+    """50 crops a class of the object at ``fill`` of the side (the training crops': 0.83) at ``size`` px, made once."""
+    settings = {"seed": seed, "size": size, "fill": fill}
+    done = root / "done.json"
+    if not done.is_file() or json.loads(done.read_text()) != settings:
+        if root.exists():
+            shutil.rmtree(root)
+        make_class_folder(root, CLASSES, 50, size=size, seed=seed, fill=fill)
+        _write_json(done, settings)
+    return root
+
+
+def tuning_crops(cache: Path, crops: Path, photos: Path, truth: dict[str, Any], seed: int) -> dict[str, Path]:
+    """The sets the student's recipe is tuned on: the held-out crops (generated as the training crops), the crops
+    of this run's photos, and looser crops (:data:`TUNING_LOOSE`)."""
+    loose_seed = seed + TUNING_LOOSE["seed_offset"]
+    return {
+        "held_out_crops": crops / "held_out",
+        "field_crops": cut_field_crops(photos, truth, cache / f"{photos.name}_crops"),
+        "tuning_loose_crops": loose_crops(
+            cache / f"tuning_loose_crops_{loose_seed}", loose_seed, TUNING_LOOSE["size"], TUNING_LOOSE["fill"]
+        ),
+    }
+
+
+def cut_field_crops(photos: Path, truth: dict[str, Any], output: Path, margin: float = CROP_MARGIN) -> Path:
+    """The crops ``birder-predict`` cuts around the photos' true boxes (``margin``: its ``--crop-margin``), as an
+    ImageFolder of the true species (cut once per photo set and margin). Each photo is decoded at the smallest DCT
+    scale that keeps its smallest animal at least the classifier's input size, as the chain decodes for crops."""
+    from birder.inference.crops import crop_box
+
+    settings = output / "settings.json"
+    if settings.is_file() and json.loads(settings.read_text()) == {**truth["settings"], "margin": margin}:
+        return output
+    if output.exists():
+        shutil.rmtree(output)
+    (_, full_width) = truth["settings"]["size"]
+    for key, item in truth["photos"].items():
+        if not item["boxes"]:
+            continue
+        with Image.open(photos / key) as image:
+            smallest = min(min(w, h) for (_, _, w, h) in item["boxes"])
+            reduction = min(1.0, CLASSIFIER_SIZE / smallest)
+            image.draft("RGB", (math.ceil(image.width * reduction), math.ceil(image.height * reduction)))
+            photo = image.convert("RGB")
+        scale = photo.width / full_width
+        for index, ((x, y, w, h), species) in enumerate(zip(item["boxes"], item["classes"], strict=True)):
+            crop = crop_box(photo, [x * scale, y * scale, (x + w) * scale, (y + h) * scale], margin)
+            (output / species).mkdir(parents=True, exist_ok=True)
+            crop.save(output / species / f"{key.replace('/', '_')}_{index}.png")
+    _write_json(settings, {**truth["settings"], "margin": margin})
+    return output
+
+
+def confirm_crops(cache: Path, seed: int) -> dict[str, Path]:
+    """The confirming sets, other seeds and other generator settings than anything the recipe was tuned on: loose
+    crops (:data:`CONFIRM_FILL` at :data:`CONFIRM_CROP_SIZE` px), and the crops cut from a set of smaller photos,
+    at the default margin and at :data:`CONFIRM_LOOSE_MARGIN`."""
+    confirm_seed = seed + CONFIRM_SEED_OFFSET
+    loose = loose_crops(cache / f"confirm_loose_crops_{confirm_seed}", confirm_seed, CONFIRM_CROP_SIZE, CONFIRM_FILL)
+    (height, width) = CONFIRM_PHOTO_SIZE
+    photos = cache / f"confirm_photos_{CONFIRM_PHOTOS}_{confirm_seed + 1}_{height}x{width}"
+    truth = make_field_set(photos, CONFIRM_PHOTOS, seed=confirm_seed + 1, size=CONFIRM_PHOTO_SIZE)
+    return {
+        "confirm_loose_crops": loose,
+        "confirm_field_crops": cut_field_crops(photos, truth, cache / f"{photos.name}_crops"),
+        "confirm_field_loose_crops": cut_field_crops(
+            photos, truth, cache / f"{photos.name}_crops_margin{CONFIRM_LOOSE_MARGIN}", CONFIRM_LOOSE_MARGIN
+        ),
+    }
+
+
+def crops_top1(weights: Path, folder: Path) -> tuple[float | None, int]:
+    """Top-1 of a classifier on an ImageFolder of crops (``<species>/*.png``), with its inference transform; and
+    the number of crops."""
+    import torch
+
+    import birder
+    from birder.inference.classification import infer_batch
+    from birder.io.images import load_image
+
+    (net, info) = birder.load_model(weights, inference=True)
+    transform = birder.classification_transform(birder.get_size_from_signature(info.signature), info.rgb_stats)
+    paths = sorted(folder.glob("*/*.png"))
+    correct = 0
+    for first in range(0, len(paths), 64):
+        chunk = paths[first : first + 64]
+        (probs, _) = infer_batch(net, torch.stack([transform(load_image(path)) for path in chunk]))
+        predicted = probs.argmax(axis=1).tolist()
+        correct += sum(
+            index == info.class_to_idx.get(path.parent.name) for (index, path) in zip(predicted, chunk, strict=True)
+        )
+    return (correct / len(paths) if paths else None, len(paths))
+
+
+def parameters(weights: Path) -> int:
+    import birder
+
+    (net, _) = birder.load_model(weights, inference=True)
+    return sum(tensor.numel() for tensor in net.parameters())
+
+
+RECIPE = ("distill", "distill_alpha", "distill_temperature", "aug_level", "classifier_epochs", "teacher_aug_level")
+
+
+def distillation_figures(trained: dict[str, Any], sets: dict[str, Path], confirming: set[str]) -> dict[str, Any]:
+    """Teacher, distilled student and label-only student top-1 on each set of crops, and the student's share of
+    its teacher's top-1 (the field-chain issue asks >= 0.95)."""
+    figures: dict[str, Any] = {
+        "teacher_parameters": parameters(Path(trained["teacher"])),
+        "student_parameters": parameters(Path(trained["student"])),
+        "recipe": {k: trained["training"][k] for k in RECIPE},
+        "sets": {},
+    }
+    for name, folder in sets.items():
+        (teacher, crops) = crops_top1(Path(trained["teacher"]), folder)
+        (student, _) = crops_top1(Path(trained["student"]), folder)
+        (labels_only, _) = crops_top1(Path(trained["student_labels_only"]), folder)
+        figures["sets"][name] = {
+            "folder": str(folder),
+            "crops": crops,
+            "role": "confirming" if name in confirming else "tuning",
+            "teacher_top1": teacher,
+            "student_top1": student,
+            "student_labels_only_top1": labels_only,
+            "student_over_teacher": student / teacher if teacher else None,
+        }
+    return figures
 
 
 def card_pair(cache: Path, classifier: Path, crops_val: Path) -> dict[str, Any]:
@@ -668,6 +896,20 @@ def print_table(report: dict[str, Any]) -> None:
             f"card against baseline: {kept['boxes']} boxes, IoU >= 0.9 for {'-' if share is None else f'{share:.1%}'}"
             f", species changed for {'-' if changed is None else f'{changed:.1%}'} of matched boxes"
         )
+    distillation = report["models"]["fast"].get("distillation")
+    if distillation:
+        recipe = distillation["recipe"]
+        print(
+            f"fast classifier distilled from its teacher ({distillation['teacher_parameters'] / 1e6:.2f} M -> "
+            f"{distillation['student_parameters'] / 1e6:.2f} M parameters; --distill {recipe['distill']}, alpha "
+            f"{recipe['distill_alpha']}, T {recipe['distill_temperature']}), crop top-1:"
+        )
+        print(f"  {'crops':<26} {'n':>5} {'teacher':>8} {'student':>8} {'ratio':>6} {'labels only':>12}  role")
+        for name, row in distillation["sets"].items():
+            columns = ("teacher_top1", "student_top1", "student_over_teacher", "student_labels_only_top1")
+            cells = [row[column] for column in columns]
+            (teacher, student, ratio, labels) = ("-" if v is None else f"{v:.3f}" for v in cells)
+            print(f"  {name:<26} {row['crops']:>5} {teacher:>8} {student:>8} {ratio:>6} {labels:>12}  {row['role']}")
     print(f"report   {report['output']}")
 
 
@@ -697,6 +939,10 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=1, help="rounds over the configurations; the median counts")
     parser.add_argument("--workers", type=int, default=2, help="birder-predict -j (default: 2)")
+    parser.add_argument(
+        "--train-threads", type=int, default=1, help="torch threads of the training here (default: 1; the chain's "
+        "birder-predict runs in its own process with its own defaults)"
+    )  # fmt: skip
     parser.add_argument("--small", action="store_true", help="short training of the trained pair (a smoke run)")
     parser.add_argument("--photo-size", type=int, nargs=2, default=PHOTO_SIZE, metavar=("H", "W"))
     return parser.parse_args(argv)
@@ -720,14 +966,22 @@ def main(argv: list[str] | None = None) -> int:
     truth = make_field_set(photos, args.photos, seed=args.seed, size=tuple(args.photo_size))
     generated = time.perf_counter() - started
     training = SMALL_TRAINING if args.small else Training()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.train_threads)  # small networks train faster on one thread than on oversubscribed cores
     trained = trained_pair(cache, training, args.seed)
-    crops_val = Path(trained["classifier"]).parent / "crops" / "val"
+    crops_val = Path(trained["crops"]) / "val"
+    # The distilled classifier against its teacher: tuned on the held-out crops and the crops of this run's photos,
+    # confirmed on sets of other seeds and generator settings
+    tuning = tuning_crops(cache, Path(trained["crops"]), photos, truth, args.seed)
+    confirming = confirm_crops(cache, args.seed)
+    distillation = distillation_figures(trained, {**tuning, **confirming}, set(confirming))
     common = {
         "taxonomy": write_taxonomy(cache / "taxonomy.csv"),
         "prior": build_prior(cache, Path(trained["classifier"]), args.seed),
     }
     card = card_pair(cache, Path(trained["classifier"]), crops_val) if {"card", "baseline"} & set(args.configs) else {}
 
+    torch.set_num_threads(threads)
     runs_dir = cache / "runs"
     plans = {
         "baseline": lambda: ChainRun(
@@ -773,7 +1027,9 @@ def main(argv: list[str] | None = None) -> int:
         },
         "models": {
             "fast": {
-                "classifier": f"vit_t16 {training.backbone} at {CLASSIFIER_SIZE} px (birder-train, calibrated)",
+                "classifier": f"vit_t16 {training.backbone} at {CLASSIFIER_SIZE} px, distilled from a vit_t16 "
+                f"{training.teacher} (birder-train --teacher --distill {training.distill}, calibrated)",
+                "distillation": distillation,
                 "detector": f"faster_rcnn vit_t16 at {DETECTOR_SCENE[1]}x{DETECTOR_SCENE[0]} (birder-train-det)",
                 "detector_map50_by_epoch": trained["detector_map50_by_epoch"],
             },
