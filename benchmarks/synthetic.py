@@ -11,6 +11,7 @@ for ImageFolder classification data, ``make_scene`` / ``write_coco_scenes`` for 
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -195,33 +196,14 @@ def write_coco_scenes(
     """``count`` scenes as ``root/images/<i>.png`` plus ``root/annotations.json`` (COCO); returns the JSON path."""
     rng = np.random.default_rng(seed)
     classes = classes if classes is not None else list(range(8))
-    images_dir = Path(root) / "images"
-    images_dir.mkdir(parents=True, exist_ok=True)
-    coco: dict = {
-        "images": [],
-        "annotations": [],
-        "categories": [{"id": class_id + 1, "name": class_name(class_id)} for class_id in classes],
-    }
+    coco = _new_coco(root, classes)
     for index in range(count):
         scene = make_scene(rng, size=size, classes=classes, num_objects=num_objects, area_range=area_range)
         file_name = f"images/{index:05d}.png"
         scene.image.save(Path(root) / file_name)
         coco["images"].append({"id": index + 1, "file_name": file_name, "height": size[0], "width": size[1]})
-        for box, label in zip(scene.boxes, scene.labels, strict=True):
-            coco["annotations"].append(
-                {
-                    "id": len(coco["annotations"]) + 1,
-                    "image_id": index + 1,
-                    "category_id": label + 1,
-                    "bbox": list(box),
-                    "area": box[2] * box[3],
-                    "iscrowd": 0,
-                }
-            )
-
-    path = Path(root) / "annotations.json"
-    path.write_text(json.dumps(coco))
-    return path
+        _add_boxes(coco, index + 1, scene.boxes, scene.labels)
+    return _write_coco(root, coco)
 
 
 # Scenes with known counts: touching and overlapping objects
@@ -368,13 +350,7 @@ def write_count_scenes(
     (inclusive), the layout of a scene with two or more objects evenly from :data:`COUNT_LAYOUTS`."""
     rng = np.random.default_rng(seed)
     classes = classes if classes is not None else list(range(8))
-    images_dir = Path(root) / "images"
-    images_dir.mkdir(parents=True, exist_ok=True)
-    coco: dict = {
-        "images": [],
-        "annotations": [],
-        "categories": [{"id": class_id + 1, "name": class_name(class_id)} for class_id in classes],
-    }
+    coco = _new_coco(root, classes)
     for index in range(count):
         scene = None
         while scene is None:
@@ -402,18 +378,36 @@ def write_count_scenes(
                 "layout": layout,
             }
         )
-        for box, label in zip(scene.boxes, scene.labels, strict=True):
-            coco["annotations"].append(
-                {
-                    "id": len(coco["annotations"]) + 1,
-                    "image_id": index + 1,
-                    "category_id": label + 1,
-                    "bbox": list(box),
-                    "area": box[2] * box[3],
-                    "iscrowd": 0,
-                }
-            )
+        _add_boxes(coco, index + 1, scene.boxes, scene.labels)
+    return _write_coco(root, coco)
 
+
+def _new_coco(root: str | Path, classes: list[int]) -> dict:
+    """An empty COCO document of ``classes``, its ``root/images`` folder made."""
+    (Path(root) / "images").mkdir(parents=True, exist_ok=True)
+    return {
+        "images": [],
+        "annotations": [],
+        "categories": [{"id": class_id + 1, "name": class_name(class_id)} for class_id in classes],
+    }
+
+
+def _add_boxes(coco: dict, image_id: int, boxes: Sequence[Sequence[float]], labels: Sequence[int]) -> None:
+    """COCO annotations of one image's xywh ``boxes`` (class ``labels``, category ids from 1)."""
+    for box, label in zip(boxes, labels, strict=True):
+        coco["annotations"].append(
+            {
+                "id": len(coco["annotations"]) + 1,
+                "image_id": image_id,
+                "category_id": label + 1,
+                "bbox": list(box),
+                "area": box[2] * box[3],
+                "iscrowd": 0,
+            }
+        )
+
+
+def _write_coco(root: str | Path, coco: dict) -> Path:
     path = Path(root) / "annotations.json"
     path.write_text(json.dumps(coco))
     return path
