@@ -22,6 +22,9 @@ from birder.data.detection import DetectionDataset, DetectionSample
 # the rest anywhere.
 BESIDE_SHARE = 0.8
 _PLACEMENT_TRIES = 20
+# Boxes pasted into one photo at most, and the most of a box already there the pastes may hide
+MAX_PASTED = 3
+MAX_HIDDEN = 0.4
 
 
 def _intersection(a: Sequence[float], b: Sequence[float]) -> float:
@@ -36,8 +39,8 @@ def paste_boxes(
     donor_target: dict[str, torch.Tensor],
     rng: np.random.Generator,
     *,
-    max_objects: int = 3,
-    max_hidden: float = 0.4,
+    max_objects: int = MAX_PASTED,
+    max_hidden: float = MAX_HIDDEN,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``image`` (``[C, H, W]``) with up to ``max_objects`` of the donor's boxes pasted in, and its target with
     their boxes and labels added (xyxy, the image's pixels). Each pasted box lies beside or over a box already
@@ -88,17 +91,8 @@ class CopyPasteDataset(Dataset):
     ``probability``, boxes of another of its photos pasted in (:func:`paste_boxes`). Seeded by ``(seed, epoch,
     index)`` as the base's own augmentation is: a resumed run or another worker sees the same photos."""
 
-    def __init__(
-        self,
-        base: DetectionDataset,
-        probability: float,
-        *,
-        seed: int = 0,
-        max_objects: int = 3,
-        max_hidden: float = 0.4,
-    ) -> None:
+    def __init__(self, base: DetectionDataset, probability: float, *, seed: int = 0) -> None:
         (self.base, self.probability, self.seed) = (base, probability, seed)
-        (self.max_objects, self.max_hidden) = (max_objects, max_hidden)
         self.paths = base.paths
 
     def __len__(self) -> int:
@@ -115,13 +109,5 @@ class CopyPasteDataset(Dataset):
         donor = self.base[(epoch, donor_index) if epoch is not None else donor_index]
         if donor.image is None or donor.image.shape != sample.image.shape or len(donor.target["boxes"]) == 0:
             return sample
-        (image, target) = paste_boxes(
-            sample.image,
-            sample.target,
-            donor.image,
-            donor.target,
-            rng,
-            max_objects=self.max_objects,
-            max_hidden=self.max_hidden,
-        )
+        (image, target) = paste_boxes(sample.image, sample.target, donor.image, donor.target, rng)
         return sample._replace(image=image, target=target)
