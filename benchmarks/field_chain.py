@@ -253,7 +253,15 @@ class Training:
     distill_temperature: float = 2.0
 
 
-SMALL_TRAINING = Training(10, 2, 24, 2, 1, dict(SMALL_CLASSIFIER_CONFIG), dict(SMALL_TEACHER_CONFIG), 2)
+SMALL_TRAINING = Training(
+    crops_per_class=10,
+    classifier_epochs=2,
+    detector_scenes=24,
+    detector_epochs=2,
+    backbone=dict(SMALL_CLASSIFIER_CONFIG),
+    teacher=dict(SMALL_TEACHER_CONFIG),
+    teacher_epochs=2,
+)
 
 
 def _digest(data: Any) -> str:

@@ -122,3 +122,17 @@ def test_detector_scenes_drawn_large_and_reduced_like_the_photos(tmp_path: Path)
     detail = [_fine_detail(tmp_path / "reduced" / image["file_name"]) for image in reduced["images"]]
     plain_detail = [_fine_detail(tmp_path / "plain" / image["file_name"]) for image in plain["images"]]
     assert max(detail) < 0.85 * min(plain_detail)
+
+
+@pytest.mark.slow
+def test_small_smoke_run_trains_the_pair_and_runs_the_chain(tmp_path: Path) -> None:
+    # About 70 s: `--small` (the smoke run a user tries first) trains the teacher, both students and the detector
+    # with SMALL_TRAINING's settings and runs the whole chain on 6 small photos
+    output = tmp_path / "field_chain.json"
+    argv = ["--small", "--configs", "fast", "--photos", "6", "--photo-size", "300", "400"]
+    assert field_chain.main([*argv, "--cache", str(tmp_path / "cache"), "--output", str(output)]) == 0
+    report = json.loads(output.read_text())
+    assert report["configs"]["fast"]["returncode"] == 0 and report["configs"]["fast"]["answers"]["photos"] == 6
+    distillation = report["models"]["fast"]["distillation"]
+    assert distillation["recipe"]["classifier_epochs"] == field_chain.SMALL_TRAINING.classifier_epochs
+    assert len(distillation["sets"]) == 6
