@@ -512,34 +512,29 @@ def confirm_crops(cache: Path, seed: int) -> dict[str, Path]:
     }
 
 
-def crops_top1(weights: Path, folder: Path) -> tuple[float | None, int]:
-    """Top-1 of a classifier on an ImageFolder of crops (``<species>/*.png``), with its inference transform; and
-    the number of crops."""
-    import torch
+def load_classifier(weights: Path) -> Any:
+    """A classifier file as every command loads it for inference (its transform with it), on the CPU."""
+    from birder.inference.model import load_for_inference
 
-    import birder
-    from birder.inference.classification import infer_batch
-    from birder.io.images import load_image
+    return load_for_inference(weights=weights, device="cpu", progress_bar=False)
 
-    (net, info) = birder.load_model(weights, inference=True)
-    transform = birder.classification_transform(birder.get_size_from_signature(info.signature), info.rgb_stats)
+
+def crops_top1(model: Any, folder: Path) -> tuple[float | None, int]:
+    """Top-1 of a classifier (:func:`load_classifier`) on an ImageFolder of crops (``<species>/*.png``; a species
+    the model does not name counts as wrong); and the number of crops."""
+    from birder.inference.labeled import collect_outputs
+
     paths = sorted(folder.glob("*/*.png"))
-    correct = 0
-    for first in range(0, len(paths), 64):
-        chunk = paths[first : first + 64]
-        (probs, _) = infer_batch(net, torch.stack([transform(load_image(path)) for path in chunk]))
-        predicted = probs.argmax(axis=1).tolist()
-        correct += sum(
-            index == info.class_to_idx.get(path.parent.name) for (index, path) in zip(predicted, chunk, strict=True)
-        )
-    return (correct / len(paths) if paths else None, len(paths))
+    if not paths:
+        return (None, 0)
+    targets = [model.info.class_to_idx.get(path.parent.name, -1) for path in paths]
+    outputs = collect_outputs(model.net, model.transform, paths, targets, batch_size=64)
+    correct = int((outputs.logits.argmax(axis=1) == outputs.targets).sum())
+    return (correct / len(paths), len(paths))
 
 
-def parameters(weights: Path) -> int:
-    import birder
-
-    (net, _) = birder.load_model(weights, inference=True)
-    return sum(tensor.numel() for tensor in net.parameters())
+def parameters(model: Any) -> int:
+    return sum(tensor.numel() for tensor in model.net.parameters())
 
 
 RECIPE = ("distill", "distill_alpha", "distill_temperature", "aug_level", "classifier_epochs", "teacher_aug_level")
@@ -548,16 +543,17 @@ RECIPE = ("distill", "distill_alpha", "distill_temperature", "aug_level", "class
 def distillation_figures(trained: dict[str, Any], sets: dict[str, Path], confirming: set[str]) -> dict[str, Any]:
     """Teacher, distilled student and label-only student top-1 on each set of crops, and the student's share of
     its teacher's top-1 (the field-chain issue asks >= 0.95)."""
+    models = {role: load_classifier(Path(trained[role])) for role in ("teacher", "student", "student_labels_only")}
     figures: dict[str, Any] = {
-        "teacher_parameters": parameters(Path(trained["teacher"])),
-        "student_parameters": parameters(Path(trained["student"])),
+        "teacher_parameters": parameters(models["teacher"]),
+        "student_parameters": parameters(models["student"]),
         "recipe": {k: trained["training"][k] for k in RECIPE},
         "sets": {},
     }
     for name, folder in sets.items():
-        (teacher, crops) = crops_top1(Path(trained["teacher"]), folder)
-        (student, _) = crops_top1(Path(trained["student"]), folder)
-        (labels_only, _) = crops_top1(Path(trained["student_labels_only"]), folder)
+        (teacher, crops) = crops_top1(models["teacher"], folder)
+        (student, _) = crops_top1(models["student"], folder)
+        (labels_only, _) = crops_top1(models["student_labels_only"], folder)
         figures["sets"][name] = {
             "folder": str(folder),
             "crops": crops,

@@ -67,9 +67,10 @@ def test_crops_top1_counts_the_crops_of_the_class_a_model_names(tmp_path: Path) 
     weights = birder.save_model(
         net, tmp_path / "one.pt", birder.ModelInfo({n: i for i, n in enumerate(NAMES)}, None, stats)
     )
-    (top1, count) = field_chain.crops_top1(weights, crops)
+    model = field_chain.load_classifier(weights)
+    (top1, count) = field_chain.crops_top1(model, crops)
     assert count == 8 and top1 == pytest.approx(4 / 8)
-    assert field_chain.crops_top1(weights, tmp_path / "nothing") == (None, 0)
+    assert field_chain.crops_top1(model, tmp_path / "nothing") == (None, 0)
 
 
 @pytest.mark.slow
