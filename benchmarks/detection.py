@@ -325,16 +325,12 @@ def curve_detector(args: argparse.Namespace, head: str) -> tuple[Path, Path, boo
     recorded = output_dir / RECIPE_FILE
     if detector.is_file() and recorded.is_file() and json.loads(recorded.read_text()) == recipe:
         return (data["classifier"], detector, False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.curve_threads)
-    try:
-        if not all(Path(path).is_file() for path in data.values()):
-            data = prepare_data(args.workdir, scale, TINY_BACKBONE if args.tiny else None)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)  # another recipe's run: birder-train-det refuses a used folder
-        learning_curve(head, data, output_dir, scale.detector_epochs)
-    finally:
-        torch.set_num_threads(threads)
+    # On the caller's threads (counts_section runs on --curve-threads)
+    if not all(Path(path).is_file() for path in data.values()):
+        data = prepare_data(args.workdir, scale, TINY_BACKBONE if args.tiny else None)
+    if output_dir.exists():
+        shutil.rmtree(output_dir)  # another recipe's run: birder-train-det refuses a used folder
+    learning_curve(head, data, output_dir, scale.detector_epochs)
     return (Path(data["classifier"]), detector, True)
 
 

@@ -225,3 +225,20 @@ def test_train_det_pastes_boxes_only_when_asked(tmp_path: Path, monkeypatch: pyt
     assert train_det.main([*argv, "--output-dir", str(tmp_path / "pasted"), "--copy-paste", "1"]) == 0
     assert len(calls) == 4  # every training photo once
     assert (tmp_path / "pasted" / "retinanet_vit_t16_1.pt").is_file()
+
+
+def test_counts_section_runs_birder_predict_and_reuses_its_detector(tmp_path: Path) -> None:
+    # The benchmark end to end on tiny data (seconds): every scene of both sets counted through birder-predict; a
+    # second run counts with the cached detector instead of training it again (its recipe.json still matches)
+    from benchmarks import detection
+
+    argv = ["--tiny", "--sections", "counts", "--workdir", str(tmp_path / "work")]
+    assert detection.main([*argv, "--output", str(tmp_path / "first.json")]) == 0
+    first = json.loads((tmp_path / "first.json").read_text())["counts"]
+    assert first["trained_now"] and [result["set"] for result in first["sets"]] == ["tune", "final"]
+    for result in first["sets"]:
+        assert result["overall"]["photos"] == 6 and result["threshold"] == 0.5
+        assert sum(group["photos"] for group in result["by_true_count"].values()) == 6
+    assert detection.main([*argv, "--output", str(tmp_path / "second.json")]) == 0
+    second = json.loads((tmp_path / "second.json").read_text())["counts"]
+    assert not second["trained_now"] and second["detector"] == first["detector"]
