@@ -1,4 +1,4 @@
-"""The ``ensemble`` unknown test: the z-normalised mean of the candidates the folds cannot tell apart, scored on the
+"""The ``ensemble`` unknown test: the z-normalised mean of the best knn and the best relative Mahalanobis, scored on the
 folds as one more candidate, kept in the sidecar with each member's normalisation, and used by prediction."""
 
 import csv
@@ -28,6 +28,7 @@ from birder.inference.unknown import (
 )
 from birder.inference.unknown_choice import (
     STAND_IN_VIEWS,
+    TIE,
     Candidate,
     CandidateResult,
     FoldScores,
@@ -127,28 +128,27 @@ def _result(candidate: Candidate, folds: tuple[float, ...]) -> CandidateResult:
     return CandidateResult(candidate, folds)
 
 
-def test_candidates_the_folds_cannot_tell_apart_are_considered_together() -> None:
-    (knn, mahalanobis, msp) = (
-        Candidate("knn", neighbours=5),
-        Candidate("mahalanobis", shrinkage="oas"),
-        Candidate("msp"),
-    )
+def test_the_ensemble_joins_the_best_knn_and_the_best_relative_mahalanobis() -> None:
     tied = (0.81, 0.74, 0.90, 0.77, 0.85)
+    relative = Candidate("relative_mahalanobis", shrinkage="oas")
     results = [
-        _result(msp, (0.60, 0.55, 0.66, 0.58, 0.62)),  # clearly worse on every fold
-        _result(mahalanobis, tied),
-        _result(Candidate("mahalanobis", shrinkage="ledoit_wolf"), tuple(v - 0.01 for v in tied)),
-        _result(knn, tied),
+        _result(Candidate("msp"), (0.60, 0.55, 0.66, 0.58, 0.62)),
+        _result(Candidate("mahalanobis", shrinkage="oas"), tuple(v + 0.03 for v in tied)),  # sets the shrinkage
+        _result(relative, tied),
+        _result(Candidate("relative_mahalanobis", shrinkage="ledoit_wolf"), tuple(v + 0.01 for v in tied)),
         _result(Candidate("knn", neighbours=1), tuple(v - 0.02 for v in tied)),  # knn's worse k: not a member
+        _result(Candidate("knn", neighbours=5), tied),
     ]
-    assert ensemble_members(results) == (mahalanobis, knn)
-    # One candidate ahead of the rest on every fold by more than the folds' noise: no ensemble
-    ahead = [_result(knn, tied), _result(mahalanobis, tuple(v - 0.05 + 0.001 * i for (i, v) in enumerate(tied)))]
-    assert ensemble_members(ahead) == ()
+    # Relative Mahalanobis with the shrinkage the class statistics will hold (the best Mahalanobis candidate's), so
+    # that prediction can score it from the sidecar, even where another shrinkage did a little better on the folds
+    assert ensemble_members(results) == (Candidate("knn", neighbours=5), relative)
+    # Either kind missing (logits only, or skipped): no ensemble
+    assert ensemble_members([r for r in results if r.candidate.method != "knn"]) == ()
+    assert ensemble_members([r for r in results if r.candidate.method != "relative_mahalanobis"]) == ()
 
 
 FIRST = Candidate("knn", neighbours=1)
-SECOND = Candidate("mahalanobis", shrinkage="oas")
+SECOND = Candidate("relative_mahalanobis", shrinkage="oas")
 
 
 def test_the_ensemble_is_scored_on_the_same_folds_and_wins_where_its_members_see_different_unknowns() -> None:
@@ -175,22 +175,26 @@ def test_the_ensemble_is_scored_on_the_same_folds_and_wins_where_its_members_see
     assert ensemble.mean > max(result.mean for result in singles) + 0.1
 
 
-def test_the_choice_records_the_ensemble_but_picks_it_only_when_asked() -> None:
+def test_the_choice_weighs_the_ensemble_on_the_same_folds_as_every_single_candidate() -> None:
     (train, val, _, _) = _world("nuisance", seed=3)
     choice = choose_unknown_test(val, NAMES_12, train=train, folds=4, seed=0)
     singles = [r for r in choice.results if r.candidate.method != "ensemble" and not r.skipped]
     members = ensemble_members(singles)
     ensembles = [r for r in choice.results if r.candidate.method == "ensemble"]
-    assert [r.candidate.members for r in ensembles] == ([members] if members else [])
-    # The automatic choice stays among single candidates (the ensemble did not hold on the kept-back data set)
-    assert choice.chosen == max(singles, key=lambda r: r.mean).candidate
-    if ensembles:
-        assert len(ensembles[0].fold_auroc) == 4
-        forced = choose_unknown_test(val, NAMES_12, train=train, folds=4, seed=0, forced="ensemble")
-        assert forced.chosen.method == "ensemble" and forced.chosen.members == members
-        recorded = choice.record()["candidates"][-1]
-        assert recorded["method"] == "ensemble" and len(recorded["settings"]["members"]) == len(members)
-        assert "ensemble" in choice.format()
+    assert members and [r.candidate.members for r in ensembles] == [members]
+    assert len(ensembles[0].fold_auroc) == 4
+    # The best mean over the folds wins, the ensemble among the rest (and on a tie)
+    best = max(r.mean for r in [*singles, *ensembles])
+    chosen = next(r for r in choice.results if r.candidate == choice.chosen)
+    assert chosen.mean >= best - TIE
+    assert (choice.chosen.method == "ensemble") == (ensembles[0].mean >= best - TIE)
+    forced = choose_unknown_test(val, NAMES_12, train=train, folds=4, seed=0, forced="ensemble")
+    assert forced.chosen.method == "ensemble" and forced.chosen.members == members
+    recorded = choice.record()["candidates"][-1]
+    assert recorded["method"] == "ensemble" and len(recorded["settings"]["members"]) == len(members)
+    assert "ensemble" in choice.format()
+    # A single method forced: the ensemble is not chosen
+    assert choose_unknown_test(val, NAMES_12, train=train, folds=4, seed=0, forced="knn").chosen.method == "knn"
 
 
 def test_predict_and_eval_use_the_ensemble_the_sidecar_holds(
@@ -286,3 +290,18 @@ def test_calibrate_keeps_the_ensemble_in_the_calibration_file_and_its_sidecar(
     mahalanobis = [m["shrinkage"] for m in chosen["settings"]["members"] if "shrinkage" in m]
     assert all(shrinkage == statistics.shrinkage for shrinkage in mahalanobis)
     assert np.isfinite(calibration.unknown_thresholds["ensemble"])
+
+
+def test_a_tie_on_the_folds_goes_to_the_ensemble_then_to_the_cheaper() -> None:
+    from birder.inference.unknown_choice import _best_of
+
+    perfect = (1.0, 1.0, 1.0)
+    (msp, knn) = (Candidate("msp"), Candidate("knn", neighbours=1))
+    ensemble = Candidate("ensemble", members=(knn, Candidate("relative_mahalanobis", shrinkage="oas")))
+    # Stand-ins every candidate separates: the folds cannot rank them, so the cheapest is no better a guess than any
+    saturated = [_result(msp, perfect), _result(knn, perfect), _result(ensemble, tuple(v - TIE / 2 for v in perfect))]
+    assert _best_of(saturated) == ensemble
+    assert _best_of(saturated[:2]) == msp  # no ensemble: the earlier, cheaper one
+    # A clear lead is kept whatever it is
+    ahead = [_result(msp, (0.7, 0.7, 0.7)), _result(knn, (0.9, 0.9, 0.9)), _result(ensemble, (0.85, 0.85, 0.85))]
+    assert _best_of(ahead) == knn
