@@ -5,9 +5,10 @@ and split into ``folds`` groups. Each fold holds one group out as stand-in unkno
 those classes did not exist, then scores the validation photos; the kept classes' photos are the known ones, the
 held-out classes' photos the unknown ones, and the fold's figure is the AUROC of the two (with training photos, the
 mean over two views of the stand-in unknowns: below). The candidate with the best mean AUROC over the folds is
-chosen; a tie (within :data:`TIE`) goes to the ensemble (below), else to the earlier, cheaper one in
-:func:`candidates`. Where the stand-ins are easy, every candidate ties at 1.0: on generated textures (top-1 0.999)
-the cheapest of the tied, energy, had 0.904 on true unknowns where the best candidate had 0.982.
+chosen, the first of equals (the cheaper in :func:`candidates`), but the ensemble (below) when it and both its
+members fall short of the best by no more than :data:`TIE`. Where the stand-ins are easy, every candidate ties at
+1.0: on generated textures (top-1 0.999) the cheapest of the tied, energy, had 0.904 on true unknowns where the best
+candidate had 0.982.
 
 The candidates (:func:`candidates`): ``msp``, ``energy``; ``mahalanobis`` and ``relative_mahalanobis`` with the
 shared covariance shrunk by Ledoit-Wolf's or OAS's estimate or not at all (``none``, only where every fold's and the
@@ -331,12 +332,15 @@ def choose_unknown_test(
 
 
 def _best_of(pool: Sequence[CandidateResult]) -> Candidate:
-    """The best mean fold AUROC. Among candidates tied with it (within :data:`TIE`) the ensemble, which hedges
-    between the two kinds of embedding test the folds could not rank, then the earlier, cheaper one."""
-    best = max(result.mean for result in pool)
-    tied = [result for result in pool if result.mean >= best - TIE]
-    ensemble = [result for result in tied if result.candidate.method == "ensemble"]
-    return (ensemble or tied)[0].candidate
+    """The best mean fold AUROC (the first of equals: the cheaper). When the ensemble falls short of it by no more
+    than :data:`TIE` and so do both its members, the folds could not rank the two kinds of embedding test it hedges
+    between: the ensemble (a member the folds rank clearly lower is no hedge)."""
+    best = max(pool, key=lambda result: result.mean)
+    tied = {result.candidate for result in pool if result.mean >= best.mean - TIE}
+    for result in pool:
+        if result.candidate.method == "ensemble" and result.candidate in tied and set(result.candidate.members) <= tied:
+            return result.candidate
+    return best.candidate
 
 
 def candidate_scores(
