@@ -84,7 +84,9 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -167,19 +169,32 @@ def _glyph(template: list[np.ndarray], size: int, rng: np.random.Generator) -> I
     return image
 
 
-def _glyphs(root: Path, seed: int, per_class: dict[str, int]) -> tuple[int, list[str]]:
-    """Stroke glyphs (module docstring): 20 known and 12 unknown classes at 40 px."""
-    rng = np.random.default_rng(1000 + seed)
-    templates = [_glyph_template(rng) for _ in range(32)]
-    names = [f"glyph_{i:02d}" for i in range(32)]
+def _drawn_classes(
+    root: Path,
+    per_class: dict[str, int],
+    prefix: str,
+    templates: list,
+    draw: Callable[[Any, np.random.Generator], Image.Image],
+    rng: np.random.Generator,
+) -> list[str]:
+    """The photos of 32 drawn classes, one template each: the first 20 known (train, val, test), the other 12 the
+    unknowns; returns the known classes' names."""
+    names = [f"{prefix}_{i:02d}" for i in range(len(templates))]
     for split in ("train", "val", "test", "unknown"):
-        classes = range(20, 32) if split == "unknown" else range(20)
+        classes = range(20, len(templates)) if split == "unknown" else range(20)
         for index in classes:
             folder = root / split / names[index]
             folder.mkdir(parents=True, exist_ok=True)
             for number in range(per_class[split]):
-                _glyph(templates[index], 40, rng).save(folder / f"{number:03d}.png")
-    return (40, names[:20])
+                draw(templates[index], rng).save(folder / f"{number:03d}.png")
+    return names[:20]
+
+
+def _glyphs(root: Path, seed: int, per_class: dict[str, int]) -> tuple[int, list[str]]:
+    """Stroke glyphs (module docstring): 20 known and 12 unknown classes at 40 px."""
+    rng = np.random.default_rng(1000 + seed)
+    templates = [_glyph_template(rng) for _ in range(32)]
+    return (40, _drawn_classes(root, per_class, "glyph", templates, lambda t, r: _glyph(t, 40, r), rng))
 
 
 def _texture_template(rng: np.random.Generator, palettes: np.ndarray) -> dict[str, np.ndarray]:
@@ -219,15 +234,7 @@ def _textures(root: Path, seed: int, per_class: dict[str, int]) -> tuple[int, li
     rng = np.random.default_rng(3000 + seed)
     palettes = rng.uniform(0, 255, size=(4, 3, 3))
     templates = [_texture_template(rng, palettes) for _ in range(32)]
-    names = [f"texture_{i:02d}" for i in range(32)]
-    for split in ("train", "val", "test", "unknown"):
-        classes = range(20, 32) if split == "unknown" else range(20)
-        for index in classes:
-            folder = root / split / names[index]
-            folder.mkdir(parents=True, exist_ok=True)
-            for number in range(per_class[split]):
-                _texture(templates[index], 48, rng).save(folder / f"{number:03d}.png")
-    return (48, names[:20])
+    return (48, _drawn_classes(root, per_class, "texture", templates, lambda t, r: _texture(t, 48, r), rng))
 
 
 def _critter_template(rng: np.random.Generator, colours: np.ndarray) -> dict[str, object]:
@@ -296,15 +303,7 @@ def _critters(root: Path, seed: int, per_class: dict[str, int]) -> tuple[int, li
     rng = np.random.default_rng(4000 + seed)
     colours = rng.uniform(20, 235, size=(6, 3))
     templates = [_critter_template(rng, colours) for _ in range(32)]
-    names = [f"critter_{i:02d}" for i in range(32)]
-    for split in ("train", "val", "test", "unknown"):
-        classes = range(20, 32) if split == "unknown" else range(20)
-        for index in classes:
-            folder = root / split / names[index]
-            folder.mkdir(parents=True, exist_ok=True)
-            for number in range(per_class[split]):
-                _critter(templates[index], 48, rng).save(folder / f"{number:03d}.png")
-    return (48, names[:20])
+    return (48, _drawn_classes(root, per_class, "critter", templates, lambda t, r: _critter(t, 48, r), rng))
 
 
 def _digits(root: Path, seed: int, per_class: dict[str, int]) -> tuple[int, list[str]]:
