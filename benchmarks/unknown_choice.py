@@ -35,7 +35,7 @@ Data sets, four generators built in different ways:
 The models are trained as a user's would be, to a usable top-1 (120 epochs: 0.76-0.79 on shapes, 0.94-0.97 on
 digits, 0.79-0.88 on glyphs). Generated test and unknown sets are 100 photos per class, so that the measurement's
 own noise stays under the target: the gap's standard deviation over paired resamples of those photos
-(``gap_bootstrap_sd``) is 0.003-0.009. Each seed draws the data, the split of classes and the training anew. The
+(``gap_bootstrap_sd``) is 0.0005-0.008. Each seed draws the data, the split of classes and the training anew. The
 trained models are cached by recipe in ``--workdir``; each run's result is written as it ends
 (``<dataset>_seed<N>/result.json``).
 
