@@ -8,8 +8,8 @@
    the logits do not favour, are refused); with ``target_precision`` the per-species thresholds on the calibrated
    probabilities; the unknown test and its settings, chosen on folds of held-out classes
    (:mod:`birder.inference.unknown_choice`); with ``train`` the class statistics of the embedding unknown tests, with
-   the chosen shrinkage and k (and the ensemble's members, normalised on the validation photos, when the folds
-   found one); with ``keep_known`` (or ``unknown_threshold``) the unknown thresholds on the
+   the chosen shrinkage and k (and the ensemble's members, the best knn and relative Mahalanobis, normalised on the
+   validation photos); with ``keep_known`` (or ``unknown_threshold``) the unknown thresholds on the
    validation photos.
 4. Write, each atomically: the class statistics to ``<output stem>.stats.safetensors``, then the model to
    ``output`` with the calibration in its metadata (:mod:`birder.io.calibration`). The state dict is the input's,
@@ -150,8 +150,8 @@ def calibrate_model_file(options: CalibrateOptions) -> CalibrationReport:
             neighbours=choice.neighbours if choice is not None else DEFAULT_NEIGHBOURS,
             bank_per_class=options.bank_per_class,
         )
-        # The ensemble the folds found is kept (for birder-eval and --unknown-method ensemble) unless the user forced
-        # a single method
+        # The ensemble the folds scored is kept (the chosen test, or for birder-eval and --unknown-method ensemble)
+        # unless the user forced a single method
         ensemble = choice.ensemble if choice is not None and forced in (None, "ensemble") else None
         if ensemble is not None:
             known = np.asarray(val.targets) >= 0

@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--unknown-method",
         choices=("auto", *METHODS),
         default="auto",
-        help="default unknown test: auto (the best single test on folds of held-out classes, printed) or one named",
+        help="default unknown test: auto (the best on folds of held-out classes, printed; with --train the candidates "
+        "include the ensemble of the best knn and relative Mahalanobis) or one named",
     )
     fit.add_argument("--unknown-threshold", type=float, metavar="S", help="the unknown test's threshold, given as is")
     fit.add_argument(
