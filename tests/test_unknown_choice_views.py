@@ -47,10 +47,11 @@ def test_moving_onto_the_kept_span_drops_only_what_no_kept_class_expresses() -> 
     kept = [c for c in range(CLASSES) if c not in held]
     moved = move_onto_kept_span(means, held, val.embeddings, val.targets)
     centre = np.mean([means[c] for c in kept], axis=0)
-    (basis, _) = np.linalg.qr(np.stack([means[c] - centre for c in kept], axis=1))
+    directions = np.stack([means[c] - centre for c in kept], axis=1)
+    assert np.linalg.matrix_rank(directions) == len(kept) - 1  # centred means: one fewer direction than classes
 
-    def outside(vectors: np.ndarray) -> np.ndarray:  # the part no kept class's direction expresses
-        return vectors - (vectors @ basis) @ basis.T
+    def outside(vector: np.ndarray) -> np.ndarray:  # the part no combination of kept classes' directions expresses
+        return vector - directions @ np.linalg.lstsq(directions, vector, rcond=None)[0]
 
     for c in range(CLASSES):
         rows = val.targets == c

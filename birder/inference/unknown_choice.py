@@ -548,7 +548,10 @@ def move_onto_kept_span(
     held_set = {int(index) for index in np.asarray(held)}
     kept = [index for index in means if index not in held_set]
     centre = np.mean([means[index] for index in kept], axis=0)
-    (basis, _) = np.linalg.qr(np.stack([means[index] - centre for index in kept], axis=1))
+    # An orthonormal basis of the span: the centred means sum to zero, so their rank is at most one less than their
+    # count (a QR would add a direction outside the span); directions of negligible weight are dropped
+    (vectors, weights, _) = np.linalg.svd(np.stack([means[index] - centre for index in kept], axis=1), False)
+    basis = vectors[:, weights > weights.max(initial=0.0) * 1e-9]
     moved = np.array(queries, dtype=np.float64)
     for index in sorted(held_set):
         if index in means:
