@@ -347,9 +347,9 @@ MAKERS = {
 PER_CLASS = {
     "shapes": {"train": 60, "val": 20, "test": 100, "unknown": 100},
     "glyphs": {"train": 60, "val": 20, "test": 100, "unknown": 100},
-    "digits": {"train": 100, "val": 30, "test": 0, "unknown": 0},
+    "digits": {"train": 100, "val": 30, "test": 0, "unknown": 0},  # test: the rest; unknown: all of those digits
     "textures": {"train": 60, "val": 20, "test": 100, "unknown": 100},
-    "critters": {"train": 60, "val": 20, "test": 100, "unknown": 100},  # test: the rest; unknown: all of those digits
+    "critters": {"train": 60, "val": 20, "test": 100, "unknown": 100},
 }
 TINY_PER_CLASS = {"train": 6, "val": 4, "test": 3, "unknown": 3}
 
@@ -442,7 +442,8 @@ def run_dataset(name: str, seed: int, workdir: Path, epochs: int, tiny: bool, fo
         (size, names) = MAKERS[name](root, seed, per_class)
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps({"size": size, "names": names, "per_class": per_class}))
-    (size, names) = (json.loads(marker.read_text())["size"], json.loads(marker.read_text())["names"])
+    made = json.loads(marker.read_text())
+    (size, names) = (made["size"], made["names"])
 
     started = time.perf_counter()
     network = TINY_NETWORK if tiny else NETWORK
@@ -495,13 +496,13 @@ def run_dataset(name: str, seed: int, workdir: Path, epochs: int, tiny: bool, fo
     fitted: dict[tuple[str, int], ClassStatistics] = {}
     statistics = ClassStatistics.load(report.stats_path, order)
     candidates = []
-    true_scores = {}
+    true_scores = []  # per candidate, in the order of ``candidates``: (known test photos, unknowns)
     for result in choice.results:
         scores = _true_scores(
             result.candidate, train, test, unknown, order, temperature, DEFAULT_BANK_PER_CLASS, fitted, statistics
         )
         true = auroc(*scores)
-        true_scores[result.candidate] = scores
+        true_scores.append(scores)
         candidates.append(
             {
                 "method": result.candidate.method,
@@ -571,8 +572,8 @@ def run_dataset(name: str, seed: int, workdir: Path, epochs: int, tiny: bool, fo
         "best": {"method": best["method"], "settings": best["settings"], "true_auroc": best["true_auroc"]},
         "gap_to_best": best["true_auroc"] - chosen["true_auroc"],
         "gap_bootstrap_sd": _bootstrap_gap(
-            true_scores[choice.results[candidates.index(best)].candidate],
-            true_scores[choice.results[candidates.index(chosen)].candidate],
+            true_scores[candidates.index(best)],
+            true_scores[candidates.index(chosen)],
             seed=seed,
         ),
         "within_target": best["true_auroc"] - chosen["true_auroc"] <= TARGET_GAP,
