@@ -437,8 +437,12 @@ def run_dataset(name: str, seed: int, workdir: Path, epochs: int, tiny: bool, fo
     per_class = TINY_PER_CLASS if tiny else PER_CLASS[name]
     marker = root / "data.json"  # what the photos were made with: made again when the counts change
     if not marker.is_file() or json.loads(marker.read_text()).get("per_class") != per_class:
-        for split in ("train", "val", "test", "unknown"):
-            shutil.rmtree(root / split, ignore_errors=True)
+        splits = [root / split for split in ("train", "val", "test", "unknown")]
+        if not marker.is_file() and any(split.exists() for split in splits):
+            # Not photos this benchmark made (it writes data.json beside them): never removed
+            raise SystemExit(f"{root} has photo folders this benchmark did not make; choose another --workdir")
+        for split in splits:
+            shutil.rmtree(split, ignore_errors=True)
         (size, names) = MAKERS[name](root, seed, per_class)
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps({"size": size, "names": names, "per_class": per_class}))

@@ -403,3 +403,15 @@ def test_unknown_choice_benchmark_runs_end_to_end_tiny(tmp_path: Path, dataset: 
     # birder-eval's figure for the calibrated file's own test is the benchmark's figure for the chosen candidate
     assert result["eval_chosen"]["auroc"] == pytest.approx(result["chosen"]["true_auroc"], abs=1e-6)
     assert report["card_sidecar_bytes"]["bank_per_class"]["64"] == sidecar_bytes(707, 1024, 64)
+
+
+def test_unknown_choice_benchmark_never_removes_photo_folders_it_did_not_make(tmp_path: Path) -> None:
+    from benchmarks import unknown_choice as benchmark
+
+    mine = tmp_path / "shapes_seed0" / "train" / "robin" / "mine.png"
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"a user's photo")
+    argv = ["--tiny", "--epochs", "1", "--datasets", "shapes", "--workdir", str(tmp_path)]
+    with pytest.raises(SystemExit, match="did not make; choose another --workdir"):
+        benchmark.main([*argv, "--output", str(tmp_path / "out.json")])
+    assert mine.read_bytes() == b"a user's photo"
