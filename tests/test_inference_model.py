@@ -113,13 +113,12 @@ class _Spy:
 @pytest.fixture
 def spy(monkeypatch: pytest.MonkeyPatch) -> _Spy:
     spy = _Spy()
-    # Modules that import it by name, and the lazy imports that read it from its module
+    # Modules that import it by name (patched first: a module imported for the first time by its patch would bind
+    # the spy, if its source were patched already, and keep it after the test), then the lazy imports that read it
+    # from its module
+    for module in ("runs.steps", "runs.calibrate", "search.build", "training.evaluation", "training.distillation"):
+        monkeypatch.setattr(f"birder.{module}.load_for_inference", spy)
     monkeypatch.setattr(model_module, "load_for_inference", spy)
-    for module in ("steps", "calibrate"):
-        monkeypatch.setattr(f"birder.runs.{module}.load_for_inference", spy)
-    monkeypatch.setattr("birder.search.build.load_for_inference", spy)
-    monkeypatch.setattr("birder.training.evaluation.load_for_inference", spy)
-    monkeypatch.setattr("birder.training.distillation.load_for_inference", spy)
     return spy
 
 

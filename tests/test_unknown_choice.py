@@ -16,6 +16,7 @@ import birder
 from benchmarks.synthetic import make_class_folder
 from birder.errors import BirderError
 from birder.inference.calibration import MIN_TEMPERATURE_PHOTOS, fit_temperature_checked, softmax
+from birder.inference.stand_ins import MADE_KINDS
 from birder.inference.unknown import (
     MAHALANOBIS_METHODS,
     SINGLE_METHODS,
@@ -135,13 +136,14 @@ def _true_auroc(candidate: Candidate, train: Photos, test: Photos, unknown: Phot
 def test_the_folds_pick_the_kind_of_test_that_is_clearly_best_on_true_unknowns(kind: str, family: tuple) -> None:
     (train, val, test, unknown) = _world(kind, seed=3)
     choice = choose_unknown_test(val, NAMES_12, train=train if kind != "shifted" else None, folds=4, seed=0)
-    # The ensemble's kind: its members' (each of them of the family)
-    kinds = {m.method for m in choice.chosen.members} if choice.chosen.method == "ensemble" else {choice.chosen.method}
-    assert kinds <= set(family), choice.format()
+    assert choice.chosen.method in family, choice.format()
     assert choice.folds == 4 and sum(choice.held_out) == KNOWN  # every class held out once
     scored = [result for result in choice.results if not result.skipped]
     assert all(len(result.fold_auroc) == 4 for result in scored)
-    assert max(scored, key=lambda result: result.mean).candidate == choice.chosen
+    # Without made stand-ins the score is the fold mean; the ensemble is scored but not chosen on its own
+    assert all(result.score == result.mean for result in scored)
+    singles = [result for result in scored if result.candidate.method != "ensemble"]
+    assert max(singles, key=lambda result: result.score).candidate == choice.chosen
 
     # On the true unknowns (classes no fold saw), the chosen kind is the best kind too, by a clear margin
     true = {result.candidate: _true_auroc(result.candidate, train, test, unknown, val) for result in scored}
@@ -270,26 +272,31 @@ def test_calibrate_prints_the_table_and_the_file_records_the_choice(
     assert net.calibration.unknown_method == chosen["method"] and not selection["forced"]
     assert selection["folds"] == 3 and selection["classes"] == len(NAMES)
     methods = {candidate["method"] for candidate in selection["candidates"]}
-    # Every single method, and the ensemble when the folds could not tell the best ones apart
+    # Every single method, and the ensemble (scored beside them)
     formed = [candidate for candidate in selection["candidates"] if candidate["method"] == "ensemble"]
     assert methods == set(SINGLE_METHODS) | ({"ensemble"} if formed else set())
     for candidate in selection["candidates"]:
         if candidate["skipped"] is None:
             assert len(candidate["fold_auroc"]) == 3
             assert candidate["mean"] == pytest.approx(np.mean(candidate["fold_auroc"]), abs=1e-5)
+            # The score: the fold mean and each kind of made stand-in unknowns, one vote each
+            assert set(candidate["made_auroc"]) == set(MADE_KINDS)
+            votes = [candidate["mean"], *candidate["made_auroc"].values()]
+            assert candidate["score"] == pytest.approx(np.mean(votes), abs=1e-5)
             # Each candidate is a row of the printed table with its mean
             settings = next(iter(candidate["settings"].values()), "")
             label = f"k={settings}" if candidate["method"] == "knn" else str(settings)
             if candidate["method"] == "ensemble":
                 label = f"mean of {len(settings)}"
             row = next(line for line in out.splitlines() if f" {candidate['method']} " in line and label in line)
-            assert f"{candidate['mean']:.4f} ±" in row
-    best = max((c for c in selection["candidates"] if c["skipped"] is None), key=lambda c: c["mean"])
+            assert f"{candidate['mean']:.4f} ±" in row and row.endswith(f"{candidate['score']:.4f}")
+    singles = [c for c in selection["candidates"] if c["skipped"] is None and c["method"] != "ensemble"]
+    best = max(singles, key=lambda c: c["score"])
     assert (best["method"], best["settings"]) == (chosen["method"], chosen["settings"])
-    # The sidecar holds the settings the folds chose for the embedding methods
+    # The sidecar holds the settings the choice found best for the embedding methods
     info = read_stats_file(stats_path_for(output))[1]
     knn_best = max(
-        (c for c in selection["candidates"] if c["method"] == "knn"), key=lambda c: c["mean"]
+        (c for c in selection["candidates"] if c["method"] == "knn"), key=lambda c: c["score"]
     )  # the first of equals, as the choice
     assert info["neighbours"] == knn_best["settings"]["neighbours"]
 
@@ -324,7 +331,7 @@ def test_unknown_method_forces_the_method_with_its_best_settings(
     selection = calibration.unknown_selection
     assert selection["forced"] and selection["chosen"]["method"] == "relative_mahalanobis"
     forced = [c for c in selection["candidates"] if c["method"] == "relative_mahalanobis" and c["skipped"] is None]
-    assert selection["chosen"]["settings"] == max(forced, key=lambda c: c["mean"])["settings"]
+    assert selection["chosen"]["settings"] == max(forced, key=lambda c: c["score"])["settings"]
     # predict can still switch methods (a forced single method keeps no ensemble)
     assert set(calibration.unknown_thresholds) == set(SINGLE_METHODS)
 

@@ -23,7 +23,10 @@ import torch
 from tqdm import tqdm
 
 from birder.data.training import DataError, csv_files, image_folder_files
+from birder.errors import BirderError, ImageDecodeError
 from birder.inference.predictor import Predictor
+from birder.inference.stand_ins import DEFAULT_PER_KIND, MADE_KINDS, make_stand_in, pair_sources
+from birder.io.images import load_image
 from birder.net.base import BaseNet
 
 # How many class names an error lists before it summarises
@@ -112,3 +115,82 @@ def collect_outputs(
         paths=[os.fsdecode(paths[row]) for row in rows],
         unreadable=unreadable,
     )
+
+
+class _MadeStandIns(torch.utils.data.Dataset):
+    """The made stand-in unknowns (:mod:`birder.inference.stand_ins`): row ``i`` is of kind ``kinds[i]`` from the
+    photos ``pairs[i]``, decoded and transformed as prediction does, made in pixel space, normalised again. Each
+    row draws from its own generator (``seed``, ``i``): the same photos whatever the workers."""
+
+    def __init__(
+        self, paths: Sequence[str], pairs: np.ndarray, kinds: Sequence[str], transform: Any, seed: int
+    ) -> None:
+        (self.paths, self.pairs, self.kinds, self.transform, self.seed) = (paths, pairs, kinds, transform, seed)
+        stats = getattr(transform, "rgb_stats", {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)})
+        self.mean = torch.tensor(stats["mean"], dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(stats["std"], dtype=torch.float32).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.kinds)
+
+    def _pixels(self, row: int) -> torch.Tensor:
+        path = self.paths[row]
+        try:
+            image = load_image(path)
+        except ImageDecodeError as exc:  # it was read a moment ago, for the validation outputs
+            raise BirderError(f"{path}: could not be read again to make stand-in unknowns ({exc})") from None
+        return self.transform(image) * self.std + self.mean
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        rng = np.random.default_rng([self.seed, index])
+        (first, second) = self.pairs[index]
+        made = make_stand_in(self._pixels(int(first)), self._pixels(int(second)), self.kinds[index], rng)
+        return (made.clamp_(0.0, 1.0) - self.mean) / self.std
+
+
+def collect_stand_in_outputs(
+    net: BaseNet,
+    transform: Callable[[Any], torch.Tensor],
+    known: ModelOutputs,
+    per_kind: int = DEFAULT_PER_KIND,
+    *,
+    seed: int = 0,
+    batch_size: int = 32,
+    workers: int = 0,
+    amp_dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> dict[str, ModelOutputs]:
+    """The network's outputs for ``per_kind`` stand-in unknowns of each of :data:`MADE_KINDS`, made from the
+    labelled photos of ``known`` (pairs from different classes); their targets are -1, their paths say what each
+    was made of (``"cutmix:a.jpg+b.jpg"``)."""
+    labelled = np.flatnonzero(np.asarray(known.targets) >= 0)
+    if per_kind <= 0 or not len(labelled):
+        return {}
+    rng = np.random.default_rng(seed)
+    pairs = labelled[pair_sources(np.asarray(known.targets)[labelled], per_kind * len(MADE_KINDS), rng)]
+    kinds = [kind for kind in MADE_KINDS for _ in range(per_kind)]
+    dataset = _MadeStandIns(known.paths, pairs, kinds, transform, seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    predictor = Predictor(
+        net, transform, batch_size=batch_size, amp=amp_dtype is not None, amp_dtype=amp_dtype,
+        return_embedding=True, return_logits=True, read_metadata=False,
+    )  # fmt: skip
+    (logits, embeddings) = ([], [])
+    with tqdm(total=len(dataset), unit="img", desc="stand-in unknowns", disable=not progress, leave=False) as bar:
+        for batch in loader:
+            (_, batch_embeddings, batch_logits, _) = predictor.predict_tensor(batch)
+            logits.append(batch_logits)
+            embeddings.append(batch_embeddings)
+            bar.update(len(batch))
+    (all_logits, all_embeddings) = (np.concatenate(logits), np.concatenate(embeddings))
+    found = {}
+    for number, kind in enumerate(MADE_KINDS):
+        rows = slice(number * per_kind, (number + 1) * per_kind)
+        found[kind] = ModelOutputs(
+            logits=all_logits[rows],
+            embeddings=all_embeddings[rows],
+            targets=np.full(per_kind, -1, dtype=np.int64),
+            paths=[f"{kind}:{known.paths[a]}+{known.paths[b]}" for (a, b) in pairs[rows]],
+            unreadable=[],
+        )
+    return found

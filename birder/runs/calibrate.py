@@ -34,8 +34,9 @@ from birder.inference.calibration import (
     fit_temperature_checked,
     softmax,
 )
-from birder.inference.labeled import LabeledPhotos, ModelOutputs, collect_outputs
+from birder.inference.labeled import LabeledPhotos, ModelOutputs, collect_outputs, collect_stand_in_outputs
 from birder.inference.model import load_for_inference
+from birder.inference.stand_ins import DEFAULT_PER_KIND
 from birder.inference.unknown import (
     DEFAULT_BANK_PER_CLASS,
     DEFAULT_NEIGHBOURS,
@@ -75,7 +76,8 @@ class CalibrateOptions:
     unknown_threshold: float | None = None  # the unknown method's threshold, given directly
     unknown_folds: int = DEFAULT_FOLDS  # folds over classes for the choice of the unknown test
     bank_per_class: int = DEFAULT_BANK_PER_CLASS  # training embeddings kept per class for knn
-    seed: int = 0  # of the folds' draw of classes
+    stand_in_photos: int = DEFAULT_PER_KIND  # made stand-in unknowns per kind for the choice (0: the folds alone)
+    seed: int = 0  # of the folds' draw of classes and of the made stand-ins
     batch_size: int = 32
     workers: int = DEFAULT_WORKERS
     device: str = "auto"
@@ -139,7 +141,17 @@ def calibrate_model_file(options: CalibrateOptions) -> CalibrationReport:
         thresholds = fit_species_thresholds(
             probabilities, val.targets, class_names, options.target_precision, min_photos=options.min_photos
         )
-    (choice, choice_note) = _choose(options, val, train, class_names, fit.temperature, forced, loaded.device)
+    made = collect_stand_in_outputs(
+        net,
+        transform,
+        val,
+        options.stand_in_photos,
+        seed=options.seed,
+        batch_size=options.batch_size,
+        workers=options.workers,
+        progress=options.progress,
+    )
+    (choice, choice_note) = _choose(options, val, train, class_names, fit.temperature, forced, loaded.device, made)
     statistics = None
     if train is not None:
         statistics = ClassStatistics.fit(
@@ -217,6 +229,8 @@ def _check_options(options: CalibrateOptions) -> Path:
             raise BirderError(f"{option} must be in (0, 1], got {value}")
     if options.min_photos < 1:
         raise BirderError(f"--min-photos must be at least 1, got {options.min_photos}")
+    if options.stand_in_photos < 0:
+        raise BirderError(f"--stand-in-photos must be 0 or more, got {options.stand_in_photos}")
     if options.unknown_folds < 2:
         raise BirderError(f"--unknown-folds must be at least 2, got {options.unknown_folds}")
     if options.bank_per_class < 1:
@@ -246,8 +260,10 @@ def _choose(
     temperature: float,
     forced: str | None,
     device: torch.device,
+    made: dict[str, ModelOutputs],
 ) -> tuple[UnknownChoice | None, str | None]:
-    """The unknown test chosen on folds of held-out classes, or None and why (too few classes: the defaults)."""
+    """The unknown test chosen on folds of held-out classes and the ``made`` stand-in unknowns, or None and why (too
+    few classes: the defaults)."""
     try:
         choice = choose_unknown_test(
             val,
@@ -259,6 +275,7 @@ def _choose(
             bank_per_class=options.bank_per_class,
             forced=forced,
             device=device,
+            made=made,
         )
     except SelectionError as err:
         if forced == "ensemble":

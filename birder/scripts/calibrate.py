@@ -18,6 +18,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from birder.inference.stand_ins import DEFAULT_PER_KIND
 from birder.inference.unknown import DEFAULT_BANK_PER_CLASS, METHODS
 from birder.inference.unknown_choice import DEFAULT_FOLDS
 from birder.runs.calibrate import PROG, CalibrateOptions, CalibrationReport, calibrate_model_file
@@ -72,7 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help=f"training embeddings kept per class for knn (default: {DEFAULT_BANK_PER_CLASS})",
     )
-    fit.add_argument("--seed", type=int, default=0, help="seed of the folds' draw of classes (default: 0)")
+    fit.add_argument(
+        "--stand-in-photos",
+        type=int,
+        default=DEFAULT_PER_KIND,
+        metavar="N",
+        help="stand-in unknowns made from the validation photos for choosing the unknown test, per kind (blend, "
+        f"cutmix, shuffle, channels, rotate; 0: the folds alone; default: {DEFAULT_PER_KIND})",
+    )
+    fit.add_argument(
+        "--seed", type=int, default=0, help="seed of the folds' draw of classes and of the made stand-ins (default: 0)"
+    )
 
     add_run_arguments(parser, batch_size=32, num_workers=DEFAULT_WORKERS)
     return parser
