@@ -518,16 +518,20 @@ def _view_scores(
     listed: Sequence[Candidate],
     skipped: dict[Candidate, str],
     device: torch.device | str,
+    head_logits: Sequence[npt.NDArray[np.float64]] | None = None,
+    temperature: float = 1.0,
 ) -> list[dict[Candidate, npt.NDArray[np.float64]]]:
     """Every candidate's unknown scores of each of ``query_sets`` (the fold's validation photos in one view of its
     stand-in unknowns; the known photos the same in each), fitted on the kept classes' training embeddings
-    (``embeddings``, ``targets``) once."""
+    (``embeddings``, ``targets``) once. msp and energy: from a linear head fitted on them, or from ``head_logits``
+    (one array per query set) at ``temperature`` where the network's own head is the right one."""
     found: list[dict[Candidate, npt.NDArray[np.float64]]] = [{} for _ in query_sets]
     classes = np.unique(targets)
-    head = fit_linear_head(embeddings, targets, classes, device=device)
-    temperature = _fold_temperature(head(query_sets[0][known]), np.searchsorted(classes, val_targets[known]))
-    for queries, scores in zip(query_sets, found, strict=True):
-        logits = head(queries)
+    if head_logits is None:
+        head = fit_linear_head(embeddings, targets, classes, device=device)
+        temperature = _fold_temperature(head(query_sets[0][known]), np.searchsorted(classes, val_targets[known]))
+    for number, (queries, scores) in enumerate(zip(query_sets, found, strict=True)):
+        logits = head(queries) if head_logits is None else head_logits[number]
         scores[Candidate("msp")] = _msp(logits, temperature)
         scores[Candidate("energy")] = _energy(logits)
 
@@ -682,18 +686,16 @@ def _made_scores(
         kinds[kind] = np.zeros(len(known_rows), dtype=bool)
         kinds[kind][start : start + size] = True
         start += size
+    # The network's own head at the calibration temperature: what prediction scores msp and energy with
     logits = np.concatenate([np.asarray(val.logits, dtype=np.float64)] + [np.asarray(o.logits) for o in made.values()])
-    found: dict[Candidate, npt.NDArray[np.float64]] = {}
+    found = {Candidate("msp"): _msp(logits, temperature), Candidate("energy"): _energy(logits)}
     if train is not None:
         queries = np.concatenate([np.asarray(val.embeddings)] + [np.asarray(o.embeddings) for o in made.values()])
         targets = np.concatenate([val_targets, np.full(sum(sizes), -1)])
         (found,) = _view_scores(
             "all training photos", np.asarray(train.embeddings), np.asarray(train.targets), [queries], known_rows,
-            targets, class_names, bank_per_class, listed, skipped, device,
+            targets, class_names, bank_per_class, listed, skipped, device, [logits], temperature,
         )  # fmt: skip
-    # The network's own head and temperature: what prediction scores msp and energy with
-    found[Candidate("msp")] = _msp(logits, temperature)
-    found[Candidate("energy")] = _energy(logits)
     return MadeScores(found, known_rows, kinds)
 
 
