@@ -55,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--unknown-method",
         choices=("auto", *METHODS),
         default="auto",
-        help="default unknown test: auto (the best on folds of held-out classes, printed; with --train the candidates "
-        "include the ensemble of the best knn and relative Mahalanobis) or one named",
+        help="default unknown test: auto (the best score on folds of held-out classes and on stand-ins made from the "
+        "validation photos, printed; with --train the ensemble of the best knn and relative Mahalanobis is scored "
+        "too, and used when named) or one named",
     )
     fit.add_argument("--unknown-threshold", type=float, metavar="S", help="the unknown test's threshold, given as is")
     fit.add_argument(
