@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from test_calibration import model_and_photos  # noqa: F401 (a fixture)
-from test_unknown_choice import NAMES_12, Photos, _world, single_thread  # noqa: F401 (autouse fixture)
+from test_unknown_choice import NAMES_12, Photos, _world, calibrate_argv, single_thread  # noqa: F401 (autouse fixture)
 
 import birder
 from birder.inference.labeled import collect_outputs, collect_stand_in_outputs, labeled_photos
@@ -145,10 +145,8 @@ def test_calibrate_without_made_stand_ins_chooses_on_the_folds_and_refuses_a_neg
     tmp_path: Path,
     capsys,
 ) -> None:
-    (model, val, train) = model_and_photos
     output = tmp_path / "calibrated.pt"
-    argv = ["--weights", str(model), "--val", str(val), "--train", str(train), "-o", str(output), "--keep-known", "0.9"]
-    argv += ["--unknown-folds", "3", "-j", "0", "--no-progress"]
+    argv = [*calibrate_argv(*model_and_photos, output), "--unknown-folds", "3", "-j", "0", "--no-progress"]
     assert calibrate_script.main([*argv, "--stand-in-photos", "-1"]) == 2
     assert "--stand-in-photos must be 0 or more, got -1" in capsys.readouterr().err
     assert not output.exists()

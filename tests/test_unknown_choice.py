@@ -101,6 +101,11 @@ def _world(kind: str, seed: int) -> tuple[Photos, Photos, Photos, Photos]:
 NAMES_12 = [f"c{i}" for i in range(KNOWN)]
 
 
+def calibrate_argv(model: Path, val: Path, train: Path, output: Path) -> list[str]:
+    """birder-calibrate on the fixture's model and photos, with the unknown thresholds keeping 90 % known."""
+    return ["--weights", str(model), "--val", str(val), "--train", str(train), "-o", str(output), "--keep-known", "0.9"]
+
+
 def _true_auroc(candidate: Candidate, train: Photos, test: Photos, unknown: Photos, val: Photos) -> float:
     if candidate.method == "ensemble":  # its members normalised on the known validation photos, as calibrate does
         shrinkage = next((m.shrinkage for m in candidate.members if m.shrinkage), "ledoit_wolf")
@@ -262,7 +267,7 @@ def test_calibrate_prints_the_table_and_the_file_records_the_choice(
 ) -> None:
     (model, val, train) = model_and_photos
     output = tmp_path / "calibrated.pt"
-    argv = ["--weights", str(model), "--val", str(val), "--train", str(train), "-o", str(output), "--keep-known", "0.9"]
+    argv = calibrate_argv(model, val, train, output)
     assert calibrate_script.main([*argv, "--unknown-folds", "3", "-j", "0", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "unknown test chosen on 3 folds of held-out classes" in out
@@ -321,7 +326,7 @@ def test_unknown_method_forces_the_method_with_its_best_settings(
 ) -> None:
     (model, val, train) = model_and_photos
     output = tmp_path / "calibrated.pt"
-    argv = ["--weights", str(model), "--val", str(val), "--train", str(train), "-o", str(output), "--keep-known", "0.9"]
+    argv = calibrate_argv(model, val, train, output)
     argv += ["--unknown-method", "relative_mahalanobis", "-j", "0", "--no-progress"]
     assert calibrate_script.main(argv) == 0
     out = capsys.readouterr().out

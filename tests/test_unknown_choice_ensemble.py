@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from test_calibration import NAMES, model_and_photos  # noqa: F401 (model_and_photos: a fixture)
-from test_unknown_choice import NAMES_12, _world
+from test_unknown_choice import NAMES_12, _world, calibrate_argv
 
 import birder
 from benchmarks.synthetic import make_class_folder
@@ -199,7 +199,7 @@ def test_predict_and_eval_use_the_ensemble_the_sidecar_holds(
 ) -> None:
     (model, val, train) = model_and_photos
     output = tmp_path / "calibrated.pt"
-    argv = ["--weights", str(model), "--val", str(val), "--train", str(train), "-o", str(output), "--keep-known", "0.9"]
+    argv = calibrate_argv(model, val, train, output)
     assert calibrate_script.main([*argv, "--unknown-folds", "3", "-j", "0", "--no-progress"]) == 0
     (net, info) = birder.load_model(output, inference=True)
     temperature = net.calibration.temperature
@@ -269,7 +269,7 @@ def test_calibrate_keeps_the_ensemble_in_the_calibration_file_and_its_sidecar(
 ) -> None:
     (model, val, train) = model_and_photos
     output = tmp_path / "calibrated.pt"
-    argv = ["--weights", str(model), "--val", str(val), "--train", str(train), "-o", str(output), "--keep-known", "0.9"]
+    argv = calibrate_argv(model, val, train, output)
     argv += ["--unknown-folds", "3", "--unknown-method", "ensemble", "-j", "0", "--no-progress"]
     assert calibrate_script.main(argv) == 0
     out = capsys.readouterr().out
