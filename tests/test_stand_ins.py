@@ -12,7 +12,7 @@ from test_unknown_choice import NAMES_12, Photos, _world, calibrate_argv, single
 import birder
 from birder.inference.labeled import collect_outputs, collect_stand_in_outputs, labeled_photos
 from birder.inference.stand_ins import MADE_KINDS, TILES, make_stand_in, pair_sources
-from birder.inference.unknown_choice import choose_unknown_test
+from birder.inference.unknown_choice import SelectionError, choose_unknown_test
 from birder.io.images import load_image
 from birder.scripts import calibrate as calibrate_script
 
@@ -111,7 +111,7 @@ def test_made_stand_ins_vote_beside_the_folds_and_can_turn_the_choice() -> None:
     rows = np.random.default_rng(0).integers(len(val.targets), size=40)
     made = {"blend": Photos(val.logits[rows] - 40.0, val.embeddings[rows], np.full(40, -1))}
     folds_only = choose_unknown_test(val, NAMES_12, folds=4, seed=0)
-    both = choose_unknown_test(val, NAMES_12, folds=4, seed=0, made=made)
+    both = choose_unknown_test(val, NAMES_12, folds=4, seed=0, made=lambda: made)
     assert folds_only.chosen.method == "msp" and both.chosen.method == "energy", both.format()
     # The folds' figures are the same with or without them; the score is the mean of the two votes
     assert [r.fold_auroc for r in both.results] == [r.fold_auroc for r in folds_only.results]
@@ -127,7 +127,7 @@ def test_with_training_photos_every_candidate_and_the_ensemble_get_the_made_vote
     shifted = val.embeddings[rows].copy()
     shifted[:, -4:] += 1.0  # off every class along the dimensions where classes are tight
     made = {"blend": Photos(val.logits[rows], shifted, np.full(40, -1))}
-    choice = choose_unknown_test(val, NAMES_12, train=train, folds=4, seed=0, made=made)
+    choice = choose_unknown_test(val, NAMES_12, train=train, folds=4, seed=0, made=lambda: made)
     scored = [result for result in choice.results if not result.skipped]
     assert {result.candidate.method for result in scored} >= {"msp", "knn", "mahalanobis", "ensemble"}
     assert all(set(result.made_auroc) == {"blend"} for result in scored)
@@ -156,3 +156,20 @@ def test_calibrate_without_made_stand_ins_chooses_on_the_folds_and_refuses_a_neg
     for candidate in net.calibration.unknown_selection["candidates"]:
         if candidate["skipped"] is None:
             assert candidate["made_auroc"] == {} and candidate["score"] == candidate["mean"]
+
+
+def test_no_stand_ins_are_made_when_the_photos_cannot_support_a_choice() -> None:
+    # Two classes cannot be split into folds; making the stand-ins (1,000 photos through the network) would be wasted
+    (train, val, _, _) = _world("nuisance", seed=3)
+    two = np.isin(val.targets, [0, 1])
+    calls = []
+
+    def made() -> dict:
+        calls.append(1)
+        return {}
+
+    with pytest.raises(SelectionError, match="at least 3 classes"):
+        choose_unknown_test(Photos(val.logits[two], val.embeddings[two], val.targets[two]), NAMES_12, made=made)
+    assert calls == []
+    choose_unknown_test(val, NAMES_12, train=train, folds=4, seed=0, made=made)
+    assert calls == [1]  # once, where the choice is made

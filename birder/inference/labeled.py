@@ -25,7 +25,7 @@ from tqdm import tqdm
 from birder.data.training import DataError, csv_files, image_folder_files
 from birder.errors import BirderError, ImageDecodeError
 from birder.inference.predictor import Predictor
-from birder.inference.stand_ins import DEFAULT_PER_KIND, MADE_KINDS, make_stand_in, pair_sources
+from birder.inference.stand_ins import DEFAULT_PER_KIND, MADE_KINDS, TWO_PHOTO_KINDS, make_stand_in, pair_sources
 from birder.io.images import load_image
 from birder.net.base import BaseNet
 
@@ -144,7 +144,9 @@ class _MadeStandIns(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         rng = np.random.default_rng([self.seed, index])
         (first, second) = self.pairs[index]
-        made = make_stand_in(self._pixels(int(first)), self._pixels(int(second)), self.kinds[index], rng)
+        kind = self.kinds[index]
+        other = self._pixels(int(second)) if kind in TWO_PHOTO_KINDS else None  # decoded only where it is used
+        made = make_stand_in(self._pixels(int(first)), other, kind, rng)
         return (made.clamp_(0.0, 1.0) - self.mean) / self.std
 
 
@@ -162,7 +164,7 @@ def collect_stand_in_outputs(
 ) -> dict[str, ModelOutputs]:
     """The network's outputs for ``per_kind`` stand-in unknowns of each of :data:`MADE_KINDS`, made from the
     labelled photos of ``known`` (pairs from different classes); their targets are -1, their paths say what each
-    was made of (``"cutmix:a.jpg+b.jpg"``)."""
+    was made of (``"cutmix:a.jpg+b.jpg"``, ``"rotate:a.jpg"``)."""
     labelled = np.flatnonzero(np.asarray(known.targets) >= 0)
     if per_kind <= 0 or not len(labelled):
         return {}
@@ -190,7 +192,10 @@ def collect_stand_in_outputs(
             logits=all_logits[rows],
             embeddings=all_embeddings[rows],
             targets=np.full(per_kind, -1, dtype=np.int64),
-            paths=[f"{kind}:{known.paths[a]}+{known.paths[b]}" for (a, b) in pairs[rows]],
+            paths=[
+                f"{kind}:{known.paths[a]}" + (f"+{known.paths[b]}" if kind in TWO_PHOTO_KINDS else "")
+                for (a, b) in pairs[rows]
+            ],
             unreadable=[],
         )
     return found

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 MADE_KINDS = ("blend", "cutmix", "shuffle", "channels", "rotate")
+TWO_PHOTO_KINDS = ("blend", "cutmix")  # the others are made from the first photo of their pair alone
 # Photos made per kind (birder-calibrate --stand-in-photos): 5 kinds of 200 cost the network 1,000 more photos
 DEFAULT_PER_KIND = 200
 TILES = 4  # shuffle: tiles per side
@@ -54,9 +55,13 @@ def pair_sources(targets: Sequence[int] | np.ndarray, count: int, rng: np.random
     return np.stack([first, second], axis=1)
 
 
-def make_stand_in(first: torch.Tensor, second: torch.Tensor, kind: str, rng: np.random.Generator) -> torch.Tensor:
+def make_stand_in(
+    first: torch.Tensor, second: torch.Tensor | None, kind: str, rng: np.random.Generator
+) -> torch.Tensor:
     """One made photo of ``kind`` from pixel tensors ``[3, H, W]`` in [0, 1] (``second``: the other class's photo,
-    used by ``blend`` and ``cutmix``)."""
+    needed by :data:`TWO_PHOTO_KINDS` only)."""
+    if kind in TWO_PHOTO_KINDS and second is None:
+        raise ValueError(f"a '{kind}' stand-in is made from two photos; the second is missing")
     if kind == "blend":
         return 0.5 * first + 0.5 * second
     if kind == "cutmix":

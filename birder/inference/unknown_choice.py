@@ -298,11 +298,12 @@ def choose_unknown_test(
     neighbour_grid: Sequence[int] = NEIGHBOUR_GRID,
     forced: str | None = None,
     device: torch.device | str = "cpu",
-    made: Mapping[str, Labelled] | None = None,
+    made: Callable[[], Mapping[str, Labelled]] | None = None,
 ) -> UnknownChoice:
-    """Score every candidate on folds over classes (module docstring) and keep the best by mean AUROC; with
-    ``forced`` (a method name), keep that method with its best settings. ``device``: where the folds' linear heads
-    are fitted.
+    """Score every candidate on folds over classes and, when ``made`` is given, on the stand-in unknowns it makes
+    (called once the photos are known to support a choice: making them runs the network), then keep the best score
+    (module docstring); with ``forced`` (a method name), keep that method with its best settings. ``device``: where
+    the folds' linear heads are fitted.
 
     Raises :class:`SelectionError` when fewer than :data:`MIN_CLASSES` classes have photos to hold out.
     """
@@ -339,8 +340,11 @@ def choose_unknown_test(
             fold_scores,
         )  # fmt: skip
     made_scores = None
-    if made:
-        made_scores = _made_scores(val, train, made, class_names, temperature, bank_per_class, listed, skipped, device)
+    stand_ins = made() if made is not None else {}  # only now: the photos they cost go to waste without a choice
+    if stand_ins:
+        made_scores = _made_scores(
+            val, train, stand_ins, class_names, temperature, bank_per_class, listed, skipped, device
+        )
 
     results = [
         CandidateResult(
@@ -348,7 +352,9 @@ def choose_unknown_test(
             () if candidate in skipped else tuple(scores[candidate]),
             skipped.get(candidate),
             {} if candidate in skipped else {view: tuple(v) for (view, v) in views.get(candidate, {}).items()},
-            {} if candidate in skipped or made_scores is None else made_scores.figures(candidate),
+            {}
+            if candidate in skipped or made_scores is None
+            else made_scores.figures(made_scores.by_candidate[candidate]),
         )
         for candidate in listed
     ]
@@ -657,9 +663,8 @@ class MadeScores:
     known: npt.NDArray[np.bool_]  # the known validation photos' rows
     kinds: dict[str, npt.NDArray[np.bool_]]  # each made kind's rows
 
-    def figures(self, candidate: Candidate, values: npt.NDArray[np.float64] | None = None) -> dict[str, float]:
-        """The AUROC of the known photos against each made kind, of ``candidate``'s scores (or ``values``)."""
-        values = self.by_candidate[candidate] if values is None else values
+    def figures(self, values: npt.NDArray[np.float64]) -> dict[str, float]:
+        """The AUROC of the known photos against each made kind, of the scores ``values`` (one per row)."""
         return {kind: auroc(values[self.known], values[rows]) for (kind, rows) in self.kinds.items()}
 
 
@@ -690,8 +695,9 @@ def _made_scores(
         start += size
     # The network's own head at the calibration temperature: what prediction scores msp and energy with
     logits = np.concatenate([np.asarray(val.logits, dtype=np.float64)] + [np.asarray(o.logits) for o in made.values()])
-    found = {Candidate("msp"): _msp(logits, temperature), Candidate("energy"): _energy(logits)}
-    if train is not None:
+    if train is None:
+        found = {Candidate("msp"): _msp(logits, temperature), Candidate("energy"): _energy(logits)}
+    else:
         queries = np.concatenate([np.asarray(val.embeddings)] + [np.asarray(o.embeddings) for o in made.values()])
         targets = np.concatenate([val_targets, np.full(sum(sizes), -1)])
         (found,) = _view_scores(
@@ -721,7 +727,7 @@ def _ensemble_result(
     made_auroc = {}
     if made_scores is not None:
         combined = normalised_mean([made_scores.by_candidate[member] for member in members], made_scores.known)
-        made_auroc = made_scores.figures(members[0], combined)
+        made_auroc = made_scores.figures(combined)
     return CandidateResult(
         Candidate("ensemble", members=members),
         tuple(per_fold),

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -141,16 +142,19 @@ def calibrate_model_file(options: CalibrateOptions) -> CalibrationReport:
         thresholds = fit_species_thresholds(
             probabilities, val.targets, class_names, options.target_precision, min_photos=options.min_photos
         )
-    made = collect_stand_in_outputs(
-        net,
-        transform,
-        val,
-        options.stand_in_photos,
-        seed=options.seed,
-        batch_size=options.batch_size,
-        workers=options.workers,
-        progress=options.progress,
-    )
+
+    def made() -> dict[str, ModelOutputs]:
+        return collect_stand_in_outputs(
+            net,
+            transform,
+            val,
+            options.stand_in_photos,
+            seed=options.seed,
+            batch_size=options.batch_size,
+            workers=options.workers,
+            progress=options.progress,
+        )
+
     (choice, choice_note) = _choose(options, val, train, class_names, fit.temperature, forced, loaded.device, made)
     statistics = None
     if train is not None:
@@ -260,10 +264,10 @@ def _choose(
     temperature: float,
     forced: str | None,
     device: torch.device,
-    made: dict[str, ModelOutputs],
+    made: Callable[[], dict[str, ModelOutputs]],
 ) -> tuple[UnknownChoice | None, str | None]:
-    """The unknown test chosen on folds of held-out classes and the ``made`` stand-in unknowns, or None and why (too
-    few classes: the defaults)."""
+    """The unknown test chosen on folds of held-out classes and the stand-in unknowns ``made`` makes (once the photos
+    can support a choice), or None and why (too few classes: the defaults)."""
     try:
         choice = choose_unknown_test(
             val,
