@@ -182,7 +182,9 @@ def test_calibration_leaves_the_state_dict_alone_and_travels_as_metadata(
     calibration = net.calibration
     assert calibration.temperature > 0 and calibration.temperature != 1.0
     assert calibration.unknown_method == "knn"
-    assert set(calibration.unknown_thresholds) == {"msp", "energy", "mahalanobis", "relative_mahalanobis", "knn"}
+    assert set(calibration.unknown_thresholds) == {
+        "msp", "energy", "mahalanobis", "relative_mahalanobis", "nearest_mahalanobis", "knn"
+    }  # fmt: skip
     assert calibration.stats_path == stats_path_for(output)
     assert set(calibration.species_thresholds) <= set(NAMES)
 

@@ -27,8 +27,15 @@ from birder.inference.unknown import (
     nearest_similarities,
     normalise,
     sidecar_bytes,
+    unknown_scores,
 )
-from birder.inference.unknown_choice import Candidate, SelectionError, candidate_scores, choose_unknown_test
+from birder.inference.unknown_choice import (
+    NOT_CHOSEN_ON_THEIR_OWN,
+    Candidate,
+    SelectionError,
+    candidate_scores,
+    choose_unknown_test,
+)
 from birder.io.calibration import read_stats_file, stats_path_for, write_stats_file
 from birder.scripts import calibrate as calibrate_script
 from birder.scripts import evaluate as evaluate_script
@@ -136,7 +143,8 @@ def _true_auroc(candidate: Candidate, train: Photos, test: Photos, unknown: Phot
 
 @pytest.mark.parametrize(
     ("kind", "family"),
-    [("modes", ("knn",)), ("nuisance", MAHALANOBIS_METHODS), ("shifted", ("msp",))],
+    # nearest_mahalanobis measures to the nearest training photo too: of the knn kind where a class has several modes
+    [("modes", ("knn", "nearest_mahalanobis")), ("nuisance", MAHALANOBIS_METHODS), ("shifted", ("msp",))],
 )
 def test_the_folds_pick_the_kind_of_test_that_is_clearly_best_on_true_unknowns(kind: str, family: tuple) -> None:
     (train, val, test, unknown) = _world(kind, seed=3)
@@ -145,9 +153,10 @@ def test_the_folds_pick_the_kind_of_test_that_is_clearly_best_on_true_unknowns(k
     assert choice.folds == 4 and sum(choice.held_out) == KNOWN  # every class held out once
     scored = [result for result in choice.results if not result.skipped]
     assert all(len(result.fold_auroc) == 4 for result in scored)
-    # Without made stand-ins the score is the fold mean; the ensemble is scored but not chosen on its own
+    # Without made stand-ins the score is the fold mean; the ensemble and nearest_mahalanobis are scored but not
+    # chosen on their own
     assert all(result.score == result.mean for result in scored)
-    singles = [result for result in scored if result.candidate.method != "ensemble"]
+    singles = [result for result in scored if result.candidate.method not in NOT_CHOSEN_ON_THEIR_OWN]
     assert max(singles, key=lambda result: result.score).candidate == choice.chosen
 
     # On the true unknowns (classes no fold saw), the chosen kind is the best kind too, by a clear margin
@@ -173,6 +182,12 @@ def test_same_seed_same_folds_and_a_forced_method_keeps_its_best_settings() -> N
     with pytest.raises(SelectionError, match="at least 3 classes"):
         two = val.targets < 2
         choose_unknown_test(Photos(val.logits[two], val.embeddings[two], val.targets[two]), NAMES_12)
+
+    # nearest_mahalanobis is scored and can be forced, but the choice never keeps it on its own (module docstring)
+    assert first.best("nearest_mahalanobis") is not None
+    assert first.chosen.method not in NOT_CHOSEN_ON_THEIR_OWN
+    near = choose_unknown_test(val, NAMES_12, train=train, folds=3, seed=7, forced="nearest_mahalanobis")
+    assert near.chosen == near.best("nearest_mahalanobis").candidate and near.shrinkage == near.chosen.shrinkage
 
 
 def test_no_shrinkage_is_offered_only_for_a_well_conditioned_covariance() -> None:
@@ -218,6 +233,23 @@ def test_knn_search_is_exact_with_and_without_faiss() -> None:
     np.testing.assert_allclose(few, truth, atol=1e-5)
 
 
+@pytest.mark.parametrize("shrinkage", ["ledoit_wolf", "none"])
+def test_nearest_mahalanobis_is_the_distance_to_the_nearest_training_photo(shrinkage: str) -> None:
+    rng = np.random.default_rng(3)
+    targets = np.repeat(np.arange(4), 50)
+    embeddings = rng.normal(size=(200, 6)) * [1, 1, 1, 1, 5, 0.2] + rng.normal(0, 4, size=(4, 6))[targets]
+    statistics = ClassStatistics.fit(embeddings, targets, list("abcd"), shrinkage=shrinkage, bank_per_class=64)
+    queries = rng.normal(0, 4, size=(30, 6))  # more than a few: faiss; one at a time: numpy
+    differences = queries[:, None, :] - embeddings[None, :, :]
+    truth = np.einsum("qnd,de,qne->qn", differences, statistics.precision, differences).min(axis=1)
+    np.testing.assert_allclose(statistics.nearest_mahalanobis(queries), truth, rtol=2e-3)
+    one_by_one = np.concatenate([statistics.nearest_mahalanobis(queries[i : i + 1]) for i in range(len(queries))])
+    np.testing.assert_allclose(one_by_one, truth, rtol=2e-3)
+    # A training photo itself is at distance (almost) zero; a photo near no training photo is far
+    assert statistics.nearest_mahalanobis(embeddings[:3]).max() < 1e-2 * np.median(truth)
+    assert unknown_scores("nearest_mahalanobis", embeddings=queries, statistics=statistics).shape == (30,)
+
+
 def test_the_sidecar_stays_within_its_stated_bound(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     (classes, dim, per_class, cap) = (40, 48, 30, 8)
@@ -229,12 +261,14 @@ def test_the_sidecar_stays_within_its_stated_bound(tmp_path: Path) -> None:
     header = 8 + 2048 + sum(len(f"s{i}") + 4 for i in range(classes))  # the JSON header: tensor index, class names
     assert path.stat().st_size <= sidecar_bytes(classes, dim, cap) + header
     # The card's scale, as the README states it: 707 classes, 1024-d, 64 per class
-    assert sidecar_bytes(707, 1024, 64) == pytest.approx(112.35e6, rel=1e-3)
+    assert sidecar_bytes(707, 1024, 64) == pytest.approx(112.53e6, rel=1e-3)
 
     loaded = ClassStatistics.load(path, [f"s{i}" for i in range(classes)])
     queries = rng.normal(size=(5, dim))
     for method in ("mahalanobis", "relative_mahalanobis", "knn"):
         np.testing.assert_allclose(loaded.score(method, queries), statistics.score(method, queries), rtol=1e-9)
+    # The bank's lengths travel too: the distance to the nearest training photo is the same after a reload
+    np.testing.assert_allclose(loaded.nearest_mahalanobis(queries), statistics.nearest_mahalanobis(queries), rtol=1e-5)
 
 
 def test_a_sidecar_of_an_older_release_still_scores_what_it_can(tmp_path: Path) -> None:
@@ -250,9 +284,12 @@ def test_a_sidecar_of_an_older_release_still_scores_what_it_can(tmp_path: Path) 
     old = write_stats_file(tmp_path / "old.stats.safetensors", tensors, {"classes": ["a", "b", "c"], "neighbours": 5})
     loaded = ClassStatistics.load(old, ["a", "b", "c"])
     assert loaded.supports("knn") and loaded.supports("mahalanobis") and not loaded.supports("relative_mahalanobis")
+    assert not loaded.supports("nearest_mahalanobis")  # no bank lengths
     np.testing.assert_allclose(loaded.knn(rng.normal(size=(2, 4))).shape, (2,))
     with pytest.raises(BirderError, match="run birder-calibrate --train again"):
         loaded.relative_mahalanobis(rng.normal(size=(2, 4)))
+    with pytest.raises(BirderError, match="run birder-calibrate --train again"):
+        loaded.nearest_mahalanobis(rng.normal(size=(2, 4)))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -393,7 +430,7 @@ def test_the_temperature_is_refused_or_kept_where_its_fit_is_degenerate() -> Non
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dataset", ["shapes", "textures"])
+@pytest.mark.parametrize("dataset", ["shapes", "textures", "calls"])
 def test_unknown_choice_benchmark_runs_end_to_end_tiny(tmp_path: Path, dataset: str) -> None:
     from benchmarks import unknown_choice as benchmark
 
@@ -412,6 +449,10 @@ def test_unknown_choice_benchmark_runs_end_to_end_tiny(tmp_path: Path, dataset: 
     assert single["gap_to_best"] == pytest.approx(result["best"]["true_auroc"] - single["true_auroc"])
     assert single["method"] != "ensemble"
     assert result["gap_to_best"] == pytest.approx(result["best"]["true_auroc"] - result["chosen"]["true_auroc"])
+    # The target's reference is the best test the choice can keep; the best of every single test is beside it
+    assert result["chosen"]["method"] not in NOT_CHOSEN_ON_THEIR_OWN
+    assert result["best"]["method"] not in NOT_CHOSEN_ON_THEIR_OWN
+    assert result["best_single_test"]["true_auroc"] >= result["best"]["true_auroc"]
     # birder-eval's figure for the calibrated file's own test is the benchmark's figure for the chosen candidate
     assert result["eval_chosen"]["auroc"] == pytest.approx(result["chosen"]["true_auroc"], abs=1e-6)
     assert report["card_sidecar_bytes"]["bank_per_class"]["64"] == sidecar_bytes(707, 1024, 64)

@@ -77,7 +77,7 @@ def test_each_fold_figure_is_the_mean_over_the_views_and_the_record_keeps_each_v
     choice = choose_unknown_test(val, names, train=train, folds=3, seed=1, neighbour_grid=(1, 5))
     scored = [result for result in choice.results if not result.skipped]
     assert {result.candidate.method for result in scored if result.candidate.method != "ensemble"} == {
-        "msp", "energy", "mahalanobis", "relative_mahalanobis", "knn"
+        "msp", "energy", "mahalanobis", "relative_mahalanobis", "nearest_mahalanobis", "knn"
     }  # fmt: skip
     for result in scored:
         assert set(result.view_auroc) == set(STAND_IN_VIEWS)

@@ -56,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", *METHODS),
         default="auto",
         help="default unknown test: auto (the best score on folds of held-out classes and on stand-ins made from the "
-        "validation photos, printed; with --train the ensemble of the best knn and relative Mahalanobis is scored "
-        "too, and used when named) or one named",
+        "validation photos, printed; with --train the ensemble of the best knn and relative Mahalanobis and "
+        "nearest_mahalanobis are scored too, and used only when named) or one named",
     )
     fit.add_argument("--unknown-threshold", type=float, metavar="S", help="the unknown test's threshold, given as is")
     fit.add_argument(
