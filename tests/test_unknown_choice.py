@@ -37,6 +37,7 @@ from birder.inference.unknown_choice import (
     choose_unknown_test,
 )
 from birder.io.calibration import read_stats_file, stats_path_for, write_stats_file
+from birder.runs.eval_reports import DetectionRow, better_test, format_detection
 from birder.scripts import calibrate as calibrate_script
 from birder.scripts import evaluate as evaluate_script
 
@@ -332,7 +333,9 @@ def test_calibrate_prints_the_table_and_the_file_records_the_choice(
                 label = f"mean of {len(settings)}"
             row = next(line for line in out.splitlines() if f" {candidate['method']} " in line and label in line)
             assert f"{candidate['mean']:.4f} ±" in row and row.endswith(f"{candidate['score']:.4f}")
-    singles = [c for c in selection["candidates"] if c["skipped"] is None and c["method"] != "ensemble"]
+    singles = [
+        c for c in selection["candidates"] if c["skipped"] is None and c["method"] not in NOT_CHOSEN_ON_THEIR_OWN
+    ]
     best = max(singles, key=lambda c: c["score"])
     assert (best["method"], best["settings"]) == (chosen["method"], chosen["settings"])
     # The sidecar holds the settings the choice found best for the embedding methods
@@ -354,6 +357,21 @@ def test_calibrate_prints_the_table_and_the_file_records_the_choice(
     knn_row = next(row for row in rows if row["method"] == "knn")
     assert knn_row["settings"].startswith(f"k={info['neighbours']} of ")
     assert float(knn_row["fold_auroc"]) == pytest.approx(knn_best["mean"], abs=1e-5)
+
+
+def test_eval_points_out_a_test_that_separates_the_users_unknowns_better() -> None:
+    own = DetectionRow("relative_mahalanobis", 0.886, 0.4, "oas (weight 0.02)", 0.95, chosen=True)
+    near = DetectionRow("nearest_mahalanobis", 0.939, 0.3, "oas (weight 0.02)", 0.96)
+    knn = DetectionRow("knn", 0.890, 0.35, "k=1 of 640 (at most 64 per class)", 0.97)
+    assert better_test([own, near, knn]) == near
+    text = format_detection([own, near, knn], known=700, unknown=300)
+    assert "nearest_mahalanobis separates the unknown ones better than the model's own test (0.9390 against " in text
+    assert text.rstrip().endswith("birder-calibrate --unknown-method nearest_mahalanobis keeps it")
+    # Within the margin, or the model's own test the best: nothing to point out
+    assert better_test([own, knn]) is None
+    assert better_test([DetectionRow("knn", 0.95, 0.2, chosen=True), near]) is None
+    assert "keeps it" not in format_detection([own, knn], known=700, unknown=300)
+    assert better_test([near, knn]) is None  # no test of the model's own (an uncalibrated file)
 
 
 def test_unknown_method_forces_the_method_with_its_best_settings(

@@ -34,6 +34,8 @@ from birder.training.evaluation import CheckpointScores, write_csv
 # The thresholds of the coverage table: 0 (always the species) to 0.99
 COVERAGE_THRESHOLDS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99)
 KEEP_RATE = 0.95  # the TPR of "FPR at 95 % TPR": the share of known photos kept
+# A method this much better (AUROC) than the model's own test on the user's unknown photos is pointed out
+BETTER_TEST_MARGIN = 0.01
 
 
 def _number(value: float, digits: int = 4) -> str:
@@ -172,7 +174,25 @@ def format_detection(rows: Sequence[DetectionRow], known: int, unknown: int) -> 
         f"{_number(row.fold_auroc):>10}  {row.settings}".rstrip()
         for row in rows
     ]
+    hint = better_test(rows)
+    if hint is not None:
+        own = next(row for row in rows if row.chosen)
+        lines.append(
+            f"  on these photos {hint.method} separates the unknown ones better than the model's own test "
+            f"({hint.auroc:.4f} against {own.auroc:.4f}): birder-calibrate --unknown-method {hint.method} keeps it"
+        )
     return "\n".join(lines)
+
+
+def better_test(rows: Sequence[DetectionRow]) -> DetectionRow | None:
+    """The method with the highest AUROC when it beats the model's own test by at least :data:`BETTER_TEST_MARGIN`
+    (the choice was made without unknown photos; with some at hand, the user can keep the test they favour)."""
+    own = next((row for row in rows if row.chosen), None)
+    scored = [row for row in rows if not math.isnan(row.auroc)]
+    if own is None or math.isnan(own.auroc) or not scored:
+        return None
+    best = max(scored, key=lambda row: row.auroc)
+    return best if best.auroc - own.auroc >= BETTER_TEST_MARGIN else None
 
 
 def write_detection(rows: Sequence[DetectionRow], output_dir: str | Path) -> list[Path]:
