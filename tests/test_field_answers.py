@@ -110,7 +110,15 @@ def test_the_embedding_unknown_test_beats_max_softmax_on_held_out_classes(field:
     with open(report / "unknown_detection.csv", newline="") as handle:
         auroc = {row["method"]: float(row["auroc"]) for row in csv.DictReader(handle)}
     # Every method, and the ensemble of the best knn and relative Mahalanobis the folds scored (calibrated with --train)
-    assert set(auroc) == {"msp", "energy", "mahalanobis", "relative_mahalanobis", "knn", "ensemble"}
+    assert set(auroc) == {
+        "msp",
+        "energy",
+        "mahalanobis",
+        "relative_mahalanobis",
+        "nearest_mahalanobis",
+        "knn",
+        "ensemble",
+    }
     assert auroc["knn"] >= 0.9
     assert auroc["knn"] > auroc["msp"] and auroc["ensemble"] > auroc["msp"]
 
