@@ -9,8 +9,8 @@
   (the same shrinkage): directions along which every class varies (lighting, background) count less;
 - ``nearest_mahalanobis``: the smallest squared Mahalanobis distance (the same shared covariance) to a training
   embedding of the kNN bank rather than to a class mean: a photo near one training photo is known even where its
-  class is not one Gaussian (on the benchmark's generated digits the best test on true unknowns in every run, 0.926-
-  0.959 against 0.884-0.943 for the best other);
+  class is not one Gaussian (on the benchmark's digits, real scans, the best test on true unknowns in every run,
+  0.935-0.956 against 0.915-0.944 for the best other);
 - ``knn``: 1 - the cosine similarity of the normalised embedding to its k-th nearest training embedding, in a bank of
   at most ``bank_per_class`` training embeddings per class, searched exactly with faiss (``faiss.knn``, the flat
   inner-product search of :mod:`birder.search`'s exact index; numpy when faiss is not installed);

@@ -61,7 +61,7 @@ What makes a fold fair to each candidate:
 **nearest_mahalanobis** (the Mahalanobis distance to the nearest training photo of the bank) is scored on the same
 folds and stand-ins, kept in the record, reported by ``birder-eval --unknown-dir`` with the statistics' shrinkage
 and forceable (``--unknown-method nearest_mahalanobis``), but not chosen on its own. On the benchmark's digits it was
-the best test on true unknowns in all 3 runs (0.935-0.955 against 0.884-0.944 for the best other) and the score
+the best test on true unknowns in all 3 runs (0.935-0.956 against 0.915-0.944 for the best other) and the score
 chose it there; but over the 18 runs of six generators, with it in the pool the choice was within 0.01 of the best
 in 8 runs against 9 (mean gap 0.025 against 0.021) and the chosen test's AUROC moved by -0.002 on average (+0.008
 on the 9 runs of digits, glyphs and textures, -0.012 on the weaker shapes, critters and leaves models, where the
