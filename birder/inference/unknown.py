@@ -297,7 +297,7 @@ class ClassStatistics:
         background_mean = embeddings.mean(axis=0)
         background = estimate_covariance(embeddings - background_mean, shrinkage)
         conditions = (within.condition, background.condition)
-        rows = knn_bank_rows(targets, bank_per_class)
+        banked = embeddings[knn_bank_rows(targets, bank_per_class)]
         if shrinkage == "none":  # fewer photos than dimensions: singular whatever its numbers say
             conditions = tuple(
                 value if count - used >= dim else float("inf")
@@ -309,7 +309,7 @@ class ClassStatistics:
             means.astype(np.float32).astype(np.float64),
             present,
             within.precision,
-            _half(normalise(embeddings[rows])),
+            _half(normalise(banked)),
             neighbours,
             background_mean,
             background.precision,
@@ -317,7 +317,7 @@ class ClassStatistics:
             (within.shrinkage, background.shrinkage),
             bank_per_class,
             conditions,
-            bank_norms=np.linalg.norm(embeddings[rows], axis=1).astype(np.float32),
+            bank_norms=np.linalg.norm(banked, axis=1).astype(np.float32),
         )
 
     def supports(self, method: str) -> bool:
@@ -489,17 +489,9 @@ def nearest_similarities(bank: npt.NDArray[np.float32], queries: npt.NDArray[np.
     bank of 45,000 x 1024 against thousands of queries: blocked BLAS and a heap per query), else by numpy."""
     k = min(k, len(bank))
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    if len(queries) > _FEW_QUERIES:
-        logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its lines on which CPU build it loads
-        try:
-            import faiss
-        except ImportError:
-            pass
-        else:
-            (similarities, _) = faiss.knn(
-                queries, np.ascontiguousarray(bank, dtype=np.float32), k, metric=faiss.METRIC_INNER_PRODUCT
-            )
-            return similarities
+    searched = _faiss_search(bank, queries, k, "METRIC_INNER_PRODUCT")
+    if searched is not None:
+        return searched
     best = np.full((len(queries), 0), -np.inf, dtype=np.float32)
     for start in range(0, len(bank), _CHUNK):
         similarities = np.concatenate([best, queries @ bank[start : start + _CHUNK].T], axis=1)
@@ -511,15 +503,9 @@ def nearest_squared_distances(bank: npt.NDArray[np.float32], queries: npt.NDArra
     """The smallest squared Euclidean distance ``[Q]`` of each query to a row of ``bank``: exact, by faiss's flat L2
     search when installed and there are many queries, else by numpy in blocks of the bank."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    if len(queries) > _FEW_QUERIES:
-        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-        try:
-            import faiss
-        except ImportError:
-            pass
-        else:
-            (distances, _) = faiss.knn(queries, np.ascontiguousarray(bank, dtype=np.float32), 1, metric=faiss.METRIC_L2)
-            return np.maximum(distances[:, 0].astype(np.float64), 0.0)
+    searched = _faiss_search(bank, queries, 1, "METRIC_L2")
+    if searched is not None:
+        return np.maximum(searched[:, 0].astype(np.float64), 0.0)
     own = np.einsum("qd,qd->q", queries, queries)
     best = np.full(len(queries), np.inf)
     for start in range(0, len(bank), _CHUNK):
@@ -527,6 +513,23 @@ def nearest_squared_distances(bank: npt.NDArray[np.float32], queries: npt.NDArra
         distances = own[:, None] - 2.0 * (queries @ block.T) + np.einsum("nd,nd->n", block, block)[None, :]
         best = np.minimum(best, distances.min(axis=1))
     return np.maximum(best, 0.0)
+
+
+def _faiss_search(
+    bank: npt.NDArray[np.float32], queries: npt.NDArray[np.float32], k: int, metric: str
+) -> np.ndarray | None:
+    """faiss's exact flat search of each query's ``k`` best values in ``bank`` (``metric``: ``"METRIC_INNER_PRODUCT"``
+    or ``"METRIC_L2"``, squared), or None where numpy is to search instead: a few queries (one BLAS product) or faiss
+    not installed."""
+    if len(queries) <= _FEW_QUERIES:
+        return None
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its lines on which CPU build it loads
+    try:
+        import faiss
+    except ImportError:
+        return None
+    (values, _) = faiss.knn(queries, np.ascontiguousarray(bank, dtype=np.float32), k, metric=getattr(faiss, metric))
+    return values
 
 
 def unknown_scores(
