@@ -49,9 +49,11 @@ def test_predict_writes_hirescam_overlays_with_a_bfloat16_network(tmp_path: Path
     from birder.scripts import predict
 
     birder.save_model(tiny_vit(), tmp_path / "tiny.pt", birder.ModelInfo({f"c{i}": i for i in range(4)}, None, STATS))
+    photos = tmp_path / "photos"
+    photos.mkdir()
     for index in range(2):
-        Image.new("RGB", (40 + 10 * index, 30), (30 * index, 90, 30)).save(tmp_path / f"{index}.png")
-    argv = [str(tmp_path), "--weights", str(tmp_path / "tiny.pt"), "-j", "0", "--no-progress", "--dtype", "bfloat16"]
+        Image.new("RGB", (40 + 10 * index, 30), (30 * index, 90, 30)).save(photos / f"{index}.png")
+    argv = [str(photos), "--weights", str(tmp_path / "tiny.pt"), "-j", "0", "--no-progress", "--dtype", "bfloat16"]
     argv += ["--output-dir", str(tmp_path / "out"), "--explain", str(tmp_path / "maps"), "--explain-method", "hirescam"]
 
     assert predict.main(argv) == 0

@@ -156,10 +156,12 @@ def test_predict_writes_an_overlay_per_photo(tmp_path: Path) -> None:
 
     net = tiny_vit((32, 32))
     birder.save_model(net, tmp_path / "tiny.pt", birder.ModelInfo({f"class_{i}": i for i in range(4)}, None, STATS))
+    photos = tmp_path / "photos"  # the overlays go beside it: inside it they would be read as photos next time
+    photos.mkdir()
     for index in range(3):
-        Image.new("RGB", (40 + 10 * index, 30), (20 * index, 90, 30)).save(tmp_path / f"{index}.png")
-    (tmp_path / "broken.jpg").write_bytes(b"not an image")
-    argv = [str(tmp_path), "--weights", str(tmp_path / "tiny.pt"), "-j", "0", "--no-progress"]
+        Image.new("RGB", (40 + 10 * index, 30), (20 * index, 90, 30)).save(photos / f"{index}.png")
+    (photos / "broken.jpg").write_bytes(b"not an image")
+    argv = [str(photos), "--weights", str(tmp_path / "tiny.pt"), "-j", "0", "--no-progress"]
     argv += ["--output-dir", str(tmp_path / "out"), "--explain", str(tmp_path / "maps")]
     assert predict.main(argv) == 0
     overlays = sorted((tmp_path / "maps").glob("*.png"))

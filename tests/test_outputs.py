@@ -22,6 +22,7 @@ from birder.io.outputs import (
     MANIFEST_FILE,
     OutputFolder,
     check_output_file,
+    check_outside_photos,
     check_training_folder,
     prepare_output_folder,
     same_file,
@@ -73,6 +74,37 @@ def test_an_input_under_another_name_a_symlink_or_a_hard_link_is_refused_even_wi
         assert "\n" not in str(caught.value) and str(output) in str(caught.value)
     assert same_file(tmp_path / "hard.csv", records) and not same_file(tmp_path / "other.csv", records)
     assert records.read_text() == "species,lat,lon\n"
+
+
+def test_images_are_never_written_among_the_photos_a_command_reads(tmp_path: Path) -> None:
+    """Crops or drawings in (or below) a folder of the photos would be read as photos by the next run over it."""
+    photos = tmp_path / "photos"
+    (photos / "site1").mkdir(parents=True)
+    (photos / "site1" / "IMG_0001.JPG").write_bytes(b"a photo")
+    (tmp_path / "linked").symlink_to(photos)
+    refused = [
+        (photos, [photos], "is the folder of the photos"),
+        (photos / "crops", [photos], "is inside the folder of the photos"),
+        (photos / "site1" / "drawn", [photos / "site1"], "is inside"),
+        (tmp_path / "linked" / "crops", [photos], "is inside"),  # another spelling of the same folder
+        (photos / "crops", [tmp_path / "linked"], "is inside"),
+        (photos / "site1", [photos / "site1" / "IMG_0001.JPG"], "is the folder"),  # a photo stands for its folder
+        (photos / "top.png", [photos], "is inside"),  # a file output (--plot)
+    ]
+    for output, inputs, message in refused:
+        with pytest.raises(BirderError, match=message) as caught:
+            check_outside_photos(output, [None, *inputs], "--save-crops")
+        error = str(caught.value)
+        assert "\n" not in error and str(output) in error and "--save-crops" in error
+    # Beside the photos, above them, in a hidden folder (photo discovery never enters one), or with no such input
+    for output, inputs in [
+        (tmp_path / "crops", [photos]),
+        (tmp_path, [photos / "site1"]),
+        (photos / ".crops", [photos]),
+        (photos / "crops", [tmp_path / "missing"]),
+        (tmp_path / "photos-crops", [photos]),  # a name that starts the same is another folder
+    ]:
+        check_outside_photos(output, inputs, "--draw")
 
 
 def test_a_file_that_exists_needs_overwrite_and_a_new_one_does_not(tmp_path: Path) -> None:
@@ -300,6 +332,33 @@ def test_predict_with_a_detector_never_mixes_two_runs_in_one_folder(tmp_path: Pa
     assert json.loads((out / "run.json").read_text())["settings"]["det_threshold"] == 0.9
 
 
+def test_predict_and_crops_never_write_images_among_the_photos(tmp_path: Path, capsys) -> None:
+    photos = make_photo_folder(tmp_path / "photos")
+    (model, detector) = (save_tiny_model(tmp_path / "tiny.pt"), save_tiny_detector(tmp_path / "det.pt"))
+    before = snapshot(photos)
+    det = ["--detector", str(detector)]
+    for extra in (
+        [*det, "--save-crops", str(photos)],
+        [*det, "--draw", str(photos / "drawn")],
+        ["--explain", str(photos / "Species A")],
+        ["--plot", str(photos / "top.png")],
+    ):
+        assert predict_script.main(_predict_args(model, photos, tmp_path / "out", *extra)) == 2, extra
+        assert "the images written there would be read as photos" in one_line_error(capsys, "birder-predict")
+        assert snapshot(photos) == before and not (tmp_path / "out").exists()
+    # A hidden folder below the photos is never searched for photos: allowed
+    assert predict_script.main(_predict_args(model, photos, tmp_path / "out", *det, "--draw", str(photos / ".d"))) == 0
+    assert any((photos / ".d").iterdir())
+    assert {name for name in snapshot(photos) if not name.startswith(".d/")} == set(before)
+
+    # The crops tool: its crops folder inside the survey's photos is refused too
+    survey = write_coco_scenes(tmp_path / "survey", 4, seed=1, size=(64, 64), classes=[0, 1], num_objects=(1, 2))
+    survey_files = snapshot(survey.parent)
+    assert tools_main(["crops", str(survey), "-o", str(survey.parent / "crops"), "--split", "1,0,0"]) == 2
+    assert "would be read as photos" in one_line_error(capsys, "python -m birder.tools crops")
+    assert snapshot(survey.parent) == survey_files
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The cases: training runs
 # ---------------------------------------------------------------------------------------------------------------------
@@ -350,6 +409,33 @@ def test_train_and_train_mim_refuse_a_folder_with_checkpoints_without_resume(tmp
     assert train_mim_script.main(mim) == 2
     assert "add --resume" in one_line_error(capsys, "birder-train-mim")
     assert (mim_run / "mae_vit_vit_b16_1.pt").read_bytes() == kept
+
+    # A run inside the images it trains on: its pictures (confusion matrix, reconstructions) would be a class of
+    # their own, or unlabelled images, in the next run. Refused before anything is written; beside train/ and val/
+    # in --data-dir is fine (only those two are read)
+    for script, argv in (
+        (train_script, ["--data-dir", str(data), *model, *common, "--output-dir", str(data / "train" / "run")]),
+        (
+            train_script,
+            [
+                "--train-dir",
+                str(data / "train"),
+                "--val-dir",
+                str(data / "val"),
+                *model,
+                *common,
+                "--output-dir",
+                str(data / "val" / "run"),
+            ],
+        ),
+        (train_mim_script, ["--data-dir", str(photos), *model, *common, "--output-dir", str(photos / "run")]),
+    ):
+        before = snapshot(tmp_path)
+        assert script.main(argv) == 2
+        assert "would be read as photos" in capsys.readouterr().err
+        assert snapshot(tmp_path) == before
+    assert train_script.main(["--data-dir", str(data), *model, *common, "--output-dir", str(data / "runs")]) == 0
+    assert list((data / "runs").glob("*.pt"))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

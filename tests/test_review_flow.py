@@ -160,6 +160,10 @@ def test_review_crops_keep_cameras_whole_and_feed_birder_train(made: dict, tmp_p
     )
     capsys.readouterr()
     assert read_csv(out / "train.csv") == train
+    # Crops among the reviewed photos would be classified as photos by the next run over their folder: refused
+    photos = session.folder.units[0].photos[0].file.parent
+    assert tools_main(["review-crops", str(results), "--output-dir", str(photos / "adapt")]) == 2
+    assert "would be read as photos" in capsys.readouterr().err and not (photos / "adapt").exists()
 
     argv = ["--init", str(made["model"]), "--train-csv", str(out / "train.csv"), "--val-csv", str(out / "val.csv")]
     argv += ["--output-dir", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "4", "--workers", "0"]

@@ -99,6 +99,12 @@ def test_build_query_add_duplicates_and_cluster(collection: Path, model_file: Pa
     assert "photos to review" in capsys.readouterr().out
     assert (tmp_path / "index" / "clusters" / "clusters.csv").is_file()
     assert list((tmp_path / "index" / "clusters").glob("cluster_*.png"))
+    # Contact sheets among the indexed photos would be indexed as photos by the next build: refused, nothing written
+    sheets = photos[0].parent / "sheets"
+    assert index_script.main([*argv, "--output-dir", str(sheets)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("birder-index: error: --output-dir") and "would be read as photos" in error
+    assert not sheets.exists()
 
 
 def test_bad_input_is_refused_in_one_line(collection: Path, model_file: Path, tmp_path: Path, capsys) -> None:

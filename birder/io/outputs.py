@@ -14,6 +14,9 @@ Every command that writes goes through this module, so the rule and its messages
   the user's and stays.
 - **A training run** (:func:`check_training_folder`): a folder that holds checkpoints is refused unless
   ``resume``.
+- **Images never among the photos read** (:func:`check_outside_photos`): crops, drawings and overlays are refused
+  in a folder of the photos a command reads (or one below it), where the next run over those photos would take
+  them for photos.
 
 A refusal is a :class:`~birder.errors.BirderError` (exit code 2) of one line naming the path and what to do.
 """
@@ -99,6 +102,32 @@ def check_not_input(path: PathLike, inputs: Iterable[PathLike | None] | InputFil
 
 def _same_spelling(first: PathLike, second: PathLike) -> bool:
     return os.path.abspath(first) == os.path.abspath(second)
+
+
+def check_outside_photos(path: PathLike, photo_inputs: Iterable[PathLike | None], option: str) -> None:
+    """Refuse ``path``, a folder (or file) where a command writes images, given as ``option``, when it is a folder
+    of the photos the command reads or lies below one: photo discovery (:func:`birder.io.images.find_images`) is
+    recursive, so the next run over those photos would read the crops or drawings as photos. ``photo_inputs`` are
+    the photo folders and files as given (a file stands for its folder). A hidden folder on the way
+    (``photos/.crops``) is allowed: photo discovery never enters one."""
+    target = Path(os.path.realpath(path))
+    for given in photo_inputs:
+        if given is None:
+            continue
+        root = Path(os.path.realpath(given))
+        if root.is_file():
+            root = root.parent
+        elif not root.is_dir():
+            continue  # nothing there: the command reports it as a missing input
+        if target != root and root not in target.parents:
+            continue
+        if any(part.startswith(".") for part in target.relative_to(root).parts):
+            continue
+        where = "is" if target == root else "is inside"
+        raise BirderError(
+            f"{option} '{path}' {where} the folder of the photos being read ('{given}'): the images written there "
+            "would be read as photos by the next run over them; choose a folder outside it"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -340,12 +369,15 @@ def checkpoints_in(folder: PathLike) -> list[str]:
     return sorted(entry.name for entry in folder.iterdir() if _matches(entry.name, CHECKPOINT_PATTERNS))
 
 
-def check_training_folder(folder: PathLike, resume: object) -> None:
+def check_training_folder(folder: PathLike, resume: object, image_folders: Iterable[PathLike | None] = ()) -> None:
     """Refuse to start a training run (``resume`` None) in a folder that holds checkpoints: the new run's
-    ``<name>_<epoch>.pt`` and ``*_states.pt`` would replace them."""
+    ``<name>_<epoch>.pt`` and ``*_states.pt`` would replace them; and any run in or below ``image_folders``, the
+    folders it reads its images from, where its pictures (confusion matrix, reconstructions) would be read as
+    training images (an ImageFolder class of their own) by the next run."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise BirderError(f"--output-dir '{folder}' is a file: give a folder to write into")
+    check_outside_photos(folder, image_folders, "--output-dir")
     found = checkpoints_in(folder)
     if resume is None and found:
         raise BirderError(

@@ -52,6 +52,11 @@ def read_reviewed(results_dir: str | os.PathLike, reviews: str | os.PathLike | N
     return Reviewed(folder, read_reviews(path, folder.model))
 
 
+def photo_folders(reviewed: Reviewed) -> list[Path]:
+    """The folders the run's photos are in (sorted), where no crop may be written."""
+    return sorted({photo.file.resolve().parent for unit in reviewed.folder.units for photo in unit.photos})
+
+
 def is_reviews_file(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a ``reviews.csv`` of birder-review (by its header)."""
     try:
@@ -254,10 +259,12 @@ def write_review_crops(
     margin: float = 0.1,
     seed: int = 0,
     reviews: str | os.PathLike | None = None,
+    reviewed: Reviewed | None = None,
 ) -> CropsReport:
     """Write the reviewed animals as labelled images for ``birder-train --train-csv train.csv --val-csv val.csv``:
     each reviewed box cropped (with ``margin``) to ``output_dir/crops/``, each reviewed photo without boxes as
-    itself; whole cameras in one split, so the validation figures speak of cameras the model did not adapt to."""
+    itself; whole cameras in one split, so the validation figures speak of cameras the model did not adapt to.
+    ``reviewed``: the folder and its decisions already read (:func:`read_reviewed`), else read here."""
     from birder.inference.crops import crop_box
     from birder.inference.tables import photo_file_stem
     from birder.io.atomic import atomic_write_path
@@ -267,7 +274,8 @@ def write_review_crops(
         raise BirderError(f"--val-share must be in [0, 1), got {val_share}")
     if margin < 0:
         raise BirderError(f"--margin must be a fraction >= 0, got {margin}")
-    reviewed = read_reviewed(results_dir, reviews)
+    if reviewed is None:
+        reviewed = read_reviewed(results_dir, reviews)
     if reviewed.store is None:
         raise BirderError(f"'{results_dir}' has no reviews.csv yet: review some photos with birder-review first")
     output_dir = Path(output_dir)

@@ -38,7 +38,7 @@ from birder.geo.predict import check_geo_options
 from birder.inference import predictor as P
 from birder.inference.tables import COLUMNS_HINT, write_feature_files
 from birder.io.journal import JOURNAL_DIR, RUN_INFO_FILE, finalize_run, prepare_run
-from birder.io.outputs import OutputFolder, check_output_file
+from birder.io.outputs import OutputFolder, check_output_file, check_outside_photos
 from birder.plots import plot_predictions
 from birder.runs.detect import DetectionSteps
 from birder.runs.photo_lists import parse_shard, select_photos
@@ -170,10 +170,13 @@ def _check_options(options: PredictionOptions, steps: RunSteps) -> None:
     check_geo_options(options.geo)
     for folder in output_folders(options):
         folder.check(inputs=options.input_files(), resume=output.resume, overwrite=output.overwrite)
+        if folder.option != "--output-dir":  # its tables are no photos; the other folders' images would be
+            check_outside_photos(folder.folder, options.inputs, folder.option)
     if output.plot is not None:
         # The picture is redrawn by a resumed run
         overwrite = output.overwrite or output.resume
         check_output_file(output.plot, inputs=options.input_files(), overwrite=overwrite, option="--plot")
+        check_outside_photos(output.plot, options.inputs, "--plot")
 
 
 def output_folders(options: PredictionOptions) -> list[OutputFolder]:

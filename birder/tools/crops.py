@@ -47,7 +47,7 @@ from birder.errors import BirderError
 from birder.inference.crops import crop_box
 from birder.io.atomic import atomic_write_path
 from birder.io.images import load_image
-from birder.io.outputs import OutputFolder
+from birder.io.outputs import OutputFolder, check_outside_photos
 
 SPLITS = ("train", "val", "test")
 DEFAULT_SPLIT = "0.8,0.1,0.1"
@@ -421,6 +421,7 @@ def cut_crops(
         folders[label] = folder
     crops_per_location = Counter(box.location for box in annotations.boxes)
     located = split_locations(dict(crops_per_location), shares, seed)
+    check_outside_photos(output, [images_root], "-o")  # the crops would be taken for camera-trap photos there
     _claim_output(output, inputs, overwrite, resume, located)
     _write_csv(
         output / LOCATIONS_FILE,

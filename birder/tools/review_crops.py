@@ -26,12 +26,15 @@ def add_parser(subparsers: Any, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from birder.io.outputs import prepare_output_folder
-    from birder.review.answers import write_review_crops
+    from birder.io.outputs import check_outside_photos, prepare_output_folder
+    from birder.review.answers import photo_folders, read_reviewed, write_review_crops
     from birder.review.store import REVIEWS_FILE
 
-    # The outputs rule of every command: never into another run's folder, never onto the decisions it reads
+    # The outputs rule of every command: never into another run's folder, never onto the decisions it reads, and
+    # no crops among the photos (the next birder-predict over their folder would classify them)
     reviews = args.reviews or args.results_dir / REVIEWS_FILE
+    reviewed = read_reviewed(args.results_dir, args.reviews)
+    check_outside_photos(args.output_dir, photo_folders(reviewed), "--output-dir")
     folder = prepare_output_folder(
         args.output_dir,
         "python -m birder.tools review-crops",
@@ -47,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         margin=args.margin,
         seed=args.seed,
         reviews=args.reviews,
+        reviewed=reviewed,
     )
     folder.finish()
     print(

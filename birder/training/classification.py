@@ -309,7 +309,11 @@ def _train_classifier(
     config: TrainConfig, dist: DistInfo, on_batch: Callable[[BatchEvent], None] | None
 ) -> TrainResult:
     output_dir = Path(config.output_dir)
-    check_training_folder(output_dir, config.resume)  # before anything slow: the data, the model
+    # Before anything slow: the data, the model
+    image_folders = [config.train_dir, config.val_dir]
+    if config.data_dir is not None:  # only its train/ and val/ are read
+        image_folders += [Path(config.data_dir) / "train", Path(config.data_dir) / "val"]
+    check_training_folder(output_dir, config.resume, image_folders)
     seed_everything(config.seed)  # the same on every rank: identical initial weights (and EMA copies)
     sources = _data_sources(config)
     class_to_idx = _classes_of(sources[0])

@@ -214,7 +214,7 @@ def _train_mim(config: MIMTrainConfig, dist: DistInfo, on_batch: Callable[[Batch
         raise BirderError(f"unknown MIM network '{config.mim_network}' (known: {known})")
 
     output_dir = Path(config.output_dir)
-    check_training_folder(output_dir, config.resume)  # before anything slow: the data, the model
+    check_training_folder(output_dir, config.resume, config.data_dirs)  # before anything slow: the data, the model
     seed_everything(config.seed)  # the same on every rank: identical initial weights (and EMA copies)
     size = resolve_size(config.size)
     rgb_stats = resolve_rgb_stats(config.rgb_stats)
