@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from benchmarks.crop_classify import DETECTOR_HEAD  # the same small Faster R-CNN head: scenes of a few animals
 from benchmarks.synthetic import class_name, make_class_folder, render_object, textured_background
 
 REPO = Path(__file__).resolve().parent.parent
@@ -83,18 +84,6 @@ SMALL_CLASSIFIER_CONFIG = {"patch_size": 8, "hidden_dim": 16, "num_layers": 1, "
 TEACHER_CONFIG = {"patch_size": 8, "hidden_dim": 128, "num_layers": 6, "num_heads": 4, "mlp_dim": 384}
 SMALL_TEACHER_CONFIG = {"patch_size": 8, "hidden_dim": 32, "num_layers": 2, "num_heads": 2, "mlp_dim": 64}
 DETECTOR_SCENE = (192, 256)  # height, width of the detector's training scenes and its input
-DETECTOR_HEAD = {
-    "fpn_channels": 32,
-    "anchor_sizes": [16, 32, 64, 128],
-    "representation_size": 256,
-    "rpn_batch_size_per_image": 64,
-    "box_batch_size_per_image": 64,
-    "rpn_pre_nms_top_n_train": 300,
-    "rpn_post_nms_top_n_train": 100,
-    "rpn_pre_nms_top_n_test": 200,
-    "rpn_post_nms_top_n_test": 30,
-    "box_detections_per_img": 10,
-}
 CROP_MARGIN = 0.1  # birder-predict's default --crop-margin: the classifier trains on crops framed like it
 # The card's shapes
 CARD_CLASSIFIER = ("vit_l16", 256)

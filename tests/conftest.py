@@ -1,5 +1,6 @@
 """Shared test fixtures: an isolated model cache, a loopback file server, seeded tiny networks."""
 
+import contextlib
 import shutil
 import socket
 import threading
@@ -18,6 +19,19 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 # A ViT small enough to build, save and run in milliseconds, with every kind of layer of the real one.
 TINY_VIT_CONFIG = {"hidden_dim": 32, "num_layers": 2, "num_heads": 4, "mlp_dim": 64}
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Torch on one thread inside the block: reductions split across threads can differ in the last bits, and
+    tiny models on a shared 2-core machine run far slower oversubscribed. The modules' ``single_thread``
+    fixtures use it, each with the scope its other fixtures need."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

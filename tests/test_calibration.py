@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_vit
+from conftest import make_tiny_vit, one_torch_thread
 
 import birder
 from benchmarks.synthetic import class_name, make_class_folder
@@ -39,10 +39,8 @@ SIZE = (32, 32)
 
 @pytest.fixture(autouse=True)
 def single_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture

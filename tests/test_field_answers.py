@@ -16,7 +16,7 @@ from pathlib import Path
 
 import field_data as fd
 import pytest
-import torch
+from conftest import one_torch_thread
 
 import birder
 from benchmarks.synthetic import make_class_folder
@@ -38,10 +38,8 @@ TARGET_SPECIES_SHARE = 0.85
 @pytest.fixture(scope="module", autouse=True)
 def single_thread() -> Iterator[None]:
     """One thread: the trained weights (and so every number below) are the same on every run."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 def _calibrate(*argv: str) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import one_torch_thread
 from PIL import Image
 
 import birder
@@ -52,10 +53,8 @@ INPUTS = ["photos/site2", "photos/site1", "photos/extra/single.png"]
 @pytest.fixture
 def single_thread() -> Iterator[None]:
     """One thread: reductions split across threads can differ in the last bits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 # ---------------------------------------------------------------------------------------------------------------------

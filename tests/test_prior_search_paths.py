@@ -4,25 +4,12 @@ candidate to candidate, chunks) give the same scores: which one runs depends onl
 from dataclasses import replace
 
 import pytest
-from test_prior_settings import migrant_records
+from test_prior_settings import SETTINGS, migrant_records
 
 from birder.geo import prior_search
 from birder.geo.grid import cells_of_points
-from birder.geo.prior import PriorSettings
 from birder.geo.prior_search import BLOCK_RESOLUTION, HeldOutScorer, spatial_folds
 
-SETTINGS = PriorSettings(
-    resolutions=(1, 2, 3),
-    pseudo_count=4.0,
-    pseudo_count_growth=3.0,
-    neighbour_weight=0.5,
-    kernel_days=9.0,
-    season_pseudo_count=3.0,
-    season_resolution=2,
-    local_season_pseudo_count=5.0,
-    floor=0.02,
-    base_resolution=BLOCK_RESOLUTION,
-)
 # Every part on (rings, local seasons), then none of the optional ones
 CANDIDATES = (SETTINGS, replace(SETTINGS, season_resolution=None, neighbour_weight=0.0))
 

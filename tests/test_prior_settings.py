@@ -32,6 +32,21 @@ FIXTURES = Path(__file__).parent / "fixtures"
 CLASSES = ["Parus major", "Erithacus rubecula", "Pica pica"]
 
 
+# Every part of the prior on (rings, local seasons)
+SETTINGS = PriorSettings(
+    resolutions=(1, 2, 3),
+    pseudo_count=4.0,
+    pseudo_count_growth=3.0,
+    neighbour_weight=0.5,
+    kernel_days=9.0,
+    season_pseudo_count=3.0,
+    season_resolution=2,
+    local_season_pseudo_count=5.0,
+    floor=0.02,
+    base_resolution=BLOCK_RESOLUTION,
+)
+
+
 def checkerboard_records(count: int, seed: int) -> Records:
     """Two species on a checkerboard of squares about 90 km wide (0.8° x 1.1° near 48°N), a third everywhere."""
     rng = np.random.default_rng(seed)
@@ -104,18 +119,7 @@ def test_held_out_score_is_the_built_priors_log_likelihood() -> None:
     cells = cells_of_points(records.latitudes, records.longitudes, BLOCK_RESOLUTION)
     (folds, _) = spatial_folds(cells, 4, seed=0)
     scorer = HeldOutScorer(records, 3, [1, 2, 3], cells, folds, 4)
-    settings = PriorSettings(
-        resolutions=(1, 2, 3),
-        pseudo_count=4.0,
-        pseudo_count_growth=3.0,
-        neighbour_weight=0.5,
-        kernel_days=9.0,
-        season_pseudo_count=3.0,
-        season_resolution=2,
-        local_season_pseudo_count=5.0,
-        floor=0.02,
-        base_resolution=BLOCK_RESOLUTION,
-    )
+    settings = SETTINGS  # every part on
     for candidate in (settings, replace(settings, season_resolution=None, neighbour_weight=0.0)):
         log_likelihood = np.zeros(len(records))
         for fold in range(4):

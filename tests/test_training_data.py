@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import one_torch_thread
 from PIL import Image
 
 from birder.data.training import (
@@ -39,10 +40,8 @@ def single_thread() -> Iterator[None]:
 
     Module-scoped, so that module-scoped fixtures (reference runs) use the same thread count as the tests: float
     results of a reduction depend on how it is split across threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 def make_image(style: tuple[tuple[int, int, int], int], rng: np.random.Generator, size: int = 40) -> Image.Image:

@@ -3,14 +3,18 @@ it, the sidecar's size bound, and the temperature refused on too few (or degener
 
 import csv
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from test_calibration import CLASSES, NAMES, model_and_photos  # noqa: F401 (model_and_photos: a fixture)
+from test_calibration import (  # noqa: F401 (model_and_photos: a fixture; single_thread: an autouse one)
+    CLASSES,
+    NAMES,
+    model_and_photos,
+    single_thread,
+)
 
 import birder
 from benchmarks.synthetic import make_class_folder
@@ -40,15 +44,6 @@ from birder.io.calibration import read_stats_file, stats_path_for, write_stats_f
 from birder.runs.eval_reports import DetectionRow, better_test, format_detection
 from birder.scripts import calibrate as calibrate_script
 from birder.scripts import evaluate as evaluate_script
-
-
-@pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Worlds of embeddings where one kind of test is clearly the right one
@@ -112,6 +107,16 @@ NAMES_12 = [f"c{i}" for i in range(KNOWN)]
 def calibrate_argv(model: Path, val: Path, train: Path, output: Path) -> list[str]:
     """birder-calibrate on the fixture's model and photos, with the unknown thresholds keeping 90 % known."""
     return ["--weights", str(model), "--val", str(val), "--train", str(train), "-o", str(output), "--keep-known", "0.9"]
+
+
+def calibrated_file(fixture: tuple[Path, Path, Path], tmp_path: Path, *extra: str) -> Path:
+    """``birder-calibrate`` on the ``model_and_photos`` fixture (:func:`calibrate_argv`, one process, no progress
+    bar, then ``extra``) run to success: the calibrated file."""
+    (model, val, train) = fixture
+    output = tmp_path / "calibrated.pt"
+    argv = [*calibrate_argv(model, val, train, output), "-j", "0", "--no-progress", *extra]
+    assert calibrate_script.main(argv) == 0
+    return output
 
 
 def _true_auroc(candidate: Candidate, train: Photos, test: Photos, unknown: Photos, val: Photos) -> float:
@@ -303,10 +308,8 @@ def test_calibrate_prints_the_table_and_the_file_records_the_choice(
     tmp_path: Path,
     capsys,
 ) -> None:
-    (model, val, train) = model_and_photos
-    output = tmp_path / "calibrated.pt"
-    argv = calibrate_argv(model, val, train, output)
-    assert calibrate_script.main([*argv, "--unknown-folds", "3", "-j", "0", "--no-progress"]) == 0
+    val = model_and_photos[1]
+    output = calibrated_file(model_and_photos, tmp_path, "--unknown-folds", "3")
     out = capsys.readouterr().out
     assert "unknown test chosen on 3 folds of held-out classes" in out
     (net, _) = birder.load_model(output)
@@ -379,11 +382,7 @@ def test_unknown_method_forces_the_method_with_its_best_settings(
     tmp_path: Path,
     capsys,
 ) -> None:
-    (model, val, train) = model_and_photos
-    output = tmp_path / "calibrated.pt"
-    argv = calibrate_argv(model, val, train, output)
-    argv += ["--unknown-method", "relative_mahalanobis", "-j", "0", "--no-progress"]
-    assert calibrate_script.main(argv) == 0
+    output = calibrated_file(model_and_photos, tmp_path, "--unknown-method", "relative_mahalanobis")
     out = capsys.readouterr().out
     assert "[method forced by --unknown-method]" in out and "unknown test: relative_mahalanobis" in out
     calibration = birder.load_model(output)[0].calibration

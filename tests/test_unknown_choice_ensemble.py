@@ -3,15 +3,13 @@ folds as one more candidate, kept in the sidecar with each member's normalisatio
 
 import csv
 import json
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from test_calibration import NAMES, model_and_photos  # noqa: F401 (model_and_photos: a fixture)
-from test_unknown_choice import NAMES_12, _world, calibrate_argv
+from test_unknown_choice import NAMES_12, _world, calibrate_argv, calibrated_file, single_thread  # noqa: F401 (autouse fixture)
 
 import birder
 from benchmarks.synthetic import make_class_folder
@@ -36,18 +34,8 @@ from birder.inference.unknown_choice import (
     ensemble_members,
 )
 from birder.io.calibration import read_stats_file, stats_path_for
-from birder.scripts import calibrate as calibrate_script
 from birder.scripts import evaluate as evaluate_script
 from birder.scripts import predict as predict_script
-
-
-@pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 MEMBERS = [("mahalanobis", None), ("knn", 3), ("msp", None), ("energy", None)]
 
@@ -197,10 +185,8 @@ def test_predict_and_eval_use_the_ensemble_the_sidecar_holds(
     model_and_photos: tuple[Path, Path, Path],  # noqa: F811 (the fixture)
     tmp_path: Path,
 ) -> None:
-    (model, val, train) = model_and_photos
-    output = tmp_path / "calibrated.pt"
-    argv = calibrate_argv(model, val, train, output)
-    assert calibrate_script.main([*argv, "--unknown-folds", "3", "-j", "0", "--no-progress"]) == 0
+    val = model_and_photos[1]
+    output = calibrated_file(model_and_photos, tmp_path, "--unknown-folds", "3")
     (net, info) = birder.load_model(output, inference=True)
     temperature = net.calibration.temperature
     transform = birder.classification_transform(birder.get_size_from_signature(info.signature), info.rgb_stats)
@@ -267,11 +253,7 @@ def test_calibrate_keeps_the_ensemble_in_the_calibration_file_and_its_sidecar(
     tmp_path: Path,
     capsys,
 ) -> None:
-    (model, val, train) = model_and_photos
-    output = tmp_path / "calibrated.pt"
-    argv = calibrate_argv(model, val, train, output)
-    argv += ["--unknown-folds", "3", "--unknown-method", "ensemble", "-j", "0", "--no-progress"]
-    assert calibrate_script.main(argv) == 0
+    output = calibrated_file(model_and_photos, tmp_path, "--unknown-folds", "3", "--unknown-method", "ensemble")
     out = capsys.readouterr().out
     assert "unknown test: ensemble" in out and "(normalised scores of: " in out
     (net, _) = birder.load_model(output, inference=True)
