@@ -105,6 +105,36 @@ def test_camtrap_dp_from_results_folder_validates(results_dir: Path, tmp_path: P
     assert {row["scientificName"] for row in observations} <= {t["scientificName"] for t in package["taxonomic"]}
 
 
+def test_photos_whose_paths_camtrap_dp_cannot_hold_are_left_out_and_named(tmp_path: Path, capsys) -> None:
+    """The media table's filePath may hold no '..', no line break and no leading '.', '/' or '~': such photos are
+    left out (said in one line) and the package stays valid; every other odd name goes in as it is."""
+    model = save_tiny_model(tmp_path / "tiny.pt")
+    photos = tmp_path / "photos"
+    names = [
+        "camA/IMG..0001.jpg",
+        "camA/new\nline.jpg",
+        "~old/0001.jpg",
+        'camA/Ästchen, "alt" #1 50%.jpg',
+        "camA/semi;colon\ttab.jpg",
+        "鳥/0001.jpg",
+    ]
+    for seed, name in enumerate(names):
+        (photos / name).parent.mkdir(parents=True, exist_ok=True)
+        random_photo(seed).save(photos / name, format="JPEG", exif=camera_exif(START, CAMERA_A))
+    results = tmp_path / "results"
+    argv = ["--weights", str(model), str(photos), "--output-dir", str(results), "-j", "0", "--no-progress"]
+    assert predict_main(argv) == 0
+    capsys.readouterr()
+    out = tmp_path / "export"
+    argv = ["export", str(results), "--export", "camtrap-dp", "--timezone", "+01:00", "--output-dir", str(out)]
+    assert tools_main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "3 photos left out of the Camtrap DP export: a media filePath may not hold '..'" in printed
+    assert validate_camtrap_dp(out / "camtrap-dp") == []
+    media = read_csv(out / "camtrap-dp" / "media.csv")
+    assert sorted(row["filePath"] for row in media) == sorted(names[3:])
+
+
 def test_validator_catches_a_broken_package(results_dir: Path, tmp_path: Path) -> None:
     export_results(results_dir, ["camtrap-dp"], CamtrapOptions("+02:00", 47.0, 15.0), tmp_path)
     package_dir = tmp_path / "camtrap-dp"

@@ -29,6 +29,7 @@ import mimetypes
 import os
 import re
 import zoneinfo
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,15 @@ SAMPLING_DESIGNS = ("simpleRandom", "systematicRandom", "clusteredRandom", "expe
 
 def table_schema_path(table: str) -> Path:
     return SCHEMA_DIR / f"camtrap-dp-{table}-table-schema.json"
+
+
+def media_path_fits() -> Callable[[str], bool]:
+    """Whether a media ``filePath`` meets the media table's constraint (no ``..``, no leading ``.``, ``/`` or ``~``, no
+    line break), read from the shipped Table Schema and applied as frictionless applies it."""
+    schema = json.loads(table_schema_path("media").read_text(encoding="utf-8"))
+    pattern = next(column for column in schema["fields"] if column["name"] == "filePath")["constraints"]["pattern"]
+    compiled = re.compile(f"^{pattern}$")
+    return lambda path: compiled.match(path) is not None
 
 
 def table_columns(table: str) -> list[str]:
@@ -200,6 +210,11 @@ def export_camtrap_dp(results: ResultsFolder, output_dir: str | os.PathLike, opt
         taken = parse_exif_time(photo.get("exif_datetime"))
         if taken is not None:
             times[photo["path"]] = (taken.replace(tzinfo=tz) if taken.tzinfo is None else taken).astimezone(tz)
+    # A photo whose path the standard cannot hold (a ".." in its name, a line break) is left out, as an untimed one
+    fits = media_path_fits()
+    unfit = [path for path in times if not fits(relative_path(path, root))]
+    for path in unfit:
+        del times[path]
     deployments = _deployments(results, times, root, options)
 
     columns = {table: table_columns(table) for table in TABLES}
@@ -212,7 +227,8 @@ def export_camtrap_dp(results: ResultsFolder, output_dir: str | os.PathLike, opt
         row[0] = f"O{number:06d}"
 
     _write_package(output_dir, results, options, deployments, rows, columns)
-    notes = _notes(results, times, deployments) + reviewed_answer_note(rows["observations"], columns["observations"])
+    notes = _notes(results, times, deployments, unfit)
+    notes += reviewed_answer_note(rows["observations"], columns["observations"])
     return ExportReport(output_dir / "datapackage.json", notes)
 
 
@@ -347,9 +363,16 @@ def _event_rows(results: ResultsFolder, spans: dict[str, _Span], columns: list[s
     return rows
 
 
-def _notes(results: ResultsFolder, times: dict[str, dt.datetime], deployments: dict[str, _Deployment]) -> list[str]:
-    untimed = len(results.photos) - len(times)
+def _notes(
+    results: ResultsFolder, times: dict[str, dt.datetime], deployments: dict[str, _Deployment], unfit: list[str]
+) -> list[str]:
+    untimed = len(results.photos) - len(times) - len(unfit)
     notes = [f"Camtrap DP: {len(deployments)} deployments, {len(times)} media"]
+    if unfit:
+        notes.append(
+            f"{len(unfit)} photos left out of the Camtrap DP export: a media filePath may not hold '..', a line "
+            f"break or a leading '.', '/' or '~' (first: {unfit[0]!r}); rename them and export again"
+        )
     if untimed:
         notes.append(
             f"{untimed} photos without an EXIF time left out of the Camtrap DP export (a timestamp is required)"
