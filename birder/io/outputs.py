@@ -111,14 +111,16 @@ def check_outside_photos(path: PathLike, photo_inputs: Iterable[PathLike | None]
     the photo folders and files as given (a file stands for its folder). A hidden folder on the way
     (``photos/.crops``) is allowed: photo discovery never enters one."""
     target = Path(os.path.realpath(path))
+    folders: dict[str, PathLike] = {}  # each folder once: a shell's glob can give thousands of photos of one
     for given in photo_inputs:
         if given is None:
             continue
-        root = Path(os.path.realpath(given))
-        if root.is_file():
-            root = root.parent
-        elif not root.is_dir():
-            continue  # nothing there: the command reports it as a missing input
+        if os.path.isdir(given):
+            folders.setdefault(os.path.abspath(given), given)
+        elif os.path.isfile(given):  # (nothing there: the command reports it as a missing input)
+            folders.setdefault(os.path.dirname(os.path.abspath(given)), given)
+    for folder, given in folders.items():
+        root = Path(os.path.realpath(folder))
         if target != root and root not in target.parents:
             continue
         if any(part.startswith(".") for part in target.relative_to(root).parts):
