@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from test_calibration import (  # noqa: F401 (model_and_photos: a fixture; single_thread: an autouse one)
     CLASSES,
     NAMES,
@@ -444,6 +445,29 @@ def test_the_temperature_is_refused_or_kept_where_its_fit_is_degenerate() -> Non
     mostly[:8] = (right[:8] + 1) % 5
     fit = fit_temperature_checked(logits, mostly)
     assert fit.note is None and 0.1 < fit.temperature < 10
+
+
+def test_every_benchmark_generator_makes_known_and_unknown_classes_the_same_way_each_time(tmp_path: Path) -> None:
+    """Each drawn data set of the unknown-choice benchmark (one photo per class and split here): the known classes in
+    train/val/test, other classes as unknowns, photos of the stated size, the same photos from the same seed."""
+    from benchmarks.unknown_choice import MAKERS
+
+    per_class = {"train": 1, "val": 1, "test": 1, "unknown": 1}
+    for name, make in MAKERS.items():
+        if name == "digits":  # scikit-learn's real scans, all of them whatever the counts: not drawn here
+            continue
+        (size, known) = make(tmp_path / name / "a", 0, per_class)
+        make(tmp_path / name / "b", 0, per_class)
+        for split in ("train", "val", "test"):
+            assert sorted(p.name for p in (tmp_path / name / "a" / split).iterdir()) == sorted(known), name
+        unknown = {p.name for p in (tmp_path / name / "a" / "unknown").iterdir()}
+        assert unknown and not unknown & set(known), name
+        folders = [path for path in (tmp_path / name / "a").glob("*/*") if path.is_dir()]
+        assert len(folders) == 3 * len(known) + len(unknown) and all(any(f.iterdir()) for f in folders), name
+        photos = sorted((tmp_path / name / "a").rglob("*.png"))
+        assert {Image.open(photo).size for photo in photos} == {(size, size)}, name
+        for photo in photos:
+            assert photo.read_bytes() == (tmp_path / name / "b" / photo.relative_to(tmp_path / name / "a")).read_bytes()
 
 
 @pytest.mark.slow

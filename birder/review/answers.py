@@ -54,7 +54,7 @@ def read_reviewed(results_dir: str | os.PathLike, reviews: str | os.PathLike | N
 
 def photo_folders(reviewed: Reviewed) -> list[Path]:
     """The folders the run's photos are in (sorted), where no crop may be written."""
-    return sorted({photo.file.resolve().parent for unit in reviewed.folder.units for photo in unit.photos})
+    return sorted({Path(os.path.abspath(photo.file)).parent for unit in reviewed.folder.units for photo in unit.photos})
 
 
 def is_reviews_file(path: str | os.PathLike) -> bool:
