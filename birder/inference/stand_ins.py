@@ -5,7 +5,7 @@ sit apart from the kept ones, easier to tell than a species the network never sa
 for others (on generated textures every candidate separated them perfectly; on digits the folds ranked knn first
 where plain Mahalanobis was the best test on true unknowns by 0.05). Photos the network never saw can be made from
 the validation photos themselves; none of them is a new species, but each fails the network in its own way, so the
-choice scores every candidate on several kinds (:data:`MADE_KINDS`) and on the folds, each one vote:
+choice scores every candidate on several kinds (:data:`MADE_KINDS`), their mean set against the folds' figure:
 
 - ``blend``: two photos of different classes, half and half;
 - ``cutmix``: one half (left or top) of a photo with the other half of a photo of another class;
