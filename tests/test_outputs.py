@@ -465,6 +465,10 @@ def test_calibrate_and_eval_outputs_follow_the_rule(tmp_path: Path, capsys) -> N
     assert evaluate_script.main(argv) == 2
     assert "add --overwrite" in one_line_error(capsys, "birder-eval")
     assert (report / "confusion_matrix.csv").read_text() == "an earlier report"
+    # A report among the labelled photos: its pictures would be a class of their own in the next evaluation
+    inside = [str(model), str(photos), "--workers", "0", "--no-progress", "--output-dir", str(photos / "report")]
+    assert evaluate_script.main(inside) == 2
+    assert "would be read as photos" in one_line_error(capsys, "birder-eval") and not (photos / "report").exists()
 
 
 def test_a_teacher_cache_is_never_written_onto_the_teacher_or_another_file(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from birder.inference.taxonomy import Taxonomy
-from birder.io.outputs import OutputFolder
+from birder.io.outputs import OutputFolder, check_outside_photos
 from birder.runs.eval_reports import answer_reports
 from birder.scripts.common import add_model_arguments, add_run_arguments
 from birder.training.cli import run_cli
@@ -123,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             report = Path(args.output_dir)
             report_folder = OutputFolder(report, PROG, REPORT_OUTPUTS, record=False, can_resume=False)
             report_folder.check(inputs=(args.weights, args.data, args.taxonomy), overwrite=args.overwrite)
+            # Its pictures inside the labelled folders would be a class of their own in the next evaluation
+            check_outside_photos(report, (args.data, args.unknown_dir), "--output-dir")
         scores = score_checkpoint(
             args.weights,
             args.data,
