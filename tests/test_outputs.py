@@ -346,6 +346,14 @@ def test_predict_and_crops_never_write_images_among_the_photos(tmp_path: Path, c
         assert predict_script.main(_predict_args(model, photos, tmp_path / "out", *extra)) == 2, extra
         assert "the images written there would be read as photos" in one_line_error(capsys, "birder-predict")
         assert snapshot(photos) == before and not (tmp_path / "out").exists()
+    # Photos listed in a manifest: their folders are the photos' folders too
+    listed = tmp_path / "photos.txt"
+    listed.write_text("\n".join(str(path) for path in sorted(photos.rglob("*.jpg"))) + "\n")
+    manifest_args = ["--weights", str(model), "--manifest", str(listed), "-j", "0", "--no-progress", *det]
+    drawn = photos / "Species A" / "drawn"  # below a listed photo's folder
+    assert predict_script.main([*manifest_args, "--output-dir", str(tmp_path / "out"), "--draw", str(drawn)]) == 2
+    assert "the images written there would be read as photos" in one_line_error(capsys, "birder-predict")
+    assert snapshot(photos) == before and not (tmp_path / "out").exists()
     # A hidden folder below the photos is never searched for photos: allowed
     assert predict_script.main(_predict_args(model, photos, tmp_path / "out", *det, "--draw", str(photos / ".d"))) == 0
     assert any((photos / ".d").iterdir())

@@ -24,8 +24,9 @@ durable: the same run with ``resume=True`` continues.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,13 +171,21 @@ def _check_options(options: PredictionOptions, steps: RunSteps) -> None:
     check_geo_options(options.geo)
     for folder in output_folders(options):
         folder.check(inputs=options.input_files(), resume=output.resume, overwrite=output.overwrite)
-        if folder.option != "--output-dir":  # its tables are no photos; the other folders' images would be
-            check_outside_photos(folder.folder, options.inputs, folder.option)
     if output.plot is not None:
         # The picture is redrawn by a resumed run
         overwrite = output.overwrite or output.resume
         check_output_file(output.plot, inputs=options.input_files(), overwrite=overwrite, option="--plot")
-        check_outside_photos(output.plot, options.inputs, "--plot")
+    _check_images_outside(options, options.inputs)
+
+
+def _check_images_outside(options: PredictionOptions, photo_inputs: Sequence[str | os.PathLike]) -> None:
+    """No crops, drawings, overlays or plot among the photos (:func:`check_outside_photos`); ``--output-dir`` holds
+    tables, not images."""
+    for folder in output_folders(options):
+        if folder.option != "--output-dir":
+            check_outside_photos(folder.folder, photo_inputs, folder.option)
+    if options.output.plot is not None:
+        check_outside_photos(options.output.plot, photo_inputs, "--plot")
 
 
 def output_folders(options: PredictionOptions) -> list[OutputFolder]:
@@ -201,6 +210,8 @@ def _plan(job: PredictionJob) -> RunPlan:
     shard = parse_shard(options.shard) if options.shard is not None else None
     selection = select_photos(options.inputs, options.manifest, shard, PROG)
     paths = selection.paths
+    if options.manifest is not None:  # the photos' folders are known only now (given folders: _check_options)
+        _check_images_outside(options, sorted({os.path.dirname(os.path.abspath(path)) for path in paths}))
     unmatched = job.geo.unmatched_locations(paths) if job.geo is not None else None
     if unmatched:
         print(f"{PROG}: warning: {unmatched}", file=sys.stderr)
