@@ -24,6 +24,7 @@ How a results folder maps onto the standard:
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import mimetypes
 import os
@@ -56,19 +57,23 @@ def table_schema_path(table: str) -> Path:
     return SCHEMA_DIR / f"camtrap-dp-{table}-table-schema.json"
 
 
+@functools.cache
+def _table_fields(table: str) -> tuple[dict[str, Any], ...]:
+    """The fields of a shipped Camtrap DP Table Schema, read once (read only: shared by every caller)."""
+    return tuple(json.loads(table_schema_path(table).read_text(encoding="utf-8"))["fields"])
+
+
 def media_path_fits() -> Callable[[str], bool]:
     """Whether a media ``filePath`` meets the media table's constraint (no ``..``, no leading ``.``, ``/`` or ``~``, no
     line break), read from the shipped Table Schema and applied as frictionless applies it."""
-    schema = json.loads(table_schema_path("media").read_text(encoding="utf-8"))
-    pattern = next(column for column in schema["fields"] if column["name"] == "filePath")["constraints"]["pattern"]
-    compiled = re.compile(f"^{pattern}$")
+    pattern = next(column for column in _table_fields("media") if column["name"] == "filePath")["constraints"]
+    compiled = re.compile(f"^{pattern['pattern']}$")
     return lambda path: compiled.match(path) is not None
 
 
 def table_columns(table: str) -> list[str]:
     """The columns of a Camtrap DP table, in the standard's order (from the shipped Table Schema)."""
-    schema = json.loads(table_schema_path(table).read_text(encoding="utf-8"))
-    return [column["name"] for column in schema["fields"]]
+    return [column["name"] for column in _table_fields(table)]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

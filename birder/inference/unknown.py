@@ -36,7 +36,6 @@ nearest_mahalanobis). At the card's scale (707 classes, 1024-d, 64 per class) th
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -523,10 +522,11 @@ def _faiss_search(
     not installed."""
     if len(queries) <= _FEW_QUERIES:
         return None
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its lines on which CPU build it loads
+    from birder.search.vectors import import_faiss
+
     try:
-        import faiss
-    except ImportError:
+        faiss = import_faiss()
+    except BirderError:  # not installed: numpy searches
         return None
     (values, _) = faiss.knn(queries, np.ascontiguousarray(bank, dtype=np.float32), k, metric=getattr(faiss, metric))
     return values

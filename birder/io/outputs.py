@@ -104,6 +104,12 @@ def _same_spelling(first: PathLike, second: PathLike) -> bool:
     return os.path.abspath(first) == os.path.abspath(second)
 
 
+def folders_of(photos: Iterable[PathLike]) -> list[str]:
+    """The folders of listed photos (absolute, each once, sorted), for :func:`check_outside_photos` where the photos
+    come from a list (a manifest, an index, a results folder) and need not still be there."""
+    return sorted({os.path.dirname(os.path.abspath(photo)) for photo in photos})
+
+
 def check_outside_photos(path: PathLike, photo_inputs: Iterable[PathLike | None], option: str) -> None:
     """Refuse ``path``, a folder (or file) where a command writes images, given as ``option``, when it is a folder
     of the photos the command reads or lies below one: photo discovery (:func:`birder.io.images.find_images`) is

@@ -52,11 +52,6 @@ def read_reviewed(results_dir: str | os.PathLike, reviews: str | os.PathLike | N
     return Reviewed(folder, read_reviews(path, folder.model))
 
 
-def photo_folders(reviewed: Reviewed) -> list[Path]:
-    """The folders the run's photos are in (sorted), where no crop may be written."""
-    return sorted({Path(os.path.abspath(photo.file)).parent for unit in reviewed.folder.units for photo in unit.photos})
-
-
 def is_reviews_file(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a ``reviews.csv`` of birder-review (by its header)."""
     try:

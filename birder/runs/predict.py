@@ -39,7 +39,7 @@ from birder.geo.predict import check_geo_options
 from birder.inference import predictor as P
 from birder.inference.tables import COLUMNS_HINT, write_feature_files
 from birder.io.journal import JOURNAL_DIR, RUN_INFO_FILE, finalize_run, prepare_run
-from birder.io.outputs import OutputFolder, check_output_file, check_outside_photos
+from birder.io.outputs import OutputFolder, check_output_file, check_outside_photos, folders_of
 from birder.plots import plot_predictions
 from birder.runs.detect import DetectionSteps
 from birder.runs.photo_lists import parse_shard, select_photos
@@ -211,7 +211,7 @@ def _plan(job: PredictionJob) -> RunPlan:
     selection = select_photos(options.inputs, options.manifest, shard, PROG)
     paths = selection.paths
     if options.manifest is not None:  # the photos' folders are known only now (given folders: _check_options)
-        _check_images_outside(options, sorted({os.path.dirname(os.path.abspath(path)) for path in paths}))
+        _check_images_outside(options, folders_of(paths))
     unmatched = job.geo.unmatched_locations(paths) if job.geo is not None else None
     if unmatched:
         print(f"{PROG}: warning: {unmatched}", file=sys.stderr)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -182,16 +181,15 @@ def _duplicates(args: argparse.Namespace) -> None:
 
 
 def _cluster(args: argparse.Namespace) -> None:
-    from birder.io.outputs import check_outside_photos, prepare_output_folder
+    from birder.io.outputs import check_outside_photos, folders_of, prepare_output_folder
     from birder.search.cluster import CLUSTER_OUTPUTS, review_clusters
     from birder.search.store import PhotoIndex, index_inputs
 
     output = args.output_dir or args.index / "clusters"
     index = PhotoIndex(args.index)
     # Contact sheets among the indexed photos would be indexed as photos by the next build over their folder
-    photo_folders = {os.path.dirname(os.path.abspath(path)) for path in index.photos.column("path").to_pylist()}
     option = "--output-dir" if args.output_dir else "the contact sheets' folder (default DIR/clusters; --output-dir)"
-    check_outside_photos(output, sorted(photo_folders), option)
+    check_outside_photos(output, folders_of(index.photos.column("path").to_pylist()), option)
     folder = prepare_output_folder(
         output, "birder-index cluster", CLUSTER_OUTPUTS, inputs=index_inputs(index), overwrite=args.overwrite
     )

@@ -26,15 +26,16 @@ def add_parser(subparsers: Any, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from birder.io.outputs import check_outside_photos, prepare_output_folder
-    from birder.review.answers import photo_folders, read_reviewed, write_review_crops
+    from birder.io.outputs import check_outside_photos, folders_of, prepare_output_folder
+    from birder.review.answers import read_reviewed, write_review_crops
     from birder.review.store import REVIEWS_FILE
 
     # The outputs rule of every command: never into another run's folder, never onto the decisions it reads, and
     # no crops among the photos (the next birder-predict over their folder would classify them)
     reviews = args.reviews or args.results_dir / REVIEWS_FILE
     reviewed = read_reviewed(args.results_dir, args.reviews)
-    check_outside_photos(args.output_dir, photo_folders(reviewed), "--output-dir")
+    photos = (photo.file for unit in reviewed.folder.units for photo in unit.photos)
+    check_outside_photos(args.output_dir, folders_of(photos), "--output-dir")
     folder = prepare_output_folder(
         args.output_dir,
         "python -m birder.tools review-crops",
