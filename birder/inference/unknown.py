@@ -36,6 +36,7 @@ nearest_mahalanobis). At the card's scale (707 classes, 1024-d, 64 per class) th
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -522,11 +523,11 @@ def _faiss_search(
     not installed."""
     if len(queries) <= _FEW_QUERIES:
         return None
-    from birder.search.vectors import import_faiss
-
+    # Not birder.search's import_faiss: inference sits below search in the layers (pyproject's import contract)
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its lines on which CPU build it loads
     try:
-        faiss = import_faiss()
-    except BirderError:  # not installed: numpy searches
+        import faiss
+    except ImportError:
         return None
     (values, _) = faiss.knn(queries, np.ascontiguousarray(bank, dtype=np.float32), k, metric=getattr(faiss, metric))
     return values
