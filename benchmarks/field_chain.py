@@ -25,6 +25,8 @@
      cache), the card's shapes, its defaults; it refuses ``--events`` and the Camtrap DP export with ``--detector``.
    - ``card``: the card's shapes, this checkout's code and defaults.
    - ``fast``: the small trained detector and classifier, this checkout's code.
+   - ``fast_full``: the same with ``--decode full`` (every photo decoded at full size, the reference): its boxes and
+     species against ``fast``'s show what reduced-scale decoding changed on these photos with a trained detector.
 
 Reports photos/hour, card/baseline in the same run, each stage's share of the wall time where ``run.json`` records
 ``stages``, peak RSS, boxes per photo and, for the trained pair, the answers against the truth (count accuracy, kept
@@ -48,6 +50,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,7 +93,7 @@ CARD_CLASSIFIER = ("vit_l16", 256)
 CARD_DETECTOR = ("vit_b16", (384, 512))
 # Few boxes per photo from a random-initialised head: at most the scenes' animals (its scores are near 0.5)
 CARD_DETECTOR_HEAD = {"box_detections_per_img": ANIMALS[1]}
-CONFIGS = ("baseline", "card", "fast")
+CONFIGS = ("baseline", "card", "fast", "fast_full")
 STAGES = ("decode", "detector", "crops", "classifier", "decision", "writing")
 
 
@@ -659,24 +662,41 @@ class ChainRun:
     extra: list[str] = field(default_factory=list)
 
 
+# A process started by fork or vfork from this one begins with this one's memory, and Linux records the high-water mark
+# of the memory a process leaves at exec as its own peak (exec_mmap): started from here, after the training, every
+# run would report this process's peak (GBs). A small launcher, itself fresh, starts the run and reports the run's peak.
+_LAUNCHER = (
+    "import os, sys\n"
+    "pid = os.posix_spawn(sys.argv[2], sys.argv[2:], os.environ)\n"
+    "(_, status, usage) = os.wait4(pid, 0)\n"
+    "with open(sys.argv[1], 'w') as handle:\n"
+    "    handle.write(str(usage.ru_maxrss))\n"
+    "code = os.waitstatus_to_exitcode(status)\n"
+    "sys.exit(code if code >= 0 else 128 - code)\n"
+)
+
+
 def _run_child(argv: list[str], cwd: Path) -> dict[str, Any]:
     """Run ``argv`` in ``cwd``; its exit code, wall seconds, peak RSS (the largest of the command and its decode
-    workers: Linux accounts a reaped child's peak to its parent) and the last lines of its stderr."""
+    workers: Linux accounts a reaped child's peak to its parent; measured through :data:`_LAUNCHER`, so this
+    process's own peak does not count) and the last lines of its stderr."""
     env = {**os.environ, "PYTHONPATH": str(cwd)}
     started = time.perf_counter()
     with (
+        tempfile.TemporaryDirectory() as scratch,
         open(os.devnull, "wb") as devnull,
-        subprocess.Popen(argv, cwd=cwd, env=env, stdout=devnull, stderr=subprocess.PIPE) as child,
     ):
-        stderr = child.stderr.read().decode(errors="replace") if child.stderr else ""
-        (_, status, usage) = os.wait4(child.pid, 0)
-        child.returncode = os.waitstatus_to_exitcode(status)
+        peak_file = Path(scratch) / "peak_kib"
+        launcher = [sys.executable, "-c", _LAUNCHER, str(peak_file), *argv]
+        child = subprocess.run(launcher, cwd=cwd, env=env, stdout=devnull, stderr=subprocess.PIPE, check=False)
+        peak_kib = int(peak_file.read_text()) if peak_file.is_file() else 0
+    stderr = child.stderr.decode(errors="replace")
     seconds = time.perf_counter() - started
     lines = [line for line in stderr.splitlines() if line.strip()]
     return {
         "returncode": child.returncode,
         "seconds": seconds,
-        "peak_rss_bytes": usage.ru_maxrss * 1024,
+        "peak_rss_bytes": peak_kib * 1024,
         "stderr_tail": lines[-3:],
     }
 
@@ -894,6 +914,15 @@ def print_table(report: dict[str, Any]) -> None:
             f"card against baseline: {kept['boxes']} boxes, IoU >= 0.9 for {'-' if share is None else f'{share:.1%}'}"
             f", species changed for {'-' if changed is None else f'{changed:.1%}'} of matched boxes"
         )
+    decoding = report.get("reduced_against_full_decode_boxes")
+    if decoding is not None:
+        share = decoding["share_iou_at_least_0.9"]
+        changed = decoding["share_species_changed"]
+        print(
+            f"fast, reduced against full decode: {decoding['boxes']} boxes, IoU >= 0.9 for "
+            f"{'-' if share is None else f'{share:.1%}'}, species changed for "
+            f"{'-' if changed is None else f'{changed:.1%}'} of matched boxes"
+        )
     distillation = report["models"]["fast"].get("distillation")
     if distillation:
         recipe = distillation["recipe"]
@@ -923,7 +952,7 @@ def _summarise(name: str, result: dict, run: ChainRun, truth: dict, rounds: list
     result["stage_shares"] = stage_shares(result["stages"], rounds[-1])
     kept = read_boxes(run.output)
     result["answers"] = count_accuracy(kept, truth)
-    if name == "fast":
+    if name.startswith("fast"):
         result["answers"]["species_accuracy"] = species_accuracy(kept, truth)
     return result
 
@@ -993,6 +1022,14 @@ def main(argv: list[str] | None = None) -> int:
         "fast": lambda: ChainRun(
             "fast", REPO, Path(trained["classifier"]), Path(trained["detector"]), runs_dir / "fast"
         ),
+        "fast_full": lambda: ChainRun(
+            "fast_full",
+            REPO,
+            Path(trained["classifier"]),
+            Path(trained["detector"]),
+            runs_dir / "fast_full",
+            ["--decode", "full"],
+        ),
     }
     count = len(truth["photos"])
     configs: dict[str, Any] = {}
@@ -1012,6 +1049,10 @@ def main(argv: list[str] | None = None) -> int:
         # The same weights through both codes: what the faster code changed in the boxes and species (a random head
         # is more sensitive to its input than a trained one: an upper bound of the change)
         kept_answers = compare_results(runs_dir / "baseline", runs_dir / "card")
+    decoding = None
+    if all(name in configs and "photos_per_hour" in configs[name] for name in ("fast", "fast_full")):
+        # One code, one pair, one dtype: only the decode differs (reduced scale against the full-size reference)
+        decoding = compare_results(runs_dir / "fast_full", runs_dir / "fast")
     empty = sum(item["count"] == 0 for item in truth["photos"].values()) / count
     report = {
         "machine": machine,
@@ -1042,6 +1083,7 @@ def main(argv: list[str] | None = None) -> int:
         "configs": configs,
         "card_over_baseline": ratio,
         "card_against_baseline_boxes": kept_answers,
+        "reduced_against_full_decode_boxes": decoding,
         "output": str(args.output),
         "seconds": time.perf_counter() - started,
     }

@@ -111,3 +111,42 @@ def test_auto_chooses_bf16_only_where_the_cpu_has_it(monkeypatch: pytest.MonkeyP
     (_, choice) = convert_dtype(native, "auto", torch.device("cpu"), flags={"avx2", "avx512_bf16"})
     assert choice.dtype == "bfloat16" and "avx512_bf16" in choice.reason
     assert next(native.vit.parameters()).dtype == torch.bfloat16 and native.input_dtype == torch.float32
+
+
+def test_the_cpu_detects_a_few_photos_per_pass_with_the_same_boxes(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A loader batch of 32 12 MP photos must not pool every proposal of all 32 at once (GBs for the card-sized
+    # detector): on the CPU a pass takes as many photos as keep the pooled features under the budget, and each
+    # photo's boxes are those of one pass over the whole batch.
+    import birder.inference.detection as D
+
+    inputs = photos(7, seed=2)
+    sizes = [(960, 1280)] * len(inputs)
+    det = seeded_faster_rcnn()
+    passes: list[int] = []
+    det.register_forward_pre_hook(lambda module, args: passes.append(len(args[0])))
+    whole = detect_tensors(det, inputs, sizes, score_threshold=0.3)
+    assert passes == [7]  # 16 channels x 1000 proposals: 3 MB a photo, far under the budget
+    passes.clear()
+    monkeypatch.setattr(D, "CPU_POOLED_BYTES_PER_PASS", 3 * det.pooled_bytes_per_photo() + 1)
+    chunked = detect_tensors(det, inputs, sizes, score_threshold=0.3)
+    assert passes == [3, 3, 1]
+    for expected, got in zip(whole, chunked, strict=True):
+        assert torch.allclose(expected.boxes, got.boxes, atol=1e-3) and torch.equal(expected.labels, got.labels)
+        assert torch.allclose(expected.scores, got.scores, atol=1e-5)
+
+
+def test_photos_per_pass_bounds_the_card_sized_head_only_on_the_cpu() -> None:
+    from birder.inference.detection import photos_per_pass
+
+    body = registry.net_factory("vit_t16", 0, config=TINY_VIT_CONFIG, size=(128, 128))
+    # The card-sized head (256 channels, 1000 proposals: 50 MB a photo): 5 photos a pass on the CPU
+    card_head = registry.detection_net_factory("faster_rcnn", 1, body, config={"fpn_channels": 256})
+    assert card_head.pooled_bytes_per_photo() == 1000 * 256 * 7 * 7 * 4
+    assert photos_per_pass(card_head, torch.device("cpu")) == 5
+    assert photos_per_pass(card_head, torch.device("cuda")) is None  # the whole batch
+    # The fast pair's head (32 channels, 30 proposals): a loader batch of 32 in one pass
+    body = registry.net_factory("vit_t16", 0, config=TINY_VIT_CONFIG, size=(128, 128))
+    small_head = registry.detection_net_factory(
+        "faster_rcnn", 1, body, config={"fpn_channels": 32, "rpn_post_nms_top_n_test": 30}
+    )
+    assert photos_per_pass(small_head, torch.device("cpu")) > 32

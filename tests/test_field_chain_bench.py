@@ -8,6 +8,7 @@ import datetime as dt
 import io
 import itertools
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -189,3 +190,15 @@ def test_chain_runs_birder_predict_and_records_what_it_refuses(tmp_path: Path) -
             assert option in result["command"]
     if "--export camtrap-dp" not in refused:
         assert any(output.rglob("datapackage.json"))
+
+
+def test_a_runs_peak_memory_is_its_own_not_the_benchmarks() -> None:
+    # The benchmark trains models before it runs the chain: its own peak (GBs) must not become every run's. A
+    # process that held 600 MB starts a bare Python; the peak reported is the bare Python's (tens of MB).
+    ballast = np.ones(600 * 2**20 // 8)  # touched: resident
+    try:
+        result = field_chain._run_child([sys.executable, "-c", "import sys; sys.exit(3)"], field_chain.REPO)
+    finally:
+        del ballast
+    assert result["returncode"] == 3  # the run's own exit code, through the launcher
+    assert 1 * 2**20 < result["peak_rss_bytes"] < 200 * 2**20, result

@@ -128,12 +128,17 @@ def test_detector_scenes_drawn_large_and_reduced_like_the_photos(tmp_path: Path)
 @pytest.mark.slow
 def test_small_smoke_run_trains_the_pair_and_runs_the_chain(tmp_path: Path) -> None:
     # About 70 s: `--small` (the smoke run a user tries first) trains the teacher, both students and the detector
-    # with SMALL_TRAINING's settings and runs the whole chain on 6 small photos
+    # with SMALL_TRAINING's settings and runs the whole chain on 6 small photos, reduced and full decoding
     output = tmp_path / "field_chain.json"
-    argv = ["--small", "--configs", "fast", "--photos", "6", "--photo-size", "300", "400"]
+    argv = ["--small", "--configs", "fast", "fast_full", "--photos", "6", "--photo-size", "300", "400"]
     assert field_chain.main([*argv, "--cache", str(tmp_path / "cache"), "--output", str(output)]) == 0
     report = json.loads(output.read_text())
     assert report["configs"]["fast"]["returncode"] == 0 and report["configs"]["fast"]["answers"]["photos"] == 6
+    assert "--decode full" in report["configs"]["fast_full"]["command"]
+    # 400 x 300 photos for a 256 x 192 detector: no smaller DCT scale keeps its input, so both decodes are the same
+    decoding = report["reduced_against_full_decode_boxes"]
+    assert decoding["boxes"] == 0 or decoding["share_iou_at_least_0.9"] == 1.0
+    assert decoding["boxes"] == 0 or decoding["share_species_changed"] == 0.0
     distillation = report["models"]["fast"]["distillation"]
     assert distillation["recipe"]["classifier_epochs"] == field_chain.SMALL_TRAINING.classifier_epochs
     assert len(distillation["sets"]) == 6

@@ -218,6 +218,11 @@ class DetectionBaseNet(nn.Module):
         self.detector.backbone.to(dtype)
         return self
 
+    def pooled_bytes_per_photo(self) -> int:
+        """Bytes of features the head pools per photo in inference (RoI pooling of every proposal); 0 for a head
+        that pools none. Inference bounds the photos of one CPU pass by it."""
+        return 0
+
     def forward(self, images: list[torch.Tensor], targets: Targets | None = None) -> Any:
         if self.training:
             if targets is None:

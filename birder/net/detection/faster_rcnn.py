@@ -20,6 +20,8 @@ from torchvision.ops import MultiScaleRoIAlign
 from birder.model_registry import registry
 from birder.net.detection.base import DetectionBaseNet, ViTDetBackbone
 
+ROI_SIZE = 7  # RoIAlign's output, per side: what the box head sees of each proposal
+
 
 class FasterRCNN(DetectionBaseNet):
     default_config: Mapping[str, Any] = {
@@ -44,17 +46,22 @@ class FasterRCNN(DetectionBaseNet):
             body,
             num_classes=None,  # the predictor below sets it (our classes + the background)
             rpn_anchor_generator=anchors,
-            box_roi_pool=MultiScaleRoIAlign(featmap_names=levels, output_size=7, sampling_ratio=2),
+            box_roi_pool=MultiScaleRoIAlign(featmap_names=levels, output_size=ROI_SIZE, sampling_ratio=2),
             **{key: cfg[key] for key in self.default_config if key != "representation_size"},
             **self._box_head(body),
             **self.head_transform_kwargs(),
         )
 
+    def pooled_bytes_per_photo(self) -> int:
+        # Every proposal kept after the RPN's NMS, pooled to fpn_channels x 7 x 7 in the head's float32
+        cfg = self.config
+        return int(cfg["rpn_post_nms_top_n_test"]) * int(cfg["fpn_channels"]) * ROI_SIZE * ROI_SIZE * 4
+
     def _box_head(self, body: ViTDetBackbone) -> dict[str, Any]:
         # torchvision's TwoMLPHead and FastRCNNPredictor, at the configured width.
         width = self.config["representation_size"]
         return {
-            "box_head": TwoMLPHead(body.out_channels * 7 * 7, width),
+            "box_head": TwoMLPHead(body.out_channels * ROI_SIZE * ROI_SIZE, width),
             "box_predictor": FastRCNNPredictor(width, self.num_classes + 1),
         }
 
