@@ -48,13 +48,17 @@ def isolated_models_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path
     return cache
 
 
-@pytest.fixture(autouse=True)
-def pinned_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture(autouse=True, scope="session")
+def pinned_float32() -> Iterator[None]:
     """``--dtype auto`` (the default) means float32 in every test, on any CPU or GPU: exact comparisons hold.
 
-    The automatic choice itself is tested on faked flag sets (tests/test_dtype_choice.py), with this unset.
+    Session-wide, so that module-scoped fixtures (set up before any function's fixtures) run in float32 too: on a
+    CPU with native bf16 they ran in bfloat16, and a module's reference run no longer matched its tests' runs. The
+    automatic choice itself is tested on faked flag sets (tests/test_dtype_choice.py), with this unset.
     """
-    monkeypatch.setenv("BIRDER_DTYPE", "float32")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("BIRDER_DTYPE", "float32")
+        yield
 
 
 @pytest.fixture

@@ -254,6 +254,38 @@ def test_photos_waiting_for_the_classifier_hold_no_decode(tmp_path: Path, monkey
     assert len(list((tmp_path / "drawings").glob("*.jpg"))) == len(GOOD_PHOTOS)
 
 
+def test_full_resolution_photos_come_a_few_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # --decode full (and a boxes file) keeps every photo of a loader batch at full resolution, 36 MB a 12 MP photo:
+    # 32 of them in each batch in flight held 7.7 GB. Those runs load FULL_PHOTOS_PER_BATCH photos a batch, and the
+    # classifier's batches still fill (its crops are queued across loader batches); reduced decoding keeps -b.
+    photos = make_photo_folder(tmp_path / "photos")
+    models = {"classifier": save_tiny_model(tmp_path / "tiny.pt"), "detector": save_tiny_detector(tmp_path / "det.pt")}
+    (loaded, classified) = ([], [])
+    (original_loader, original_predict) = (P.Predictor.loader, P.Predictor.predict_tensor)
+
+    def loader(self: P.Predictor, *args: object, **kwargs: object) -> object:
+        batches = list(original_loader(self, *args, **kwargs))
+        loaded.extend(len(batch.indices) + len(batch.failures) for batch in batches)
+        return batches
+
+    def predict_tensor(self: P.Predictor, inputs: torch.Tensor) -> object:
+        classified.append(len(inputs))
+        return original_predict(self, inputs)
+
+    monkeypatch.setattr(P.Predictor, "loader", loader)
+    monkeypatch.setattr(P.Predictor, "predict_tensor", predict_tensor)
+    args = ["--weights", str(models["classifier"]), "--detector", str(models["detector"]), str(photos), "-j", "0"]
+    args += ["--no-progress", "-b", "8"]
+    photo_count = len(GOOD_PHOTOS) + len(BAD_PHOTOS)
+    assert main([*args, "--decode", "full", "--output-dir", str(tmp_path / "full")]) == 0
+    assert max(loaded) == D.FULL_PHOTOS_PER_BATCH < 8 and sum(loaded) == photo_count
+    crops = BOXES_PER_PHOTO * len(GOOD_PHOTOS)
+    assert sum(classified) == crops and all(size == 8 for size in classified[:-1])
+    (loaded, classified) = ([], [])
+    assert main([*args, "--output-dir", str(tmp_path / "reduced")]) == 0
+    assert max(loaded) == min(8, photo_count) and sum(loaded) == photo_count
+
+
 def test_decode_is_a_detection_option_and_a_resume_keeps_it(
     models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

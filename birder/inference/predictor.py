@@ -195,14 +195,16 @@ class Predictor:
         *,
         transform: Any = None,
         stack: bool = True,
+        batch_size: int | None = None,
     ) -> DataLoader:
-        """Decoded photos in batches (:class:`PhotoBatch`), through ``transform`` (default: the network's);
-        ``stack=False`` keeps each batch's items as a list (see :func:`collate_photos`)."""
+        """Decoded photos in batches (:class:`PhotoBatch`) of ``batch_size`` (default: the predictor's), through
+        ``transform`` (default: the network's); ``stack=False`` keeps each batch's items as a list (see
+        :func:`collate_photos`)."""
         transform = transform if transform is not None else self.transform
         dataset = ImageFileDataset(paths, transform, indices=indices, read_metadata=self.read_metadata)
         return DataLoader(
             dataset,
-            batch_size=self.batch_size,
+            batch_size=batch_size or self.batch_size,
             shuffle=False,  # the journals rely on photo order
             num_workers=self.num_workers,
             collate_fn=collate_photos if stack else functools.partial(collate_photos, stack=False),

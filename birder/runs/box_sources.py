@@ -64,6 +64,11 @@ class BoxSource(ABC):
         """The run's loader transform: each photo decoded (at a reduced scale or in full) and what :meth:`boxes`
         needs besides it (the detector's input)."""
 
+    def decodes_in_full(self) -> bool:
+        """Whether :meth:`input_transform` keeps each photo at full resolution (36 MB for 12 MP): the run's loader
+        then hands over few photos at a time."""
+        return True
+
     def start(self, paths: Sequence[str], *, report: bool, whole_list: bool) -> None:
         """The run's photos are known (``paths``: the plan's, every rank's the same); ``report``: this process
         speaks for the run (rank 0); ``whole_list``: ``paths`` are all the photos listed, not one shard's block."""

@@ -88,6 +88,10 @@ from birder.runs.steps import (
 )
 
 MD_JSON_FILE = "megadetector.json"
+# Photos per loader batch when each is kept at full resolution (--decode full, a boxes file): a 12 MP photo is 36 MB,
+# and two workers with two batches each in flight besides the one being cropped held 7.7 GB at 32 photos a batch
+# (the field-chain benchmark). The classifier's batches still fill: its crops are queued across loader batches.
+FULL_PHOTOS_PER_BATCH = 4
 # What a box row says before the classifier's columns
 BOX_COLUMNS = (
     Column("box", "int64"),
@@ -211,6 +215,9 @@ class DetectionStep(BoxSource):
             "detector_dtype": self.dtype.dtype,
         }
 
+    def decodes_in_full(self) -> bool:
+        return self.options.decode == "full"
+
     def input_transform(self) -> Callable[[Image.Image], DetectionInput]:
         if self.options.decode == "full":
             return PhotoAndDetectorInput(self.transform)
@@ -302,7 +309,10 @@ class DetectionSteps(RunSteps):
         skipped = {index: reason for index in mine if (reason := source.failure(plan.paths[index])) is not None}
         predictor = make_predictor(job)
         loaded = [index for index in mine if index not in skipped]
-        loader = predictor.loader(plan.paths, loaded, transform=source.input_transform(), stack=False)
+        per_batch = min(predictor.batch_size, FULL_PHOTOS_PER_BATCH) if source.decodes_in_full() else None
+        loader = predictor.loader(
+            plan.paths, loaded, transform=source.input_transform(), stack=False, batch_size=per_batch
+        )
         times = self.times = StageTimes()
         queue = CropQueue(job, predictor, plan.paths, times)
         batches = _detection_rows(job, source, queue, times.waited(loader), plan.paths, times)
