@@ -876,6 +876,15 @@ def stage_shares(stages: dict[str, float] | None, wall: float) -> dict[str, floa
     return None if not stages else {name: seconds / wall for (name, seconds) in stages.items()}
 
 
+def _comparison_line(label: str, kept: dict[str, Any]) -> str:
+    """One line of :func:`compare_boxes`' figures."""
+    (share, changed) = (kept["share_iou_at_least_0.9"], kept["share_species_changed"])
+    return (
+        f"{label}: {kept['boxes']} boxes, IoU >= 0.9 for {'-' if share is None else f'{share:.1%}'}, species "
+        f"changed for {'-' if changed is None else f'{changed:.1%}'} of matched boxes"
+    )
+
+
 def print_table(report: dict[str, Any]) -> None:
     from benchmarks.inference import machine_label
 
@@ -907,22 +916,9 @@ def print_table(report: dict[str, Any]) -> None:
         print(f"{'':<9} stages: {text}")
     if report.get("card_over_baseline") is not None:
         print(f"card / baseline: {report['card_over_baseline']:.2f}x (same run)")
-        kept = report["card_against_baseline_boxes"]
-        share = kept["share_iou_at_least_0.9"]
-        changed = kept["share_species_changed"]
-        print(
-            f"card against baseline: {kept['boxes']} boxes, IoU >= 0.9 for {'-' if share is None else f'{share:.1%}'}"
-            f", species changed for {'-' if changed is None else f'{changed:.1%}'} of matched boxes"
-        )
-    decoding = report.get("reduced_against_full_decode_boxes")
-    if decoding is not None:
-        share = decoding["share_iou_at_least_0.9"]
-        changed = decoding["share_species_changed"]
-        print(
-            f"fast, reduced against full decode: {decoding['boxes']} boxes, IoU >= 0.9 for "
-            f"{'-' if share is None else f'{share:.1%}'}, species changed for "
-            f"{'-' if changed is None else f'{changed:.1%}'} of matched boxes"
-        )
+        print(_comparison_line("card against baseline", report["card_against_baseline_boxes"]))
+    if report.get("reduced_against_full_decode_boxes") is not None:
+        print(_comparison_line("fast, reduced against full decode", report["reduced_against_full_decode_boxes"]))
     distillation = report["models"]["fast"].get("distillation")
     if distillation:
         recipe = distillation["recipe"]
@@ -1043,14 +1039,18 @@ def main(argv: list[str] | None = None) -> int:
             result = run_chain(run, photos, common, args.workers)
             earlier = configs.get(name, {}).get("rounds_seconds", [])
             configs[name] = _summarise(name, result, run, truth, [*earlier, result["seconds"]])
+
+    def both_ran(*names: str) -> bool:
+        return all(name in configs and "photos_per_hour" in configs[name] for name in names)
+
     (ratio, kept_answers) = (None, None)
-    if all(name in configs and "photos_per_hour" in configs[name] for name in ("card", "baseline")):
+    if both_ran("card", "baseline"):
         ratio = configs["card"]["photos_per_hour"] / configs["baseline"]["photos_per_hour"]
         # The same weights through both codes: what the faster code changed in the boxes and species (a random head
         # is more sensitive to its input than a trained one: an upper bound of the change)
         kept_answers = compare_results(runs_dir / "baseline", runs_dir / "card")
     decoding = None
-    if all(name in configs and "photos_per_hour" in configs[name] for name in ("fast", "fast_full")):
+    if both_ran("fast", "fast_full"):
         # One code, one pair, one dtype: only the decode differs (reduced scale against the full-size reference)
         decoding = compare_results(runs_dir / "fast_full", runs_dir / "fast")
     empty = sum(item["count"] == 0 for item in truth["photos"].values()) / count

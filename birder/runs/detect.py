@@ -219,7 +219,7 @@ class DetectionStep(BoxSource):
         return self.options.decode == "full"
 
     def input_transform(self) -> Callable[[Image.Image], DetectionInput]:
-        if self.options.decode == "full":
+        if self.decodes_in_full():
             return PhotoAndDetectorInput(self.transform)
         return DetectionInputs(self.transform, self.size)
 
